@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+# torch==2.13.0 is installed first because its CPU build lies on this machine's disk;
+# pyproject's torch>=2.6 range then adds nothing (any other torch pulls a multi-GB CUDA build).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python examples/elastic_demo.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check elastic launch examples bench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
