@@ -1,0 +1,205 @@
+"""Configuration: one frozen dataclass per component, validated when it is built.
+
+Every field carries its help text in ``metadata["help"]`` so that the CLI can expose the
+same fields with the same documentation. Errors raise ``ValueError`` naming the field, the
+rule and the fix, before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (shown by ``elastic train --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the Llama-style decoder (names follow Hugging Face's LlamaConfig)."""
+
+    vocab_size: int = knob(259, "vocabulary size; the byte tokenizer needs 259 (256 bytes + 3 specials)")
+    dim: int = knob(64, "hidden size (HF: hidden_size)")
+    n_layers: int = knob(2, "number of decoder layers (HF: num_hidden_layers)")
+    n_heads: int = knob(4, "attention heads (HF: num_attention_heads)")
+    n_kv_heads: int = knob(2, "key/value heads for grouped-query attention (HF: num_key_value_heads)")
+    ffn_dim: int = knob(128, "SwiGLU inner width (HF: intermediate_size)")
+    max_seq_len: int = knob(256, "longest sequence RoPE is prepared for (HF: max_position_embeddings)")
+    rope_theta: float = knob(10000.0, "RoPE base frequency")
+    norm_eps: float = knob(1e-6, "RMSNorm epsilon (HF: rms_norm_eps)")
+    init_std: float = knob(0.02, "standard deviation of the normal weight init")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"model.{name}={value!r} must be a positive integer")
+        _require(
+            self.dim % self.n_heads == 0,
+            f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads} "
+            f"({self.dim} % {self.n_heads} = {self.dim % self.n_heads}); pick a dim that is a multiple of n_heads",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
+            "grouped-query attention shares each kv head among n_heads/n_kv_heads query heads",
+        )
+        _require((self.dim // self.n_heads) % 2 == 0, f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_dim
+        per_layer = attn + mlp + 2 * self.dim
+        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # ~0.1M parameters: unit and equivalence tests.
+    "tiny": ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=128),
+    # ~1M parameters: integration tests and quick demos.
+    "mini": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=256),
+    # ~8M parameters: the main demo (learns readable Python-ish text in minutes on 2 cores).
+    "small": ModelConfig(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=768, max_seq_len=256),
+    # ~25M parameters: throughput and recovery benchmarks.
+    "25m": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=512),
+    # ~100M parameters: reshard and LoRA benchmarks.
+    "100m": ModelConfig(dim=768, n_layers=14, n_heads=12, n_kv_heads=4, ffn_dim=2560, max_seq_len=512),
+}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with gradient clipping and a warmup + cosine learning-rate schedule."""
+
+    lr: float = knob(3e-3, "peak learning rate")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of the peak (cosine floor)")
+    warmup_steps: int = knob(10, "linear warmup steps from 0 to the peak")
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay (not applied to norm weights)")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    eps: float = knob(1e-8, "AdamW epsilon")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)")
+        _require(self.eps > 0, f"optim.eps={self.eps} must be > 0")
+        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how samples are cut."""
+
+    dataset: str = knob(
+        "stdlib",
+        "'stdlib' (Python's own source files), 'arithmetic' (exact-answer sums), "
+        "or a path to a .txt or .jsonl file",
+    )
+    seq_len: int = knob(64, "tokens per training sample (inputs; targets are shifted by one)")
+    max_corpus_bytes: int = knob(4_000_000, "cap on the text corpus size read from disk")
+    holdout_fraction: float = knob(0.02, "fraction of samples kept out of training for evaluation")
+    num_samples: int = knob(100_000, "size of a synthetic task's training set")
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
+        _require(self.max_corpus_bytes > 0, f"data.max_corpus_bytes={self.max_corpus_bytes} must be > 0")
+        _require(0 <= self.holdout_fraction < 1, f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        _require(self.num_samples > 0, f"data.num_samples={self.num_samples} must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run: how long, how big a batch, which precision, which seed."""
+
+    steps: int = knob(100, "optimizer steps to run")
+    global_batch: int = knob(16, "sequences per optimizer step, fixed whatever the layout")
+    dtype: str = knob("float32", "parameter and compute dtype: float32, float64 (exactness tests) or bfloat16")
+    seed: int = knob(0, "one seed for model init, data order and sampling")
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
+        _require(self.dtype in DTYPES, f"train.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Processes, CPUs and timeouts."""
+
+    workers: int = knob(4, "number of worker processes (Ray actors)")
+    cpus_per_worker: float = knob(0.25, "Ray CPU reservation per worker; fractional so 4-8 fit on 2 cores")
+    threads_per_worker: int = knob(1, "torch intra-op threads per worker")
+    collective_timeout_s: float = knob(30.0, "gloo timeout: the longest any collective may wait on a peer")
+    store_timeout_s: float = knob(30.0, "how long a worker waits for its peers to join a group")
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
+        _require(self.cpus_per_worker > 0, f"runtime.cpus_per_worker={self.cpus_per_worker} must be > 0")
+        _require(self.threads_per_worker >= 1, f"runtime.threads_per_worker={self.threads_per_worker} must be >= 1")
+        _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s must be > 0")
+        _require(self.store_timeout_s > 0, "runtime.store_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs. Recipes are functions that return one of these."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+            "shorten the samples or raise max_seq_len",
+        )
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections replaced, e.g. ``cfg.replace(train=...)``."""
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> Config:
+        sections = {f.name: f.type for f in dataclasses.fields(Config)}
+        unknown = set(raw) - set(sections)
+        _require(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
+        built = {}
+        for name, cls in _SECTION_TYPES.items():
+            values = dict(raw.get(name, {}))
+            known = {f.name for f in dataclasses.fields(cls)}
+            bad = set(values) - known
+            _require(not bad, f"unknown fields {sorted(bad)} in config section [{name}]; known: {sorted(known)}")
+            built[name] = cls(**values)
+        return Config(**built)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "runtime": RuntimeConfig,
+}

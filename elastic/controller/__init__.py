@@ -1,0 +1,1 @@
+"""Controller layer: the worker group, events, policy and the reconfiguration state machine."""

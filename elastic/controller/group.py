@@ -1,0 +1,190 @@
+"""WorkerGroup: the driver-side handle on the worker actors.
+
+It starts actors (one OS process each, fractional CPUs), hosts the TCPStore that every gloo
+group rendezvous through (it outlives any worker), forms a placement's group, runs steps and
+fails fast: the first worker that dies or fails makes the group abort every other member, so
+survivors blocked in a collective are released at once, and the call raises ``WorkerFailure``
+naming the worker that caused it.
+
+Assumes ``ray.init`` has been called by the caller.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterable
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from elastic.config import Config
+from elastic.engine import StepResult
+from elastic.layout import Placement, TensorSpec
+from elastic.worker import StepFailed, Worker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerFailure(RuntimeError):
+    """Some workers died or failed. ``dead`` lists the processes that are gone."""
+
+    def __init__(self, dead: dict[int, str], failed: dict[int, str]) -> None:
+        self.dead, self.failed = dead, failed
+        culprits = dead or failed
+        detail = "; ".join(f"worker {w}: {why}" for w, why in sorted(culprits.items()))
+        super().__init__(f"{'lost' if dead else 'failed'} worker(s) {sorted(culprits)}: {detail}")
+
+
+class WorkerGroup:
+    def __init__(self, cfg: Config, run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.host = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False, use_libuv=True,
+                                   timeout=datetime.timedelta(seconds=cfg.runtime.store_timeout_s))
+        self.actors: dict[int, ray.actor.ActorHandle] = {}
+        self.info: dict[int, dict] = {}
+        self.placement: Placement | None = None
+        self._next_id = 0
+        self._generation = 0
+
+    # ---- actors -------------------------------------------------------------------------
+    def spawn(self, n: int, resources: dict | None = None) -> list[int]:
+        """Start ``n`` new worker actors and wait until each has imported torch. Returns their ids."""
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        for wid in ids:
+            self.actors[wid] = Worker.options(
+                num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0, resources=resources or {},
+            ).remote(wid, self.cfg, self.host, self.store.port)
+        infos = self._gather({w: self.actors[w].info.remote() for w in ids}, abort=False,
+                             timeout=self.cfg.runtime.store_timeout_s * 4)
+        self.info.update(infos)
+        return ids
+
+    def alive(self) -> list[int]:
+        return sorted(self.actors)
+
+    def pid(self, worker: int) -> int:
+        return self.info[worker]["pid"]
+
+    def kill(self, worker: int) -> None:
+        """SIGKILL a worker's process from outside (chaos tests, benchmarks)."""
+        os.kill(self.pid(worker), signal.SIGKILL)
+
+    def remove(self, workers: Iterable[int]) -> None:
+        """Stop actors and forget them (no state is read from them)."""
+        for wid in list(workers):
+            actor = self.actors.pop(wid, None)
+            self.info.pop(wid, None)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        self.remove(list(self.actors))
+        self.placement = None
+
+    # ---- groups and steps ---------------------------------------------------------------
+    def next_group_name(self) -> str:
+        self._generation += 1
+        return f"{self.run_id}/g{self._generation}"
+
+    def setup(self, placement: Placement, states: dict[int, dict[str, torch.Tensor]] | None = None,
+              step: int = 0) -> float:
+        """Form ``placement``'s group and build every rank's engine. Returns the slowest setup time."""
+        missing = [w for w in placement.workers if w not in self.actors]
+        if missing:
+            raise ValueError(f"placement {placement} names workers {missing} that this group does not have")
+        name = self.next_group_name()
+        calls = {w: self.actors[w].setup.remote(placement, name, (states or {}).get(w), step, self.cfg)
+                 for w in placement.workers}
+        times = self._gather(calls, members=placement.workers)
+        self.placement = placement
+        return max(times.values())
+
+    def step(self) -> dict[int, StepResult]:
+        """One optimizer step on every rank of the current placement."""
+        if self.placement is None:
+            raise RuntimeError("no placement formed yet; call setup() first")
+        return self._gather({w: self.actors[w].train_step.remote() for w in self.placement.workers},
+                            members=self.placement.workers)
+
+    def call(self, method: str, *args, workers: Iterable[int] | None = None, **kwargs) -> dict:
+        """Call an actor method on some workers (default: the placement) and gather the results."""
+        targets = list(workers if workers is not None else self.placement.workers)
+        return self._gather({w: getattr(self.actors[w], method).remote(*args, **kwargs) for w in targets},
+                            members=targets)
+
+    def abort(self, workers: Iterable[int]) -> None:
+        for wid in workers:
+            if wid in self.actors:
+                self.actors[wid].abort.remote()
+
+    def _gather(self, calls: dict[int, ray.ObjectRef], members: Iterable[int] = (), abort: bool = True,
+                timeout: float | None = None) -> dict[int, object]:
+        """Wait for every call; on the first failure abort the other members so nobody stays blocked."""
+        timeout = timeout or self.cfg.runtime.collective_timeout_s * 2 + 30
+        deadline = time.monotonic() + timeout
+        pending = {ref: w for w, ref in calls.items()}
+        results, dead, failed = {}, {}, {}
+        aborted = False
+        while pending:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, left))
+            if not ready:
+                waiting = sorted(pending.values())
+                self.abort(waiting)
+                raise WorkerFailure({}, {w: f"no answer within {timeout:.0f} s" for w in waiting})
+            ref = ready[0]
+            wid = pending.pop(ref)
+            try:
+                results[wid] = ray.get(ref)
+            except RayActorError as err:
+                dead[wid] = f"process died ({type(err).__name__})"
+            except RayTaskError as err:
+                cause = err.cause if isinstance(err.cause, Exception) else err
+                failed[wid] = str(cause) if isinstance(cause, StepFailed) else f"{type(cause).__name__}: {cause}"
+            except GetTimeoutError:
+                failed[wid] = "timed out"
+            except RayError as err:
+                failed[wid] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            if (dead or failed) and abort and not aborted:
+                aborted = True
+                self.abort([w for w in members if w not in dead])
+        for wid in dead:
+            self.actors.pop(wid, None)
+        if dead or failed:
+            raise WorkerFailure(dead, failed)
+        return results
+
+    # ---- state --------------------------------------------------------------------------
+    def gather_full_state(self, specs: list[TensorSpec]) -> tuple[int, dict[str, torch.Tensor]]:
+        """(step, full tensors) assembled on the driver from every rank's boxes (small models)."""
+        placement = self.placement
+        states = self.call("local_state")
+        steps = {step for step, _ in states.values()}
+        if len(steps) != 1:
+            raise RuntimeError(f"workers disagree on the step: {steps}")
+        n_layers = self.cfg.model.n_layers
+        full = {}
+        for spec in specs:
+            base = spec.name.split("::")[0]
+            out = None
+            for rank, wid in enumerate(placement.workers):
+                local = states[wid][1].get(spec.name)
+                if local is None:
+                    continue
+                box = placement.box(spec, rank, n_layers)
+                out = torch.empty(spec.shape, dtype=local.dtype) if out is None else out
+                out[tuple(slice(lo, hi) for lo, hi in box)] = local
+            if out is None:
+                raise RuntimeError(f"no worker holds {spec.name} (base {base})")
+            full[spec.name] = out
+        return steps.pop(), full

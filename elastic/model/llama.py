@@ -1,0 +1,206 @@
+"""A compact Llama-style decoder: RMSNorm, RoPE, SwiGLU and grouped-query attention.
+
+Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj.weight``
+and so on) so that HF weights load by name. A ``LlamaStage`` holds any contiguous run of layers,
+plus the embedding (first stage) and the final norm and LM head (last stage); the whole model is
+the stage that holds everything. Layers are kept in a ``ModuleDict`` keyed by their *global*
+index, so a stage's parameter names are the same as the full model's.
+
+The attention code infers head counts from tensor shapes, so a tensor-parallel shard that holds
+``n_heads / tp`` heads runs the same code. No distributed code lives here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elastic.config import ModelConfig
+from elastic.layout import TensorSpec
+
+# How tensor parallelism splits each linear (Megatron style): column-parallel layers split their
+# output features, row-parallel ones their input features. Embedding, norms and the LM head are
+# replicated across tp ranks: with a byte vocabulary they are small.
+TP_PLAN: dict[str, str] = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+}
+TP_DIM = {"colwise": 0, "rowwise": 1}  # which dim of an nn.Linear weight [out, in] the style splits
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As HF: normalise in at least float32, then scale in the input dtype.
+        dtype = x.dtype
+        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_table(head_dim: int, theta: float, start: int, length: int, dtype: torch.dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    pos = torch.arange(start, start + length, dtype=torch.float64)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF Llama's rotary embedding (rotate_half form) on [B, H, T, head_dim]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding, one slot per layer."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows in ``rows`` (for finished sequences dropping out)."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][rows]
+            self.values[layer] = self.values[layer][rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.head_dim, self.theta = layer, cfg.head_dim, cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        # -1: a tensor-parallel shard holds n_heads / tp heads; the shapes tell how many.
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        cos, sin = _rope_table(self.head_dim, self.theta, start, t, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # With a cache and one new token, every cached position is visible: no mask needed.
+        causal = t > 1
+        if causal and k.shape[2] != t:
+            raise ValueError("prefill with a non-empty KV cache is not supported; start a fresh cache")
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    """HF's ``model.`` prefix: embedding, layers and final norm."""
+
+    def __init__(self, cfg: ModelConfig, layers: range, first: bool, last: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim) if first else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in layers})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if last else None
+
+
+class LlamaStage(nn.Module):
+    """Layers ``layers`` of the decoder; the first stage embeds tokens, the last one returns logits."""
+
+    def __init__(self, cfg: ModelConfig, layers: range | None = None, first: bool = True, last: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ids = range(cfg.n_layers) if layers is None else layers
+        self.first, self.last = first, last
+        self.model = _Body(cfg, self.layer_ids, first, last)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last else None
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        h = self.model.embed_tokens(x) if self.first else x
+        for layer in self.model.layers.values():
+            h = layer(h, start, cache)
+        if self.last:
+            return self.lm_head(self.model.norm(h))
+        return h
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every parameter of the full model with its global shape and sharding rule, in model order."""
+    specs = [TensorSpec("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim), None, "embed")]
+    with torch.device("meta"):  # shapes only: one layer on the meta device
+        layer = DecoderLayer(cfg, 0)
+    for i in range(cfg.n_layers):
+        for local_name, param in layer.named_parameters():
+            module = local_name.rsplit(".", 1)[0]
+            style = TP_PLAN.get(module)
+            tp_dim = TP_DIM[style] if style else None
+            specs.append(TensorSpec(f"model.layers.{i}.{local_name}", tuple(param.shape), tp_dim, "layer", i))
+    specs.append(TensorSpec("model.norm.weight", (cfg.dim,), None, "head"))
+    specs.append(TensorSpec("lm_head.weight", (cfg.vocab_size, cfg.dim), None, "head"))
+    return specs
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over positions whose label is not -100.
+
+    Callers divide by the number of target tokens in the *global* batch, so the gradient is the
+    same however the batch is split across ranks and micro-batches.
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

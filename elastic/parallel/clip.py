@@ -1,0 +1,56 @@
+"""Global gradient-norm clipping across DTensor shards, plain replicas and pipeline stages.
+
+Each gradient contributes the sum of squares of the part this rank holds. Contributions are
+summed over the mesh dimensions the gradient is sharded on (never over replicated ones, which
+would count a replica twice), then over pipeline stages. The result equals the single-process
+norm up to summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+
+def _sharded_dims(grad: torch.Tensor) -> tuple[tuple[str, ...], object]:
+    if not isinstance(grad, DTensor):
+        return (), None
+    mesh = grad.device_mesh
+    # _StridedShard (FSDP over a tensor-parallel shard) is a shard too, but not a Shard subclass.
+    dims = tuple(mesh.mesh_dim_names[i] for i, p in enumerate(grad.placements)
+                 if p.is_shard() or isinstance(p, _StridedShard))
+    return dims, mesh
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> float:
+    """Scale gradients so their global norm is at most ``max_norm`` (0: only measure). Returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    buckets: dict[tuple[str, ...], list] = defaultdict(list)
+    meshes = {}
+    for g in grads:
+        dims, mesh = _sharded_dims(g)
+        local = g.to_local() if isinstance(g, DTensor) else g
+        buckets[dims].append(local.detach().double().pow(2).sum())
+        meshes.setdefault(dims, mesh)
+    total = torch.zeros((), dtype=torch.float64)
+    for dims, parts in buckets.items():
+        part = torch.stack(parts).sum()
+        for dim in dims:
+            dist.all_reduce(part, group=meshes[dims].get_group(dim))
+        total += part
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    norm = math.sqrt(float(total))
+    if max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+    return norm

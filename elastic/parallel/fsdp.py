@@ -1,0 +1,23 @@
+"""Data parallelism through FSDP2 ``fully_shard`` on a 2-D (dp, fsdp) mesh (HSDP).
+
+dp replicates and fsdp shards parameters, gradients and optimizer state on dimension 0. One
+mechanism covers pure replication (fsdp=1), pure sharding (dp=1) and both. Gradients are
+*summed*, not averaged: callers normalise the loss by the global token count, so the reduced
+gradient equals the single-process one for any split of the batch.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+
+def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+    for layer in stage.model.layers.values():
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    for module in stage.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)

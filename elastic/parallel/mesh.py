@@ -1,0 +1,66 @@
+"""Process groups for a placement: the default gloo group, its DeviceMesh, and abort.
+
+A worker joins one default group per placement (destroyed and re-created on every reshard; the
+process itself keeps running). Groups rendezvous through a TCPStore hosted by the driver, under
+a fresh key prefix per group, so old and new groups never collide. Every gloo socket a group
+opens is tracked (``abort.GlooSockets``) so that ``abort_groups`` can release blocked peers at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import logging
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from elastic.layout import DIMS, Layout
+from elastic.parallel.abort import GlooSockets
+
+log = logging.getLogger(__name__)
+
+_STORES: dict[tuple[str, int], dist.TCPStore] = {}
+SOCKETS = GlooSockets()
+
+
+def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A cached client connection to the driver's TCPStore."""
+    key = (host, port)
+    if key not in _STORES:
+        _STORES[key] = dist.TCPStore(host, port, is_master=False,
+                                     timeout=datetime.timedelta(seconds=timeout_s), use_libuv=True)
+    return _STORES[key]
+
+
+def form_layout_group(store: dist.Store, name: str, rank: int, layout: Layout, timeout_s: float) -> DeviceMesh:
+    """Join the default gloo group ``name`` as ``rank`` and build the (pp, dp, fsdp, tp) CPU mesh."""
+    leave_default_group()
+    prefixed = dist.PrefixStore(name, store)
+    with SOCKETS.track(prefixed, "layout", rank, layout.world):
+        dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=layout.world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        return init_device_mesh("cpu", layout.shape, mesh_dim_names=DIMS)
+
+
+def standalone_group(store: dist.Store, name: str, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:
+    """A gloo group outside the default-group registry (reshard transfers between old and new workers)."""
+    prefixed = dist.PrefixStore(name, store)
+    with SOCKETS.track(prefixed, "standalone", rank, world):
+        return dist.ProcessGroupGloo(prefixed, rank, world, datetime.timedelta(seconds=timeout_s))
+
+
+def abort_groups() -> int:
+    """Cut every gloo connection of this process: blocked operations here and on peers fail at once."""
+    return SOCKETS.cut()
+
+
+def leave_default_group() -> None:
+    """Destroy the default group and its subgroups."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # a broken group may fail to tear down cleanly; it is gone either way
+            log.debug("destroy_process_group: %s", err)
+    SOCKETS.forget()
+    gc.collect()

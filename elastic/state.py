@@ -1,0 +1,24 @@
+"""The named tensors of the training state, with global shapes (DESIGN.md, "Training state").
+
+Parameters come from the model; every trainable parameter adds its AdamW moments under
+``<name>::exp_avg`` and ``<name>::exp_avg_sq``, sharded exactly like the parameter. Together with
+the step number (which is also the data cursor and the LR-schedule position) this is everything
+a reshard, a recovery or a checkpoint moves.
+"""
+
+from __future__ import annotations
+
+from elastic.config import Config
+from elastic.layout import TensorSpec
+from elastic.model.llama import tensor_specs
+
+OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def param_specs(cfg: Config) -> list[TensorSpec]:
+    return tensor_specs(cfg.model)
+
+
+def state_specs(cfg: Config) -> list[TensorSpec]:
+    params = param_specs(cfg)
+    return params + [p.renamed(f"{p.name}::{key}") for p in params if p.trainable for key in OPT_KEYS]

@@ -1,0 +1,46 @@
+"""Shared fixtures: one Ray instance per test session and a reusable pool of worker actors.
+
+Starting Ray takes ~6 s and a worker ~5 s (importing torch), so tests share them. A test that
+kills workers asks the pool to replace them (``fresh_pool``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pool(ray_session):
+    """A WorkerGroup with 4 live workers; tests set ``pool.cfg`` and form their own placements."""
+    from elastic.controller.group import WorkerGroup
+    from tests.helpers import tiny_config
+
+    group = WorkerGroup(tiny_config())
+    group.spawn(4)
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture
+def fresh_pool(pool):
+    """The shared pool, topped back up to 4 live workers after tests that kill some."""
+    missing = 4 - len(pool.alive())
+    if missing > 0:
+        pool.spawn(missing)
+    yield pool
+    missing = 4 - len(pool.alive())
+    if missing > 0:
+        pool.spawn(missing)

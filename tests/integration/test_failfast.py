@@ -1,0 +1,34 @@
+"""Invariant 4: a worker killed during a step makes the step fail fast, naming the worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from elastic.controller.group import WorkerFailure
+from elastic.layout import Layout, Placement
+from tests.helpers import tiny_config
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout_text", ["fsdp=2,tp=2", "dp=2,pp=2,mb=2"])
+def test_killed_worker_fails_the_step_within_seconds(fresh_pool, layout_text):
+    pool = fresh_pool
+    pool.cfg = tiny_config(dtype="float32", steps=10_000, global_batch=16, seq_len=32)
+    placement = Placement(Layout.parse(layout_text), tuple(pool.alive()[:4]))
+    pool.setup(placement)
+    pool.step()
+    victim = placement.workers[1]
+    started = time.monotonic()
+    threading.Timer(0.3, pool.kill, args=(victim,)).start()
+    with pytest.raises(WorkerFailure) as failure:
+        for _ in range(1000):
+            pool.step()
+    elapsed = time.monotonic() - started - 0.3
+    assert elapsed < 10, f"failure took {elapsed:.1f} s"
+    assert victim in failure.value.dead and f"worker {victim}" in str(failure.value)
+    # Survivors were released (no hang) and still answer.
+    survivors = [w for w in placement.workers if w != victim]
+    assert sorted(pool.call("info", workers=survivors)) == sorted(survivors)
