@@ -1,0 +1,48 @@
+"""Pre-train a small Llama-style model on Python's own standard library, on 4 worker processes.
+
+    make setup && .venv/bin/python examples/pretrain.py                 # dp=2,tp=2 on an embedded Ray
+    .venv/bin/python examples/pretrain.py --layout fsdp=4 --steps 100
+    .venv/bin/python examples/pretrain.py --save runs/pretrain/model.safetensors   # reused by lora_finetune.py
+
+It shows a progress bar (step, loss, tokens/s, workers, layout) and ends by printing a few
+completions sampled from the trained model. About 3 minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from elastic.layout import Layout
+from elastic.recipes.pretrain import complete, load_model, pretrain_config
+from elastic.run import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="dp=2,tp=2", help="parallel layout, e.g. dp=2,tp=2 or fsdp=4")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--model", default="mini", help="model preset: tiny, mini, small, 25m, 100m")
+    parser.add_argument("--save", type=Path, help="write the trained weights here (safetensors)")
+    args = parser.parse_args()
+
+    layout = Layout.parse(args.layout)
+    cfg = pretrain_config(model=args.model, steps=args.steps, workers=layout.world)
+    print(f"pre-training a {cfg.model.num_params() / 1e6:.1f}M-parameter model for {args.steps} steps "
+          f"on {layout.world} workers, layout {layout}")
+    result = train(cfg, layout)
+    first, last = result.history[0], result.history[-1]
+    print(f"loss {first.loss:.3f} -> {last.loss:.3f} in {result.seconds:.0f} s")
+    model = load_model(cfg, result.state)
+    for text in complete(model, ["import ", "def __init__(self", "    return ", "class "]):
+        print("---\n" + text)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in result.state.items() if "::" not in k}, str(args.save))
+        print(f"saved weights to {args.save}")
+
+
+if __name__ == "__main__":
+    main()
