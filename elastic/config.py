@@ -148,6 +148,9 @@ class RuntimeConfig:
     threads_per_worker: int = knob(1, "torch intra-op threads per worker")
     collective_timeout_s: float = knob(30.0, "gloo timeout: the longest any collective may wait on a peer")
     store_timeout_s: float = knob(30.0, "how long a worker waits for its peers to join a group")
+    reshard_chunk_bytes: int = knob(64 << 20, "largest single reshard message; bigger pieces are split")
+    reshard_round_bytes: int = knob(256 << 20, "bytes a worker may send plus receive in one reshard round")
+    fault_delay_transfer_s: float = knob(0.0, "testing only: pause inside each reshard transfer (to kill workers there)")
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
@@ -155,6 +158,7 @@ class RuntimeConfig:
         _require(self.threads_per_worker >= 1, f"runtime.threads_per_worker={self.threads_per_worker} must be >= 1")
         _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s must be > 0")
         _require(self.store_timeout_s > 0, "runtime.store_timeout_s must be > 0")
+        _require(self.reshard_chunk_bytes > 0 and self.reshard_round_bytes > 0, "reshard byte budgets must be > 0")
 
 
 @dataclass(frozen=True)

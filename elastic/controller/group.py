@@ -54,23 +54,51 @@ class WorkerGroup:
         self.placement: Placement | None = None
         self._next_id = 0
         self._generation = 0
+        self._starting: dict[int, ray.ObjectRef] = {}
 
     # ---- actors -------------------------------------------------------------------------
     def spawn(self, n: int, resources: dict | None = None) -> list[int]:
-        """Start ``n`` new worker actors and wait until each has imported torch. Returns their ids."""
+        """Start ``n`` new worker actors and wait until each is warm. Returns their ids."""
+        ids = self.start(n, resources)
+        infos = self._gather(self._starting.copy(), abort=False, timeout=self.cfg.runtime.store_timeout_s * 4)
+        self.info.update(infos)
+        self._starting.clear()
+        return ids
+
+    def start(self, n: int, resources: dict | None = None) -> list[int]:
+        """Start ``n`` workers without waiting: they import torch and warm up while training goes on."""
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         for wid in ids:
             self.actors[wid] = Worker.options(
                 num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0, resources=resources or {},
             ).remote(wid, self.cfg, self.host, self.store.port)
-        infos = self._gather({w: self.actors[w].info.remote() for w in ids}, abort=False,
-                             timeout=self.cfg.runtime.store_timeout_s * 4)
-        self.info.update(infos)
+            self._starting[wid] = self.actors[wid].warmup.remote()
         return ids
 
+    def ready(self) -> list[int]:
+        """Workers started by ``start`` that have finished warming up (non-blocking). Failed ones are dropped."""
+        done = []
+        for wid, ref in list(self._starting.items()):
+            finished, _ = ray.wait([ref], timeout=0)
+            if not finished:
+                continue
+            del self._starting[wid]
+            try:
+                self.info[wid] = ray.get(ref)
+                done.append(wid)
+            except RayError as err:
+                log.warning("worker %d failed to start: %s", wid, str(err).splitlines()[0])
+                self.actors.pop(wid, None)
+        return done
+
+    @property
+    def starting(self) -> list[int]:
+        return sorted(self._starting)
+
     def alive(self) -> list[int]:
-        return sorted(self.actors)
+        """Workers that are up and warm (not the ones still starting)."""
+        return sorted(w for w in self.actors if w not in self._starting)
 
     def pid(self, worker: int) -> int:
         return self.info[worker]["pid"]
@@ -107,7 +135,7 @@ class WorkerGroup:
                  for w in placement.workers}
         times = self._gather(calls, members=placement.workers)
         self.placement = placement
-        return max(times.values())
+        return max(t["total"] for t in times.values())
 
     def step(self) -> dict[int, StepResult]:
         """One optimizer step on every rank of the current placement."""
@@ -122,13 +150,22 @@ class WorkerGroup:
         return self._gather({w: getattr(self.actors[w], method).remote(*args, **kwargs) for w in targets},
                             members=targets)
 
+    def call_each(self, method: str, args: dict[int, tuple], cut_group: str | None = None) -> dict:
+        """Call ``method`` on each worker in ``args`` with that worker's own arguments.
+
+        On a failure the other callees are released: by cutting only the gloo group ``cut_group``
+        when given (their engines stay intact), otherwise by a full abort.
+        """
+        return self._gather({w: getattr(self.actors[w], method).remote(*a) for w, a in args.items()},
+                            members=list(args), cut_group=cut_group)
+
     def abort(self, workers: Iterable[int]) -> None:
         for wid in workers:
             if wid in self.actors:
                 self.actors[wid].abort.remote()
 
     def _gather(self, calls: dict[int, ray.ObjectRef], members: Iterable[int] = (), abort: bool = True,
-                timeout: float | None = None) -> dict[int, object]:
+                timeout: float | None = None, cut_group: str | None = None) -> dict[int, object]:
         """Wait for every call; on the first failure abort the other members so nobody stays blocked."""
         timeout = timeout or self.cfg.runtime.collective_timeout_s * 2 + 30
         deadline = time.monotonic() + timeout
@@ -157,7 +194,12 @@ class WorkerGroup:
                 failed[wid] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             if (dead or failed) and abort and not aborted:
                 aborted = True
-                self.abort([w for w in members if w not in dead])
+                others = [w for w in members if w not in dead and w in self.actors]
+                if cut_group is None:
+                    self.abort(others)
+                else:
+                    for w in others:
+                        self.actors[w].cut_group.remote(cut_group)
         for wid in dead:
             self.actors.pop(wid, None)
         if dead or failed:

@@ -71,28 +71,31 @@ class GlooSockets:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.mine: set[Endpoint] = set()
-        self.peers: set[Endpoint] = set()
+        # label -> (our listeners, the peers' listeners); "layout" is the default group and its mesh.
+        self.groups: dict[str, tuple[set[Endpoint], set[Endpoint]]] = {}
 
     @contextlib.contextmanager
-    def track(self, store, key: str, rank: int, world: int):
+    def track(self, store, label: str, rank: int, world: int):
         """Record the listeners gloo opens inside the block, then swap them with the peers' via ``store``."""
         before = listeners()
         yield
         created = listeners() - before
-        store.set(f"{key}/gloo-listeners/{rank}", json.dumps(sorted(created)))
+        store.set(f"gloo-listeners/{rank}", json.dumps(sorted(created)))
         theirs = set()
         for peer in range(world):
             if peer != rank:
-                theirs.update(tuple(e) for e in json.loads(store.get(f"{key}/gloo-listeners/{peer}")))
+                theirs.update(tuple(e) for e in json.loads(store.get(f"gloo-listeners/{peer}")))
         with self._lock:
-            self.mine |= created
-            self.peers |= theirs
+            mine, peers = self.groups.setdefault(label, (set(), set()))
+            mine |= created
+            peers |= theirs
 
-    def cut(self) -> int:
-        """Shut down every established gloo connection. Returns how many were cut."""
+    def cut(self, label: str | None = None) -> int:
+        """Shut down the established connections of group ``label`` (all groups: None). Returns how many."""
         with self._lock:
-            mine, peers = set(self.mine), set(self.peers)
+            chosen = [v for k, v in self.groups.items() if label is None or k == label]
+            mine = set().union(*(m for m, _ in chosen)) if chosen else set()
+            peers = set().union(*(p for _, p in chosen)) if chosen else set()
         cut = 0
         for local, remote, state, fd in _socket_table():
             if state != _ESTABLISHED or not (local in mine or remote in peers):
@@ -108,7 +111,6 @@ class GlooSockets:
             log.info("cut %d gloo connections", cut)
         return cut
 
-    def forget(self) -> None:
+    def forget(self, label: str) -> None:
         with self._lock:
-            self.mine.clear()
-            self.peers.clear()
+            self.groups.pop(label, None)

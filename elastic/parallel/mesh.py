@@ -9,7 +9,6 @@ opens is tracked (``abort.GlooSockets``) so that ``abort_groups`` can release bl
 from __future__ import annotations
 
 import datetime
-import gc
 import logging
 
 import torch.distributed as dist
@@ -40,19 +39,31 @@ def form_layout_group(store: dist.Store, name: str, rank: int, layout: Layout, t
     with SOCKETS.track(prefixed, "layout", rank, layout.world):
         dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=layout.world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        return init_device_mesh("cpu", layout.shape, mesh_dim_names=DIMS)
+        return build_mesh(layout)
+
+
+def build_mesh(layout: Layout) -> DeviceMesh:
+    """The 4-D CPU mesh (pp, dp, fsdp, tp) over the default group; rank order as in layout.py."""
+    return init_device_mesh("cpu", layout.shape, mesh_dim_names=DIMS)
 
 
 def standalone_group(store: dist.Store, name: str, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:
-    """A gloo group outside the default-group registry (reshard transfers between old and new workers)."""
+    """A gloo group outside the default-group registry, tracked under ``name`` (reshard transfers)."""
     prefixed = dist.PrefixStore(name, store)
-    with SOCKETS.track(prefixed, "standalone", rank, world):
+    with SOCKETS.track(prefixed, name, rank, world):
         return dist.ProcessGroupGloo(prefixed, rank, world, datetime.timedelta(seconds=timeout_s))
 
 
-def abort_groups() -> int:
-    """Cut every gloo connection of this process: blocked operations here and on peers fail at once."""
-    return SOCKETS.cut()
+def close_standalone(name: str) -> None:
+    SOCKETS.forget(name)
+
+
+def abort_groups(name: str | None = None) -> int:
+    """Cut the gloo connections of group ``name`` (None: every group of this process).
+
+    Blocked operations on them fail at once, here and on the peers.
+    """
+    return SOCKETS.cut(name)
 
 
 def leave_default_group() -> None:
@@ -62,5 +73,4 @@ def leave_default_group() -> None:
             dist.destroy_process_group()
         except Exception as err:  # a broken group may fail to tear down cleanly; it is gone either way
             log.debug("destroy_process_group: %s", err)
-    SOCKETS.forget()
-    gc.collect()
+    SOCKETS.forget("layout")

@@ -1,0 +1,179 @@
+"""Live reconfiguration: equivalence across reshards, round trips, pauses, refusals and failed reshards."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from elastic.controller.controller import Controller, ControllerOptions, State
+from elastic.controller.events import AddWorkers, Drain, Relayout, ScriptedEvents
+from elastic.controller.resharder import reshard
+from elastic.data import GlobalSampler, build_dataset
+from elastic.layout import Layout, Placement
+from elastic.state import state_specs
+from tests.helpers import reference_run, tiny_config, worst_state_err
+
+
+def assert_exactly_once(cfg, history):
+    """Every step's samples are that step's global batch, each index once per epoch."""
+    sampler = GlobalSampler(len(build_dataset(cfg.data, cfg.train.seed)), cfg.train.global_batch, cfg.train.seed)
+    assert [h.step for h in history] == list(range(cfg.train.steps))
+    seen = set()
+    for h in history:
+        assert h.samples == sorted(sampler.step_indices(h.step))
+        for i in h.samples:
+            key = (sampler.epoch_of(h.step), i)
+            assert key not in seen
+            seen.add(key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_drain_add_relayout_and_back_equals_single_process(ray_session):
+    cfg = tiny_config(steps=15)
+    _, ref_state, _ = reference_run(cfg)
+    script = ScriptedEvents({
+        3: [Drain(reason="preemption notice", worker=1)],           # 4 -> 3 workers
+        6: [AddWorkers(reason="two nodes back", count=2)],          # 3 -> 5 workers
+        9: [Relayout(reason="operator", layout=Layout(fsdp=5))],    # dp=5 -> fsdp=5
+        12: [Relayout(reason="operator", layout=Layout(dp=2, tp=2))],  # back to 4 workers
+    })
+    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all",
+                                                   sources=[script], progress=False, background_start=False))
+    try:
+        controller.start()
+        pids = {w: controller.group.pid(w) for w in controller.group.alive()}
+        result = controller.run_started()
+        survivors = [w for w in pids if w in controller.group.actors]
+        assert survivors and all(controller.group.pid(w) == pids[w] for w in survivors)  # never restarted
+    finally:
+        controller.shutdown()
+    layouts = [h.layout for h in result.history]
+    assert layouts[2] == "dp=2,tp=2" and layouts[5] == "dp=3" and layouts[8] == "dp=5"
+    assert layouts[11] == "fsdp=5" and layouts[14] == "dp=2,tp=2"
+    assert len(result.reshards) == 4 and all(r.total_seconds < 5 for r in result.reshards)
+    err, name = worst_state_err(result.state, ref_state)
+    assert err <= 1e-9, f"{name}: {err:.2e}"
+    assert_exactly_once(cfg, result.history)
+
+
+@pytest.mark.timeout(120)
+def test_round_trip_is_bit_identical(pool):
+    cfg = tiny_config(steps=3, dtype="float32")
+    pool.cfg = cfg
+    workers = tuple(pool.alive()[:4])
+    a = Placement(Layout(dp=2, tp=2), workers)
+    pool.setup(a)
+    for _ in range(2):
+        pool.step()
+    specs = state_specs(cfg)
+    _, before = pool.gather_full_state(specs)
+    for target in (Placement(Layout(fsdp=2, pp=2, microbatches=2), workers[::-1]), a):
+        reshard(pool, target, 2, "round trip")
+    _, after = pool.gather_full_state(specs)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.timeout(180)
+def test_too_few_workers_pauses_then_resumes(ray_session):
+    import dataclasses
+
+    cfg = tiny_config(steps=8)
+    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
+    _, ref_state, _ = reference_run(cfg)
+    script = ScriptedEvents({2: [Drain(reason="preempted", worker=0)]})
+
+    class ReturnWhenPaused:
+        """Capacity comes back only once the job has paused (as a replacement node would)."""
+
+        fired = False
+
+        def poll(self, step):
+            if controller.state == State.PAUSED and not self.fired:
+                self.fired = True
+                return [AddWorkers(reason="replacement arrived", count=1)]
+            return []
+
+    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), min_workers=2, objective="use_all",
+                                                   sources=[script, ReturnWhenPaused()], progress=False,
+                                                   background_start=False))
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    kinds = [e["kind"] for e in result.events]
+    assert "pause" in kinds and kinds.index("pause") < kinds.index("reshard")
+    pause = next(e for e in result.events if e["kind"] == "pause")
+    assert "needs at least 2" in pause["text"]
+    assert worst_state_err(result.state, ref_state)[0] <= 1e-9
+
+
+@pytest.mark.timeout(180)
+def test_failed_reshard_keeps_old_placement(ray_session):
+    """A new worker dies in the middle of the transfer: the old placement carries on, nothing lost."""
+    import dataclasses
+
+    cfg = tiny_config(steps=6)
+    _, ref_state, _ = reference_run(cfg)
+    slow = dataclasses.replace(cfg.runtime, fault_delay_transfer_s=3.0, workers=2)
+    cfg_slow = cfg.replace(runtime=slow)
+    script = ScriptedEvents({2: [AddWorkers(reason="scale out", count=1)]})
+    controller = Controller(cfg_slow, ControllerOptions(layout=Layout(dp=2), objective="use_all", sources=[script],
+                                                        progress=False, background_start=False))
+
+    def kill_newcomer():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if controller.state == State.RESHARDING and 2 in controller.group.actors:
+                time.sleep(1.0)
+                controller.group.kill(2)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_newcomer, daemon=True)
+    killer.start()
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    kinds = [e["kind"] for e in result.events]
+    assert "reshard failed" in kinds
+    assert all(h.layout == "dp=2" for h in result.history)
+    assert worst_state_err(result.state, ref_state)[0] <= 1e-9
+
+
+@pytest.mark.timeout(120)
+def test_operator_requests_through_the_named_actor(ray_session):
+    from elastic.controller.control_plane import JobClient
+
+    cfg = tiny_config(steps=400, dtype="float32")
+    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), job_name="live-ops", progress=False,
+                                                   gather_state=False, poll_interval_s=0.05))
+    answers = {}
+
+    def operate():
+        while controller.state != State.RUNNING or controller.step < 2:
+            time.sleep(0.05)
+        client = JobClient("live-ops", timeout_s=60)
+        answers["bad"] = client.relayout("tp=3")
+        answers["good"] = client.relayout("fsdp=2")
+        answers["status"] = client.status()
+        answers["stop"] = client.set_workers(1)
+
+    thread = threading.Thread(target=operate, daemon=True)
+    thread.start()
+    try:
+        controller.start()
+        while thread.is_alive() and controller.step < 390:
+            controller.tick()
+    finally:
+        controller.shutdown()
+    assert answers["bad"].startswith("refused: layout tp=3: tp=3 does not divide n_heads=4")
+    assert answers["good"].startswith("moved to fsdp=2") and "ms" in answers["good"]
+    assert answers["status"]["layout"] == "fsdp=2" and answers["status"]["step"] >= 2
+    assert "dp=1" in answers["stop"]
+    with pytest.raises(ValueError, match="no running elastic job named 'nope'"):
+        JobClient("nope")

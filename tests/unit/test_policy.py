@@ -1,0 +1,71 @@
+"""Cost model and policy: pure decisions, no processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic.config import MODEL_PRESETS
+from elastic.controller.costmodel import CostModel
+from elastic.controller.policy import Policy
+from elastic.layout import Layout, Placement
+from tests.helpers import tiny_config
+
+
+def model(cores=4.0):
+    cfg = tiny_config(global_batch=16)
+    return cfg, CostModel(MODEL_PRESETS["25m"], 16, 128, 4, cores=cores)
+
+
+def test_cost_model_shapes():
+    _, cost = model()
+    assert cost.compute_seconds(Layout(dp=2)) < cost.compute_seconds(Layout())
+    assert cost.compute_seconds(Layout(pp=2, microbatches=2)) > cost.compute_seconds(Layout(dp=2))
+    assert cost.comm_seconds(Layout(fsdp=2)) > cost.comm_seconds(Layout(dp=2)) > cost.comm_seconds(Layout())
+    # Beyond the core count extra workers add no compute.
+    assert cost.compute_seconds(Layout(dp=8)) == pytest.approx(cost.compute_seconds(Layout(dp=4)))
+
+
+def test_calibration_tracks_observed_steps():
+    _, cost = model()
+    layout = Layout(dp=2)
+    for _ in range(20):
+        cost.observe_step(layout, 2.0 * cost.step_seconds(layout))
+    slow = cost.step_seconds(layout)
+    for _ in range(40):
+        cost.observe_step(layout, 1.0)
+    assert cost.step_seconds(layout) == pytest.approx(1.0, rel=0.05) and slow > 1.5
+
+
+def test_policy_keeps_a_good_placement_and_moves_when_it_must():
+    cfg = tiny_config(global_batch=16)
+    cost = CostModel(cfg.model, 16, cfg.data.seq_len, 8, cores=2)
+    policy = Policy(cfg, cost)
+    current = Placement(Layout(dp=2), (0, 1))
+    assert policy.decide(current, [0, 1], remaining=100) is None
+    moved = policy.decide(current, [0], remaining=100, must_move=True, reason="drain 1")
+    assert moved.placement.workers == (0,) and "drain 1" in moved.reason
+
+
+def test_policy_refuses_impossible_requests_and_pauses_below_minimum():
+    cfg = tiny_config(global_batch=16)
+    policy = Policy(cfg, CostModel(cfg.model, 16, 16, 8), min_workers=2)
+    with pytest.raises(ValueError, match="tp=3 does not divide n_heads=4"):
+        policy.decide(None, [0, 1, 2], 10, forced=Layout(tp=3))
+    with pytest.raises(ValueError, match="needs 4 workers but only 2 are available"):
+        policy.decide(None, [0, 1], 10, forced=Layout(dp=4))
+    decision = policy.decide(Placement(Layout(dp=2), (0, 1)), [0], 10, must_move=True)
+    assert decision.placement is None and "needs at least 2" in decision.reason
+
+
+def test_rank_assignment_keeps_shards_local():
+    cfg = tiny_config(global_batch=16)
+    policy = Policy(cfg, CostModel(cfg.model, 16, 16, 8))
+    old = Placement(Layout(fsdp=2, tp=2), (7, 3, 9, 4))
+    again = policy.assign(old, Layout(fsdp=2, tp=2), [3, 4, 7, 9])
+    assert again == old
+    from elastic.reshard.plan import make_plan
+
+    naive = Placement(Layout(tp=2, fsdp=2), (3, 4, 7, 9))
+    smart = policy.assign(old, Layout(tp=2, fsdp=2), [3, 4, 7, 9])
+    moved = {p: make_plan(old, p, policy.specs, cfg.model.n_layers, 8).bytes_moved() for p in (naive, smart)}
+    assert moved[smart] <= moved[naive]
