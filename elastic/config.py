@@ -150,7 +150,7 @@ class RuntimeConfig:
     store_timeout_s: float = knob(30.0, "how long a worker waits for its peers to join a group")
     reshard_chunk_bytes: int = knob(64 << 20, "largest single reshard message; bigger pieces are split")
     reshard_round_bytes: int = knob(256 << 20, "bytes a worker may send plus receive in one reshard round")
-    fault_delay_transfer_s: float = knob(0.0, "testing only: pause inside each reshard transfer (to kill workers there)")
+    fault_delay_transfer_s: float = knob(0.0, "testing only: pause in each reshard transfer (to kill workers there)")
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
