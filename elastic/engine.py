@@ -52,6 +52,7 @@ class StepResult:
     tokens: int  # target tokens in the global batch
     samples: list[int] = field(default_factory=list)  # global indices this rank fed in (first stage)
     seconds: float = 0.0
+    apply_seconds: float = 0.0  # applying the previous step's update (done at the start of this call)
 
 
 class Engine:
@@ -62,6 +63,7 @@ class Engine:
         self.coord = layout.coord(rank)
         self.dtype = DTYPE[cfg.train.dtype]
         self.step = step
+        self.pending: int | None = None  # a computed step whose update awaits the driver's commit
         n_layers = cfg.model.n_layers
         self.first, self.last = self.coord.pp == 0, self.coord.pp == layout.pp - 1
         if layout.world > 1 and mesh is None:
@@ -80,10 +82,14 @@ class Engine:
             apply_fsdp(module, mesh["dp", "fsdp"])
         module.to_empty(device="cpu")
         self.module = module
+        # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on
+        # the module while a step runs, so after a failed step only these still name the shards.
+        self.named_params = list(module.named_parameters())
         self._load_params(state)
-        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.optimizer = build_adamw(trainable, cfg.optim)
-        self._load_optimizer(trainable, state)
+        # (name, parameter, local shard): the optimizer steps the local shards directly.
+        self.shards = [(n, p, local_part(p)) for n, p in self.named_params if p.requires_grad]
+        self.optimizer = build_adamw([(n, local) for n, _, local in self.shards], cfg.optim)
+        self._load_optimizer(state)
 
         self.dataset = build_dataset(cfg.data, cfg.train.seed)
         self.sampler = GlobalSampler(len(self.dataset), cfg.train.global_batch, cfg.train.seed)
@@ -100,7 +106,7 @@ class Engine:
 
     @torch.no_grad()
     def _load_params(self, state: dict[str, torch.Tensor] | None) -> None:
-        for name, p in self.module.named_parameters():
+        for name, p in self.named_params:
             local, box = local_part(p), self._box(name)
             # layout.py is the source of truth for who holds what; torch must agree with it.
             if tuple(local.shape) != box_shape(box):
@@ -112,26 +118,21 @@ class Engine:
                 local.copy_(state[name])
 
     @torch.no_grad()
-    def _load_optimizer(self, trainable, state: dict[str, torch.Tensor] | None) -> None:
+    def _load_optimizer(self, state: dict[str, torch.Tensor] | None) -> None:
         # AdamW keeps its step as a float tensor; it equals the global step for every parameter.
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        for name, p in trainable:
+        for name, _, local in self.shards:
             entry = {"step": torch.tensor(float(self.step), dtype=scalar)}
             for key in OPT_KEYS:
-                moment = torch.zeros_like(p)
-                if state is not None:
-                    local_part(moment).copy_(state[f"{name}::{key}"])
-                entry[key] = moment
-            self.optimizer.state[p] = entry
+                entry[key] = torch.zeros_like(local) if state is None else state[f"{name}::{key}"].clone()
+            self.optimizer.state[local] = entry
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """Every state tensor this rank holds, as local (box-shaped) tensors. Views, not copies."""
-        out = {}
-        for name, p in self.module.named_parameters():
-            out[name] = local_part(p).detach()
-            if p.requires_grad:
-                for key in OPT_KEYS:
-                    out[f"{name}::{key}"] = local_part(self.optimizer.state[p][key])
+        out = {name: local_part(p).detach() for name, p in self.named_params}
+        for name, _, local in self.shards:
+            for key in OPT_KEYS:
+                out[f"{name}::{key}"] = self.optimizer.state[local][key]
         return out
 
     # ---- training -----------------------------------------------------------------------
@@ -145,7 +146,13 @@ class Engine:
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss_sum(output, target) / self._n_targets
 
-    def train_step(self) -> StepResult:
+    def compute(self) -> StepResult:
+        """Forward, backward and gradient clipping for step ``self.step``; the update stays pending.
+
+        Every collective of a step happens here. ``apply`` (no communication) then updates the
+        weights once the driver knows that every rank computed the step: a failure anywhere
+        leaves all survivors at the same step, with no half-applied update.
+        """
         started = time.perf_counter()
         step, layout = self.step, self.layout
         self._n_targets = n_targets = self.global_targets(step)
@@ -172,18 +179,51 @@ class Engine:
                 self.schedule.step()
             if self.last:
                 loss_total = torch.stack([t.detach().double() for t in losses]).sum()
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        params = [p for _, p in self.named_params if p.requires_grad]
         pp_group = self.mesh["pp"].get_group() if layout.pp > 1 else None
         grad_norm = clip_grad_norm_(params, self.cfg.optim.grad_clip, pp_group)
-        lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
+        self.pending = step
+        return StepResult(step=step, loss=None if loss_total is None else float(loss_total),
+                          grad_norm=grad_norm, lr=lr_at(step, self.cfg.optim, self.cfg.train.steps),
+                          tokens=n_targets, samples=mine if self.first else [],
+                          seconds=time.perf_counter() - started)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """The optimizer update of the pending step (local, no communication)."""
+        lr = lr_at(self.pending, self.cfg.optim, self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for _, p, local in self.shards:
+            if local is not p:
+                local.grad = None if p.grad is None else local_part(p.grad)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return StepResult(step=step, loss=None if loss_total is None else float(loss_total),
-                          grad_norm=grad_norm, lr=lr, tokens=n_targets,
-                          samples=mine if self.first else [], seconds=time.perf_counter() - started)
+        self._zero_grad()
+        self.step = self.pending + 1
+        self.pending = None
+
+    def _zero_grad(self) -> None:
+        for _, p, local in self.shards:
+            p.grad = None
+            local.grad = None
+
+    def sync(self, committed: int) -> None:
+        """Apply the pending step if the driver committed it (``committed`` > it), else drop it."""
+        if self.pending is None:
+            return
+        if self.pending < committed:
+            self.apply()
+        else:
+            self._zero_grad()
+            self.pending = None
+        if self.step != committed:
+            raise RuntimeError(f"rank {self.rank} is at step {self.step} but the job committed {committed}")
+
+    def train_step(self) -> StepResult:
+        """compute() and apply() in one go (single-process use, where nothing can half-fail)."""
+        result = self.compute()
+        self.apply()
+        return result
 
     @torch.no_grad()
     def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:

@@ -1,8 +1,8 @@
 """AdamW parameter groups and the warmup + cosine learning-rate schedule.
 
 The schedule is a pure function of the step, so the step number is its whole state.
-Parameter groups are split by sharding signature as well as by weight decay: torch's foreach
-kernels need every tensor in a group to be of one kind (plain tensor, or DTensor on one mesh).
+The optimizer runs on plain local shards (AdamW is elementwise, so the shard's update is the
+slice of the full update): no DTensor dispatch on the hot path, and foreach kernels throughout.
 """
 
 from __future__ import annotations
@@ -23,17 +23,11 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _signature(param: torch.Tensor) -> str:
-    mesh = getattr(param, "device_mesh", None)
-    placements = getattr(param, "placements", None)
-    return f"{type(param).__name__}:{mesh}:{placements}"
-
-
 def build_adamw(named_params: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torch.optim.AdamW:
-    groups: dict[tuple[bool, str], list[torch.Tensor]] = {}
+    """AdamW over (name, tensor) pairs; norm weights and other 1-D tensors get no weight decay."""
+    groups: dict[bool, list[torch.Tensor]] = {True: [], False: []}
     for name, param in named_params:
-        decay = param.ndim >= 2 and not name.endswith("norm.weight")
-        groups.setdefault((decay, _signature(param)), []).append(param)
+        groups[param.ndim >= 2 and not name.endswith("norm.weight")].append(param)
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
-                    for (decay, _), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                    for decay, ps in groups.items() if ps]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)

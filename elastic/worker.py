@@ -1,13 +1,20 @@
 """The Ray actor that hosts one worker: a thin shell over an Engine.
 
-Each worker is a real OS process with a stable integer id. It joins one gloo group per
-placement and keeps running across reshards. The actor is threaded (``max_concurrency``) so that
-control calls (``abort``, ``pid``) are served while a training step is blocked in a collective.
+Each worker is a real OS process with a stable integer id. It joins one gloo group per placement
+and keeps running across reshards and recoveries. The actor is threaded (``max_concurrency``) so
+control calls (``abort``, ``info``) are served while a step is blocked in a collective; all torch
+work runs on a single thread.
 
-Failure handling: when a step fails (a peer died, or the driver called ``abort``), the worker
-drops every reference to its model, optimizer and process groups. Gloo closes a group's sockets
-only when its last reference goes, and a closed socket is what releases the peers still blocked
-on this worker, within milliseconds instead of a collective timeout.
+State the worker holds, for the placement the driver last told it about:
+- ``engine``: the model and optimizer shards of ``placement``. A step's update is applied only
+  once the driver commits it (``Engine.sync``), so all survivors of a failure agree on the step;
+- ``staged``: shards received for a new placement, kept until the commit builds an engine.
+Either can serve as the source of a reshard or a recovery, so a failure at any point leaves
+every survivor's shards usable.
+
+Failure handling: on a failed step, or when the driver calls ``abort``, the worker shuts down its
+gloo sockets (``parallel/abort.py``): peers blocked on it fail at once rather than after a
+collective timeout. Its tensors stay in memory; only the process groups are lost.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import time
 import ray
 import torch
 
+from elastic import checkpoint as ckpt
 from elastic.config import Config
 from elastic.engine import DTYPE, Engine, StepResult
-from elastic.layout import Placement
+from elastic.layout import Box, Placement, intersect, relative
 from elastic.parallel import mesh as meshlib
 from elastic.reshard.execute import execute
 from elastic.state import state_specs
@@ -34,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 class StepFailed(RuntimeError):
-    """A worker's step failed; ``worker`` names it and the message says why."""
+    """A worker's call failed; ``worker`` names it and the message says why."""
 
     def __init__(self, worker: int, message: str) -> None:
         super().__init__(worker, message)  # args stay (worker, message) so the error pickles across Ray
@@ -44,7 +52,18 @@ class StepFailed(RuntimeError):
         return f"worker {self.worker}: {self.message}"
 
 
-@ray.remote(max_concurrency=8)
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+# Torch work runs on one dedicated thread ("compute"): DTensor caches its sharding decisions per
+# thread, and a fresh thread pays ~1 s to rebuild them. Control calls get threads of their own so
+# they are served while a step is blocked in a collective.
+COMPUTE = ray.method(concurrency_group="compute")
+CONTROL = ray.method(concurrency_group="control")
+
+
+@ray.remote(concurrency_groups={"compute": 1, "control": 4})
 class Worker:
     def __init__(self, worker_id: int, cfg: Config, store_host: str, store_port: int) -> None:
         self.id, self.cfg = worker_id, cfg
@@ -54,113 +73,131 @@ class Worker:
                             format=f"[worker {worker_id}] %(levelname)s %(name)s: %(message)s")
         self.engine: Engine | None = None
         self.placement: Placement | None = None
-        self._lock = threading.Lock()
-        self._step_lock = threading.Lock()
-        self._aborted = False
-        self._pending = None
+        self.staged: tuple[Placement, dict[str, torch.Tensor], int] | None = None
+        self._snapshot = None
+        self._lock = threading.RLock()
 
-    # ---- identity -----------------------------------------------------------------------
+    # ---- identity and warm-up -----------------------------------------------------------
+    @CONTROL
     def info(self) -> dict:
         return {"id": self.id, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
+    @COMPUTE
     def warmup(self) -> dict:
-        """Pay the one-off costs before this worker is needed: load the dataset, and run one step of a
-        tiny model through tensor parallelism and FSDP on a private one-rank group, so the first real
-        engine build and step are as fast as later ones. Returns ``info()``."""
+        """Pay one-off costs before this worker is needed (dataset, FSDP/DTensor code paths)."""
         from elastic.parallel.warm import warm_up
 
         warm_up(self.cfg)
         return self.info()
 
-    # ---- groups and engines -------------------------------------------------------------
+    # ---- helpers --------------------------------------------------------------------------
     def _store(self):
         return meshlib.store_client(*self.store_addr, self.cfg.runtime.store_timeout_s)
 
+    def _boxes(self, placement: Placement | None) -> dict[str, Box]:
+        rank = placement.rank_of(self.id) if placement is not None else None
+        if rank is None:
+            return {}
+        n = self.cfg.model.n_layers
+        return {s.name: b for s in state_specs(self.cfg) if (b := placement.box(s, rank, n)) is not None}
+
+    def _holdings(self, placement: Placement | None, committed: int) -> dict[str, torch.Tensor]:
+        """This worker's tensors for ``placement`` at step ``committed`` (views, not copies)."""
+        if placement is None or placement.rank_of(self.id) is None:
+            return {}
+        if self.staged is not None and self.staged[0] == placement:
+            if self.staged[2] != committed:
+                raise StepFailed(self.id, f"holds step {self.staged[2]} but the job is at step {committed}")
+            return self.staged[1]
+        if self.engine is not None and self.placement == placement:
+            self.engine.sync(committed)
+            return self.engine.local_state()
+        raise StepFailed(self.id, f"holds no state for placement {placement}")
+
+    def _drop_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        meshlib.leave_default_group()
+
+    # ---- groups and engines -------------------------------------------------------------
+    @COMPUTE
     def setup(self, placement: Placement, group: str, state: dict[str, torch.Tensor] | None = None,
               step: int = 0, cfg: Config | None = None) -> dict[str, float]:
-        """Join ``placement``'s group as this worker's rank and build an engine (from init or ``state``).
+        """Join ``placement``'s group and build an engine from ``state`` (None: from the seed).
 
         ``cfg`` replaces the worker's config (a pool of workers can serve several runs in turn).
         Returns the seconds spent leaving the old group, forming the new one and building the engine.
         """
-        started = time.perf_counter()
-        self._drop_engine()
-        left = time.perf_counter()
-        if cfg is not None:
-            self.cfg = cfg
-        self._aborted = False
-        rank = placement.rank_of(self.id)
-        if rank is None:
-            raise ValueError(f"worker {self.id} is not part of placement {placement}")
-        mesh = None
-        if placement.layout.world > 1:
-            mesh = meshlib.form_layout_group(self._store(), group, rank, placement.layout,
-                                             self.cfg.runtime.collective_timeout_s)
-        formed = time.perf_counter()
-        self.engine = Engine(self.cfg, placement, rank, mesh, state=state, step=step)
-        self.placement = placement
-        done = time.perf_counter()
-        return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
+        with self._lock:
+            started = time.perf_counter()
+            self._drop_engine()
+            left = time.perf_counter()
+            if cfg is not None:
+                self.cfg = cfg
+            rank = placement.rank_of(self.id)
+            if rank is None:
+                raise ValueError(f"worker {self.id} is not part of placement {placement}")
+            mesh = None
+            if placement.layout.world > 1:
+                mesh = meshlib.form_layout_group(self._store(), group, rank, placement.layout,
+                                                 self.cfg.runtime.collective_timeout_s)
+            formed = time.perf_counter()
+            self.engine = Engine(self.cfg, placement, rank, mesh, state=state, step=step)
+            self.placement, self.staged = placement, None
+            done = time.perf_counter()
+            return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
 
-    def train_step(self) -> StepResult:
-        with self._step_lock:
+    @COMPUTE
+    def train_step(self, committed: int) -> StepResult:
+        """Apply the committed update if pending, then compute the next step (its update stays pending)."""
+        with self._lock:
             engine = self.engine
             if engine is None:
-                raise StepFailed(self.id, "has no engine (never set up, or aborted)")
+                raise StepFailed(self.id, "has no engine (never set up)")
             try:
-                return engine.train_step()
+                t0 = time.perf_counter()
+                engine.sync(committed)
+                t1 = time.perf_counter()
+                result = engine.compute()
+                result.apply_seconds = t1 - t0
+                return result
             except Exception as err:  # a dead peer, an abort, or a real bug: fail fast with the reason
-                message = f"step {engine.step} failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                message = f"step {engine.step} failed: {_first_line(err)}"
                 err.__traceback__ = None
-            del engine
             meshlib.abort_groups()  # peers blocked on us fail now, not after a timeout
-            self._drop_engine()
             raise StepFailed(self.id, message)
 
-    def abort(self) -> None:
-        """Cut this worker's gloo connections, then drop its engine once no step is running."""
-        self._aborted = True
-        meshlib.abort_groups()
-        if self._step_lock.acquire(timeout=self.cfg.runtime.collective_timeout_s):
-            try:
-                self._drop_engine()
-            finally:
-                self._step_lock.release()
+    @COMPUTE
+    def sync(self, committed: int) -> int:
+        with self._lock:
+            self._holdings(self.placement, committed)
+            return committed
 
+    @CONTROL
+    def abort(self) -> int:
+        """Cut this worker's gloo connections; its tensors stay (they may serve a recovery)."""
+        return meshlib.abort_groups()
+
+    @CONTROL
     def cut_group(self, name: str) -> int:
         """Cut only the gloo group ``name`` (a reshard transfer): the engine and its group stay intact."""
         return meshlib.abort_groups(name)
 
-    def _drop_engine(self) -> None:
-        with self._lock:
-            if self.engine is not None:
-                self.engine.close()
-            self.engine = None
-            meshlib.leave_default_group()
-
-    # ---- live reshard (two phases: transfer, then commit) ----------------------------------
+    # ---- live reshard and recovery (transfer, then commit) ---------------------------------
+    @COMPUTE
     def reshard_transfer(self, old: Placement | None, new: Placement, work: list, movers: tuple[int, ...],
                          group: str, step: int) -> dict:
-        """Phase 1: build this worker's new local tensors from the plan; the old engine keeps running state.
+        """Phase 1: build this worker's shards of ``new`` from the plan (``work``: (round, tag, transfer)).
 
-        ``work`` is this worker's (round, tag, transfer) list; ``movers`` the workers with remote
-        transfers, who meet in a standalone gloo group named ``group``.
+        The workers with remote pieces (``movers``) meet in a standalone gloo group ``group``.
+        Sources are this worker's shards of ``old`` at step ``step``, which stay untouched.
         """
         started = time.perf_counter()
-        n_layers = self.cfg.model.n_layers
-        specs = state_specs(self.cfg)
-        old_rank = old.rank_of(self.id) if old is not None else None
-        new_rank = new.rank_of(self.id)
-        if old_rank is not None and self.engine is None:
-            raise StepFailed(self.id, f"is in the old placement {old} but has no state to send")
-        old_state = self.engine.local_state() if old_rank is not None else {}
-        old_boxes = {} if old_rank is None else {
-            s.name: b for s in specs if (b := old.box(s, old_rank, n_layers)) is not None}
-        new_boxes = {} if new_rank is None else {
-            s.name: b for s in specs if (b := new.box(s, new_rank, n_layers)) is not None}
+        with self._lock:
+            old_state = self._holdings(old, step)
         pg = None
-        prepared = time.perf_counter()
         if self.id in movers:
             pg = meshlib.standalone_group(self._store(), group, movers.index(self.id), len(movers),
                                           self.cfg.runtime.collective_timeout_s)
@@ -168,47 +205,105 @@ class Worker:
         if self.cfg.runtime.fault_delay_transfer_s and pg is not None:
             time.sleep(self.cfg.runtime.fault_delay_transfer_s)  # fault injection: widen the window for tests
         try:
-            new_state, stats = execute(work, self.id, old_state, old_boxes, new_boxes, DTYPE[self.cfg.train.dtype],
-                                       pg, {w: i for i, w in enumerate(movers)})
+            new_state, stats = execute(work, self.id, old_state, self._boxes(old), self._boxes(new),
+                                       DTYPE[self.cfg.train.dtype], pg, {w: i for i, w in enumerate(movers)})
         except Exception as err:
             meshlib.abort_groups(group)
-            raise StepFailed(self.id, f"reshard transfer failed: {type(err).__name__}: "
-                                      f"{str(err).splitlines()[0][:300]}") from None
+            raise StepFailed(self.id, f"reshard transfer failed: {_first_line(err)}") from None
         finally:
             del pg
             meshlib.close_standalone(group)
-        self._pending = (new, new_state, step) if new_rank is not None else None
+        with self._lock:
+            if new.rank_of(self.id) is not None:
+                self.staged = (new, new_state, step)
         out = dataclasses.asdict(stats)
-        out.update(prepare_seconds=prepared - started, group_seconds=joined - prepared,
-                   wall_seconds=time.perf_counter() - started)
+        out.update(group_seconds=joined - started, wall_seconds=time.perf_counter() - started)
         return out
 
-    def reshard_commit(self, group: str) -> float:
+    @COMPUTE
+    def reshard_commit(self, group: str) -> dict[str, float]:
         """Phase 2: leave the old group, join the new placement's group and build the engine."""
-        if self._pending is None:
+        if self.staged is None:
             raise StepFailed(self.id, "has no transferred state to commit")
-        new, state, step = self._pending
-        self._pending = None
+        new, state, step = self.staged
         return self.setup(new, group, state=state, step=step)
 
+    @CONTROL
     def reshard_cancel(self) -> None:
         """Forget a transfer that will not be committed (the old engine was never touched)."""
-        self._pending = None
+        self.staged = None
 
+    @COMPUTE
     def release(self) -> None:
-        """Leave training (drained): drop the engine and the groups; the actor can then be stopped."""
-        self._drop_engine()
+        """Leave training (drained or idle): drop the engine, the staged state and the groups."""
+        with self._lock:
+            self._drop_engine()
+            self.staged = None
 
-    # ---- state --------------------------------------------------------------------------
-    def local_state(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(step, this worker's local tensors), copied so they can leave the process."""
-        if self.engine is None:
-            raise StepFailed(self.id, "has no engine to read state from")
-        return self.engine.step, {k: v.clone() for k, v in self.engine.local_state().items()}
+    # ---- snapshots, checkpoints, inspection -----------------------------------------------
+    @COMPUTE
+    def snapshot_copy(self, committed: int) -> int:
+        """Copy this worker's shards at ``committed`` (the only part that holds up training)."""
+        with self._lock:
+            placement = self.staged[0] if self.staged else self.placement
+            self._snapshot = (committed, placement,
+                              {k: v.clone() for k, v in self._holdings(placement, committed).items()})
+            return sum(v.numel() * v.element_size() for v in self._snapshot[2].values())
 
+    @CONTROL
+    def snapshot_take(self) -> tuple[int, Placement, dict[str, torch.Tensor]]:
+        """Hand the copy to the caller, who then owns it in Ray's object store: it outlives this
+        process. Runs beside the next step (no lock), so storing it is off the hot path."""
+        snap, self._snapshot = self._snapshot, None
+        return snap
+
+    @COMPUTE
+    def restore(self, new: Placement, group: str, old: Placement, sources: dict[int, list], step: int) -> dict:
+        """Build this worker's shards of ``new`` from snapshot objects (old worker -> [ref]), then an engine."""
+        wanted = self._boxes(new)
+        old_boxes = {w: {s.name: b for s in state_specs(self.cfg)
+                         if (b := old.box(s, old.rank_of(w), self.cfg.model.n_layers)) is not None}
+                     for w in old.workers}
+        state = {name: torch.empty(tuple(hi - lo for lo, hi in box), dtype=DTYPE[self.cfg.train.dtype])
+                 for name, box in wanted.items()}
+        for worker, boxes in old_boxes.items():
+            if not any(intersect(boxes[n], b) for n, b in wanted.items() if n in boxes):
+                continue
+            snap_step, _, tensors = ray.get(sources[worker][0])
+            if snap_step != step:
+                raise StepFailed(self.id, f"snapshot of worker {worker} is at step {snap_step}, not {step}")
+            for name, box in wanted.items():
+                piece = intersect(boxes[name], box) if name in boxes else None
+                if piece is not None:
+                    src = tuple(slice(lo, hi) for lo, hi in relative(piece, boxes[name]))
+                    dst = tuple(slice(lo, hi) for lo, hi in relative(piece, box))
+                    state[name][dst] = tensors[name][src]
+        return self.setup(new, group, state=state, step=step)
+
+    @COMPUTE
+    def local_state(self, committed: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(step, copies of this worker's tensors) for the driver."""
+        with self._lock:
+            placement = self.staged[0] if self.staged else self.placement
+            return committed, {k: v.clone() for k, v in self._holdings(placement, committed).items()}
+
+    @COMPUTE
+    def save_shard(self, folder: str, entries: list, committed: int) -> dict:
+        with self._lock:
+            tensors = self._holdings(self.placement, committed)
+            return ckpt.write_shard(ckpt.Path(folder), self.id, tensors, entries, self._boxes(self.placement))
+
+    @COMPUTE
+    def load_checkpoint(self, placement: Placement, group: str, folder: str) -> dict:
+        checkpoint = ckpt.open_checkpoint(ckpt.Path(folder), self.cfg, state_specs(self.cfg), verify=False)
+        state = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
+        return self.setup(placement, group, state=state, step=checkpoint.step)
+
+    @COMPUTE
     def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:
         return self.engine.eval_loss(indices, split)
 
+    @COMPUTE
     def shutdown(self) -> None:
-        self._drop_engine()
+        self.release()
         ray.actor.exit_actor()

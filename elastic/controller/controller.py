@@ -16,11 +16,14 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 import torch
 
+from elastic import checkpoint as ckpt
 from elastic.config import Config
+from elastic.controller.checkpointing import resume_checkpoint, save_checkpoint
 from elastic.controller.control_plane import NAMESPACE, ControlPlane, actor_name
 from elastic.controller.costmodel import CostModel
 from elastic.controller.events import (
@@ -36,9 +39,11 @@ from elastic.controller.events import (
 )
 from elastic.controller.group import WorkerFailure, WorkerGroup
 from elastic.controller.policy import Decision, Policy
+from elastic.controller.recovery import Snapshotter, restore
 from elastic.controller.resharder import ReshardFailed, ReshardReport, reshard
 from elastic.engine import DTYPE
 from elastic.layout import Layout, Placement
+from elastic.reshard.plan import MissingShards
 from elastic.run import StepSummary, describe, progress_bar, summarize
 from elastic.state import state_specs
 
@@ -78,6 +83,11 @@ class ControllerOptions:
     progress: bool = True
     gather_state: bool = True  # assemble the final full state on the driver
     background_start: bool = True  # warm new workers while training goes on (False: wait; for scripted tests)
+    snapshot_every: int = 0  # in-memory snapshot every k steps (0: none; then only replicas protect state)
+    require_replica: bool = False  # only layouts with dp >= 2, so any single loss recovers without replay
+    checkpoint_dir: str | None = None  # where on-disk checkpoints go (only for restarting a whole job)
+    checkpoint_every: int = 0  # write a checkpoint every k steps (0: never)
+    resume: str | None = None  # a checkpoint folder, or a checkpoint_dir to resume its latest
     sources: list = field(default_factory=list)  # extra event sources with poll(step) -> [Event]
 
 
@@ -88,7 +98,10 @@ class Controller:
         itemsize = torch.empty((), dtype=DTYPE[cfg.train.dtype]).element_size()
         cores = ray.cluster_resources().get("CPU", 2.0) if ray.is_initialized() else 2.0
         self.cost = CostModel(cfg.model, cfg.train.global_batch, cfg.data.seq_len, itemsize, cores=cores)
-        self.policy = Policy(cfg, self.cost, self.opt.objective, self.opt.min_workers)
+        self.policy = Policy(cfg, self.cost, self.opt.objective, self.opt.min_workers,
+                             require_replica=self.opt.require_replica)
+        self.snapshots = Snapshotter(self.group, self.opt.snapshot_every)
+        self.failure: Exception | None = None
         self.state = State.PLANNING
         self.step = 0
         self.budget = cfg.runtime.workers
@@ -100,6 +113,7 @@ class Controller:
         self.target: Decision | None = None
         self.history: list[StepSummary] = []
         self.reshards: list[ReshardReport] = []
+        self.recoveries: list[dict] = []
         self.events: list[dict] = []
         self.sources = list(self.opt.sources)
         if self.opt.watch_cluster:
@@ -110,6 +124,12 @@ class Controller:
             self.plane = ControlPlane.options(name=actor_name(self.opt.job_name), namespace=NAMESPACE).remote()
         self._next_poll = 0.0
         self._fresh = True
+        self._resume_folder = None
+        if self.opt.resume:  # validate the whole checkpoint before any worker starts
+            path = Path(self.opt.resume)
+            folder = path if (path / "manifest.json").is_file() else ckpt.latest(path)
+            ckpt.open_checkpoint(folder, cfg, state_specs(cfg), verify=True)
+            self._resume_folder = folder
         self._awaiting: list[Event] = []
         self._bar = None
         self._started = time.perf_counter()
@@ -227,6 +247,7 @@ class Controller:
             self.state = State.RECOVERING
             return
         summary = summarize(results, placement, time.perf_counter() - started)
+        self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
         self.history.append(summary)
         if not self._fresh:  # a placement's first step pays one-off costs; do not calibrate on it
             self.cost.observe_step(placement.layout, summary.seconds)
@@ -234,7 +255,18 @@ class Controller:
         self.step += 1
         if self._bar is not None:
             self._bar.set_postfix(describe(summary), refresh=False)
-            self._bar.update(1)
+            self._bar.n = self.step
+            self._bar.refresh()
+        every = self.opt.checkpoint_every
+        if self.opt.checkpoint_dir and every and (self.step % every == 0 or self.step == self.cfg.train.steps):
+            self._checkpoint()
+        if self.snapshots.due(self.step) and self.step < self.cfg.train.steps:
+            try:
+                self.snapshots.take()
+            except WorkerFailure as failure:
+                self.record("failure", text=f"during snapshot: {failure}", dead=sorted(failure.dead))
+                self.failure = failure
+                self.state = State.RECOVERING
 
     def _planning(self) -> None:
         events, self.pending = self.pending, []
@@ -306,7 +338,11 @@ class Controller:
     def _resharding(self) -> None:
         decision, self.target = self.target, None
         current = self.group.placement
-        if current is None:  # the first placement: build from the seed
+        if current is None and self.opt.resume:  # the first placement, from a checkpoint on disk
+            self.step = resume_checkpoint(self.group, self._resume_folder, decision.placement, verify=False)
+            self.record("resume", text=f"{decision.placement.layout} on workers {list(decision.placement.workers)} "
+                                       f"from {self.opt.resume} at step {self.step}")
+        elif current is None:  # the first placement: build from the seed
             seconds = self.group.setup(decision.placement, step=self.step)
             self.record("start", text=f"{decision.placement.layout} on workers {list(decision.placement.workers)} "
                                       f"in {seconds:.2f} s")
@@ -352,7 +388,71 @@ class Controller:
         time.sleep(self.opt.poll_interval_s)
 
     def _recovering(self) -> None:
-        raise self.failure
+        """Settle the survivors, then move to the best layout for them: replicas first, else the snapshot."""
+        failure, group = self.failure, self.group
+        started = time.perf_counter()
+        dead = sorted(getattr(failure, "dead", {}) or {})
+        if not dead:
+            raise RuntimeError(f"a step failed with no worker lost, so retrying would fail again: {failure}")
+        self.draining -= set(dead)
+        current = group.placement
+        survivors = [w for w in current.workers if w in group.actors]
+        try:
+            if survivors:
+                group.call("sync", group.committed, workers=survivors)
+            decision = self.policy.decide(current, self._usable(), self.cfg.train.steps - self.step, must_move=True,
+                                          reason=f"recover from the loss of workers {dead}", phase=self.phase,
+                                          alive=frozenset(group.actors))
+            if decision.placement is None:
+                self.record("pause", text=decision.describe())
+                self.state = State.PAUSED
+                return
+            how, lost = "replicas", 0
+            try:
+                report = reshard(group, decision.placement, group.committed, decision.reason,
+                                 alive=frozenset(group.actors))
+                self.reshards.append(report)
+            except MissingShards as missing:
+                snap = self.snapshots.usable()
+                if snap is None:
+                    raise RuntimeError(f"{missing}; no replica and no snapshot holds them. Run with snapshot_every > 0 "
+                                       "or a layout with dp >= 2 to survive this loss") from None
+                restore(group, snap, decision.placement)
+                how, lost = f"snapshot of step {snap.step}", self.step - snap.step
+                self.step = snap.step
+        except (WorkerFailure, ReshardFailed) as again:  # another loss while recovering: start over
+            self.failure = getattr(again, "failure", None) or again
+            self.record("failure", text=f"during recovery: {again}")
+            return
+        for w in [w for w in group.alive() if w not in decision.placement.workers and w in (current.workers or ())]:
+            group.actors[w].release.remote()
+        self._start_replacements()
+        seconds = time.perf_counter() - started
+        self.recoveries.append({"dead": dead, "seconds": seconds, "how": how, "steps_lost": lost,
+                                "layout": str(decision.placement.layout), "step": self.step})
+        self.record("recovered", text=f"lost workers {dead}; now {decision.placement.layout} on "
+                                      f"workers {list(decision.placement.workers)} from {how} in {seconds:.2f} s"
+                                      + (f", replaying {lost} steps" if lost else ""), seconds=seconds, how=how,
+                    steps_lost=lost)
+        self._fresh = True
+        self.state = State.RUNNING
+
+    def _checkpoint(self) -> None:
+        try:
+            folder, seconds = save_checkpoint(self.group, Path(self.opt.checkpoint_dir))
+        except WorkerFailure as failure:  # the previous complete checkpoint stays the latest
+            self.record("failure", text=f"during checkpoint: {failure}", dead=sorted(failure.dead))
+            self.failure = failure
+            self.state = State.RECOVERING
+            return
+        self.record("checkpoint", text=f"wrote {folder} in {seconds:.2f} s", path=str(folder))
+
+    def _start_replacements(self) -> None:
+        """Grow back towards the budget in the background (the job keeps training meanwhile)."""
+        missing = self.budget - len(self._usable()) - len(self.group.starting)
+        if missing > 0:
+            started = self.group.start(missing)
+            self.record("scale-out", text=f"starting replacement workers {started} in the background")
 
     # ---- run ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -55,6 +55,7 @@ class WorkerGroup:
         self._next_id = 0
         self._generation = 0
         self._starting: dict[int, ray.ObjectRef] = {}
+        self.committed = 0  # optimizer steps every rank has computed; their updates may be applied
 
     # ---- actors -------------------------------------------------------------------------
     def spawn(self, n: int, resources: dict | None = None) -> list[int]:
@@ -133,16 +134,22 @@ class WorkerGroup:
         name = self.next_group_name()
         calls = {w: self.actors[w].setup.remote(placement, name, (states or {}).get(w), step, self.cfg)
                  for w in placement.workers}
-        times = self._gather(calls, members=placement.workers)
-        self.placement = placement
+        times = self._gather(calls, members=placement.workers, forming=name)
+        self.placement, self.committed = placement, step
         return max(t["total"] for t in times.values())
 
     def step(self) -> dict[int, StepResult]:
-        """One optimizer step on every rank of the current placement."""
+        """One optimizer step on every rank of the current placement.
+
+        The step counts as committed only when every rank has computed it; each rank applies the
+        update at its next call. On a failure nothing is committed and survivors stay at the old step.
+        """
         if self.placement is None:
             raise RuntimeError("no placement formed yet; call setup() first")
-        return self._gather({w: self.actors[w].train_step.remote() for w in self.placement.workers},
-                            members=self.placement.workers)
+        results = self._gather({w: self.actors[w].train_step.remote(self.committed) for w in self.placement.workers},
+                               members=self.placement.workers)
+        self.committed += 1
+        return results
 
     def call(self, method: str, *args, workers: Iterable[int] | None = None, **kwargs) -> dict:
         """Call an actor method on some workers (default: the placement) and gather the results."""
@@ -150,14 +157,15 @@ class WorkerGroup:
         return self._gather({w: getattr(self.actors[w], method).remote(*args, **kwargs) for w in targets},
                             members=targets)
 
-    def call_each(self, method: str, args: dict[int, tuple], cut_group: str | None = None) -> dict:
+    def call_each(self, method: str, args: dict[int, tuple], cut_group: str | None = None,
+                  forming: str | None = None) -> dict:
         """Call ``method`` on each worker in ``args`` with that worker's own arguments.
 
         On a failure the other callees are released: by cutting only the gloo group ``cut_group``
         when given (their engines stay intact), otherwise by a full abort.
         """
         return self._gather({w: getattr(self.actors[w], method).remote(*a) for w, a in args.items()},
-                            members=list(args), cut_group=cut_group)
+                            members=list(args), cut_group=cut_group, forming=forming)
 
     def abort(self, workers: Iterable[int]) -> None:
         for wid in workers:
@@ -165,7 +173,8 @@ class WorkerGroup:
                 self.actors[wid].abort.remote()
 
     def _gather(self, calls: dict[int, ray.ObjectRef], members: Iterable[int] = (), abort: bool = True,
-                timeout: float | None = None, cut_group: str | None = None) -> dict[int, object]:
+                timeout: float | None = None, cut_group: str | None = None,
+                forming: str | None = None) -> dict[int, object]:
         """Wait for every call; on the first failure abort the other members so nobody stays blocked."""
         timeout = timeout or self.cfg.runtime.collective_timeout_s * 2 + 30
         deadline = time.monotonic() + timeout
@@ -194,6 +203,8 @@ class WorkerGroup:
                 failed[wid] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             if (dead or failed) and abort and not aborted:
                 aborted = True
+                if forming is not None:  # release peers still waiting in the group's rendezvous
+                    self.store.set(f"{forming}/abort", "1")
                 others = [w for w in members if w not in dead and w in self.actors]
                 if cut_group is None:
                     self.abort(others)
@@ -210,7 +221,7 @@ class WorkerGroup:
     def gather_full_state(self, specs: list[TensorSpec]) -> tuple[int, dict[str, torch.Tensor]]:
         """(step, full tensors) assembled on the driver from every rank's boxes (small models)."""
         placement = self.placement
-        states = self.call("local_state")
+        states = self.call("local_state", self.committed)
         steps = {step for step, _ in states.values()}
         if len(steps) != 1:
             raise RuntimeError(f"workers disagree on the step: {steps}")

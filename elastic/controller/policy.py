@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from elastic.config import Config
 from elastic.controller.costmodel import CostModel
 from elastic.layout import Layout, Placement, TensorSpec, box_numel, enumerate_layouts, intersect
-from elastic.reshard.plan import make_plan
+from elastic.reshard.plan import MissingShards, make_plan
 from elastic.state import state_specs
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,18 @@ class Decision:
 
 class Policy:
     def __init__(self, cfg: Config, cost: CostModel, objective: str = "cost", min_workers: int = 1,
-                 margin: float = 0.05) -> None:
+                 margin: float = 0.05, require_replica: bool = False) -> None:
         if objective not in ("cost", "use_all"):
             raise ValueError(f"policy objective {objective!r} must be 'cost' or 'use_all'")
         self.cfg, self.cost, self.objective = cfg, cost, objective
-        self.min_workers, self.margin = min_workers, margin
+        self.min_workers, self.margin, self.require_replica = min_workers, margin, require_replica
         self.specs: tuple[TensorSpec, ...] = tuple(state_specs(cfg))
         self.preferred: dict[str, set[tuple[int, int, int, int]]] = {}
 
     # ---- candidates ------------------------------------------------------------------
     def layouts(self, world: int) -> list[Layout]:
-        return enumerate_layouts(world, self.cfg.model, self.cfg.train.global_batch)
+        found = enumerate_layouts(world, self.cfg.model, self.cfg.train.global_batch)
+        return [l for l in found if l.dp >= 2] if self.require_replica else found
 
     def validate_request(self, layout: Layout, available: int) -> None:
         """Raise ValueError (one clear line) if the operator's layout cannot run here."""
@@ -93,7 +94,11 @@ class Policy:
     def _reshard_cost(self, old: Placement | None, new: Placement, alive: frozenset[int] | None) -> float:
         if old is None or old == new:
             return 0.0
-        plan = make_plan(old, new, self.specs, self.cfg.model.n_layers, self.cost.itemsize, alive)
+        try:
+            plan = make_plan(old, new, self.specs, self.cfg.model.n_layers, self.cost.itemsize, alive)
+        except MissingShards:  # lost shards come from the snapshot: every rank reloads its whole share
+            share = sum(s.numel for s in self.specs) * self.cost.itemsize / new.layout.world
+            return self.cost.reshard_seconds(int(share))
         by_worker = plan.bytes_by_worker()
         return self.cost.reshard_seconds(max((s + r for s, r in by_worker.values()), default=0))
 

@@ -88,7 +88,7 @@ def reshard(group: WorkerGroup, new: Placement, step: int, reason: str,
     try:
         stats = group.call_each("reshard_transfer", {
             w: (old, new, work[w], movers if w in movers else (), transfer_group, step) for w in participants},
-            cut_group=transfer_group)
+            cut_group=transfer_group, forming=transfer_group)
     except WorkerFailure as failure:
         survivors = [w for w in participants if w in group.actors]
         for w in survivors:
@@ -97,14 +97,16 @@ def reshard(group: WorkerGroup, new: Placement, step: int, reason: str,
         raise ReshardFailed(f"reshard {old} -> {new} failed during transfer: {failure}", old_alive, failure) from None
     transferred = time.perf_counter()
 
+    # From here on the new placement's shards exist on its workers (staged): if a commit fails, the
+    # job recovers from the new placement, not the old one.
+    group.placement = new
     commit_group = group.next_group_name()
-    commits = group.call_each("reshard_commit", {w: (commit_group,) for w in new.workers})
+    commits = group.call_each("reshard_commit", {w: (commit_group,) for w in new.workers}, forming=commit_group)
     for w, phases in commits.items():
         stats.setdefault(w, {})["commit"] = phases
-    drained = [w for w in (old.workers if old else ()) if w not in new.workers]
+    drained = [w for w in (old.workers if old else ()) if w not in new.workers and w in group.actors]
     if drained:
         group.call("release", workers=drained)
-    group.placement = new
     done = time.perf_counter()
 
     by_worker = plan.bytes_by_worker()

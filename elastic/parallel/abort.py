@@ -75,16 +75,19 @@ class GlooSockets:
         self.groups: dict[str, tuple[set[Endpoint], set[Endpoint]]] = {}
 
     @contextlib.contextmanager
-    def track(self, store, label: str, rank: int, world: int):
+    def track(self, store, label: str, rank: int, world: int, timeout_s: float = 60.0):
         """Record the listeners gloo opens inside the block, then swap them with the peers' via ``store``."""
+        from elastic.parallel.store import wait_keys
+
         before = listeners()
         yield
         created = listeners() - before
         store.set(f"gloo-listeners/{rank}", json.dumps(sorted(created)))
+        keys = [f"gloo-listeners/{peer}" for peer in range(world) if peer != rank]
+        wait_keys(store, keys, timeout_s)
         theirs = set()
-        for peer in range(world):
-            if peer != rank:
-                theirs.update(tuple(e) for e in json.loads(store.get(f"gloo-listeners/{peer}")))
+        for key in keys:
+            theirs.update(tuple(e) for e in json.loads(store.get(key)))
         with self._lock:
             mine, peers = self.groups.setdefault(label, (set(), set()))
             mine |= created
