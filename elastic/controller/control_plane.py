@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from elastic.controller.events import AddWorkers, Drain, Event, Pause, Relayout, Resume, SetBudget
+from elastic.controller.events import AddWorkers, Drain, Event, Pause, Relayout, Resume, SetBudget, Stop
 from elastic.layout import Layout
 
 NAMESPACE = "elastic"
@@ -100,3 +100,6 @@ class JobClient:
 
     def resume(self) -> str:
         return self._ask(Resume(reason="operator resume"))
+
+    def stop(self) -> str:
+        return self._ask(Stop(reason="operator stop"))

@@ -36,6 +36,7 @@ from elastic.controller.events import (
     Relayout,
     Resume,
     SetBudget,
+    Stop,
 )
 from elastic.controller.group import WorkerFailure, WorkerGroup
 from elastic.controller.policy import Decision, Policy
@@ -107,6 +108,7 @@ class Controller:
         self.budget = cfg.runtime.workers
         self.phase = "train"
         self.paused_by_operator = False
+        self.stopping = False
         self.pending: list[Event] = []
         self.draining: set[int] = set()
         self.forced: Layout | None = self.opt.layout
@@ -189,6 +191,10 @@ class Controller:
             reasons.append(event.reason or type(event).__name__)
             if isinstance(event, SetBudget):
                 self.budget = event.workers
+                surplus = len(self._usable()) + len(self.group.starting) - self.budget
+                if surplus > 0 and self.group.starting:
+                    cancelled = self.group.cancel_starting(surplus)
+                    self.record("scale-in", text=f"cancelled starting workers {cancelled}: budget is {self.budget}")
             elif isinstance(event, AddWorkers):
                 self.budget = len(self._usable()) + len(self.group.starting) + event.count
             elif isinstance(event, Drain):
@@ -213,6 +219,8 @@ class Controller:
                 self.paused_by_operator = True
             elif isinstance(event, Resume):
                 self.paused_by_operator = False
+            elif isinstance(event, Stop):
+                self.stopping = True
         return must, "; ".join(reasons)
 
     def _usable(self) -> list[int]:
@@ -272,6 +280,11 @@ class Controller:
         events, self.pending = self.pending, []
         must, reason = self._apply(events)
         current = self.group.placement
+        if self.stopping:
+            self._answer(events, f"stopping at step {self.step}")
+            self.record("stop", text=f"stopping at step {self.step} on request")
+            self.state = State.DONE
+            return
         if current is not None and any(w not in self.group.actors for w in current.workers):
             must, reason = True, reason or "workers lost"
         if self.paused_by_operator:

@@ -75,6 +75,11 @@ class Resume(Event):
     pass
 
 
+@dataclass(frozen=True)
+class Stop(Event):
+    """Finish the step in flight and end the job cleanly (its final state is kept)."""
+
+
 class ScriptedEvents:
     """Events to deliver when the job reaches given steps: ``{step: [event, ...]}``."""
 

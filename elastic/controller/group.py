@@ -93,6 +93,14 @@ class WorkerGroup:
                 self.actors.pop(wid, None)
         return done
 
+    def cancel_starting(self, count: int) -> list[int]:
+        """Stop up to ``count`` workers that are still starting (newest first); returns their ids."""
+        victims = sorted(self._starting, reverse=True)[:count]
+        for wid in victims:
+            del self._starting[wid]
+        self.remove(victims)
+        return victims
+
     @property
     def starting(self) -> list[int]:
         return sorted(self._starting)

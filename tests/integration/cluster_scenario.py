@@ -1,0 +1,84 @@
+"""Run in a subprocess by test_cluster_triggers.py: a real multi-node Ray cluster on one machine.
+
+Ray's ``cluster_utils.Cluster`` starts real raylet processes. The job starts on the head node's
+capacity; adding a node must make the controller scale out with no operator action, and removing
+it (its workers die with it) must make the job recover onto what is left. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+from elastic.controller.controller import Controller, ControllerOptions, State
+from elastic.controller.events import Stop
+from tests.helpers import reference_run, tiny_config, worst_state_err
+
+
+def main() -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    cfg = tiny_config(steps=100_000, global_batch=8, dtype="float64")
+    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=4, cpus_per_worker=0.25))
+    controller = Controller(cfg, ControllerOptions(watch_cluster=True, max_workers=8, objective="use_all",
+                                                   poll_interval_s=0.2, progress=False, snapshot_every=5))
+    timeline: dict = {}
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["result"] = controller.run()
+        except BaseException as err:  # reported by the main thread
+            outcome["error"] = err
+
+    # Ray's add_node must run on the main thread, so training runs on another one.
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    try:
+        while controller.step < 5 and thread.is_alive():
+            time.sleep(0.05)
+        timeline["add_node"] = controller.step
+        node = cluster.add_node(num_cpus=1)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and thread.is_alive():
+            placement = controller.group.placement
+            if placement is not None and len(placement.workers) == 8 and controller.state == State.RUNNING:
+                break
+            time.sleep(0.1)
+        timeline["scaled_out"] = controller.step
+        time.sleep(1.0)
+        timeline["remove_node"] = controller.step
+        cluster.remove_node(node)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(e["kind"] == "recovered" for e in controller.events):
+            time.sleep(0.1)
+        stop_at = controller.step + 5
+        while controller.step < stop_at and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        controller.submit(Stop(reason="scenario done"))
+        thread.join(timeout=120)
+    finally:
+        controller.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    # The run stopped early: its reference is the single-process run of as many steps (same schedule).
+    steps = len(result.history)
+    _, ref_state, _ = reference_run(cfg, steps=steps)
+    err, name = worst_state_err(result.state, ref_state)
+    out = {"events": [{k: v for k, v in e.items() if isinstance(v, (str, int, float, list))} for e in result.events],
+           "layouts": sorted({(h.layout, h.workers) for h in result.history}),
+           "timeline": timeline, "err": err, "err_tensor": name, "steps": len(result.history)}
+    print("RESULT " + json.dumps(out))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
