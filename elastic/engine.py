@@ -124,7 +124,8 @@ class Engine:
         for name, _, local in self.shards:
             entry = {"step": torch.tensor(float(self.step), dtype=scalar)}
             for key in OPT_KEYS:
-                entry[key] = torch.zeros_like(local) if state is None else state[f"{name}::{key}"].clone()
+                # Adopt the given tensor (fresh from a transfer, snapshot or checkpoint): no copy.
+                entry[key] = torch.zeros_like(local) if state is None else state[f"{name}::{key}"]
             self.optimizer.state[local] = entry
 
     def local_state(self) -> dict[str, torch.Tensor]:

@@ -49,6 +49,7 @@ class StepSummary:
     workers: int
     layout: str
     samples: list[int] = field(default_factory=list)
+    ended: float = 0.0  # time.perf_counter() on the driver when the step's results were all in
 
 
 def summarize(results: dict[int, StepResult], placement: Placement, seconds: float) -> StepSummary:
@@ -65,7 +66,7 @@ def summarize(results: dict[int, StepResult], placement: Placement, seconds: flo
             samples.extend(r.samples)
     return StepSummary(step=any_result.step, loss=loss, grad_norm=any_result.grad_norm, lr=any_result.lr,
                        tokens=any_result.tokens, seconds=seconds, workers=layout.world, layout=str(layout),
-                       samples=sorted(samples))
+                       samples=sorted(samples), ended=time.perf_counter())
 
 
 def progress_bar(total: int, initial: int = 0, disable: bool = False) -> tqdm:

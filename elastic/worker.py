@@ -299,6 +299,39 @@ class Worker:
         state = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
         return self.setup(placement, group, state=state, step=checkpoint.step)
 
+    # ---- measurement (benchmarks) -----------------------------------------------------------
+    @CONTROL
+    def memory(self, reset_peak: bool = False) -> dict[str, int]:
+        """Resident and peak resident bytes of this process (Linux); ``reset_peak`` restarts the peak."""
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        fields = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+        return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+    @COMPUTE
+    def probe_bandwidth(self, group: str, members: tuple[int, ...], nbytes: int, repeats: int = 3) -> float:
+        """Point-to-point bandwidth (bytes/s) from members[0] to members[1] over a fresh gloo group."""
+        rank = members.index(self.id)
+        pg = meshlib.standalone_group(self._store(), group, rank, len(members), self.cfg.runtime.collective_timeout_s)
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+        best = float("inf")
+        try:
+            for tag in range(repeats):
+                started = time.perf_counter()
+                work = pg.send([buf], 1, tag) if rank == 0 else pg.recv([buf], 0, tag)
+                work.wait()
+                best = min(best, time.perf_counter() - started)
+        finally:
+            del pg
+            meshlib.close_standalone(group)
+        return nbytes / best
+
     @COMPUTE
     def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:
         return self.engine.eval_loss(indices, split)

@@ -12,7 +12,6 @@ the state transfer itself. Every decision is logged with its reason and the cost
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,41 +22,26 @@ import torch
 
 from elastic import checkpoint as ckpt
 from elastic.config import Config
-from elastic.controller.checkpointing import resume_checkpoint, save_checkpoint
+from elastic.controller.checkpointing import resume_checkpoint
 from elastic.controller.control_plane import NAMESPACE, ControlPlane, actor_name
 from elastic.controller.costmodel import CostModel
 from elastic.controller.events import (
-    AddWorkers,
     ClusterWatcher,
-    Drain,
     Event,
-    Pause,
-    PhaseChange,
-    Relayout,
-    Resume,
-    SetBudget,
-    Stop,
 )
 from elastic.controller.group import WorkerFailure, WorkerGroup
+from elastic.controller.inbox import EventsMixin
 from elastic.controller.policy import Decision, Policy
-from elastic.controller.recovery import Snapshotter, restore
+from elastic.controller.recovery import RecoveryMixin, Snapshotter
 from elastic.controller.resharder import ReshardFailed, ReshardReport, reshard
+from elastic.controller.states import State
 from elastic.engine import DTYPE
 from elastic.layout import Layout, Placement
-from elastic.reshard.plan import MissingShards
+from elastic.metrics import MetricsWriter
 from elastic.run import StepSummary, describe, progress_bar, summarize
 from elastic.state import state_specs
 
 log = logging.getLogger(__name__)
-
-
-class State(enum.Enum):
-    RUNNING = "running"
-    PLANNING = "planning"
-    RESHARDING = "resharding"
-    PAUSED = "paused"
-    RECOVERING = "recovering"
-    DONE = "done"
 
 
 @dataclass
@@ -89,10 +73,11 @@ class ControllerOptions:
     checkpoint_dir: str | None = None  # where on-disk checkpoints go (only for restarting a whole job)
     checkpoint_every: int = 0  # write a checkpoint every k steps (0: never)
     resume: str | None = None  # a checkpoint folder, or a checkpoint_dir to resume its latest
+    run_dir: str | None = None  # metrics.jsonl / events.jsonl / summary.json go here (see elastic.metrics)
     sources: list = field(default_factory=list)  # extra event sources with poll(step) -> [Event]
 
 
-class Controller:
+class Controller(EventsMixin, RecoveryMixin):
     def __init__(self, cfg: Config, options: ControllerOptions | None = None, group: WorkerGroup | None = None):
         self.cfg, self.opt = cfg, options or ControllerOptions()
         self.group = group or WorkerGroup(cfg)
@@ -135,11 +120,14 @@ class Controller:
         self._awaiting: list[Event] = []
         self._bar = None
         self._started = time.perf_counter()
+        self.metrics = MetricsWriter(self.opt.run_dir) if self.opt.run_dir else None
 
     # ---- bookkeeping --------------------------------------------------------------------
     def record(self, kind: str, **details) -> None:
         entry = {"kind": kind, "step": self.step, "time": time.perf_counter() - self._started, **details}
         self.events.append(entry)
+        if self.metrics is not None:
+            self.metrics.event(entry)
         text = details.get("text") or ", ".join(f"{k}={v}" for k, v in details.items())
         log.info("[step %d] %s: %s", self.step, kind, text)
         if self._bar is not None:
@@ -156,75 +144,6 @@ class Controller:
                 "last_reshard": None if last is None else {
                     "from": last.old, "to": last.new, "reason": last.reason, "step": last.step,
                     "seconds": round(last.total_seconds, 3), "bytes": last.bytes_moved}}
-
-    def _publish(self) -> None:
-        if self.plane is not None:
-            self.plane.publish.remote(self.status())
-
-    def _answer(self, events: list[Event], text: str) -> None:
-        if self.plane is None:
-            return
-        for event in events:
-            if event.id:
-                self.plane.decide.remote(event.id, text)
-
-    # ---- events -------------------------------------------------------------------------
-    def _poll(self, force: bool = False) -> list[Event]:
-        now = time.monotonic()
-        events = []
-        for source in self.sources:
-            events.extend(source.poll(self.step))
-        if self.plane is not None and (force or now >= self._next_poll):
-            self._next_poll = now + self.opt.poll_interval_s
-            events.extend(ray.get(self.plane.take_inbox.remote()))
-        return events
-
-    def submit(self, event: Event) -> None:
-        """Deliver an event from inside the driver (e.g. a training loop's phase change)."""
-        self.pending.append(event)
-
-    def _apply(self, events: list[Event]) -> tuple[bool, str]:
-        """Fold events into the controller's wishes. Returns (must move, reason)."""
-        must, reasons = False, []
-        for event in events:
-            self.record("event", text=event.reason or type(event).__name__, type=type(event).__name__)
-            reasons.append(event.reason or type(event).__name__)
-            if isinstance(event, SetBudget):
-                self.budget = event.workers
-                surplus = len(self._usable()) + len(self.group.starting) - self.budget
-                if surplus > 0 and self.group.starting:
-                    cancelled = self.group.cancel_starting(surplus)
-                    self.record("scale-in", text=f"cancelled starting workers {cancelled}: budget is {self.budget}")
-            elif isinstance(event, AddWorkers):
-                self.budget = len(self._usable()) + len(self.group.starting) + event.count
-            elif isinstance(event, Drain):
-                if event.worker not in self.group.actors:
-                    self._answer([event], f"refused: worker {event.worker} is not part of this job")
-                    continue
-                self.draining.add(event.worker)
-                self.budget = max(1, self.budget - 1)
-                must = True
-            elif isinstance(event, Relayout):
-                try:
-                    self.policy.validate_request(event.layout, len(self._usable()))
-                except ValueError as err:
-                    self._answer([event], f"refused: {err}; training continues on "
-                                          f"{self.group.placement.layout if self.group.placement else '-'}")
-                    self.record("refused", text=str(err))
-                    continue
-                self.forced = event.layout
-            elif isinstance(event, PhaseChange):
-                self.phase = event.phase
-            elif isinstance(event, Pause):
-                self.paused_by_operator = True
-            elif isinstance(event, Resume):
-                self.paused_by_operator = False
-            elif isinstance(event, Stop):
-                self.stopping = True
-        return must, "; ".join(reasons)
-
-    def _usable(self) -> list[int]:
-        return [w for w in self.group.alive() if w not in self.draining]
 
     # ---- the state machine --------------------------------------------------------------
     def tick(self) -> None:
@@ -257,6 +176,8 @@ class Controller:
         summary = summarize(results, placement, time.perf_counter() - started)
         self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
         self.history.append(summary)
+        if self.metrics is not None:
+            self.metrics.step(summary)
         if not self._fresh:  # a placement's first step pays one-off costs; do not calibrate on it
             self.cost.observe_step(placement.layout, summary.seconds)
         self._fresh = False
@@ -400,73 +321,6 @@ class Controller:
             return
         time.sleep(self.opt.poll_interval_s)
 
-    def _recovering(self) -> None:
-        """Settle the survivors, then move to the best layout for them: replicas first, else the snapshot."""
-        failure, group = self.failure, self.group
-        started = time.perf_counter()
-        dead = sorted(getattr(failure, "dead", {}) or {})
-        if not dead:
-            raise RuntimeError(f"a step failed with no worker lost, so retrying would fail again: {failure}")
-        self.draining -= set(dead)
-        current = group.placement
-        survivors = [w for w in current.workers if w in group.actors]
-        try:
-            if survivors:
-                group.call("sync", group.committed, workers=survivors)
-            decision = self.policy.decide(current, self._usable(), self.cfg.train.steps - self.step, must_move=True,
-                                          reason=f"recover from the loss of workers {dead}", phase=self.phase,
-                                          alive=frozenset(group.actors))
-            if decision.placement is None:
-                self.record("pause", text=decision.describe())
-                self.state = State.PAUSED
-                return
-            how, lost = "replicas", 0
-            try:
-                report = reshard(group, decision.placement, group.committed, decision.reason,
-                                 alive=frozenset(group.actors))
-                self.reshards.append(report)
-            except MissingShards as missing:
-                snap = self.snapshots.usable()
-                if snap is None:
-                    raise RuntimeError(f"{missing}; no replica and no snapshot holds them. Run with snapshot_every > 0 "
-                                       "or a layout with dp >= 2 to survive this loss") from None
-                restore(group, snap, decision.placement)
-                how, lost = f"snapshot of step {snap.step}", self.step - snap.step
-                self.step = snap.step
-        except (WorkerFailure, ReshardFailed) as again:  # another loss while recovering: start over
-            self.failure = getattr(again, "failure", None) or again
-            self.record("failure", text=f"during recovery: {again}")
-            return
-        for w in [w for w in group.alive() if w not in decision.placement.workers and w in (current.workers or ())]:
-            group.actors[w].release.remote()
-        self._start_replacements()
-        seconds = time.perf_counter() - started
-        self.recoveries.append({"dead": dead, "seconds": seconds, "how": how, "steps_lost": lost,
-                                "layout": str(decision.placement.layout), "step": self.step})
-        self.record("recovered", text=f"lost workers {dead}; now {decision.placement.layout} on "
-                                      f"workers {list(decision.placement.workers)} from {how} in {seconds:.2f} s"
-                                      + (f", replaying {lost} steps" if lost else ""), seconds=seconds, how=how,
-                    steps_lost=lost)
-        self._fresh = True
-        self.state = State.RUNNING
-
-    def _checkpoint(self) -> None:
-        try:
-            folder, seconds = save_checkpoint(self.group, Path(self.opt.checkpoint_dir))
-        except WorkerFailure as failure:  # the previous complete checkpoint stays the latest
-            self.record("failure", text=f"during checkpoint: {failure}", dead=sorted(failure.dead))
-            self.failure = failure
-            self.state = State.RECOVERING
-            return
-        self.record("checkpoint", text=f"wrote {folder} in {seconds:.2f} s", path=str(folder))
-
-    def _start_replacements(self) -> None:
-        """Grow back towards the budget in the background (the job keeps training meanwhile)."""
-        missing = self.budget - len(self._usable()) - len(self.group.starting)
-        if missing > 0:
-            started = self.group.start(missing)
-            self.record("scale-out", text=f"starting replacement workers {started} in the background")
-
     # ---- run ----------------------------------------------------------------------------
     def start(self) -> None:
         """Start the initial workers (blocking: nothing is training yet) and form the first placement."""
@@ -487,14 +341,24 @@ class Controller:
             state = None
             if self.opt.gather_state:
                 state = self.group.gather_full_state(state_specs(self.cfg))[1]
-            return RunResult(self.history, self.reshards, self.events, state,
-                             time.perf_counter() - self._started, self.group.placement)
+            result = RunResult(self.history, self.reshards, self.events, state,
+                               time.perf_counter() - self._started, self.group.placement)
+            if self.metrics is not None:
+                placement = self.group.placement
+                self.metrics.summary({"steps": len(self.history), "seconds": result.seconds,
+                                      "final_loss": self.history[-1].loss if self.history else None,
+                                      "final_layout": str(placement.layout) if placement else None,
+                                      "reshards": len(self.reshards), "recoveries": self.recoveries})
+            return result
         finally:
             self._bar.close()
             self._bar = None
             self._publish()
 
     def shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self.group.shutdown()
         if self.plane is not None:
             ray.kill(self.plane)

@@ -16,11 +16,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
-from elastic.controller.group import WorkerGroup
+from elastic.controller.checkpointing import save_checkpoint
+from elastic.controller.group import WorkerFailure, WorkerGroup
+from elastic.controller.resharder import ReshardFailed, reshard
+from elastic.controller.states import State
 from elastic.layout import Placement
+from elastic.reshard.plan import MissingShards
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +95,75 @@ def restore(group: WorkerGroup, snap: Snapshot, new: Placement) -> float:
                     forming=name)
     group.placement, group.committed = new, snap.step
     return time.perf_counter() - started
+
+
+class RecoveryMixin:
+    """The controller's RECOVERING state, on-disk checkpoints and growing back (a mixin of ``Controller``)."""
+
+    def _recovering(self) -> None:
+        """Settle the survivors, then move to the best layout for them: replicas first, else the snapshot."""
+        failure, group = self.failure, self.group
+        started = time.perf_counter()
+        dead = sorted(getattr(failure, "dead", {}) or {})
+        if not dead:
+            raise RuntimeError(f"a step failed with no worker lost, so retrying would fail again: {failure}")
+        self.draining -= set(dead)
+        current = group.placement
+        survivors = [w for w in current.workers if w in group.actors]
+        try:
+            if survivors:
+                group.call("sync", group.committed, workers=survivors)
+            decision = self.policy.decide(current, self._usable(), self.cfg.train.steps - self.step, must_move=True,
+                                          reason=f"recover from the loss of workers {dead}", phase=self.phase,
+                                          alive=frozenset(group.actors))
+            if decision.placement is None:
+                self.record("pause", text=decision.describe())
+                self.state = State.PAUSED
+                return
+            how, lost = "replicas", 0
+            try:
+                report = reshard(group, decision.placement, group.committed, decision.reason,
+                                 alive=frozenset(group.actors))
+                self.reshards.append(report)
+            except MissingShards as missing:
+                snap = self.snapshots.usable()
+                if snap is None:
+                    raise RuntimeError(f"{missing}; no replica and no snapshot holds them. Run with snapshot_every > 0 "
+                                       "or a layout with dp >= 2 to survive this loss") from None
+                restore(group, snap, decision.placement)
+                how, lost = f"snapshot of step {snap.step}", self.step - snap.step
+                self.step = snap.step
+        except (WorkerFailure, ReshardFailed) as again:  # another loss while recovering: start over
+            self.failure = getattr(again, "failure", None) or again
+            self.record("failure", text=f"during recovery: {again}")
+            return
+        for w in [w for w in group.alive() if w not in decision.placement.workers and w in (current.workers or ())]:
+            group.actors[w].release.remote()
+        self._start_replacements()
+        seconds = time.perf_counter() - started
+        self.recoveries.append({"dead": dead, "seconds": seconds, "how": how, "steps_lost": lost,
+                                "layout": str(decision.placement.layout), "step": self.step})
+        self.record("recovered", text=f"lost workers {dead}; now {decision.placement.layout} on "
+                                      f"workers {list(decision.placement.workers)} from {how} in {seconds:.2f} s"
+                                      + (f", replaying {lost} steps" if lost else ""), seconds=seconds, how=how,
+                    steps_lost=lost)
+        self._fresh = True
+        self.state = State.RUNNING
+
+    def _checkpoint(self) -> None:
+        try:
+            folder, seconds = save_checkpoint(self.group, Path(self.opt.checkpoint_dir))
+        except WorkerFailure as failure:  # the previous complete checkpoint stays the latest
+            self.record("failure", text=f"during checkpoint: {failure}", dead=sorted(failure.dead))
+            self.failure = failure
+            self.state = State.RECOVERING
+            return
+        self.record("checkpoint", text=f"wrote {folder} in {seconds:.2f} s", path=str(folder))
+
+    def _start_replacements(self) -> None:
+        """Grow back towards the budget in the background (the job keeps training meanwhile)."""
+        missing = self.budget - len(self._usable()) - len(self.group.starting)
+        if missing > 0:
+            started = self.group.start(missing)
+            self.record("scale-out", text=f"starting replacement workers {started} in the background")
+
