@@ -1,0 +1,116 @@
+"""Group-relative advantages (TRL GRPOTrainer conventions) with optional noise correction.
+
+Layout, as in TRL: ``rewards`` is a flat [P * G] tensor in which the G = ``num_generations``
+completions of each prompt are consecutive (TRL's ``repeat_interleave`` / ``RepeatSampler`` order).
+Advantages need the rewards of whole groups (and, for ``scale_rewards="batch"``, of the whole
+batch), so the engine computes them after gathering the rewards, exactly as TRL does.
+
+Plain advantages (``correction="none"``), following TRL's ``_generate_and_score_completions``:
+
+    mean_g  = mean of the group's rewards
+    std     = torch.std of the group ("group") or of the whole batch ("batch"); unbiased (Bessel)
+    A_i     = (r_i - mean_g) / (std + 1e-4), or A_i = r_i - mean_g when scale_rewards == "none"
+
+The mean is always per group; ``scale_rewards`` only picks the std.
+
+Noise-corrected advantages (arXiv:2510.18924), with d = 1 - rho_plus - rho_minus:
+
+- ``"dr_grpo"`` (no std scaling): A_i = (r~_i - mean_g r~) / d. This is the group-centred
+  corrected reward r^ = (r~ - rho_plus) / d, so its expectation is the clean Dr. GRPO advantage.
+- ``"grpo"`` (std-normalised): z-scoring the corrected reward would cancel d again, so divide by an
+  estimate of the *clean* std instead. For 0/1 rewards the std is sqrt(p (1 - p)), and the clean
+  success rate is estimated from the observed mean:
+      p^* = clip((mean r~ - rho_plus) / d, 0, 1),  s^* = sqrt(p^* (1 - p^*))
+      A_i = (r~_i - mean_g r~) / (d * s^* + eps)
+  With ``scale_rewards="group"`` the means in p^* are per group; with ``"batch"`` over the batch.
+  Note s^* is a population std (no Bessel factor), so with rho = 0 this differs from TRL's
+  group-scaled advantage by about sqrt(G / (G - 1)).
+
+Caution on ``"grpo"``: when p^* clips to 0 or 1 while the observed rewards of a group still differ
+(e.g. one observed success that the rates attribute to noise), s^* = 0 and the advantages become
+(r~_i - mean) / eps, i.e. thousands for eps = 1e-4. Callers that meet this should raise ``eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from elastic.recipes.grpo.noise import FlipRates
+
+SCALE_REWARDS = ("group", "batch", "none")
+CORRECTIONS = ("none", "grpo", "dr_grpo")
+STD_EPS = 1e-4  # TRL's constant in (r - mean) / (std + 1e-4)
+
+
+def _grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Rewards as [P, G] after checking the layout."""
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
+        raise ValueError(
+            f"num_generations={num_generations!r} must be an integer >= 2: a group-relative advantage compares "
+            "each completion with the other completions of its prompt, so every prompt needs at least 2"
+        )
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be a flat [P * G] tensor, got shape {tuple(rewards.shape)}")
+    if rewards.numel() == 0 or rewards.numel() % num_generations:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}; "
+            "pass every completion of each prompt (the global batch must be a multiple of num_generations)"
+        )
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or infinity; check the reward function")
+    return rewards.view(-1, num_generations)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
+                     eps: float = STD_EPS) -> torch.Tensor:
+    """TRL's GRPO advantages of ``rewards`` [P * G]; see the module docstring."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
+    grouped = _grouped(rewards, num_generations)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = grouped.std(dim=1).repeat_interleave(num_generations)
+    else:
+        std = rewards.std().expand_as(rewards)  # one std for all; _grouped guarantees >= 2 values
+    return centred / (std + eps)
+
+
+def clean_std_estimate(observed_mean: torch.Tensor, rates: FlipRates) -> torch.Tensor:
+    """s^* = sqrt(p^* (1 - p^*)) with p^* = clip((mean r~ - rho_plus) / d, 0, 1)."""
+    p_star = ((observed_mean - rates.rho_plus) / rates.scale).clamp(0.0, 1.0)
+    return (p_star * (1 - p_star)).sqrt()
+
+
+def noise_corrected_advantages(rewards: torch.Tensor, num_generations: int, rates: FlipRates,
+                               correction: str, scale_rewards: str = "group",
+                               eps: float = STD_EPS) -> torch.Tensor:
+    """Advantages of observed rewards ``rewards`` [P * G] under the flip channel ``rates``.
+
+    ``correction="none"`` returns TRL's plain advantages (``rates`` unused). ``"dr_grpo"`` requires
+    ``scale_rewards="none"`` and ``"grpo"`` requires "group" or "batch" (where to estimate p^*), so that
+    a config cannot silently combine a correction with a scaling it does not use.
+    """
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction={correction!r} is not one of {CORRECTIONS}")
+    if correction == "none":
+        return group_advantages(rewards, num_generations, scale_rewards, eps)
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
+    grouped = _grouped(rewards, num_generations)
+    group_mean = grouped.mean(dim=1, keepdim=True)
+    centred = (grouped - group_mean).reshape(-1)
+    if correction == "dr_grpo":
+        if scale_rewards != "none":
+            raise ValueError(f"correction='dr_grpo' divides by no std, but scale_rewards={scale_rewards!r}; "
+                             "set scale_rewards='none' (or use correction='grpo')")
+        return centred / rates.scale
+    if scale_rewards == "none":
+        raise ValueError("correction='grpo' divides by an estimated clean std, so scale_rewards must say where to "
+                         "estimate it: 'group' or 'batch' (or use correction='dr_grpo' for no std scaling)")
+    if scale_rewards == "group":
+        std = clean_std_estimate(group_mean.reshape(-1), rates).repeat_interleave(num_generations)
+    else:
+        std = clean_std_estimate(rewards.mean(), rates).expand_as(rewards)
+    return centred / (rates.scale * std + eps)

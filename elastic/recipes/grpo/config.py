@@ -1,0 +1,111 @@
+"""``GRPOConfig``: the knobs of noise-corrected GRPO, validated in the style of ``elastic.config``.
+
+Names and defaults follow TRL's ``GRPOConfig`` where TRL has the knob (num_generations, temperature,
+top_p, epsilon, epsilon_high, beta, loss_type, scale_rewards, num_iterations); ``max_new_tokens`` is
+TRL's ``max_completion_length``. The noise knobs are ours. Errors name the field, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from elastic.config import knob
+from elastic.recipes.grpo.advantage import CORRECTIONS, SCALE_REWARDS
+from elastic.recipes.grpo.loss import LOSS_TYPES
+from elastic.recipes.grpo.noise import FlipRates
+from elastic.recipes.grpo.rewards import TASKS
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Group sampling, the clipped policy loss, and the noisy-reward model with its correction."""
+
+    task: str = knob("arithmetic", f"built-in prompt set with an exact-answer reward: {', '.join(sorted(TASKS))}")
+    reward_fn: str = knob("", "optional user reward 'package.module:function' taking (prompt, completion) -> float; "
+                              "empty: the task's exact-answer reward")
+    num_generations: int = knob(8, "completions sampled per prompt (G); advantages compare within these groups")
+    temperature: float = knob(1.0, "sampling temperature of the completions")
+    top_p: float = knob(1.0, "nucleus sampling: keep the smallest token set with this much probability")
+    max_new_tokens: int = knob(8, "cap on completion tokens (TRL: max_completion_length; dr_grpo's normaliser)")
+    epsilon: float = knob(0.2, "lower clip of the importance ratio: clamp(ratio, 1 - epsilon, ...)")
+    epsilon_high: float | None = knob(None, "upper clip: clamp(ratio, ..., 1 + epsilon_high); None means epsilon "
+                                            "(DAPO's clip-higher uses 0.28)")
+    beta: float = knob(0.0, "weight of the k3 KL penalty to the reference model; 0 needs no reference model")
+    loss_type: str = knob("dapo", f"loss aggregation, one of {', '.join(LOSS_TYPES)} (see recipes/grpo/loss.py)")
+    scale_rewards: str = knob("group", f"advantage std scaling, one of {', '.join(SCALE_REWARDS)}")
+    num_iterations: int = knob(1, "gradient steps per generated batch (mu); > 1 reuses stored old log-probs")
+    correction: str = knob("none", f"reward-noise correction of the advantages, one of {', '.join(CORRECTIONS)}")
+    rho_plus: float = knob(0.0, "false-positive rate P(observed 1 | true 0) of the reward")
+    rho_minus: float = knob(0.0, "false-negative rate P(observed 0 | true 1) of the reward")
+    inject_noise: bool = knob(True, "flip the verifiable reward with rho_plus/rho_minus (a simulated noisy verifier); "
+                                    "False when the reward function is itself noisy and the rates only describe it")
+    estimate_rates: bool = knob(False, "estimate the rates the correction uses from a calibration set with gold "
+                                       "labels, instead of assuming rho_plus/rho_minus are known")
+    calibration_size: int = knob(512, "samples in the calibration set (estimate_rates only)")
+
+    def __post_init__(self) -> None:
+        _require(self.task in TASKS, f"grpo.task={self.task!r} is not one of {sorted(TASKS)}")
+        _require(self.reward_fn == "" or (self.reward_fn.count(":") == 1 and all(self.reward_fn.split(":"))),
+                 f"grpo.reward_fn={self.reward_fn!r} must be empty or an import path 'package.module:function'")
+        _require(isinstance(self.num_generations, int) and self.num_generations >= 2,
+                 f"grpo.num_generations={self.num_generations!r} must be an integer >= 2: group advantages compare "
+                 "each completion with the others of its prompt")
+        _require(_is_number(self.temperature) and self.temperature > 0,
+                 f"grpo.temperature={self.temperature!r} must be > 0 (policy-gradient RL needs sampled completions)")
+        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, f"grpo.top_p={self.top_p!r} must lie in (0, 1]")
+        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                 f"grpo.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        _require(_is_number(self.epsilon) and 0 < self.epsilon < 1,
+                 f"grpo.epsilon={self.epsilon!r} must lie in (0, 1) so that the lower clip 1 - epsilon stays positive")
+        _require(self.epsilon_high is None or (_is_number(self.epsilon_high) and self.epsilon_high > 0),
+                 f"grpo.epsilon_high={self.epsilon_high!r} must be > 0, or None to use epsilon")
+        _require(_is_number(self.beta) and self.beta >= 0, f"grpo.beta={self.beta!r} must be >= 0")
+        _require(self.loss_type in LOSS_TYPES, f"grpo.loss_type={self.loss_type!r} is not one of {LOSS_TYPES}")
+        _require(self.scale_rewards in SCALE_REWARDS,
+                 f"grpo.scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}")
+        _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+                 f"grpo.num_iterations={self.num_iterations!r} must be an integer >= 1")
+        _require(self.correction in CORRECTIONS, f"grpo.correction={self.correction!r} is not one of {CORRECTIONS}")
+        _require(self.correction != "dr_grpo" or self.scale_rewards == "none",
+                 f"grpo.correction='dr_grpo' divides by no std but grpo.scale_rewards={self.scale_rewards!r}; "
+                 "set scale_rewards='none', or use correction='grpo'")
+        _require(self.correction != "grpo" or self.scale_rewards != "none",
+                 "grpo.correction='grpo' estimates a clean std per group or per batch; set scale_rewards to "
+                 "'group' or 'batch', or use correction='dr_grpo' for no std scaling")
+        for name in ("rho_plus", "rho_minus"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0 <= value < 1, f"grpo.{name}={value!r} must lie in [0, 1)")
+        _require(self.rho_plus + self.rho_minus < 1,
+                 f"grpo.rho_plus + grpo.rho_minus = {self.rho_plus + self.rho_minus:g} must be < 1: at 1 the observed "
+                 "reward says nothing about the true one; lower the rates")
+        _require(self.inject_noise or self.reward_fn or (self.rho_plus == 0 and self.rho_minus == 0),
+                 f"grpo.rho_plus={self.rho_plus}, grpo.rho_minus={self.rho_minus} describe reward noise, but "
+                 f"inject_noise=False and the {self.task!r} reward is exact; set inject_noise=True to simulate "
+                 "the noise, or set the rates to 0")
+        _require(isinstance(self.calibration_size, int) and self.calibration_size >= 2,
+                 f"grpo.calibration_size={self.calibration_size!r} must be an integer >= 2 (both labels must appear)")
+
+    @property
+    def flip_rates(self) -> FlipRates:
+        """The configured rates (of the injected noise, and assumed by the correction unless estimated)."""
+        return FlipRates(self.rho_plus, self.rho_minus)
+
+    @property
+    def clip_high(self) -> float:
+        """epsilon_high with TRL's default applied (None -> epsilon)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """Whether the engine must store sampling-time log-probs (TRL: only when a batch is reused)."""
+        return self.num_iterations > 1

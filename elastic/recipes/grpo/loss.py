@@ -1,0 +1,229 @@
+"""The GRPO policy loss, following TRL's ``GRPOTrainer._compute_loss``, split into shard-summable terms.
+
+Per completion token t of sequence i (shapes [B, T]; ``advantages`` [B]):
+
+    coef_1 = exp(logp - old_logp)                       importance ratio ("token" level, TRL's default)
+    coef_2 = clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+    loss_t = -min(coef_1 * A_i, coef_2 * A_i)             PPO clipped surrogate, asymmetric clip (DAPO)
+    loss_t += beta * (exp(ref - logp) - (ref - logp) - 1)  k3 estimator of KL(pi || pi_ref), if beta != 0
+
+``old_logp`` is the policy's log-prob when the completion was sampled. With num_iterations = 1 (one
+gradient step per generation) TRL skips computing it and uses ``logp.detach()``: the ratio is then 1
+but its gradient is the policy gradient. With num_iterations > 1 the batch is reused, so the engine
+must store the log-probs from sampling time and pass them here. Pass ``old_logps=None`` for the first.
+
+Aggregation. TRL reduces ``loss_t * mask`` per ``loss_type``; every variant is a SUM over sequences
+of a per-sequence contribution c_i, divided by a normaliser N taken from the GLOBAL batch:
+
+    loss_type  c_i                              N (global)                         TRL (one process, GA=1)
+    "grpo"     sum_t loss_t m_t / max(T_i, 1)   number of sequences B              mean_i of per-sequence means
+    "bnpo"     sum_t loss_t m_t                 completion tokens sum_i T_i        sum / mask.sum()
+    "dr_grpo"  sum_t loss_t m_t                 B * max_completion_length          sum / (B * max_completion_length)
+    "dapo"     sum_t loss_t m_t                 num_items_in_batch (see below)     sum / num_items_in_batch
+
+(T_i = tokens in sequence i's completion mask.) A data-parallel rank or micro-batch computes
+``LossTerms.loss_sum`` over its own sequences and divides by the global N; the ranks' losses, and
+so their gradients, then SUM to the single-process loss and gradient for any split. Pass the global
+quantities in a ``GlobalBatch``.
+
+How TRL gets these numbers in a multi-process run (and where we differ):
+- "grpo" and "dr_grpo": each micro-batch divides by its local B (and B * max_completion_length),
+  then by the gradient-accumulation steps, and DDP averages over processes. With TRL's equal-sized
+  micro-batches this is exactly the global N above.
+- "dapo": TRL computes ``num_items_in_batch = gather(completion_mask.sum(1)).sum()`` over the whole
+  generation batch (all processes and all accumulation micro-batches of the optimizer step), BEFORE
+  ``mask_truncated_completions`` zeroes truncated completions. Each micro-batch's loss is
+  ``sum / (num_items_in_batch / num_processes)`` with no division by accumulation steps, and DDP's
+  averaging divides by num_processes again, so the step's gradient is that of sum_all / num_items_in_batch.
+  We do not mask truncated completions, so ``num_items_in_batch`` defaults to the global token count;
+  pass it explicitly to reproduce TRL with truncation masking.
+- "bnpo": TRL normalises by the LOCAL token count of each micro-batch (its docs say results vary with
+  the local batch size). That cannot be split-invariant, so we use the global token count, which is
+  TRL's single-process, no-accumulation value. (It then equals "dapo" whenever no tokens are masked out.)
+
+Metrics follow TRL's definitions (low clip: coef_1 < 1 - epsilon and A < 0; high clip: coef_1 > 1 +
+epsilon_high and A > 0; region = either; mean k3 KL over completion tokens), but are kept as global
+sums and counts, so they too are exact for any split (TRL averages per-process means instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _check_loss_type(loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Quantities of the whole optimizer-step batch (all ranks, all micro-batches) that normalise the loss.
+
+    ``grpo`` needs ``num_sequences``; ``bnpo`` needs ``num_tokens``; ``dr_grpo`` needs ``num_sequences``
+    and ``max_completion_length`` (the sampling cap, not the longest completion seen); ``dapo`` needs
+    ``num_items_in_batch``, which defaults to ``num_tokens``.
+    """
+
+    num_sequences: int
+    num_tokens: int
+    max_completion_length: int
+    num_items_in_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("num_sequences", 1), ("num_tokens", 0), ("max_completion_length", 1),
+                            ("num_items_in_batch", 0)):
+            value = getattr(self, name)
+            if name == "num_items_in_batch" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"GlobalBatch.{name}={value!r} must be an integer >= {least}")
+
+    @classmethod
+    def of(cls, completion_masks: torch.Tensor | Sequence[torch.Tensor], max_completion_length: int,
+           num_items_in_batch: int | None = None) -> GlobalBatch:
+        """From the completion masks of the whole batch: one [B, T] tensor, or one per shard."""
+        masks = [completion_masks] if isinstance(completion_masks, torch.Tensor) else list(completion_masks)
+        return cls(num_sequences=sum(int(m.shape[0]) for m in masks),
+                   num_tokens=sum(int(m.sum()) for m in masks),
+                   max_completion_length=max_completion_length,
+                   num_items_in_batch=num_items_in_batch)
+
+    def normaliser(self, loss_type: str) -> float:
+        """N in loss = sum_i c_i / N (see the module docstring)."""
+        _check_loss_type(loss_type)
+        if loss_type == "grpo":
+            return float(self.num_sequences)
+        if loss_type == "dr_grpo":
+            return float(self.num_sequences * self.max_completion_length)
+        if loss_type == "bnpo":
+            return float(max(self.num_tokens, 1))  # TRL: completion_mask.sum().clamp(min=1.0)
+        items = self.num_tokens if self.num_items_in_batch is None else self.num_items_in_batch
+        return float(max(items, 1))  # guards an all-masked batch; TRL divides without a clamp
+
+
+@dataclass
+class LossTerms:
+    """One shard's contribution: the differentiable loss sum and summable (detached) metric counts.
+
+    Shards' terms add with ``+``; ``loss(batch)`` and ``metrics()`` then give global values.
+    """
+
+    loss_type: str
+    loss_sum: torch.Tensor          # sum_i c_i over this shard's sequences (carries the gradient)
+    num_tokens: torch.Tensor        # completion tokens in this shard
+    kl_sum: torch.Tensor            # sum of masked per-token k3 KL (0 without reference log-probs)
+    low_clipped: torch.Tensor       # token counts, TRL's clip_ratio/low, high and region definitions
+    high_clipped: torch.Tensor
+    region_clipped: torch.Tensor
+    has_kl: bool = field(default=False)
+
+    def __add__(self, other: LossTerms) -> LossTerms:
+        if self.loss_type != other.loss_type:
+            raise ValueError(f"cannot add loss terms of loss_type {self.loss_type!r} and {other.loss_type!r}")
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name)
+                  for f in fields(self) if f.name not in ("loss_type", "has_kl")}
+        return LossTerms(self.loss_type, has_kl=self.has_kl or other.has_kl, **summed)
+
+    def loss(self, batch: GlobalBatch) -> torch.Tensor:
+        """This shard's share of the global loss: loss_sum / N(global batch)."""
+        return self.loss_sum / batch.normaliser(self.loss_type)
+
+    def metrics(self) -> dict[str, float]:
+        """Token-weighted means over the tokens these terms cover (global once all shards are added)."""
+        tokens = max(float(self.num_tokens), 1.0)
+        out = {
+            "clip_ratio/low_mean": float(self.low_clipped) / tokens,
+            "clip_ratio/high_mean": float(self.high_clipped) / tokens,
+            "clip_ratio/region_mean": float(self.region_clipped) / tokens,
+        }
+        if self.has_kl:
+            out["kl"] = float(self.kl_sum) / tokens
+        return out
+
+
+def _check_shapes(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                  others: dict[str, torch.Tensor | None]) -> None:
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [batch, completion_len], got shape {tuple(logps.shape)}")
+    if tuple(advantages.shape) != (logps.shape[0],):
+        raise ValueError(f"advantages must be [{logps.shape[0]}] (one per sequence), got {tuple(advantages.shape)}")
+    for name, tensor in {"completion_mask": mask, **others}.items():
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but logps has {tuple(logps.shape)}")
+
+
+def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
+                   ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, epsilon_high: float | None = None,
+                   beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """TRL's unmasked per-token loss [B, T], the importance ratio coef_1, and the k3 KL (or None)."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    old = logps.detach() if old_logps is None else old_logps
+    coef_1 = torch.exp(logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+    adv = advantages.to(logps.dtype).unsqueeze(1)
+    loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    kl = None
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+    if beta != 0.0:
+        if kl is None:
+            raise ValueError(f"beta={beta} weights a KL penalty to the reference model; pass ref_logps "
+                             "(the reference model's per-token log-probs) or set beta=0")
+        loss = loss + beta * kl
+    return loss, coef_1, kl
+
+
+def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor, *,
+                    old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                    epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+                    loss_type: str = "dapo") -> LossTerms:
+    """One shard's ``LossTerms``: logps, old_logps, ref_logps and completion_mask are [B, T], advantages [B].
+
+    ``logps`` are the current policy's per-token log-probs of the sampled completion tokens (with
+    gradient); ``old_logps=None`` means num_iterations = 1 (old = current, detached).
+    """
+    _check_loss_type(loss_type)
+    _check_shapes(logps, advantages, completion_mask, {"old_logps": old_logps, "ref_logps": ref_logps})
+    mask = completion_mask.to(logps.dtype)
+    loss, coef_1, kl = per_token_loss(logps, advantages, old_logps, ref_logps, epsilon, epsilon_high, beta)
+    masked = loss * mask
+    if loss_type == "grpo":
+        loss_sum = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    else:
+        loss_sum = masked.sum()
+    with torch.no_grad():
+        epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        adv = advantages.unsqueeze(1)
+        low = (coef_1 < 1 - epsilon) & (adv < 0)
+        high = (coef_1 > 1 + epsilon_high) & (adv > 0)
+        zero = mask.new_zeros(())
+        return LossTerms(
+            loss_type=loss_type,
+            loss_sum=loss_sum,
+            num_tokens=mask.sum(),
+            kl_sum=(kl.detach() * mask).sum() if kl is not None else zero,
+            low_clipped=(low * mask).sum(),
+            high_clipped=(high * mask).sum(),
+            region_clipped=((low | high) * mask).sum(),
+            has_kl=kl is not None,
+        )
+
+
+def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor, *,
+              max_completion_length: int | None = None, num_items_in_batch: int | None = None,
+              **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Single-process convenience: the whole batch is one shard. Returns (loss, metrics).
+
+    ``max_completion_length`` defaults to the mask's width; other keywords go to ``grpo_loss_terms``.
+    """
+    terms = grpo_loss_terms(logps, advantages, completion_mask, **kwargs)
+    width = completion_mask.shape[1] if max_completion_length is None else max_completion_length
+    batch = GlobalBatch.of(completion_mask, width, num_items_in_batch)
+    return terms.loss(batch), terms.metrics()
