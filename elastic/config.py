@@ -8,6 +8,7 @@ rule and the fix, before any process starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,7 @@ class TrainConfig:
     """The run: how long, how big a batch, which precision, which seed."""
 
     steps: int = knob(100, "optimizer steps to run")
+    init_from: str = knob("", "Hugging Face Llama folder with the starting weights; empty: random init from the seed")
     global_batch: int = knob(16, "sequences per optimizer step, fixed whatever the layout")
     dtype: str = knob("float32", "parameter and compute dtype: float32, float64 (exactness tests) or bfloat16")
     seed: int = knob(0, "one seed for model init, data order and sampling")
@@ -161,6 +163,52 @@ class RuntimeConfig:
         _require(self.reshard_chunk_bytes > 0 and self.reshard_round_bytes > 0, "reshard byte budgets must be > 0")
 
 
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: which linears get them, their rank and scaling (PEFT's LoraConfig subset)."""
+
+    r: int = knob(8, "adapter rank: A is [r, in_features], B is [out_features, r] (PEFT: r)")
+    alpha: float = knob(16.0, "scaling numerator: the update is (alpha / r) * B @ A (PEFT: lora_alpha)")
+    dropout: float = knob(0.0, "dropout on the adapter's input during training, in [0, 1) (PEFT: lora_dropout)")
+    targets: tuple[str, ...] = knob(
+        DEFAULT_LORA_TARGETS,
+        "linear layers that get adapters, matched by module name suffix, e.g. q_proj or self_attn.q_proj "
+        "(PEFT: target_modules)",
+    )
+    use_rslora: bool = knob(False, "rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r")
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            f"lora.r={self.r!r} must be a positive integer (the adapter rank); typical values are 4 to 64",
+        )
+        _require(
+            isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0,
+            f"lora.alpha={self.alpha!r} must be a finite number > 0; a common choice is 2 * r",
+        )
+        _require(0 <= self.dropout < 1, f"lora.dropout={self.dropout!r} must lie in [0, 1); use 0 to disable it")
+        # A bare string would iterate as characters; lists (from JSON/TOML) become tuples.
+        _require(
+            not isinstance(self.targets, str),
+            f"lora.targets={self.targets!r} must be a list of module names, e.g. ({self.targets!r},)",
+        )
+        targets = tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        _require(len(targets) > 0,
+                 f"lora.targets is empty; name at least one linear layer, e.g. {DEFAULT_LORA_TARGETS}")
+        bad = [t for t in targets if not isinstance(t, str) or not t or t.startswith(".") or t.endswith(".")]
+        _require(not bad, f"lora.targets has invalid entries {bad}; use module names such as 'q_proj'")
+        dupes = sorted({t for t in targets if targets.count(t) > 1})
+        _require(not dupes, f"lora.targets lists {dupes} more than once; list each module once")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs. Recipes are functions that return one of these."""
@@ -170,6 +218,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    lora: LoraConfig | None = None  # LoRA fine-tuning: adapters train, the base is frozen
+    grpo: Any = None  # elastic.recipes.grpo.config.GRPOConfig for RL runs (kept untyped: that module needs torch)
 
     def __post_init__(self) -> None:
         _require(
@@ -187,11 +237,13 @@ class Config:
 
     @staticmethod
     def from_dict(raw: dict[str, Any]) -> Config:
-        sections = {f.name: f.type for f in dataclasses.fields(Config)}
+        sections = {f.name for f in dataclasses.fields(Config)}
         unknown = set(raw) - set(sections)
         _require(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
         built = {}
-        for name, cls in _SECTION_TYPES.items():
+        for name, cls in _section_types().items():
+            if name in ("lora", "grpo") and raw.get(name) is None:
+                continue
             values = dict(raw.get(name, {}))
             known = {f.name for f in dataclasses.fields(cls)}
             bad = set(values) - known
@@ -200,10 +252,8 @@ class Config:
         return Config(**built)
 
 
-_SECTION_TYPES: dict[str, type] = {
-    "model": ModelConfig,
-    "optim": OptimConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "runtime": RuntimeConfig,
-}
+def _section_types() -> dict[str, type]:
+    from elastic.recipes.grpo.config import GRPOConfig  # imports torch; only needed for RL configs
+
+    return {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
+            "runtime": RuntimeConfig, "lora": LoraConfig, "grpo": GRPOConfig}

@@ -22,8 +22,10 @@ from torch.distributed.tensor import DTensor
 from elastic.config import Config
 from elastic.data import GlobalSampler, build_dataset, split_microbatches
 from elastic.layout import Placement, balanced, box_shape
+from elastic.model.hf import BoxReader
 from elastic.model.init import init_box
 from elastic.model.llama import LlamaStage, causal_lm_loss_sum
+from elastic.model.lora import apply_lora, init_lora_tensor, is_lora_name
 from elastic.optim import build_adamw, lr_at
 from elastic.parallel.clip import clip_grad_norm_
 from elastic.parallel.fsdp import apply_fsdp
@@ -71,6 +73,8 @@ class Engine:
 
         with torch.device("meta"):
             module = LlamaStage(cfg.model, layout.stage_layers(self.coord.pp, n_layers), self.first, self.last)
+            if cfg.lora is not None:
+                apply_lora(module, cfg.lora)
         module.to(self.dtype)
         self.specs = {s.name: s for s in param_specs(cfg)}
         for name, p in module.named_parameters():
@@ -85,7 +89,9 @@ class Engine:
         # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on
         # the module while a step runs, so after a failed step only these still name the shards.
         self.named_params = list(module.named_parameters())
+        self._reader = None
         self._load_params(state)
+        self._reader = None
         # (name, parameter, local shard): the optimizer steps the local shards directly.
         self.shards = [(n, p, local_part(p)) for n, p in self.named_params if p.requires_grad]
         self.optimizer = build_adamw([(n, local) for n, _, local in self.shards], cfg.optim)
@@ -112,10 +118,7 @@ class Engine:
             if tuple(local.shape) != box_shape(box):
                 raise RuntimeError(f"{name}: torch holds a {tuple(local.shape)} shard on rank {self.rank} "
                                    f"of {self.layout} but layout.py says {box_shape(box)} at {box}")
-            if state is None:
-                local.copy_(init_box(self.specs[name], box, self.cfg.model, self.cfg.train.seed, self.dtype))
-            else:
-                local.copy_(state[name])
+            local.copy_(state[name] if state is not None else self._initial(name, box))
 
     @torch.no_grad()
     def _load_optimizer(self, state: dict[str, torch.Tensor] | None) -> None:
@@ -127,6 +130,19 @@ class Engine:
                 # Adopt the given tensor (fresh from a transfer, snapshot or checkpoint): no copy.
                 entry[key] = torch.zeros_like(local) if state is None else state[f"{name}::{key}"]
             self.optimizer.state[local] = entry
+
+    def _initial(self, name: str, box) -> torch.Tensor:
+        """The starting value of ``box`` of parameter ``name``: adapters and (without a base folder)
+        everything else from the seed; base weights from ``train.init_from`` when set."""
+        spec, cfg = self.specs[name], self.cfg
+        slices = tuple(slice(lo, hi) for lo, hi in box)
+        if is_lora_name(name):
+            return init_lora_tensor(spec, cfg.lora, cfg.train.seed, self.dtype)[slices].contiguous()
+        if cfg.train.init_from:
+            if self._reader is None:
+                self._reader = BoxReader(cfg.train.init_from, cfg.model)
+            return self._reader.read(name, box, self.dtype)
+        return init_box(spec, box, cfg.model, cfg.train.seed, self.dtype)
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """Every state tensor this rank holds, as local (box-shaped) tensors. Views, not copies."""
@@ -180,6 +196,7 @@ class Engine:
                 self.schedule.step()
             if self.last:
                 loss_total = torch.stack([t.detach().double() for t in losses]).sum()
+        self._settle_grads()
         params = [p for _, p in self.named_params if p.requires_grad]
         pp_group = self.mesh["pp"].get_group() if layout.pp > 1 else None
         grad_norm = clip_grad_norm_(params, self.cfg.optim.grad_clip, pp_group)
@@ -188,6 +205,15 @@ class Engine:
                           grad_norm=grad_norm, lr=lr_at(step, self.cfg.optim, self.cfg.train.steps),
                           tokens=n_targets, samples=mine if self.first else [],
                           seconds=time.perf_counter() - started)
+
+    @torch.no_grad()
+    def _settle_grads(self) -> None:
+        """Bring DTensor gradients to their parameter's placement (e.g. a tp-replicated LoRA B gets a
+        Partial gradient: it must be summed over tp). FSDP does this for the parameters it manages."""
+        for _, p, _ in self.shards:
+            g = p.grad
+            if isinstance(g, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
 
     @torch.no_grad()
     def apply(self) -> None:

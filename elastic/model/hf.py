@@ -258,3 +258,37 @@ def export_merged(folder: str | Path, model_cfg: ModelConfig, base_state: dict[s
     check_state(base_state, model_cfg, "export_merged base")
     check_adapter_state(adapter_state, model_cfg, lora_cfg, "export_merged")
     return save_hf_llama(folder, model_cfg, merge_state_dict(base_state, adapter_state, lora_cfg))
+
+
+class BoxReader:
+    """Reads slices of a HF folder's tensors without loading whole files (safetensors slicing).
+
+    Each rank reads only the box it holds, so starting a sharded run from a large base model
+    does not need the full model in any one process. Tied embeddings serve lm_head.weight.
+    """
+
+    def __init__(self, folder: str | Path, cfg: ModelConfig) -> None:
+        self.folder = Path(folder)
+        raw = read_json(self.folder / CONFIG_NAME, "Hugging Face model config")
+        theirs = model_config_from_hf(raw, str(self.folder / CONFIG_NAME))
+        if theirs != cfg:
+            diff = {k: (getattr(theirs, k), getattr(cfg, k)) for k in theirs.__dataclass_fields__
+                    if getattr(theirs, k) != getattr(cfg, k)}
+            raise ValueError(f"{self.folder} holds another model shape than this run's model config "
+                             f"(folder vs config: {diff}); set the model config from the folder")
+        self.tied = bool(raw.get("tie_word_embeddings", False))
+        single, index = self.folder / WEIGHTS_NAME, self.folder / INDEX_NAME
+        if single.is_file():
+            with safe_open(str(single), framework="pt") as fh:
+                self.where = {key: single for key in fh.keys()}
+        elif index.is_file():
+            self.where = {k: self.folder / f for k, f in read_json(index, "safetensors index")["weight_map"].items()}
+        else:
+            raise FileNotFoundError(f"{self.folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+    def read(self, name: str, box: tuple[tuple[int, int], ...], dtype: torch.dtype) -> torch.Tensor:
+        key = "model.embed_tokens.weight" if name == "lm_head.weight" and self.tied else name
+        if key not in self.where:
+            raise ValueError(f"{self.folder} has no tensor {key}")
+        with safe_open(str(self.where[key]), framework="pt") as fh:
+            return fh.get_slice(key)[tuple(slice(lo, hi) for lo, hi in box)].to(dtype).contiguous()

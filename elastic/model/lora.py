@@ -21,65 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.config import ModelConfig, knob
+from elastic.config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: F401 (re-exported)
+from elastic.config import LoraConfig, ModelConfig  # noqa: F401 (LoraConfig re-exported)
 from elastic.layout import TensorSpec
 from elastic.model.init import stable_seed
 from elastic.model.llama import TP_DIM, TP_PLAN, tensor_specs
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """Low-rank adapters: which linears get them, their rank and scaling (PEFT's LoraConfig subset)."""
-
-    r: int = knob(8, "adapter rank: A is [r, in_features], B is [out_features, r] (PEFT: r)")
-    alpha: float = knob(16.0, "scaling numerator: the update is (alpha / r) * B @ A (PEFT: lora_alpha)")
-    dropout: float = knob(0.0, "dropout on the adapter's input during training, in [0, 1) (PEFT: lora_dropout)")
-    targets: tuple[str, ...] = knob(
-        DEFAULT_TARGETS,
-        "linear layers that get adapters, matched by module name suffix, e.g. q_proj or self_attn.q_proj "
-        "(PEFT: target_modules)",
-    )
-    use_rslora: bool = knob(False, "rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r")
-
-    def __post_init__(self) -> None:
-        _require(
-            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
-            f"lora.r={self.r!r} must be a positive integer (the adapter rank); typical values are 4 to 64",
-        )
-        _require(
-            isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0,
-            f"lora.alpha={self.alpha!r} must be a finite number > 0; a common choice is 2 * r",
-        )
-        _require(0 <= self.dropout < 1, f"lora.dropout={self.dropout!r} must lie in [0, 1); use 0 to disable it")
-        # A bare string would iterate as characters; lists (from JSON/TOML) become tuples.
-        _require(
-            not isinstance(self.targets, str),
-            f"lora.targets={self.targets!r} must be a list of module names, e.g. ({self.targets!r},)",
-        )
-        targets = tuple(self.targets)
-        object.__setattr__(self, "targets", targets)
-        _require(len(targets) > 0, f"lora.targets is empty; name at least one linear layer, e.g. {DEFAULT_TARGETS}")
-        bad = [t for t in targets if not isinstance(t, str) or not t or t.startswith(".") or t.endswith(".")]
-        _require(not bad, f"lora.targets has invalid entries {bad}; use module names such as 'q_proj'")
-        dupes = sorted({t for t in targets if targets.count(t) > 1})
-        _require(not dupes, f"lora.targets lists {dupes} more than once; list each module once")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
 def matches_target(module_name: str, targets: tuple[str, ...]) -> bool:
