@@ -2,7 +2,7 @@
 
     make setup && .venv/bin/python examples/pretrain.py                 # dp=2,tp=2 on an embedded Ray
     .venv/bin/python examples/pretrain.py --layout fsdp=4 --steps 100
-    .venv/bin/python examples/pretrain.py --save runs/pretrain/model.safetensors   # reused by lora_finetune.py
+    .venv/bin/python examples/pretrain.py --save runs/pretrain/base     # an HF folder lora_finetune.py starts from
 
 It shows a progress bar (step, loss, tokens/s, workers, layout) and ends by printing a few
 completions sampled from the trained model. About 3 minutes on a 2-core machine.
@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from elastic.layout import Layout
+from elastic.model.hf import save_hf_llama
 from elastic.recipes.pretrain import complete, load_model, pretrain_config
 from elastic.run import train
 
@@ -25,7 +24,7 @@ def main() -> None:
     parser.add_argument("--layout", default="dp=2,tp=2", help="parallel layout, e.g. dp=2,tp=2 or fsdp=4")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--model", default="mini", help="model preset: tiny, mini, small, 25m, 100m")
-    parser.add_argument("--save", type=Path, help="write the trained weights here (safetensors)")
+    parser.add_argument("--save", type=Path, help="write the trained model here as a Hugging Face Llama folder")
     args = parser.parse_args()
 
     layout = Layout.parse(args.layout)
@@ -39,9 +38,8 @@ def main() -> None:
     for text in complete(model, ["import ", "def __init__(self", "    return ", "class "]):
         print("---\n" + text)
     if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in result.state.items() if "::" not in k}, str(args.save))
-        print(f"saved weights to {args.save}")
+        save_hf_llama(args.save, cfg.model, {k: v for k, v in result.state.items() if "::" not in k})
+        print(f"saved a Hugging Face Llama folder to {args.save}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The ``elastic`` command line (``python -m launch`` works too)."""

@@ -1,0 +1,7 @@
+"""``python -m launch ...`` is the ``elastic`` command (handy where the console script is not installed)."""
+
+import sys
+
+from launch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,232 @@
+"""The ``elastic`` command: train a recipe, talk to a running job, plot a run.
+
+    elastic train --recipe pretrain --workers 4 --layout dp=2,tp=2 --steps 300
+    elastic train --recipe lora --base runs/pretrain/base --workers 4 --layout auto
+    elastic events --job NAME status | add-workers N | drain WORKER | relayout dp=2,tp=2 | pause | resume | stop
+    elastic plot runs/NAME
+
+Without ``--address`` training starts an embedded local Ray; inside ``ray job submit`` it attaches
+to the job's cluster (RAY_ADDRESS). Bad input gives one clear line and exit code 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from launch.args import add_config_flags, apply_overrides, flag_overrides, load_toml
+
+RECIPES = ("pretrain", "lora", "grpo")
+EVENTS = ("status", "add-workers", "drain", "relayout", "pause", "resume", "stop")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line."""
+
+
+def check_address(address: str, timeout_s: float = 3.0) -> None:
+    """Fail at once, clearly, if nothing listens at ``address`` (Ray would otherwise retry for minutes)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    target = address.split("://")[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError:
+        raise UsageError(f"nothing is listening at {address}; start a cluster with `ray start --head` "
+                         "(and export RAY_AUTH_MODE=token), or drop --address to run locally") from None
+
+
+def build_config(args: argparse.Namespace):
+    from elastic.layout import Layout
+
+    if args.recipe not in RECIPES:
+        raise UsageError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
+    if args.recipe == "pretrain":
+        from elastic.recipes.pretrain import pretrain_config
+
+        cfg = pretrain_config(model=args.model or "mini", steps=args.steps or 300, workers=args.workers)
+    elif args.recipe == "lora":
+        from elastic.recipes.lora import lora_config
+
+        base = args.base or os.environ.get("ELASTIC_BASE")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise UsageError("the lora recipe needs --base FOLDER, a Hugging Face Llama folder "
+                             "(make one with: python examples/pretrain.py --save runs/pretrain/base)")
+        cfg = lora_config(base, steps=args.steps or 200, workers=args.workers)
+    else:
+        from elastic.recipes.grpo.run import grpo_config
+
+        cfg = grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers)
+    if args.config:
+        cfg = apply_overrides(cfg, load_toml(Path(args.config)))
+    cfg = apply_overrides(cfg, flag_overrides(args))
+    layout = None
+    if args.layout != "auto":
+        layout = Layout.parse(args.layout)
+        layout.validate(cfg.model, cfg.train.global_batch)
+        if layout.world > cfg.runtime.workers:
+            raise UsageError(f"--layout {layout} needs {layout.world} workers but --workers is {cfg.runtime.workers}")
+    return cfg, layout
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, layout = build_config(args)
+    if args.address:
+        check_address(args.address)
+    from elastic.controller.controller import Controller, ControllerOptions
+    from elastic.run import connect_ray
+
+    job = args.job_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.run_dir or f"runs/{job}")
+    connect_ray(args.address)
+    options = ControllerOptions(layout=layout, objective=args.objective, min_workers=args.min_workers,
+                                max_workers=args.max_workers, watch_cluster=args.watch_cluster, job_name=job,
+                                progress=not args.no_progress, snapshot_every=args.snapshot_every,
+                                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                                resume=args.resume, run_dir=str(run_dir))
+    print(f"job {job!r}: {args.recipe}, {cfg.model.num_params() / 1e6:.1f}M parameters, "
+          f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; metrics in {run_dir}")
+    where = f" --address {args.address}" if args.address else ""
+    print(f"talk to it with: elastic events --job {job} status{where}")
+    if args.recipe == "grpo":
+        from elastic.recipes.grpo.run import run_grpo
+
+        run_grpo(cfg, options)
+        return 0
+    controller = Controller(cfg, options)
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    last = result.history[-1] if result.history else None
+    print(f"done: {len(result.history)} steps in {result.seconds:.0f} s, final loss "
+          f"{last.loss if last else float('nan'):.4f}, {len(result.reshards)} reshards, "
+          f"{len(controller.recoveries)} recoveries; plot it with: elastic plot {run_dir}")
+    if args.recipe == "lora" and result.state is not None:
+        from elastic.model.peft_io import save_peft_adapter
+
+        adapters = {k: v for k, v in result.state.items() if ".lora_" in k and "::" not in k}
+        print(f"PEFT adapters: {save_peft_adapter(run_dir / 'adapter', cfg.model, cfg.lora, adapters)}")
+    elif args.recipe == "pretrain" and result.state is not None:
+        from elastic.recipes.pretrain import complete, load_model
+
+        for text in complete(load_model(cfg, result.state), ["def ", "import "], max_new_tokens=60):
+            print("---\n" + text)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if args.address:
+        check_address(args.address)
+    from elastic.controller.control_plane import JobClient
+    from elastic.run import connect_ray
+
+    connect_ray(args.address)
+    client = JobClient(args.job)
+    need = {"add-workers": "a worker count", "drain": "a worker id", "relayout": "a layout like dp=2,tp=2"}
+    if args.action in need and args.value is None:
+        raise UsageError(f"`elastic events {args.action}` needs {need[args.action]}")
+    if args.action == "status":
+        status = client.status()
+        last = status.get("last_reshard")
+        print(f"job {args.job}: {status.get('state')} at step {status.get('step')}/{status.get('steps')}, "
+              f"layout {status.get('layout')} on workers {status.get('workers')}, loss {status.get('loss')}")
+        if last:
+            print(f"last reshard: {last['from']} -> {last['to']} ({last['reason']}) at step {last['step']} "
+                  f"in {last['seconds']:.2f} s, {last['bytes'] / 1e6:.1f} MB")
+        return 0
+    if args.action == "add-workers":
+        answer = client.add_workers(int(args.value))
+    elif args.action == "drain":
+        answer = client.drain(int(args.value))
+    elif args.action == "relayout":
+        answer = client.relayout(args.value)
+    else:
+        answer = getattr(client, args.action)()
+    print(answer)
+    return 1 if answer.startswith("refused") else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from elastic.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    top = argparse.ArgumentParser(prog="elastic", description=__doc__, formatter_class=raw)
+    top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run a training recipe", formatter_class=raw,
+                           description="Train a recipe. Every config field can be set with --<section>.<field>; "
+                                       "flags override --config, which overrides the recipe's defaults.")
+    train.add_argument("--recipe", default="pretrain", help=f"one of {', '.join(RECIPES)} (default: pretrain)")
+    train.add_argument("--workers", type=int, default=4, help="worker processes (Ray actors) to start (default: 4)")
+    train.add_argument("--layout", default="auto",
+                       help="'auto' (the cost model decides; default) or degrees like dp=2,tp=2")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    train.add_argument("--model", help="model preset for pretrain: tiny, mini, small, 25m, 100m")
+    train.add_argument("--base", help="Hugging Face Llama folder to fine-tune (lora, grpo)")
+    train.add_argument("--config", help="a TOML file with [model], [train], ... sections")
+    train.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local Ray)")
+    train.add_argument("--job-name", help="name of the job's control actor (for `elastic events`)")
+    train.add_argument("--run-dir", help="where metrics.jsonl and events.jsonl go (default runs/<job>)")
+    train.add_argument("--objective", default="cost", choices=("cost", "use_all"),
+                       help="cost: run on the layout the cost model predicts fastest; use_all: always use every worker")
+    train.add_argument("--min-workers", type=int, default=1, help="pause below this many workers")
+    train.add_argument("--max-workers", type=int, default=64, help="never use more than this many workers")
+    train.add_argument("--watch-cluster", action="store_true", help="scale with Ray's cluster capacity")
+    train.add_argument("--snapshot-every", type=int, default=0, help="in-memory snapshot every k steps (0: off)")
+    train.add_argument("--checkpoint-dir", help="write on-disk checkpoints here")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every k steps (0: off)")
+    train.add_argument("--resume", help="a checkpoint folder, or a checkpoint dir to resume its latest")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(train)
+    train.set_defaults(handler=cmd_train)
+
+    events = sub.add_parser("events", help="talk to a running job")
+    events.add_argument("action", help=f"one of {', '.join(EVENTS)}")
+    events.add_argument("value", nargs="?", help="worker count, worker id or layout, as the action needs")
+    events.add_argument("--job", required=True, help="the job's name (printed when it started)")
+    events.add_argument("--address", help="Ray cluster HOST:PORT")
+    events.set_defaults(handler=cmd_events)
+
+    plot = sub.add_parser("plot", help="write a PNG timeline of a run directory")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/timeline.png)")
+    plot.set_defaults(handler=cmd_plot)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "events" and args.action not in EVENTS:
+        print(f"elastic: error: unknown events action {args.action!r}; choose one of {', '.join(EVENTS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("elastic: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line, unless --debug
+        if args.debug:
+            raise
+        print(f"elastic: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`ray job submit` against a real head node started with `ray start --head` (token auth).
+
+Starts its own cluster on free ports in a private temp dir, submits a short `elastic train` job
+through Ray's JobSubmissionClient, polls it to SUCCEEDED, checks the logs, and stops the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    temp = Path("/tmp") / f"elastic-job-{os.getpid()}"
+    # Every port explicit: the test session's own Ray holds the defaults (e.g. the agent's 52365).
+    agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(4))
+    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+             f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        stop_cluster(temp)
+
+
+def stop_cluster(temp: Path) -> None:
+    """Stop only this cluster's processes (`ray stop` would also kill the test session's own Ray)."""
+    mine = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp) in cmdline and int(pid) != os.getpid():
+            mine.append(int(pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_submitted_job_trains_and_succeeds(head_node, monkeypatch):
+    address, env = head_node
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job = None
+    for _ in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
+        try:
+            job = submit(client, env)
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err):
+                raise
+            time.sleep(1)
+    assert job is not None, "the job agent never came up"
+    deadline = time.monotonic() + 240
+    status = client.get_job_status(job)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() < deadline:
+        time.sleep(1)
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "done: 6 steps" in logs and "dp=2 on workers [0, 1]" in logs
+    assert "elastic events --job submitted status" in logs
+
+
+def submit(client, env) -> str:
+    return client.submit_job(
+        entrypoint="elastic train --recipe pretrain --model tiny --steps 6 --workers 2 --layout dp=2 "
+                   "--no-progress --job-name submitted --runtime.cpus_per_worker 0.25 "
+                   "--data.max_corpus_bytes 200000 --data.seq_len 32 --run-dir /tmp/elastic-submitted-run",
+        runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "runs", ".git", "bench/out", "*.png"],
+                     "env_vars": {"PATH": env["PATH"]}},
+    )

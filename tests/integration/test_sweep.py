@@ -1,0 +1,31 @@
+"""The learning-rate sweep: trials as Ray tasks, a table sorted by LR, the best by held-out loss, a plot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from elastic.config import LoraConfig
+from elastic.sweep import best, log_grid, lr_sweep, plot_sweep
+from tests.helpers import tiny_config
+
+
+def test_log_grid():
+    grid = log_grid(1e-5, 6e-3, 12)
+    assert len(grid) == 12 and math.isclose(grid[0], 1e-5) and math.isclose(grid[-1], 6e-3)
+    assert all(b / a == pytest.approx(grid[1] / grid[0]) for a, b in zip(grid, grid[1:], strict=False))
+    with pytest.raises(ValueError, match="0 < low < high"):
+        log_grid(1e-2, 1e-3, 5)
+
+
+@pytest.mark.timeout(180)
+def test_sweep_runs_trials_and_picks_the_best(ray_session, tmp_path):
+    cfg = tiny_config(steps=6, dtype="float32", dataset="arithmetic").replace(lora=LoraConfig(r=4, alpha=8.0))
+    results = lr_sweep(cfg, log_grid(1e-4, 3e-1, 4), eval_samples=32, progress=False)
+    assert [r["lr"] for r in results] == sorted(r["lr"] for r in results) and len(results) == 4
+    top = best(results)
+    assert top["heldout_loss"] == min(r["heldout_loss"] for r in results if math.isfinite(r["heldout_loss"]))
+    assert results[0]["heldout_loss"] > top["heldout_loss"]  # 1e-4 for 6 steps barely moves the adapters
+    png = plot_sweep(results, tmp_path / "sweep.png")
+    assert png.stat().st_size > 10_000
