@@ -55,6 +55,7 @@ class StepResult:
     samples: list[int] = field(default_factory=list)  # global indices this rank fed in (first stage)
     seconds: float = 0.0
     apply_seconds: float = 0.0  # applying the previous step's update (done at the start of this call)
+    metrics: dict = field(default_factory=dict)  # workload-specific sums (e.g. GRPO's KL and clip counts)
 
 
 class Engine:
@@ -196,15 +197,18 @@ class Engine:
                 self.schedule.step()
             if self.last:
                 loss_total = torch.stack([t.detach().double() for t in losses]).sum()
+        return self.conclude(loss_total, n_targets, mine if self.first else [], started)
+
+    def conclude(self, loss_total: torch.Tensor | None, tokens: int, samples: list[int], started: float) -> StepResult:
+        """After the backward pass(es) of step ``self.step``: settle and clip gradients, leave the update pending."""
         self._settle_grads()
         params = [p for _, p in self.named_params if p.requires_grad]
-        pp_group = self.mesh["pp"].get_group() if layout.pp > 1 else None
+        pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
         grad_norm = clip_grad_norm_(params, self.cfg.optim.grad_clip, pp_group)
-        self.pending = step
+        self.pending = step = self.step
         return StepResult(step=step, loss=None if loss_total is None else float(loss_total),
                           grad_norm=grad_norm, lr=lr_at(step, self.cfg.optim, self.cfg.train.steps),
-                          tokens=n_targets, samples=mine if self.first else [],
-                          seconds=time.perf_counter() - started)
+                          tokens=tokens, samples=samples, seconds=time.perf_counter() - started)
 
     @torch.no_grad()
     def _settle_grads(self) -> None:

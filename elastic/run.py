@@ -112,3 +112,17 @@ def train(cfg: Config, layout: Layout, progress: bool = True, gather: bool = Tru
         return RunResult(history, state, time.perf_counter() - started)
     finally:
         group.shutdown()
+
+
+def run_grpo(cfg: Config, options=None):
+    """A GRPO run under the controller (rollout and train phases, live relayouts). Returns (result, workload)."""
+    from elastic.controller.controller import Controller, ControllerOptions
+    from elastic.controller.workload import GRPOWorkload
+
+    workload = GRPOWorkload(cfg)
+    controller = Controller(cfg, options or ControllerOptions(), workload=workload)
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    return result, workload, controller

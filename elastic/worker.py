@@ -31,6 +31,7 @@ import ray
 import torch
 
 from elastic import checkpoint as ckpt
+from elastic import rl
 from elastic.config import Config
 from elastic.engine import DTYPE, Engine, StepResult
 from elastic.layout import Box, Placement, intersect, relative
@@ -167,6 +168,27 @@ class Worker:
                 message = f"step {engine.step} failed: {_first_line(err)}"
                 err.__traceback__ = None
             meshlib.abort_groups()  # peers blocked on us fail now, not after a timeout
+            raise StepFailed(self.id, message)
+
+    @COMPUTE
+    def rollout(self, committed: int, prompts: list, grpo_step: int) -> dict:
+        """GRPO rollouts for ``prompts`` with the policy at step ``committed`` (see elastic.rl)."""
+        with self._lock:
+            self.engine.sync(committed)
+            return rl.rollout(self.engine, prompts, self.cfg.grpo, grpo_step)
+
+    @COMPUTE
+    def train_grpo(self, committed: int, shard: dict, batch) -> StepResult:
+        """Like train_step, with the GRPO loss on this rank's shard of the rollout batch."""
+        with self._lock:
+            engine = self.engine
+            try:
+                engine.sync(committed)
+                return rl.compute_grpo(engine, shard, batch, self.cfg.grpo)
+            except Exception as err:
+                message = f"GRPO step {engine.step} failed: {_first_line(err)}"
+                err.__traceback__ = None
+            meshlib.abort_groups()
             raise StepFailed(self.id, message)
 
     @COMPUTE

@@ -98,9 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = f" --address {args.address}" if args.address else ""
     print(f"talk to it with: elastic events --job {job} status{where}")
     if args.recipe == "grpo":
-        from elastic.recipes.grpo.run import run_grpo
+        from elastic.run import run_grpo
 
-        run_grpo(cfg, options)
+        result, workload, controller = run_grpo(cfg, options)
+        print(f"done: {len(result.history)} steps in {result.seconds:.0f} s; time in rollouts "
+              f"{workload.seconds['rollout']:.1f} s, in updates {workload.seconds['train']:.1f} s, in reshards "
+              f"{sum(r.total_seconds for r in result.reshards):.1f} s ({len(result.reshards)} reshards)")
         return 0
     controller = Controller(cfg, options)
     try:

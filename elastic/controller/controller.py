@@ -35,6 +35,7 @@ from elastic.controller.policy import Decision, Policy
 from elastic.controller.recovery import RecoveryMixin, Snapshotter
 from elastic.controller.resharder import ReshardFailed, ReshardReport, reshard
 from elastic.controller.states import State
+from elastic.controller.workload import LMWorkload
 from elastic.engine import DTYPE
 from elastic.layout import Layout, Placement
 from elastic.metrics import MetricsWriter
@@ -74,12 +75,15 @@ class ControllerOptions:
     checkpoint_every: int = 0  # write a checkpoint every k steps (0: never)
     resume: str | None = None  # a checkpoint folder, or a checkpoint_dir to resume its latest
     run_dir: str | None = None  # metrics.jsonl / events.jsonl / summary.json go here (see elastic.metrics)
+    phase_layouts: dict = field(default_factory=dict)  # phase -> Layout the operator wants for that phase
     sources: list = field(default_factory=list)  # extra event sources with poll(step) -> [Event]
 
 
 class Controller(EventsMixin, RecoveryMixin):
-    def __init__(self, cfg: Config, options: ControllerOptions | None = None, group: WorkerGroup | None = None):
+    def __init__(self, cfg: Config, options: ControllerOptions | None = None, group: WorkerGroup | None = None,
+                 workload=None):
         self.cfg, self.opt = cfg, options or ControllerOptions()
+        self.workload = workload or LMWorkload()
         self.group = group or WorkerGroup(cfg)
         itemsize = torch.empty((), dtype=DTYPE[cfg.train.dtype]).element_size()
         cores = ray.cluster_resources().get("CPU", 2.0) if ray.is_initialized() else 2.0
@@ -87,6 +91,8 @@ class Controller(EventsMixin, RecoveryMixin):
         self.policy = Policy(cfg, self.cost, self.opt.objective, self.opt.min_workers,
                              require_replica=self.opt.require_replica)
         self.snapshots = Snapshotter(self.group, self.opt.snapshot_every)
+        if hasattr(self.workload, "phase_filters"):
+            self.policy.phase_filter.update(self.workload.phase_filters())
         self.failure: Exception | None = None
         self.state = State.PLANNING
         self.step = 0
@@ -167,11 +173,13 @@ class Controller(EventsMixin, RecoveryMixin):
         placement = self.group.placement
         started = time.perf_counter()
         try:
-            results = self.group.step()
+            results = self.workload.step(self)
         except WorkerFailure as failure:
             self.record("failure", text=str(failure), dead=sorted(failure.dead))
             self.failure = failure
             self.state = State.RECOVERING
+            return
+        if results is None:  # the workload did other work (a rollout) or asked for a phase change
             return
         summary = summarize(results, placement, time.perf_counter() - started)
         self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try

@@ -154,7 +154,11 @@ class WorkerGroup:
         """
         if self.placement is None:
             raise RuntimeError("no placement formed yet; call setup() first")
-        results = self._gather({w: self.actors[w].train_step.remote(self.committed) for w in self.placement.workers},
+        return self.step_with("train_step", {w: (self.committed,) for w in self.placement.workers})
+
+    def step_with(self, method: str, args: dict[int, tuple]) -> dict[int, StepResult]:
+        """One optimizer step through ``method`` with per-worker arguments (committed as ``step``)."""
+        results = self._gather({w: getattr(self.actors[w], method).remote(*args[w]) for w in self.placement.workers},
                                members=self.placement.workers)
         self.committed += 1
         return results

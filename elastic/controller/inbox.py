@@ -84,6 +84,8 @@ class EventsMixin:
                 self.forced = event.layout
             elif isinstance(event, PhaseChange):
                 self.phase = event.phase
+                if event.phase in self.opt.phase_layouts:  # the operator pinned a layout for this phase
+                    self.forced = self.opt.phase_layouts[event.phase]
             elif isinstance(event, Pause):
                 self.paused_by_operator = True
             elif isinstance(event, Resume):

@@ -51,7 +51,9 @@ class Policy:
         self.cfg, self.cost, self.objective = cfg, cost, objective
         self.min_workers, self.margin, self.require_replica = min_workers, margin, require_replica
         self.specs: tuple[TensorSpec, ...] = tuple(state_specs(cfg))
-        self.preferred: dict[str, set[tuple[int, int, int, int]]] = {}
+        # phase -> predicate over layouts: the layouts a training phase can run on (e.g. rollouts need
+        # every worker to hold the full policy).
+        self.phase_filter: dict = {}
 
     # ---- candidates ------------------------------------------------------------------
     def layouts(self, world: int) -> list[Layout]:
@@ -124,7 +126,7 @@ class Policy:
         options = []
         for world in sizes:
             for layout in self.layouts(world):
-                if phase in self.preferred and layout.shape not in self.preferred[phase]:
+                if phase in self.phase_filter and not self.phase_filter[phase](layout):
                     continue
                 target = self.assign(current, layout, workers)
                 step = self.cost.step_seconds(layout)
@@ -135,7 +137,7 @@ class Policy:
                                   "waiting for workers")
         total, step, move, target = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
         stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
-                      and (phase not in self.preferred or current.layout.shape in self.preferred[phase]))
+                      and (phase not in self.phase_filter or self.phase_filter[phase](current.layout)))
         if stay_valid:
             now = self.cost.step_seconds(current.layout)
             grows = self.objective == "use_all" and target.layout.world != current.layout.world

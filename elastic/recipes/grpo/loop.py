@@ -1,0 +1,117 @@
+"""The GRPO loop's bookkeeping, independent of where the model runs.
+
+GRPO step ``k`` uses prompts ``sampler.step_indices(k)`` (each prompt once per epoch, by global
+index), ``num_generations`` completions each. The rollouts are scored by the task's exact-answer
+reward (the *true* reward r*), passed through the seeded flip channel when noise is injected
+(observed r~), turned into advantages (with the configured noise correction, using the true rates
+or rates estimated once from a calibration set with gold labels), and packed into one global
+batch. Each data-parallel rank then takes a contiguous share of its rows; the loss normaliser
+comes from the whole batch. ``num_iterations`` optimizer steps reuse the batch of step ``k``.
+
+Pure torch: no processes, no distributed code.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from elastic.config import Config
+from elastic.data import GlobalSampler
+from elastic.layout import balanced
+from elastic.model.init import stable_seed
+from elastic.model.tokenizer import ByteTokenizer
+from elastic.recipes.grpo.advantage import noise_corrected_advantages
+from elastic.recipes.grpo.loss import GlobalBatch
+from elastic.recipes.grpo.noise import FlipRates, RewardNoise, estimate_flip_rates
+from elastic.recipes.grpo.rewards import build_task, resolve_reward, score
+
+
+@dataclass
+class StepBatch:
+    """Everything the optimizer steps of one GRPO step need, for all ranks."""
+
+    rows: dict[str, torch.Tensor]  # input_ids [N, P + C], mask [N, C], advantages [N], old/ref [N, C]
+    prompts: list[int]  # the global prompt index of each of the P prompts
+    batch: GlobalBatch
+    stats: dict = field(default_factory=dict)
+
+
+class GRPOLoop:
+    def __init__(self, cfg: Config) -> None:
+        if cfg.grpo is None:
+            raise ValueError("a GRPO run needs a [grpo] config section (elastic.recipes.grpo.config.GRPOConfig)")
+        self.cfg, self.grpo = cfg, cfg.grpo
+        self.task = build_task(self.grpo.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
+        self.reward_fn = resolve_reward(self.grpo.reward_fn or self.grpo.task)
+        self.noise = RewardNoise(self.grpo.flip_rates, cfg.train.seed) if self.grpo.inject_noise else None
+        self.sampler = GlobalSampler(len(self.task), cfg.train.global_batch, cfg.train.seed)
+        self.tok = ByteTokenizer()
+        self.rates = self.estimated_rates() if self.grpo.estimate_rates else self.grpo.flip_rates
+        if self.grpo.beta > 0 and cfg.lora is None:
+            raise ValueError("grpo.beta > 0 needs a reference model; use LoRA (its frozen base is the reference) "
+                             "or set grpo.beta = 0")
+
+    @property
+    def grpo_steps(self) -> int:
+        return self.cfg.train.steps // self.grpo.num_iterations
+
+    def prompts(self, k: int) -> list[tuple[int, list[int]]]:
+        return [(i, self.task.prompt_ids(i)) for i in self.sampler.step_indices(k)]
+
+    def share(self, items: list, data_index: int, data_parallel: int) -> list:
+        lo, hi = balanced(len(items), data_parallel, data_index)
+        return items[lo:hi]
+
+    def estimated_rates(self) -> FlipRates:
+        """Flip rates measured on a calibration set with gold labels: held-out problems with their true
+        answer or a wrong one (half each), scored, passed through the same noisy channel."""
+        size, gold, observed = self.grpo.calibration_size, [], []
+        for i in range(size):
+            problem = self.task.problem(i % self.task.holdout_size(), "holdout")
+            right = random.Random(stable_seed(self.cfg.train.seed, "calibration", i)).random() < 0.5
+            answer = problem.answer if right else str(int(problem.answer) + 1)
+            gold.append(float(self.reward_fn(problem.prompt, answer)))
+        gold_t = torch.tensor(gold, dtype=torch.float64)
+        if self.noise is None:
+            raise ValueError("grpo.estimate_rates needs observed rewards from the noisy channel (inject_noise)")
+        observed_t = self.noise.observe(gold_t, list(range(size)), [0] * size, split="calibration")
+        observed.extend(observed_t.tolist())
+        return estimate_flip_rates(observed_t, gold_t)
+
+    def build(self, k: int, parts: list[dict]) -> StepBatch:
+        """Score and pack the rollouts of step ``k``; ``parts`` are the data-parallel ranks' rollouts in order."""
+        G = self.grpo.num_generations
+        prompts = [p for part in parts for p in part["prompts"]]
+        if prompts != [i for i, _ in self.prompts(k)]:
+            raise RuntimeError(f"rollouts of step {k} cover prompts {prompts[:4]}..., expected the step's batch")
+        tokens = torch.cat([part["tokens"] for part in parts])
+        lengths = torch.cat([part["lengths"] for part in parts])
+        prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in prompts for _ in range(G)])
+        texts = [self.task.problem(i).prompt for i in prompts for _ in range(G)]
+        completions = [self.tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(texts))]
+        clean = score(self.reward_fn, texts, completions)
+        observed = clean if self.noise is None else self.noise.observe_groups(clean, prompts, G, step=k)
+        advantages = noise_corrected_advantages(observed, G, self.rates, self.grpo.correction,
+                                                self.grpo.scale_rewards)
+        width = tokens.shape[1]
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        rows = {"input_ids": torch.cat([prompt_ids, tokens], dim=1), "mask": mask, "advantages": advantages}
+        for key in ("old", "ref"):
+            if key in parts[0]:
+                rows[key] = torch.cat([part[key] for part in parts])
+        rows["prompt_of_row"] = torch.tensor([i for i in prompts for _ in range(G)])
+        batch = GlobalBatch.of(mask, self.grpo.max_new_tokens)
+        stats = {"reward_true": float(clean.mean()), "reward_observed": float(observed.mean()),
+                 "completion_tokens": int(mask.sum())}
+        return StepBatch(rows, prompts, batch, stats)
+
+    def shard(self, step_batch: StepBatch, data_index: int, data_parallel: int) -> dict:
+        """This data-parallel rank's rows (contiguous, balanced) and the prompts it accounts for."""
+        n = step_batch.rows["input_ids"].shape[0]
+        lo, hi = balanced(n, data_parallel, data_index)
+        shard = {k: v[lo:hi] for k, v in step_batch.rows.items() if k != "prompt_of_row"}
+        shard["prompts"] = sorted(set(step_batch.rows["prompt_of_row"][lo:hi].tolist()))
+        return shard
