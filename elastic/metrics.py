@@ -17,12 +17,14 @@ log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, append: bool = False) -> None:
+        """A new run overwrites the directory's files; a resumed one (``append``) continues them."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
-        self._steps = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        self._events = open(self.dir / "events.jsonl", "a", buffering=1)
+        mode = "a" if append else "w"
+        self._steps = open(self.dir / "metrics.jsonl", mode, buffering=1)
+        self._events = open(self.dir / "events.jsonl", mode, buffering=1)
         self._tb = None
         try:  # optional: TensorBoard event files when the package is there
             from torch.utils.tensorboard import SummaryWriter

@@ -126,7 +126,7 @@ class Controller(EventsMixin, RecoveryMixin):
         self._awaiting: list[Event] = []
         self._bar = None
         self._started = time.perf_counter()
-        self.metrics = MetricsWriter(self.opt.run_dir) if self.opt.run_dir else None
+        self.metrics = MetricsWriter(self.opt.run_dir, append=bool(self.opt.resume)) if self.opt.run_dir else None
 
     # ---- bookkeeping --------------------------------------------------------------------
     def record(self, kind: str, **details) -> None:

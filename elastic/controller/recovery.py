@@ -25,7 +25,7 @@ from elastic.controller.group import WorkerFailure, WorkerGroup
 from elastic.controller.resharder import ReshardFailed, reshard
 from elastic.controller.states import State
 from elastic.layout import Placement
-from elastic.reshard.plan import MissingShards
+from elastic.reshard.plan import MissingShards, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ class RecoveryMixin:
                                           reason=f"recover from the loss of workers {dead}", phase=self.phase,
                                           alive=frozenset(group.actors))
             if decision.placement is None:
+                if not self._state_survives(current):
+                    raise RuntimeError(f"lost workers {dead} held shards that no survivor and no snapshot has; the "
+                                       "training state is gone. Resume from an on-disk checkpoint (--resume), and "
+                                       "run with --snapshot-every or a layout with dp >= 2 to survive this")
                 self.record("pause", text=decision.describe())
                 self.state = State.PAUSED
                 return
@@ -159,6 +163,17 @@ class RecoveryMixin:
             self.state = State.RECOVERING
             return
         self.record("checkpoint", text=f"wrote {folder} in {seconds:.2f} s", path=str(folder))
+
+    def _state_survives(self, placement: Placement) -> bool:
+        """Whether the live workers (or the snapshot) still hold every shard of ``placement``."""
+        if self.snapshots.usable(wait_s=0) is not None:
+            return True
+        try:
+            make_plan(placement, placement, tuple(self.policy.specs), self.cfg.model.n_layers, 1,
+                      frozenset(self.group.actors))
+        except MissingShards:
+            return False
+        return True
 
     def _start_replacements(self) -> None:
         """Grow back towards the budget in the background (the job keeps training meanwhile)."""
