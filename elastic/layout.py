@@ -14,6 +14,7 @@ Pure Python: no torch, no processes.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import re
@@ -305,3 +306,86 @@ class Placement:
             box = self.box(spec, rank, n_layers)
             if box is not None:
                 yield worker, box
+
+
+# ---- fast helpers for planning at cluster scale -------------------------------------------
+# ``Placement.box`` answers one (spec, rank) question at a time. A planner for thousands of ranks
+# and thousands of tensors asks the same question millions of times, although the answer depends
+# only on the spec's shape and tp_dim and on the rank's (fsdp, tp) coordinate. These helpers give
+# every distinct box once; tests check that they agree with ``Placement.box``.
+
+def splits_tp(layout: Layout, tp_dim: int | None) -> bool:
+    """Whether ``layout`` cuts a tensor with this ``tp_dim`` across tp ranks (else tp ranks are replicas)."""
+    return tp_dim is not None and layout.tp > 1
+
+
+def box_grid(layout: Layout, shape: tuple[int, ...], tp_dim: int | None) -> tuple[Box, ...]:
+    """Every box a stage that owns the tensor holds, indexed by ``grid_index``: fsdp-major, then tp.
+
+    When the layout does not split ``tp_dim`` there is one box per fsdp index, shared by all tp ranks.
+    Trailing boxes may be empty (torch.chunk semantics), exactly as ``Placement.box`` gives them.
+    """
+    split = splits_tp(layout, tp_dim)
+    boxes = []
+    for f in range(layout.fsdp):
+        for t in range(layout.tp if split else 1):
+            box = list(full_box(shape))
+            if split:
+                box[tp_dim] = chunk(shape[tp_dim], layout.tp, t)  # type: ignore[index]
+            if layout.fsdp > 1:
+                lo0, hi0 = box[0]
+                lo, hi = chunk(hi0 - lo0, layout.fsdp, f)
+                box[0] = (lo0 + lo, lo0 + hi)
+            boxes.append(tuple(box))
+    return tuple(boxes)
+
+
+def grid_index(layout: Layout, coord: Coord, tp_dim: int | None) -> int:
+    """Which entry of ``box_grid`` the rank at ``coord`` holds (when its stage owns the tensor)."""
+    return coord.fsdp * layout.tp + coord.tp if splits_tp(layout, tp_dim) else coord.fsdp
+
+
+def stage_table(layout: Layout, n_layers: int) -> tuple[int, ...]:
+    """The pipeline stage of every layer, ``stage_table(l, n)[layer] == l.stage_of(<that layer's spec>, n)``."""
+    return tuple(stage for stage in range(layout.pp) for _ in layout.stage_layers(stage, n_layers))
+
+
+def _overlapping(los: list[int], ivs: list[Interval], lo: int, hi: int) -> list[int]:
+    """Indices of the sorted, disjoint intervals ``ivs`` that overlap [lo, hi): a bisect, then a short walk."""
+    i = max(bisect.bisect_right(los, lo) - 1, 0)
+    out = []
+    while i < len(ivs) and ivs[i][0] < hi:
+        if ivs[i][1] > lo:
+            out.append(i)
+        i += 1
+    return out
+
+
+def grid_overlaps(old: Layout, new: Layout, shape: tuple[int, ...],
+                  tp_dim: int | None) -> list[tuple[int, int, int, Box]]:
+    """(new grid index, old grid index, numel, intersection) for every nonempty overlap of a ``box_grid(new)``
+    box with a ``box_grid(old)`` box, new-index-major. The pieces of one new box tile it exactly once.
+
+    Boxes vary only in dim 0 (fsdp, and tp when tp_dim == 0) and in tp_dim. Within each such dim the
+    old intervals are disjoint, and the old boxes form a grid over them, so a bisect per dim finds the
+    overlapping old boxes without trying every pair.
+    """
+    old_boxes = box_grid(old, shape, tp_dim)
+    dims = sorted({0} | ({tp_dim} if tp_dim is not None else set())) if shape else []
+    index = {tuple(b[d] for d in dims): i for i, b in enumerate(old_boxes) if box_numel(b) > 0}
+    per_dim = []
+    for k in range(len(dims)):
+        ivs = sorted({key[k] for key in index})
+        per_dim.append(([lo for lo, _ in ivs], ivs))
+    out = []
+    for n, box in enumerate(box_grid(new, shape, tp_dim)):
+        if box_numel(box) == 0:
+            continue
+        candidates = [[ivs[i] for i in _overlapping(los, ivs, *box[d])]
+                      for d, (los, ivs) in zip(dims, per_dim, strict=True)]
+        for key in itertools.product(*candidates):
+            o = index.get(key)
+            piece = None if o is None else intersect(box, old_boxes[o])
+            if piece is not None:
+                out.append((n, o, box_numel(piece), piece))
+    return out
