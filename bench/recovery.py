@@ -15,7 +15,6 @@ Never fails on timing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import tempfile
 import threading

@@ -121,8 +121,9 @@ def main() -> None:
         table.add_column(col, justify="left" if col in ("transition", "reason") else "right")
     for r in rows:
         floor = r["bytes"] / bandwidth
+        versus = f"{r['transfer'] / floor:.1f}" if floor > 0.01 else "-"
         table.add_row(f"{r['old']} -> {r['new']}", r["reason"], f"{r['ready']:.2f}", f"{r['first_step']:.2f}",
-                      f"{r['bytes'] / 1e6:,.0f}", f"{floor:.2f}", f"{r['transfer'] / floor:.1f}" if floor > 0.01 else "-",
+                      f"{r['bytes'] / 1e6:,.0f}", f"{floor:.2f}", versus,
                       f"{r['peak_extra'] / 1e6:,.0f}", f"{base['stall'] / r['ready']:.0f}",
                       f"{base['total'] / r['first_step']:.0f}")
     console.print(table)

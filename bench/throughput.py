@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from elastic.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.data import build_dataset, GlobalSampler
+from elastic.data import GlobalSampler, build_dataset
 from elastic.engine import Engine
 from elastic.layout import Layout, Placement
 from elastic.model.init import init_tensor
