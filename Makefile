@@ -23,7 +23,13 @@ demo: $(STAMP)
 	$(BIN)/python examples/elastic_demo.py
 
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	mkdir -p bench/out
+	$(BIN)/python bench/throughput.py | tee bench/out/throughput.txt
+	$(BIN)/python bench/reshard.py | tee bench/out/reshard.txt
+	$(BIN)/python bench/recovery.py | tee bench/out/recovery.txt
+	$(BIN)/python bench/lora.py | tee bench/out/lora.txt
+	$(BIN)/python bench/grpo_phases.py | tee bench/out/grpo_phases.txt
+	$(BIN)/python bench/plan_scale.py --quick | tee bench/out/plan_scale.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check elastic launch examples bench tests

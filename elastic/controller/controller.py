@@ -334,6 +334,7 @@ class Controller(EventsMixin, RecoveryMixin):
         """Start the initial workers (blocking: nothing is training yet) and form the first placement."""
         self.group.spawn(self.budget)
         self.record("workers", text=f"started workers {self.group.alive()}")
+        self.record("redundancy", text=self.redundancy_report())
 
     def run(self) -> RunResult:
         self.start()
@@ -356,7 +357,9 @@ class Controller(EventsMixin, RecoveryMixin):
                 self.metrics.summary({"steps": len(self.history), "seconds": result.seconds,
                                       "final_loss": self.history[-1].loss if self.history else None,
                                       "final_layout": str(placement.layout) if placement else None,
-                                      "reshards": len(self.reshards), "recoveries": self.recoveries})
+                                      "reshards": len(self.reshards), "recoveries": self.recoveries,
+                                      "snapshots": self.snapshots.taken,
+                                      "snapshot_stall_s": round(self.snapshots.stall_total, 3)})
             return result
         finally:
             self._bar.close()

@@ -164,6 +164,29 @@ class RecoveryMixin:
             return
         self.record("checkpoint", text=f"wrote {folder} in {seconds:.2f} s", path=str(folder))
 
+    def redundancy_report(self) -> str:
+        """What protects the state, and what it costs: replicas (dp >= 2) and/or snapshots."""
+        layouts = self.policy.layouts(self.budget)
+        cost = self.cost.step_seconds
+        replicated = [l for l in layouts if l.dp >= 2]
+        text = ["redundancy:"]
+        if layouts and replicated:
+            best, best_rep = min(layouts, key=cost), min(replicated, key=cost)
+            extra = cost(best_rep) / cost(best) - 1
+            text.append(f"with {self.budget} workers the best layout keeping a replica is {best_rep} "
+                        f"({extra:+.0%} predicted step time against {best})"
+                        + ("; only such layouts are used" if self.opt.require_replica else ""))
+        else:
+            text.append(f"no layout of {self.budget} workers keeps a replica")
+        state_mb = sum(s.numel for s in self.policy.specs) * self.cost.itemsize / 1e6
+        if self.opt.snapshot_every:
+            text.append(f"in-memory snapshot every {self.opt.snapshot_every} steps: {state_mb:.1f} MB held in Ray's "
+                        "object store, a copy stall per snapshot, at most "
+                        f"{self.opt.snapshot_every - 1} steps replayed after a loss without a replica")
+        else:
+            text.append("no snapshots: a loss without a surviving replica ends the job")
+        return "; ".join(text)
+
     def _state_survives(self, placement: Placement) -> bool:
         """Whether the live workers (or the snapshot) still hold every shard of ``placement``."""
         if self.snapshots.usable(wait_s=0) is not None:

@@ -23,6 +23,16 @@ from tests.helpers import reference_run, tiny_config, worst_state_err
 from tests.integration.test_reshard_live import assert_exactly_once
 
 
+def assert_no_lingering_workers(handles) -> None:
+    """Every worker actor the run ever had is gone after shutdown (killed ones and survivors alike)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    for actor in handles.values():
+        with pytest.raises(RayActorError):
+            ray.get(actor.info.remote(), timeout=30)
+
+
 class ChaosMonkey(threading.Thread):
     """Kills per a seeded schedule: (kind, step). kind is 'step' (during training) or 'reshard'."""
 
@@ -65,10 +75,15 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session):
                                                    snapshot_every=4, sources=[script], progress=False))
     monkey = ChaosMonkey(controller, [("step", 5), ("reshard", 14), ("step", 22)], seed=7)
     monkey.start()
+    handles = {}
     try:
-        result = controller.run()
+        controller.start()
+        handles.update(controller.group.actors)
+        result = controller.run_started()
+        handles.update(controller.group.actors)
     finally:
         controller.shutdown()
+    assert_no_lingering_workers(handles)
     assert len(monkey.kills) == 3, monkey.kills
     assert monkey.kills[0]["layout"] == "fsdp=2,tp=2"  # no replica: the snapshot must serve
     recovered = [e for e in result.events if e["kind"] == "recovered"]

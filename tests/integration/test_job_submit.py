@@ -44,10 +44,10 @@ def head_node(tmp_path):
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         stop_cluster(temp)
+        assert not cluster_processes(temp), "the test cluster left processes behind"
 
 
-def stop_cluster(temp: Path) -> None:
-    """Stop only this cluster's processes (`ray stop` would also kill the test session's own Ray)."""
+def cluster_processes(temp: Path) -> list[int]:
     mine = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -56,8 +56,13 @@ def stop_cluster(temp: Path) -> None:
             continue
         if str(temp) in cmdline and int(pid) != os.getpid():
             mine.append(int(pid))
+    return mine
+
+
+def stop_cluster(temp: Path) -> None:
+    """Stop only this cluster's processes (`ray stop` would also kill the test session's own Ray)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine:
+        for pid in cluster_processes(temp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         time.sleep(1.0)

@@ -185,12 +185,16 @@ def test_corrections_by_hand():
     # With zero rates dr_grpo is TRL's scale_rewards="none".
     assert torch.equal(noise_corrected_advantages(REWARDS, 4, FlipRates(), "dr_grpo", "none"),
                        group_advantages(REWARDS, 4, "none"))
-    # Clipping: [1, 0, 0, 0] with rho_plus = 0.3 gives p* = clip((0.25 - 0.3)/0.7) = 0, s* = 0, so the
-    # advantages are centred / eps (documented hazard; a larger eps bounds them).
+    # Clipping: [1, 0, 0, 0] with rho_plus = 0.3 gives p* = clip((0.25 - 0.3)/0.7) = 0, s* = 0. Without a
+    # floor the advantages are centred / eps (10^4 times too large); the default floor is the std of a
+    # success rate q = 1/(4G) = 1/16: sqrt(15/256) = 0.2420615, d * floor + eps = 0.1695430
+    #   -> 0.75 / 0.1695430 = 4.4236560, -0.25 / 0.1695430 = -1.4745520.
     close(noise_corrected_advantages(t([1, 0, 0, 0]), 4, FlipRates(0.3, 0.0), "grpo", "group"),
+          [4.4236560, -1.4745520, -1.4745520, -1.4745520])
+    close(noise_corrected_advantages(t([1, 0, 0, 0]), 4, FlipRates(0.3, 0.0), "grpo", "group", std_floor=0.0),
           [7500.0, -2500.0, -2500.0, -2500.0], tol=1e-6)
-    close(noise_corrected_advantages(t([1, 0, 0, 0]), 4, FlipRates(0.3, 0.0), "grpo", "group", eps=0.5),
-          [1.5, -0.5, -0.5, -0.5])
+    close(noise_corrected_advantages(t([1, 0, 0, 0]), 4, FlipRates(0.3, 0.0), "grpo", "group", eps=0.5,
+                                     std_floor=0.0), [1.5, -0.5, -0.5, -0.5])
 
 
 def test_dr_grpo_corrected_advantage_is_unbiased_monte_carlo():

@@ -83,12 +83,25 @@ def clean_std_estimate(observed_mean: torch.Tensor, rates: FlipRates) -> torch.T
     return (p_star * (1 - p_star)).sqrt()
 
 
+def std_floor_for(num_generations: int) -> float:
+    """The smallest clean std the grpo correction divides by: that of a success rate of 1/(4G).
+
+    A group's clean success rate cannot be resolved much below 1/G, yet the estimate p^* clips to 0
+    (or 1) whenever the observed mean falls below rho_plus (above 1 - rho_minus); dividing by
+    sqrt(p^*(1 - p^*)) + eps would then blow a single noisy reward up by 1/eps (10^4). The floor
+    keeps such groups' advantages on the scale of the others'. (Our choice; the brief's formula has none.)
+    """
+    q = 1.0 / (4 * num_generations)
+    return (q * (1 - q)) ** 0.5
+
+
 def noise_corrected_advantages(rewards: torch.Tensor, num_generations: int, rates: FlipRates,
                                correction: str, scale_rewards: str = "group",
-                               eps: float = STD_EPS) -> torch.Tensor:
+                               eps: float = STD_EPS, std_floor: float | None = None) -> torch.Tensor:
     """Advantages of observed rewards ``rewards`` [P * G] under the flip channel ``rates``.
 
-    ``correction="none"`` returns TRL's plain advantages (``rates`` unused). ``"dr_grpo"`` requires
+    ``correction="none"`` returns TRL's plain advantages (``rates`` unused). ``"grpo"`` floors the
+    estimated clean std (``std_floor``, default ``std_floor_for(G)``; 0 disables it). ``"dr_grpo"`` requires
     ``scale_rewards="none"`` and ``"grpo"`` requires "group" or "batch" (where to estimate p^*), so that
     a config cannot silently combine a correction with a scaling it does not use.
     """
@@ -113,4 +126,5 @@ def noise_corrected_advantages(rewards: torch.Tensor, num_generations: int, rate
         std = clean_std_estimate(group_mean.reshape(-1), rates).repeat_interleave(num_generations)
     else:
         std = clean_std_estimate(rewards.mean(), rates).expand_as(rewards)
-    return centred / (rates.scale * std + eps)
+    floor = std_floor_for(num_generations) if std_floor is None else std_floor
+    return centred / (rates.scale * std.clamp(min=floor) + eps)

@@ -1,0 +1,68 @@
+"""The command line: typed flags for every config field, TOML files, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import build_config, main, parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_every_config_field_is_a_typed_flag(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nsteps = 7\nglobal_batch = 12\n[optim]\nlr = 0.01\n[model]\ndim = 48\nn_heads = 4\n')
+    args = parser().parse_args(["train", "--recipe", "pretrain", "--model", "tiny", "--config", str(toml),
+                                "--optim.lr", "0.02", "--runtime.cpus_per_worker", "0.5", "--layout", "dp=2"])
+    cfg, layout = build_config(args)
+    assert (cfg.train.steps, cfg.train.global_batch, cfg.model.dim) == (7, 12, 48)  # from the file
+    assert cfg.optim.lr == 0.02 and cfg.runtime.cpus_per_worker == 0.5  # flags win over the file
+    assert str(layout) == "dp=2"
+    lora = parser().parse_args(["train", "--recipe", "pretrain", "--lora.r", "4", "--lora.targets", "q_proj,v_proj"])
+    cfg, _ = build_config(lora)
+    assert cfg.lora.r == 4 and cfg.lora.targets == ("q_proj", "v_proj")
+
+
+def test_help_explains_each_field():
+    out = run_cli("train", "--help")
+    assert out.returncode == 0
+    assert "--optim.warmup_steps INT" in out.stdout and "linear warmup steps" in out.stdout
+    assert "--grpo.rho_plus FLOAT" in out.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["train", "--layout", "dp=2,xx=2"], "malformed layout part 'xx=2'"),
+    (["train", "--layout", "tp=3", "--model", "tiny"], "tp=3 does not divide n_heads=4"),
+    (["train", "--address", "127.0.0.1:1"], "nothing is listening at 127.0.0.1:1"),
+    (["train", "--recipe", "lora", "--base", "/nonexistent"], "the lora recipe needs --base FOLDER"),
+    (["train", "--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
+    (["train", "--optim.lr", "-1"], "optim.lr=-1.0 must be > 0"),
+    (["events", "status", "--job", "x", "--address", "127.0.0.1:1"], "nothing is listening"),
+    (["events", "explode", "--job", "x"], "unknown events action 'explode'"),
+    (["plot", "/nonexistent-run"], "has no metrics.jsonl"),
+])
+def test_bad_input_is_one_clear_line(args, words, capsys):
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
+
+
+def test_as_a_process_the_exit_code_is_nonzero():
+    out = run_cli("train", "--recipe", "nope")
+    assert out.returncode == 2 and out.stderr.strip().startswith("elastic: error: unknown recipe")
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        main(["--debug", "train", "--recipe", "nope"])
