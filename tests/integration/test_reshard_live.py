@@ -32,7 +32,7 @@ def assert_exactly_once(cfg, history):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_drain_add_relayout_and_back_equals_single_process(ray_session):
+def test_drain_add_relayout_and_back_equals_single_process(ray_session, tmp_path):
     cfg = tiny_config(steps=15)
     _, ref_state, _ = reference_run(cfg)
     script = ScriptedEvents({
@@ -42,7 +42,8 @@ def test_drain_add_relayout_and_back_equals_single_process(ray_session):
         12: [Relayout(reason="operator", layout=Layout(dp=2, tp=2))],  # back to 4 workers
     })
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all",
-                                                   sources=[script], progress=False, background_start=False))
+                                                   sources=[script], progress=False, background_start=False,
+                                                   run_dir=str(tmp_path / "run")))
     try:
         controller.start()
         pids = {w: controller.group.pid(w) for w in controller.group.alive()}
@@ -58,6 +59,18 @@ def test_drain_add_relayout_and_back_equals_single_process(ray_session):
     err, name = worst_state_err(result.state, ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     assert_exactly_once(cfg, result.history)
+    # The run's metrics, and its PNG timeline.
+    from matplotlib.image import imread
+
+    from elastic.metrics import read_run
+    from elastic.plot import plot_run
+
+    steps, events = read_run(tmp_path / "run")
+    assert [s["step"] for s in steps] == list(range(15)) and sum(e["kind"] == "reshard" for e in events) == 4
+    png = plot_run(tmp_path / "run")
+    image = imread(png)
+    assert png.stat().st_size > 30_000 and image.shape[0] > 600 and image.shape[1] > 900
+    assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
 @pytest.mark.timeout(120)
@@ -146,8 +159,9 @@ def test_failed_reshard_keeps_old_placement(ray_session):
 
 
 @pytest.mark.timeout(120)
-def test_operator_requests_through_the_named_actor(ray_session):
+def test_operator_requests_through_the_named_actor(ray_session, capsys):
     from elastic.controller.control_plane import JobClient
+    from launch.cli import main
 
     cfg = tiny_config(steps=400, dtype="float32")
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), job_name="live-ops", progress=False,
@@ -161,6 +175,9 @@ def test_operator_requests_through_the_named_actor(ray_session):
         answers["bad"] = client.relayout("tp=3")
         answers["good"] = client.relayout("fsdp=2")
         answers["status"] = client.status()
+        answers["cli_status"] = main(["events", "status", "--job", "live-ops"])
+        answers["cli_refused"] = main(["events", "relayout", "pp=5", "--job", "live-ops"])
+        answers["cli_missing"] = main(["events", "status", "--job", "no-such-job"])
         answers["stop"] = client.set_workers(1)
 
     thread = threading.Thread(target=operate, daemon=True)
@@ -175,5 +192,9 @@ def test_operator_requests_through_the_named_actor(ray_session):
     assert answers["good"].startswith("moved to fsdp=2") and "ms" in answers["good"]
     assert answers["status"]["layout"] == "fsdp=2" and answers["status"]["step"] >= 2
     assert "dp=1" in answers["stop"]
+    out = capsys.readouterr()
+    assert answers["cli_status"] == 0 and "job live-ops: running" in out.out and "layout fsdp=2" in out.out
+    assert answers["cli_refused"] == 1 and "refused: layout pp=5: pp=5 exceeds n_layers=2" in out.out
+    assert answers["cli_missing"] == 2 and "no running elastic job named 'no-such-job'" in out.err
     with pytest.raises(ValueError, match="no running elastic job named 'nope'"):
         JobClient("nope")

@@ -1,0 +1,46 @@
+"""Whole-job restarts from layout-independent checkpoints: save under one layout, resume under another."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from elastic import checkpoint as ckpt
+from elastic.controller.controller import Controller, ControllerOptions
+from elastic.layout import Layout
+from tests.helpers import reference_run, tiny_config, worst_state_err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("saved, resumed, workers", [("dp=2,tp=2", "fsdp=3", 4), ("fsdp=2,pp=2,mb=2", "tp=2", 4)])
+def test_save_in_one_layout_resume_in_another_equals_uninterrupted(ray_session, tmp_path, saved, resumed, workers):
+    cfg = tiny_config(steps=8)
+    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
+    _, ref, _ = reference_run(cfg)
+    first = Controller(cfg, ControllerOptions(layout=Layout.parse(saved), progress=False, gather_state=False,
+                                              checkpoint_dir=str(tmp_path), checkpoint_every=4))
+    try:
+        first.start()
+        while first.step < 4 or not list(tmp_path.glob("step_000004")):
+            first.tick()
+    finally:
+        first.shutdown()  # the whole job goes away: only the disk checkpoint remains
+    assert ckpt.latest(tmp_path).name == "step_000004"
+    second = Controller(cfg, ControllerOptions(layout=Layout.parse(resumed), progress=False, resume=str(tmp_path)))
+    try:
+        result = second.run()
+    finally:
+        second.shutdown()
+    assert [h.step for h in result.history] == [4, 5, 6, 7]
+    assert any(e["kind"] == "resume" for e in result.events)
+    err, name = worst_state_err(result.state, ref)
+    assert err <= 1e-9, f"{name}: {err:.2e}"
+
+
+def test_a_bad_checkpoint_is_refused_before_any_worker_starts(ray_session, tmp_path):
+    cfg = tiny_config(steps=8)
+    (tmp_path / "latest").write_text("step_000004")
+    (tmp_path / "step_000004").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="manifest missing"):
+        Controller(cfg, ControllerOptions(resume=str(tmp_path)))
