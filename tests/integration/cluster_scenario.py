@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import sys
 import threading
 import time
@@ -21,8 +22,16 @@ from elastic.controller.events import Stop
 from tests.helpers import reference_run, tiny_config, worst_state_err
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # Explicit agent ports: the test session's own Ray holds the default (52365), and a Ray agent
+    # that cannot bind takes its raylet, and every worker on it, down.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_agent_listen_port": free_port()})
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     cfg = tiny_config(steps=100_000, global_batch=8, dtype="float64")
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=4, cpus_per_worker=0.25))
@@ -44,7 +53,7 @@ def main() -> None:
         while controller.step < 5 and thread.is_alive():
             time.sleep(0.05)
         timeline["add_node"] = controller.step
-        node = cluster.add_node(num_cpus=1)
+        node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and thread.is_alive():
             placement = controller.group.placement
