@@ -58,7 +58,7 @@ def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
         controller.group.kill(victim)
         while not any(e["kind"] == "recovered" for e in controller.events):
             time.sleep(0.01)
-        done = len(controller.history) + 3
+        done = len(controller.history) + 1
         while len(controller.history) < done:
             time.sleep(0.01)
         controller.submit(Stop(reason="benchmark done"))

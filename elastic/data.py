@@ -109,7 +109,33 @@ class Problem:
     answer: str
 
 
-class ArithmeticTask(Dataset):
+class ExactAnswerTask(Dataset):
+    """Synthetic problems with one exact answer: ``num_samples`` training problems drawn per index,
+    ``holdout`` evaluation ones from a disjoint part of the problem space. Subclasses define
+    ``problem(index, split)`` and ``prompt_ids``."""
+
+    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512) -> None:
+        self.seq_len, self.n, self.seed, self.n_holdout = seq_len, num_samples, seed, holdout
+        self.tok = ByteTokenizer()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def holdout_size(self) -> int:
+        return self.n_holdout
+
+    def problem(self, index: int, split: str = "train") -> Problem:
+        raise NotImplementedError
+
+    def prompt_ids(self, index: int, split: str = "train") -> list[int]:
+        return self.tok.encode(self.problem(index, split).prompt, bos=True)
+
+    def sample(self, index: int, split: str = "train"):
+        p = self.problem(index, split)
+        return _pack(self.tok.encode(p.prompt, bos=True), self.tok.encode(p.answer, eos=True), self.seq_len)
+
+
+class ArithmeticTask(ExactAnswerTask):
     """'a+b=' or 'a-b=' with two-digit operands; the completion is the exact answer then EOS.
 
     Prompts all have the same length, so a batch of prompts needs no padding. The problem space
@@ -122,14 +148,7 @@ class ArithmeticTask(Dataset):
     def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512) -> None:
         if seq_len < self.PROMPT_LEN + 5:
             raise ValueError(f"arithmetic needs seq_len >= {self.PROMPT_LEN + 5}, got {seq_len}")
-        self.seq_len, self.n, self.seed, self.n_holdout = seq_len, num_samples, seed, holdout
-        self.tok = ByteTokenizer()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def holdout_size(self) -> int:
-        return self.n_holdout
+        super().__init__(seq_len, num_samples, seed, holdout)
 
     @staticmethod
     def _is_holdout(a: int, b: int, op: str) -> bool:
@@ -142,15 +161,6 @@ class ArithmeticTask(Dataset):
             if self._is_holdout(a, b, op) == (split != "train"):
                 break
         return Problem(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
-
-    def prompt_ids(self, index: int, split: str = "train") -> list[int]:
-        return self.tok.encode(self.problem(index, split).prompt, bos=True)
-
-    def sample(self, index: int, split: str = "train"):
-        p = self.problem(index, split)
-        prompt = self.tok.encode(p.prompt, bos=True)
-        answer = self.tok.encode(p.answer, eos=True)
-        return _pack(prompt, answer, self.seq_len)
 
 
 class JsonlTask(Dataset):

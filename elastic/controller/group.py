@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import ray
 import torch
 import torch.distributed as dist
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayError, RayTaskError
 
 from elastic.config import Config
 from elastic.engine import StepResult
@@ -149,8 +149,8 @@ class WorkerGroup:
     def step(self) -> dict[int, StepResult]:
         """One optimizer step on every rank of the current placement.
 
-        The step counts as committed only when every rank has computed it; each rank applies the
-        update at its next call. On a failure nothing is committed and survivors stay at the old step.
+        The step counts as committed only when every rank has computed it; then every rank applies
+        the update. On a failure before the commit, survivors stay at the old step.
         """
         if self.placement is None:
             raise RuntimeError("no placement formed yet; call setup() first")
@@ -161,6 +161,10 @@ class WorkerGroup:
         results = self._gather({w: getattr(self.actors[w], method).remote(*args[w]) for w in self.placement.workers},
                                members=self.placement.workers)
         self.committed += 1
+        # Every rank computed the step: now apply it everywhere, so the step's time includes its update
+        # and whatever comes next (a reshard, a snapshot) starts from settled state.
+        self._gather({w: self.actors[w].sync.remote(self.committed) for w in self.placement.workers},
+                     members=self.placement.workers)
         return results
 
     def call(self, method: str, *args, workers: Iterable[int] | None = None, **kwargs) -> dict:
@@ -204,7 +208,7 @@ class WorkerGroup:
             wid = pending.pop(ref)
             try:
                 results[wid] = ray.get(ref)
-            except RayActorError as err:
+            except (RayActorError, OutOfMemoryError) as err:  # Ray's memory monitor kills the process
                 dead[wid] = f"process died ({type(err).__name__})"
             except RayTaskError as err:
                 cause = err.cause if isinstance(err.cause, Exception) else err

@@ -37,23 +37,11 @@ from elastic.reshard.rounds import (
     scheduled_seconds,
     transfer_rounds,
 )
+from tests.unit.test_plan import BATCH, MODEL, placements  # noqa: F401 (shared strategies)
 
-MODEL = ModelConfig(dim=24, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=36, vocab_size=21)
 PARAMS = tensor_specs(MODEL)
 SPECS = tuple(PARAMS + [p.renamed(f"{p.name}::{k}") for p in PARAMS for k in ("exp_avg", "exp_avg_sq")])
 SIZES = ItemSizes.adamw()
-BATCH = 12
-
-
-@st.composite
-def placements(draw, worker_pool=range(10)):
-    while True:
-        layout = Layout(draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 3])),
-                        draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2, 3])))
-        if layout.world <= 8 and layout.is_valid(MODEL, BATCH):
-            break
-    workers = draw(st.permutations(list(worker_pool)))[: layout.world]
-    return Placement(layout, tuple(workers))
 
 
 def reference(old, new, specs, itemsize, alive=None):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from elastic.data import ArithmeticTask, Dataset, Problem, _pack
+from elastic.data import ArithmeticTask, Dataset, ExactAnswerTask, Problem
 from elastic.model.init import stable_seed
 from elastic.model.tokenizer import ByteTokenizer
 
@@ -68,7 +68,7 @@ def arithmetic_reward(prompt: str, completion: str) -> float:
     return exact_match(completion, arithmetic_answer(prompt))
 
 
-class SortDigitsTask(Dataset):
+class SortDigitsTask(ExactAnswerTask):
     """'sort 83152=' -> '12358': sort a fixed number of random digits; the completion is the answer then EOS.
 
     All prompts have the same length (BOS + "sort " + digits + "="), so a batch needs no padding.
@@ -88,14 +88,7 @@ class SortDigitsTask(Dataset):
         if seq_len < self.prompt_len + num_digits:
             raise ValueError(f"sort_digits with {num_digits} digits needs seq_len >= {self.prompt_len + num_digits} "
                              f"(prompt {self.prompt_len} + answer and EOS), got {seq_len}")
-        self.seq_len, self.n, self.seed, self.n_holdout = seq_len, num_samples, seed, holdout
-        self.tok = ByteTokenizer()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def holdout_size(self) -> int:
-        return self.n_holdout
+        super().__init__(seq_len, num_samples, seed, holdout)
 
     @staticmethod
     def _is_holdout(digits: str) -> bool:
@@ -108,13 +101,6 @@ class SortDigitsTask(Dataset):
             if self._is_holdout(digits) == (split != "train"):
                 break
         return Problem(f"{self.PREFIX}{digits}=", "".join(sorted(digits)))
-
-    def prompt_ids(self, index: int, split: str = "train") -> list[int]:
-        return self.tok.encode(self.problem(index, split).prompt, bos=True)
-
-    def sample(self, index: int, split: str = "train"):
-        p = self.problem(index, split)
-        return _pack(self.tok.encode(p.prompt, bos=True), self.tok.encode(p.answer, eos=True), self.seq_len)
 
 
 _SORT = re.compile(r"sort (\d+)=")
