@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = make_config(args)
     tokens = args.batch * args.seq
-    console = Console()
+    console = Console(width=120)
     console.print(f"model {args.model}: {cfg.model.num_params() / 1e6:.1f}M parameters, float32, "
                   f"batch {args.batch} x {args.seq} tokens")
     base, ours = in_process(cfg, args.steps, args.rounds)

@@ -152,6 +152,9 @@ class RuntimeConfig:
     store_timeout_s: float = knob(30.0, "how long a worker waits for its peers to join a group")
     reshard_chunk_bytes: int = knob(64 << 20, "largest single reshard message; bigger pieces are split")
     reshard_round_bytes: int = knob(256 << 20, "bytes a worker may send plus receive in one reshard round")
+    memory_per_worker_gb: float = knob(
+        0.0, "policy: skip layouts whose training state per worker (weights, gradients, AdamW moments, "
+        "and a reshard's staged copy) would exceed this many GB; 0: no limit")
     fault_delay_transfer_s: float = knob(0.0, "testing only: pause in each reshard transfer (to kill workers there)")
 
     def __post_init__(self) -> None:
@@ -161,6 +164,8 @@ class RuntimeConfig:
         _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s must be > 0")
         _require(self.store_timeout_s > 0, "runtime.store_timeout_s must be > 0")
         _require(self.reshard_chunk_bytes > 0 and self.reshard_round_bytes > 0, "reshard byte budgets must be > 0")
+        _require(self.memory_per_worker_gb >= 0, f"runtime.memory_per_worker_gb={self.memory_per_worker_gb} "
+                 "must be >= 0 (0: no limit)")
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

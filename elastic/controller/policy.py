@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from elastic.config import Config
 from elastic.controller.costmodel import CostModel
-from elastic.layout import Layout, Placement, TensorSpec, box_numel, enumerate_layouts, intersect
+from elastic.layout import Coord, Layout, Placement, TensorSpec, box_numel, enumerate_layouts, intersect
 from elastic.reshard.plan import MissingShards, make_plan
 from elastic.state import state_specs
 
@@ -58,7 +58,28 @@ class Policy:
     # ---- candidates ------------------------------------------------------------------
     def layouts(self, world: int) -> list[Layout]:
         found = enumerate_layouts(world, self.cfg.model, self.cfg.train.global_batch)
-        return [l for l in found if l.dp >= 2] if self.require_replica else found
+        if self.require_replica:
+            found = [l for l in found if l.dp >= 2]
+        budget = self.cfg.runtime.memory_per_worker_gb * 1e9
+        return [l for l in found if self.peak_state_bytes(l) <= budget] if budget else found
+
+    def peak_state_bytes(self, layout: Layout) -> int:
+        """Predicted peak training-state bytes on the busiest rank of ``layout``: its weights and AdamW
+        moments twice (old and staged copies meet during a reshard) plus its gradients.
+        Activations and the interpreter are not counted: the budget should leave room for them."""
+        n_layers, itemsize = self.cfg.model.n_layers, self.cost.itemsize
+        placement = Placement(layout, tuple(range(layout.world)))
+        busiest = 0
+        for stage in range(layout.pp):  # ranks of one stage hold equal shares, up to uneven splits
+            rank = layout.rank(Coord(pp=stage, dp=0, fsdp=0, tp=0))
+            held = grads = 0
+            for spec in self.specs:
+                box = placement.box(spec, rank, n_layers)
+                if box is not None:
+                    held += box_numel(box)
+                    grads += box_numel(box) if spec.trainable and "::" not in spec.name else 0
+            busiest = max(busiest, (2 * held + grads) * itemsize)
+        return busiest
 
     def validate_request(self, layout: Layout, available: int) -> None:
         """Raise ValueError (one clear line) if the operator's layout cannot run here."""
@@ -133,8 +154,9 @@ class Policy:
                 move = self._reshard_cost(current, target, alive)
                 options.append((step * remaining + move, step, move, target))
         if not options:
-            return Decision(None, f"no valid layout for {len(workers)} workers (model and batch limits); "
-                                  "waiting for workers")
+            limit = self.cfg.runtime.memory_per_worker_gb
+            limits = f"model, batch and the {limit:g} GB per-worker memory limits" if limit else "model and batch limits"
+            return Decision(None, f"no valid layout for {len(workers)} workers ({limits}); waiting for workers")
         total, step, move, target = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
         stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
                       and (phase not in self.phase_filter or self.phase_filter[phase](current.layout)))

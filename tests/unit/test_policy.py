@@ -69,3 +69,27 @@ def test_rank_assignment_keeps_shards_local():
     smart = policy.assign(old, Layout(tp=2, fsdp=2), [3, 4, 7, 9])
     moved = {p: make_plan(old, p, policy.specs, cfg.model.n_layers, 8).bytes_moved() for p in (naive, smart)}
     assert moved[smart] <= moved[naive]
+
+
+def test_memory_budget_rules_out_layouts_that_would_not_fit():
+    import dataclasses
+
+    cfg = tiny_config(global_batch=16)
+    cost = CostModel(cfg.model, 16, cfg.data.seq_len, 8, cores=4)
+    n = cfg.model.num_params()  # float64, every parameter trainable: weights + 2 moments + grads
+    unlimited = Policy(cfg, cost)
+    # Replicated: 2 copies of (weights + moments) + grads = 7 * n items per rank; fsdp=4 a quarter of it.
+    assert unlimited.peak_state_bytes(Layout(dp=4)) == 7 * n * 8
+    assert unlimited.peak_state_bytes(Layout(fsdp=4)) == pytest.approx(7 * n * 8 / 4, rel=0.02)
+    assert Layout(dp=4) in unlimited.layouts(4)
+
+    budget = 7 * n * 8 / 2 / 1e9  # room for half the replicated state: only layouts sharding by >= 2 fit
+    tight = Policy(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, memory_per_worker_gb=budget)),
+                   cost)
+    allowed = tight.layouts(4)
+    assert allowed and Layout(dp=4) not in allowed
+    assert all(tight.peak_state_bytes(l) <= budget * 1e9 for l in allowed)
+    assert tight.decide(None, [0, 1, 2, 3], 100).placement.layout in allowed
+    # One worker cannot hold it all: the job pauses and says which limit binds.
+    paused = tight.decide(Placement(Layout(dp=2), (0, 1)), [0], 100, must_move=True)
+    assert paused.placement is None and "GB per-worker memory" in paused.reason
