@@ -28,7 +28,7 @@ from elastic.model.llama import LlamaStage, causal_lm_loss_sum
 from elastic.model.lora import apply_lora, init_lora_tensor, is_lora_name
 from elastic.optim import build_adamw, lr_at
 from elastic.parallel.clip import clip_grad_norm_
-from elastic.parallel.fsdp import apply_fsdp
+from elastic.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.parallel.pipeline import build_schedule
 from elastic.parallel.tensor import apply_tensor_parallel
 from elastic.state import OPT_KEYS, param_specs
@@ -84,7 +84,7 @@ class Engine:
         if layout.tp > 1:
             apply_tensor_parallel(module, mesh["tp"])
         if self.fsdp:
-            apply_fsdp(module, mesh["dp", "fsdp"])
+            apply_fsdp(module, data_mesh(mesh))
         module.to_empty(device="cpu")
         self.module = module
         # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on

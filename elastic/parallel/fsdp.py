@@ -13,6 +13,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
+def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The (dp, fsdp) sub-mesh of a layout's 4-D mesh, or just fsdp when nothing is replicated.
+
+    The two are the same sharding, but FSDP slices a 2-D mesh anew for every parameter it wraps
+    (about 2 ms each on this machine), which a 1-D mesh skips: a reshard rebuilds faster.
+    """
+    dp = mesh.size(mesh.mesh_dim_names.index("dp"))
+    return mesh["fsdp"] if dp == 1 else mesh["dp", "fsdp"]
+
+
 def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
     for layer in stage.model.layers.values():
         fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from elastic.config import Config, ModelConfig
 from elastic.data import build_dataset
 from elastic.layout import Layout
-from elastic.parallel.fsdp import apply_fsdp
+from elastic.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.parallel.tensor import apply_tensor_parallel
 
 TINY = ModelConfig(vocab_size=259, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=16)
@@ -36,7 +36,7 @@ def warm_up(cfg: Config) -> None:
         mesh = build_mesh(Layout())
         model = LlamaStage(dataclasses.replace(TINY)).to(torch.float32)
         apply_tensor_parallel(model, mesh["tp"])
-        apply_fsdp(model, mesh["dp", "fsdp"])
+        apply_fsdp(model, data_mesh(mesh))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 256, (1, 8))
         causal_lm_loss_sum(model(x), x).backward()
