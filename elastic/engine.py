@@ -29,6 +29,7 @@ from elastic.model.lora import apply_lora, init_lora_tensor, is_lora_name
 from elastic.optim import build_adamw, lr_at
 from elastic.parallel.clip import clip_grad_norm_
 from elastic.parallel.fsdp import apply_fsdp, data_mesh
+from elastic.parallel.mesh_cache import shared_mesh_slices
 from elastic.parallel.pipeline import build_schedule
 from elastic.parallel.tensor import apply_tensor_parallel
 from elastic.state import OPT_KEYS, param_specs
@@ -81,10 +82,11 @@ class Engine:
         for name, p in module.named_parameters():
             p.requires_grad_(self.specs[name].trainable)
         self.fsdp = layout.data_parallel > 1
-        if layout.tp > 1:
-            apply_tensor_parallel(module, mesh["tp"])
-        if self.fsdp:
-            apply_fsdp(module, data_mesh(mesh))
+        with shared_mesh_slices():  # FSDP would otherwise build a sub-mesh per parameter
+            if layout.tp > 1:
+                apply_tensor_parallel(module, mesh["tp"])
+            if self.fsdp:
+                apply_fsdp(module, data_mesh(mesh))
         module.to_empty(device="cpu")
         self.module = module
         # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on

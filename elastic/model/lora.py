@@ -43,7 +43,16 @@ def matches_target(module_name: str, targets: tuple[str, ...]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
-class LoRALinear(nn.Linear):
+class _Linear(nn.Linear):
+    """``nn.Linear`` that skips its random init on the meta device, where there are no values to fill
+    (engines are built on meta, once per reshard; the init's Python is a tenth of a LoRA rebuild)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
+class LoRALinear(_Linear):
     """``nn.Linear`` plus a low-rank update: y = x W^T (+ b) + scaling * B(A(dropout(x))).
 
     The base ``weight`` (and ``bias``) stay frozen; only ``lora_A.weight`` and ``lora_B.weight``
@@ -57,8 +66,8 @@ class LoRALinear(nn.Linear):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = _Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = _Linear(r, out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
         self.weight.requires_grad_(False)
         if self.bias is not None:
