@@ -165,6 +165,8 @@ class Policy:
             grows = self.objective == "use_all" and target.layout.world != current.layout.world
             if target == current or (not grows and now * remaining - total <= self.margin * now * remaining):
                 return None
-            why = reason or "predicted to finish sooner"
+            faster = now * remaining - total > self.margin * now * remaining
+            why = reason or ("predicted to finish sooner" if faster else
+                             f"objective use_all: run on all {target.layout.world} workers")
             return Decision(target, why, step, move, now)
         return Decision(target, reason or "the current placement cannot continue", step, move)

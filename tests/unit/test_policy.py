@@ -93,3 +93,12 @@ def test_memory_budget_rules_out_layouts_that_would_not_fit():
     # One worker cannot hold it all: the job pauses and says which limit binds.
     paused = tight.decide(Placement(Layout(dp=2), (0, 1)), [0], 100, must_move=True)
     assert paused.placement is None and "GB per-worker memory" in paused.reason
+
+
+def test_use_all_says_so_when_growing_is_not_predicted_faster():
+    cfg = tiny_config(global_batch=16)
+    cost = CostModel(cfg.model, 16, cfg.data.seq_len, 8, cores=2)  # 4 workers on 2 cores: no faster
+    decision = Policy(cfg, cost, objective="use_all").decide(Placement(Layout(dp=2), (0, 1)), [0, 1, 2, 3], 100)
+    assert decision.placement.layout.world == 4
+    assert decision.step_seconds * 100 + decision.reshard_seconds > decision.current_step_seconds * 100
+    assert "use_all" in decision.reason and "sooner" not in decision.reason
