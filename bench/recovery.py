@@ -15,8 +15,8 @@ Never fails on timing.
 from __future__ import annotations
 
 import argparse
-import statistics
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -135,8 +135,9 @@ def main() -> None:
                       "1.0", "-", str(base["lost"]), "-")
     console.print(table)
     console.print(f"kill during step {KILL_AT}; in-memory snapshots and disk checkpoints every 4 steps.\n"
-                  "MTTR: SIGKILL -> the killed step completed after recovery (lost steps replayed first). Training again "
-                  "after: SIGKILL -> that first step (or the replay) starting, i.e. MTTR without the steps themselves.\n"
+                  "MTTR: SIGKILL -> the killed step completed after recovery (lost steps replayed first). "
+                  "Training again after: SIGKILL -> that first step (or the replay) starting, i.e. MTTR without "
+                  "the steps themselves.\n"
                   "steady step: median step before the kill. A replacement worker starts in the background "
                   "meanwhile (importing torch competes for the 2 cores).")
     ray.shutdown()

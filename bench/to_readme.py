@@ -27,7 +27,8 @@ SECTIONS = (
      "The stall is what training waits for: decision to every engine ready on the new layout."),
     ("recovery", "Recovery from a SIGKILL", "MTTR includes the killed step itself; 'training again after' does not."),
     ("lora", "LoRA against full fine-tuning", "Rebuild time grows with the parameter count (FSDP/DTensor set-up)."),
-    ("grpo_phases", "GRPO rollout/update phases", "Whether a phase relayout pays for itself, decided by the cost model."),
+    ("grpo_phases", "GRPO rollout/update phases",
+     "Whether a phase relayout pays for itself, decided by the cost model."),
     ("throughput", "Step throughput per layout", "Two processes share 2 cores, so parallel layouts cannot beat one."),
 )
 NOISE = re.compile(r"^(\[step \d+\]|worker \d+ failed to start|.*\(raylet\)|.*it/s\]|\s*\d+%\|)")
@@ -46,7 +47,8 @@ def section(out: Path) -> str:
         path = out / f"{name}.txt"
         if not path.exists():
             continue
-        parts.append(f"### {heading}\n\n{note} Source: `bench/{name}.py`.\n\n```text\n{cleaned(path.read_text())}\n```\n")
+        table = cleaned(path.read_text())
+        parts.append(f"### {heading}\n\n{note} Source: `bench/{name}.py`.\n\n```text\n{table}\n```\n")
     parts.append("Planning at cluster scale (8B/70B/405B, up to 4,096 simulated workers): "
                  "[docs/scale.md](docs/scale.md), from `bench/plan_scale.py`.\n")
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/grpo_noisy.py --quick      # about 10 minutes on 2 cores
     .venv/bin/python examples/grpo_noisy.py              # longer runs, clearer differences
+    .venv/bin/python examples/grpo_noisy.py --quick --seeds 3   # averaged over 3 seeds (3x the time)
 
 1. Supervised warm-up: a small model learns the built-in arithmetic task (``47+38=`` -> ``85``)
    on 2 worker processes, then is saved as a Hugging Face folder.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from elastic.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
@@ -84,6 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 10 minutes)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="GRPO runs per variant, with seeds 0..N-1 (prompt order, sampling, reward noise); "
+                             "accuracies are averaged. Each seed adds the time of one --seeds 1 run")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/grpo")
     args = parser.parse_args()
     sft_steps, grpo_steps = (800, 150) if args.quick else (1500, 400)
@@ -98,27 +103,34 @@ def main() -> None:
     before = heldout_accuracy(load_model(probe, load_hf_llama(base)[1]), task, n=512)
     print(f"held-out accuracy after the warm-up: {before:.1%}")
 
-    curves, final, extra = {}, {}, {}
+    curves, final, per_seed, extra = {}, {}, {}, {}
     for name, knobs in VARIANTS.items():
-        cfg = grpo_config(base=base, steps=grpo_steps, workers=args.workers, prompts_per_step=32, lr=1e-4,
-                          lora=False, num_generations=8, max_new_tokens=4, temperature=1.0, **knobs)
-        options = ControllerOptions(layout=Layout(dp=args.workers), run_dir=str(args.out / name.replace(" ", "_")
-                                                                                 .replace(",", "").replace("(", "")
-                                                                                 .replace(")", "")))
-        print(f"\n== GRPO, {name}")
-        result, workload, _ = run_grpo(cfg, options)
-        curves[name] = [workload.stats[k]["reward_true"] for k in sorted(workload.stats)]
-        final[name] = heldout_accuracy(load_model(cfg, result.state), task, n=512)
-        rates = workload.loop.rates
-        extra[name] = (f"rates used: rho+={rates.rho_plus:.3f} rho-={rates.rho_minus:.3f}"
+        folder = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        per_seed[name], rates_used = [], []
+        for seed in range(args.seeds):
+            cfg = grpo_config(base=base, steps=grpo_steps, workers=args.workers, prompts_per_step=32, lr=1e-4,
+                              lora=False, num_generations=8, max_new_tokens=4, temperature=1.0, seed=seed, **knobs)
+            run_dir = args.out / (folder if seed == 0 else f"{folder}_seed{seed}")
+            options = ControllerOptions(layout=Layout(dp=args.workers), run_dir=str(run_dir))
+            print(f"\n== GRPO, {name}, seed {seed}")
+            result, workload, _ = run_grpo(cfg, options)
+            if seed == 0:
+                curves[name] = [workload.stats[k]["reward_true"] for k in sorted(workload.stats)]
+            per_seed[name].append(heldout_accuracy(load_model(cfg, result.state), task, n=512))
+            rates_used.append(workload.loop.rates)
+            resharding = sum(r.total_seconds for r in result.reshards)
+            print(f"   held-out accuracy {per_seed[name][-1]:.1%}; time in rollouts "
+                  f"{workload.seconds['rollout']:.0f} s, updates {workload.seconds['train']:.0f} s, "
+                  f"reshards {resharding:.1f} s")
+        final[name] = statistics.mean(per_seed[name])
+        extra[name] = ("rates used: " + ", ".join(f"rho+={r.rho_plus:.3f} rho-={r.rho_minus:.3f}" for r in rates_used)
                        if knobs["correction"] != "none" else "")
-        resharding = sum(r.total_seconds for r in result.reshards)
-        print(f"   held-out accuracy {final[name]:.1%}; time in rollouts {workload.seconds['rollout']:.0f} s, "
-              f"updates {workload.seconds['train']:.0f} s, reshards {resharding:.1f} s")
-    print(f"\nheld-out accuracy under the true reward ({grpo_steps} GRPO steps, 512 held-out problems; "
-          f"before GRPO: {before:.1%})")
+    print(f"\nheld-out accuracy under the true reward ({grpo_steps} GRPO steps, 512 held-out problems, "
+          f"{args.seeds} seed(s); before GRPO: {before:.1%})")
     for name in VARIANTS:
-        print(f"  {name:<38} {final[name]:6.1%}   {extra[name]}")
+        spread = (f" +- {statistics.stdev(per_seed[name]) / len(per_seed[name]) ** 0.5:.1%} "
+                  f"(seeds: {', '.join(f'{a:.1%}' for a in per_seed[name])})" if args.seeds > 1 else "")
+        print(f"  {name:<38} {final[name]:6.1%}{spread}   {extra[name]}")
     lost = final["clean"] - final["noisy, uncorrected"]
     recovered = final["noisy, corrected (true rates)"] - final["noisy, uncorrected"]
     if lost > 0:
@@ -128,8 +140,8 @@ def main() -> None:
     out = args.out / "grpo_noisy.png"
     plot(curves, final, before, out)
     print(f"plot: {out}")
-    (args.out / "summary.json").write_text(json.dumps({"before": before, "final": final, "curves": curves,
-                                                      "grpo_steps": grpo_steps}, indent=1))
+    (args.out / "summary.json").write_text(json.dumps({"before": before, "final": final, "per_seed": per_seed,
+                                                      "curves": curves, "grpo_steps": grpo_steps}, indent=1))
 
 
 if __name__ == "__main__":

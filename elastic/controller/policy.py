@@ -155,7 +155,8 @@ class Policy:
                 options.append((step * remaining + move, step, move, target))
         if not options:
             limit = self.cfg.runtime.memory_per_worker_gb
-            limits = f"model, batch and the {limit:g} GB per-worker memory limits" if limit else "model and batch limits"
+            limits = (f"model, batch and the {limit:g} GB per-worker memory limits" if limit
+                      else "model and batch limits")
             return Decision(None, f"no valid layout for {len(workers)} workers ({limits}); waiting for workers")
         total, step, move, target = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
         stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
