@@ -59,7 +59,7 @@ def measure(group: WorkerGroup, target: Placement, reason: str) -> dict:
             "commit": report.commit_seconds, "plan": report.plan_seconds,
             "execute": max(w["seconds"] for w in report.workers.values()),
             "leave": max(c["leave"] for c in commits), "group": max(c["group"] for c in commits),
-            "engine": max(c["engine"] for c in commits), "trim": max(c["trim"] for c in commits)}
+            "engine": max(c["engine"] for c in commits)}
 
 
 def checkpoint_restart(group: WorkerGroup, target_layout: Layout) -> dict:
@@ -129,12 +129,11 @@ def main() -> None:
     console.print(table)
     parts = Table(title="Where the stall goes (slowest worker per phase, seconds)")
     for col in ("transition", "plan", "transfer phase", "of which p2p", "commit phase", "leave group", "form group",
-                "build engine", "free memory"):
+                "build engine"):
         parts.add_column(col, justify="left" if col == "transition" else "right")
     for r in rows:
         parts.add_row(f"{r['old']} -> {r['new']}", f"{r['plan']:.3f}", f"{r['transfer']:.3f}", f"{r['execute']:.3f}",
-                      f"{r['commit']:.3f}", f"{r['leave']:.3f}", f"{r['group']:.3f}", f"{r['engine']:.3f}",
-                      f"{r['trim']:.3f}")
+                      f"{r['commit']:.3f}", f"{r['leave']:.3f}", f"{r['group']:.3f}", f"{r['engine']:.3f}")
     console.print(parts)
     console.print(f"checkpoint-restart baseline (dp=4 -> dp=2,tp=2): save {base['save']:.2f} s "
                   f"({base['bytes'] / 1e9:.2f} GB), restart actors {base['restart']:.2f} s, load {base['load']:.2f} s, "

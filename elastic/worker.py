@@ -19,7 +19,6 @@ collective timeout. Its tensors stay in memory; only the process groups are lost
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -52,19 +51,6 @@ class StepFailed(RuntimeError):
 
     def __str__(self) -> str:
         return f"worker {self.worker}: {self.message}"
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    After a reshard the old engine's tensors are freed, but glibc keeps most of the memory of
-    tensors under its mmap threshold (32 MB at most) in its heap, so a worker's resident size
-    would stay at old plus new state, and several such workers on one machine can run out.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _first_line(err: BaseException) -> str:
@@ -161,11 +147,8 @@ class Worker:
             formed = time.perf_counter()
             self.engine = Engine(self.cfg, placement, rank, mesh, state=state, step=step)
             self.placement, self.staged = placement, None
-            built = time.perf_counter()
-            release_free_memory()  # the old engine's tensors
             done = time.perf_counter()
-            return {"leave": left - started, "group": formed - left, "engine": built - formed, "trim": done - built,
-                    "total": done - started}
+            return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
 
     @COMPUTE
     def train_step(self, committed: int) -> StepResult:
@@ -265,10 +248,7 @@ class Worker:
         if self.staged is None:
             raise StepFailed(self.id, "has no transferred state to commit")
         new, state, step = self.staged
-        phases = self.setup(new, group, state=state, step=step)
-        del state  # the engine copied the parameters out of it
-        release_free_memory()
-        return phases
+        return self.setup(new, group, state=state, step=step)
 
     @CONTROL
     def reshard_cancel(self) -> None:
