@@ -152,6 +152,8 @@ class RuntimeConfig:
     store_timeout_s: float = knob(30.0, "how long a worker waits for its peers to join a group")
     reshard_chunk_bytes: int = knob(64 << 20, "largest single reshard message; bigger pieces are split")
     reshard_round_bytes: int = knob(256 << 20, "bytes a worker may send plus receive in one reshard round")
+    reshard_pack_bytes: int = knob(1 << 20, "reshard pieces smaller than this travel packed, one message per "
+                                   "peer and round (0: every piece alone)")
     memory_per_worker_gb: float = knob(
         0.0, "policy: skip layouts whose training state per worker (weights, gradients, AdamW moments, "
         "and a reshard's staged copy) would exceed this many GB; 0: no limit")
@@ -164,6 +166,7 @@ class RuntimeConfig:
         _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s must be > 0")
         _require(self.store_timeout_s > 0, "runtime.store_timeout_s must be > 0")
         _require(self.reshard_chunk_bytes > 0 and self.reshard_round_bytes > 0, "reshard byte budgets must be > 0")
+        _require(self.reshard_pack_bytes >= 0, "runtime.reshard_pack_bytes must be >= 0 (0: no packing)")
         _require(self.memory_per_worker_gb >= 0, f"runtime.memory_per_worker_gb={self.memory_per_worker_gb} "
                  "must be >= 0 (0: no limit)")
 

@@ -228,7 +228,8 @@ class Worker:
             time.sleep(self.cfg.runtime.fault_delay_transfer_s)  # fault injection: widen the window for tests
         try:
             new_state, stats = execute(work, self.id, old_state, self._boxes(old), self._boxes(new),
-                                       DTYPE[self.cfg.train.dtype], pg, {w: i for i, w in enumerate(movers)})
+                                       DTYPE[self.cfg.train.dtype], pg, {w: i for i, w in enumerate(movers)},
+                                       self.cfg.runtime.reshard_pack_bytes)
         except Exception as err:
             meshlib.abort_groups(group)
             raise StepFailed(self.id, f"reshard transfer failed: {_first_line(err)}") from None

@@ -4,6 +4,9 @@ Local pieces are copied in place. Remote pieces go point to point (batched ``sen
 standalone gloo group), round by round as ``plan.schedule_rounds`` grouped them, so buffers never
 exceed the round budget. A slice that is already contiguous (any dimension-0 range of a
 contiguous tensor, which is what FSDP produces) is sent from, or received into, directly: no copy.
+Pieces under ``pack_below`` bytes (norms, LoRA adapters and their moments) travel packed, one
+message per peer and round, because each gloo message costs a round trip whatever its size; both
+sides order a pack by transfer index, so they agree on its layout without talking.
 
 The old tensors are only read. Until the caller commits, the old engine is untouched, so a
 reshard that fails midway leaves the old placement able to continue.
@@ -17,9 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from elastic.layout import Box, box_shape, relative
+from elastic.layout import Box, box_numel, box_shape, relative
 from elastic.reshard.plan import Transfer
-
 
 @dataclass
 class ExecStats:
@@ -36,7 +38,8 @@ def _slices(box: Box) -> tuple[slice, ...]:
 
 def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str, torch.Tensor],
             old_boxes: dict[str, Box], new_boxes: dict[str, Box], dtype: torch.dtype,
-            group: dist.ProcessGroup | None, rank_of: dict[int, int]) -> tuple[dict[str, torch.Tensor], ExecStats]:
+            group: dist.ProcessGroup | None, rank_of: dict[int, int],
+            pack_below: int = 1 << 20) -> tuple[dict[str, torch.Tensor], ExecStats]:
     """Build this worker's new local tensors.
 
     ``work`` lists (round, tag, transfer) for every transfer this worker sends, receives or copies;
@@ -46,6 +49,7 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
     stats = ExecStats()
     new_state = {name: torch.empty(box_shape(box), dtype=dtype) for name, box in new_boxes.items()}
     rounds: dict[int, list[tuple[int, Transfer]]] = {}
+    keep_alive: list[torch.Tensor] = []  # packed send buffers, until their sends complete
     for rnd, tag, t in work:
         if t.local:
             src = old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
@@ -55,8 +59,11 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
             rounds.setdefault(rnd, []).append((tag, t))
     for rnd in sorted(rounds):
         pending, unpack, buffered = [], [], 0
+        packs: dict[tuple[int, int], list[tuple[int, Transfer]]] = {}
         for tag, t in rounds[rnd]:
-            if t.src == me:
+            if t.nbytes < pack_below:
+                packs.setdefault((t.src, t.dst), []).append((tag, t))
+            elif t.src == me:
                 view = old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
                 if not view.is_contiguous():
                     view = view.contiguous()
@@ -73,10 +80,31 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
                     pending.append(group.recv([buffer], rank_of[t.src], tag))
                     unpack.append((target, buffer))
                 stats.received_bytes += t.nbytes
+        for (src, dst), items in packs.items():
+            items.sort(key=lambda item: item[0])
+            tag = items[0][0]  # unique: that transfer travels in this pack and nowhere else
+            if src == me:
+                flat = torch.cat([old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))].reshape(-1)
+                                  for _, t in items])
+                pending.append(group.send([flat], rank_of[dst], tag))
+                stats.sent_bytes += sum(t.nbytes for _, t in items)
+            else:
+                flat = torch.empty(sum(box_numel(t.box) for _, t in items), dtype=dtype)
+                pending.append(group.recv([flat], rank_of[src], tag))
+                offset = 0
+                for _, t in items:
+                    n = box_numel(t.box)
+                    target = new_state[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
+                    unpack.append((target, flat[offset:offset + n].view(box_shape(t.box))))
+                    offset += n
+                stats.received_bytes += sum(t.nbytes for _, t in items)
+            buffered += flat.numel() * flat.element_size()
+            keep_alive.append(flat)
         for w in pending:
             w.wait()
         for target, buffer in unpack:
             target.copy_(buffer)
+        keep_alive.clear()
         stats.peak_buffer_bytes = max(stats.peak_buffer_bytes, buffered)
     stats.seconds = time.perf_counter() - started
     return new_state, stats

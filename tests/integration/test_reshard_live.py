@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -74,8 +75,10 @@ def test_drain_add_relayout_and_back_equals_single_process(ray_session, tmp_path
 
 
 @pytest.mark.timeout(120)
-def test_round_trip_is_bit_identical(pool):
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 20], ids=["every piece alone", "small pieces packed"])
+def test_round_trip_is_bit_identical(pool, pack_bytes):
     cfg = tiny_config(steps=3, dtype="float32")
+    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, reshard_pack_bytes=pack_bytes))
     pool.cfg = cfg
     workers = tuple(pool.alive()[:4])
     a = Placement(Layout(dp=2, tp=2), workers)
@@ -92,8 +95,6 @@ def test_round_trip_is_bit_identical(pool):
 
 @pytest.mark.timeout(180)
 def test_too_few_workers_pauses_then_resumes(ray_session):
-    import dataclasses
-
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
     _, ref_state, _ = reference_run(cfg)
@@ -127,8 +128,6 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
 @pytest.mark.timeout(180)
 def test_failed_reshard_keeps_old_placement(ray_session):
     """A new worker dies in the middle of the transfer: the old placement carries on, nothing lost."""
-    import dataclasses
-
     cfg = tiny_config(steps=6)
     _, ref_state, _ = reference_run(cfg)
     slow = dataclasses.replace(cfg.runtime, fault_delay_transfer_s=3.0, workers=2)
