@@ -30,6 +30,7 @@ from elastic.layout import Placement, TensorSpec
 from elastic.worker import StepFailed, Worker
 
 log = logging.getLogger(__name__)
+REABORT_EVERY_S = 1.0  # how often a failing gather cuts the gloo groups of members that have not answered
 
 
 class WorkerFailure(RuntimeError):
@@ -188,6 +189,15 @@ class WorkerGroup:
             if wid in self.actors:
                 self.actors[wid].abort.remote()
 
+    def _cut(self, workers: Iterable[int], cut_group: str | None) -> None:
+        """Abort ``workers``' gloo groups (only ``cut_group`` if given: a reshard's transfer group)."""
+        if cut_group is None:
+            self.abort(workers)
+        else:
+            for w in workers:
+                if w in self.actors:
+                    self.actors[w].cut_group.remote(cut_group)
+
     def _gather(self, calls: dict[int, ray.ObjectRef], members: Iterable[int] = (), abort: bool = True,
                 timeout: float | None = None, cut_group: str | None = None,
                 forming: str | None = None) -> dict[int, object]:
@@ -199,9 +209,15 @@ class WorkerGroup:
         aborted = False
         while pending:
             left = deadline - time.monotonic()
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, left))
+            # Once aborting, re-send the abort every second: a member that entered a collective after
+            # the first cut may have opened fresh gloo connections that the first cut did not see.
+            wait = min(left, REABORT_EVERY_S) if aborted else left
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, wait))
             if not ready:
                 waiting = sorted(pending.values())
+                if aborted and left > REABORT_EVERY_S:
+                    self._cut(waiting, cut_group)
+                    continue
                 self.abort(waiting)
                 raise WorkerFailure({}, {w: f"no answer within {timeout:.0f} s" for w in waiting})
             ref = ready[0]
@@ -221,12 +237,7 @@ class WorkerGroup:
                 aborted = True
                 if forming is not None:  # release peers still waiting in the group's rendezvous
                     self.store.set(f"{forming}/abort", "1")
-                others = [w for w in members if w not in dead and w in self.actors]
-                if cut_group is None:
-                    self.abort(others)
-                else:
-                    for w in others:
-                        self.actors[w].cut_group.remote(cut_group)
+                self._cut([w for w in members if w not in dead and w in self.actors], cut_group)
         for wid in dead:
             self.actors.pop(wid, None)
         if dead or failed:
