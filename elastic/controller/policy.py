@@ -164,9 +164,9 @@ class Policy:
         if stay_valid:
             now = self.cost.step_seconds(current.layout)
             grows = self.objective == "use_all" and target.layout.world != current.layout.world
-            if target == current or (not grows and now * remaining - total <= self.margin * now * remaining):
-                return None
             faster = now * remaining - total > self.margin * now * remaining
+            if target == current or (not grows and not faster):
+                return None
             why = reason or ("predicted to finish sooner" if faster else
                              f"objective use_all: run on all {target.layout.world} workers")
             return Decision(target, why, step, move, now)

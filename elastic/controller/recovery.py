@@ -73,7 +73,8 @@ class Snapshotter:
         try:
             ray.get(ready)
         except Exception as err:  # a worker died before handing its part over: keep the older snapshot
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = str(err).strip()
+            reason = text.splitlines()[0] if text else type(err).__name__
             log.warning("snapshot at step %d is incomplete (%s); keeping the previous one", snap.step, reason)
             self.inflight = None
             return

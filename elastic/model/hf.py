@@ -188,17 +188,24 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}{hint if pickled else ''}")
 
 
-def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    """Exactly our model's tensors with our shapes, or a ValueError naming what differs."""
-    expected = {s.name: s.shape for s in tensor_specs(cfg)}
+def _differences(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]):
+    """(missing names, unexpected names, first (name, shape held, shape expected) that differs or None)."""
     missing = [n for n in expected if n not in state]
     unexpected = sorted(set(state) - set(expected))
+    wrong = next(((n, tuple(state[n].shape), shape) for n, shape in expected.items()
+                  if n in state and tuple(state[n].shape) != shape), None)
+    return missing, unexpected, wrong
+
+
+def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """Exactly our model's tensors with our shapes, or a ValueError naming what differs."""
+    missing, unexpected, wrong = _differences(state, {s.name: s.shape for s in tensor_specs(cfg)})
     if missing or unexpected:
         raise ValueError(f"{where}: tensors do not match a Llama model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(state[name].shape)}, the config implies {shape}")
+    if wrong:
+        name, got, shape = wrong
+        raise ValueError(f"{where}: tensor {name} has shape {got}, the config implies {shape}")
 
 
 def load_hf_llama(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -238,18 +245,16 @@ def check_adapter_state(adapter_state: dict[str, torch.Tensor], model_cfg: Model
                         where: str) -> None:
     """Exactly the adapters ``lora_cfg`` puts on ``model_cfg``, with their shapes, or a clear ValueError."""
     expected = {s.name: s.shape for s in lora_tensor_specs(model_cfg, lora_cfg)}
-    missing = [n for n in expected if n not in adapter_state]
-    unexpected = sorted(set(adapter_state) - set(expected))
+    missing, unexpected, wrong = _differences(adapter_state, expected)
     if missing or unexpected:
         raise ValueError(f"{where}: adapter tensors do not match targets {list(lora_cfg.targets)} with r={lora_cfg.r}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, shape in expected.items():
-        got = tuple(adapter_state[name].shape)
-        if got != shape:
-            raise ValueError(
-                f"{where}: adapter tensor {name} has shape {got} but the base model needs {shape}; "
-                "the adapter was trained for a different base model shape or rank"
-            )
+    if wrong:
+        name, got, shape = wrong
+        raise ValueError(
+            f"{where}: adapter tensor {name} has shape {got} but the base model needs {shape}; "
+            "the adapter was trained for a different base model shape or rank"
+        )
 
 
 def export_merged(folder: str | Path, model_cfg: ModelConfig, base_state: dict[str, torch.Tensor],

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from elastic.layout import Box, box_numel, box_shape, relative
 from elastic.reshard.plan import Transfer
 
+
 @dataclass
 class ExecStats:
     sent_bytes: int = 0
@@ -50,10 +51,16 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
     new_state = {name: torch.empty(box_shape(box), dtype=dtype) for name, box in new_boxes.items()}
     rounds: dict[int, list[tuple[int, Transfer]]] = {}
     keep_alive: list[torch.Tensor] = []  # packed send buffers, until their sends complete
+
+    def source(t: Transfer) -> torch.Tensor:  # the piece's view in this worker's old tensor
+        return old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
+
+    def target(t: Transfer) -> torch.Tensor:  # the piece's view in this worker's new tensor
+        return new_state[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
+
     for rnd, tag, t in work:
         if t.local:
-            src = old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
-            new_state[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))].copy_(src)
+            target(t).copy_(source(t))
             stats.copied_bytes += t.nbytes
         else:
             rounds.setdefault(rnd, []).append((tag, t))
@@ -64,28 +71,27 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
             if t.nbytes < pack_below:
                 packs.setdefault((t.src, t.dst), []).append((tag, t))
             elif t.src == me:
-                view = old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
+                view = source(t)
                 if not view.is_contiguous():
                     view = view.contiguous()
                     buffered += t.nbytes
                 pending.append(group.send([view], rank_of[t.dst], tag))
                 stats.sent_bytes += t.nbytes
             else:
-                target = new_state[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
-                if target.is_contiguous():
-                    pending.append(group.recv([target], rank_of[t.src], tag))
+                into = target(t)
+                if into.is_contiguous():
+                    pending.append(group.recv([into], rank_of[t.src], tag))
                 else:
                     buffer = torch.empty(box_shape(t.box), dtype=dtype)
                     buffered += t.nbytes
                     pending.append(group.recv([buffer], rank_of[t.src], tag))
-                    unpack.append((target, buffer))
+                    unpack.append((into, buffer))
                 stats.received_bytes += t.nbytes
         for (src, dst), items in packs.items():
             items.sort(key=lambda item: item[0])
             tag = items[0][0]  # unique: that transfer travels in this pack and nowhere else
             if src == me:
-                flat = torch.cat([old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))].reshape(-1)
-                                  for _, t in items])
+                flat = torch.cat([source(t).reshape(-1) for _, t in items])
                 pending.append(group.send([flat], rank_of[dst], tag))
                 stats.sent_bytes += sum(t.nbytes for _, t in items)
             else:
@@ -94,16 +100,15 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
                 offset = 0
                 for _, t in items:
                     n = box_numel(t.box)
-                    target = new_state[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
-                    unpack.append((target, flat[offset:offset + n].view(box_shape(t.box))))
+                    unpack.append((target(t), flat[offset:offset + n].view(box_shape(t.box))))
                     offset += n
                 stats.received_bytes += sum(t.nbytes for _, t in items)
             buffered += flat.numel() * flat.element_size()
             keep_alive.append(flat)
         for w in pending:
             w.wait()
-        for target, buffer in unpack:
-            target.copy_(buffer)
+        for into, buffer in unpack:
+            into.copy_(buffer)
         keep_alive.clear()
         stats.peak_buffer_bytes = max(stats.peak_buffer_bytes, buffered)
     stats.seconds = time.perf_counter() - started
