@@ -20,11 +20,11 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import MODEL_PRESETS
-from elastic.controller.controller import ControllerOptions
-from elastic.layout import Layout
-from elastic.recipes.grpo.run import grpo_config
-from elastic.run import run_grpo
+from elastic.control.controller import ControllerOptions
+from elastic.core.config import MODEL_PRESETS
+from elastic.core.layout import Layout
+from elastic.driver.summary import run_grpo
+from elastic.recipes.grpo.recipe import grpo_config
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import MODEL_PRESETS, Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.controller.group import WorkerGroup
-from elastic.controller.resharder import reshard
-from elastic.layout import Layout, Placement
-from elastic.state import param_specs
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.layout import Layout, Placement
+from elastic.driver.ray_group import WorkerGroup
+from elastic.driver.resharder import reshard
+from elastic.model.specs import param_specs
 
 
 def make_config(args, lora: bool) -> Config:

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import ModelConfig
-from elastic.layout import Layout, Placement, TensorSpec
+from elastic.core.config import ModelConfig
+from elastic.core.layout import Layout, Placement, TensorSpec
 from elastic.model.llama import tensor_specs
-from elastic.reshard.plan import ItemSizes, make_plan
-from elastic.reshard.rounds import link_seconds, lower_bound, schedule, scheduled_seconds
-from elastic.state import OPT_KEYS
+from elastic.model.specs import OPT_KEYS
+from elastic.plan.planner import ItemSizes, make_plan
+from elastic.plan.stream_rounds import link_seconds, lower_bound, schedule, scheduled_seconds
 
 GLOBAL_BATCH = 4096
 NODE = 8  # workers per node; tp stays inside a node

@@ -26,12 +26,12 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.controller.checkpointing import resume_checkpoint, save_checkpoint
-from elastic.controller.controller import Controller, ControllerOptions, State
-from elastic.controller.events import Stop
-from elastic.controller.group import WorkerFailure, WorkerGroup
-from elastic.layout import Layout, Placement
+from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.events import Stop
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.layout import Layout, Placement
+from elastic.driver.checkpoints import resume_checkpoint, save_checkpoint
+from elastic.driver.ray_group import WorkerFailure, WorkerGroup
 
 KILL_AT = 6  # the kill lands during this step; snapshots and checkpoints every 4 steps (last at 4)
 

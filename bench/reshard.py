@@ -26,11 +26,11 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.controller.checkpointing import resume_checkpoint, save_checkpoint
-from elastic.controller.group import WorkerGroup
-from elastic.controller.resharder import reshard
-from elastic.layout import Layout, Placement
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.layout import Layout, Placement
+from elastic.driver.checkpoints import resume_checkpoint, save_checkpoint
+from elastic.driver.ray_group import WorkerGroup
+from elastic.driver.resharder import reshard
 
 
 def make_config(args) -> Config:

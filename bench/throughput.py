@@ -20,12 +20,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.data import GlobalSampler, build_dataset
-from elastic.engine import Engine
-from elastic.layout import Layout, Placement
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.data import GlobalSampler, build_dataset
+from elastic.core.layout import Layout, Placement
 from elastic.model.init import init_tensor
 from elastic.model.llama import LlamaStage, causal_lm_loss_sum, tensor_specs
+from elastic.runtime.engine import Engine
 
 
 def make_config(args) -> Config:
@@ -83,7 +83,7 @@ def in_process(cfg: Config, steps: int, rounds: int) -> tuple[float, float]:
 def on_workers(cfg: Config, layouts: list[str], steps: int) -> dict[str, float]:
     import ray
 
-    from elastic.controller.group import WorkerGroup
+    from elastic.driver.ray_group import WorkerGroup
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     group = WorkerGroup(cfg)

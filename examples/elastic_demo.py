@@ -22,12 +22,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from elastic.controller.controller import Controller, ControllerOptions, State
-from elastic.controller.events import AddWorkers, Drain, ScriptedEvents
-from elastic.layout import Layout
-from elastic.plot import plot_run
-from elastic.recipes.pretrain import complete, load_model, pretrain_config
-from elastic.run import connect_ray
+from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.events import AddWorkers, Drain, ScriptedEvents
+from elastic.core.layout import Layout
+from elastic.driver.summary import connect_ray
+from elastic.recipes.pretrain.recipe import complete, load_model, pretrain_config
+from elastic.tools.plot import plot_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,15 +23,15 @@ import json
 import statistics
 from pathlib import Path
 
-from elastic.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.controller.controller import ControllerOptions
-from elastic.data import ArithmeticTask
-from elastic.layout import Layout
+from elastic.control.controller import ControllerOptions
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.data import ArithmeticTask
+from elastic.core.layout import Layout
+from elastic.driver.summary import connect_ray, run_grpo, train
 from elastic.model.hf import save_hf_llama
-from elastic.recipes.grpo.run import grpo_config
-from elastic.recipes.lora import heldout_accuracy
-from elastic.recipes.pretrain import load_model
-from elastic.run import connect_ray, run_grpo, train
+from elastic.recipes.grpo.recipe import grpo_config
+from elastic.recipes.lora.recipe import heldout_accuracy
+from elastic.recipes.pretrain.recipe import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> GRPO knobs

@@ -22,15 +22,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from elastic.controller.controller import Controller, ControllerOptions
-from elastic.controller.events import AddWorkers, Drain, ScriptedEvents
-from elastic.data import ArithmeticTask
-from elastic.layout import Layout
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import AddWorkers, Drain, ScriptedEvents
+from elastic.core.data import ArithmeticTask
+from elastic.core.layout import Layout
+from elastic.driver.summary import connect_ray
 from elastic.model.hf import export_merged
 from elastic.model.peft_io import save_peft_adapter
-from elastic.recipes.lora import heldout_accuracy, lora_config, model_with_adapters
-from elastic.run import connect_ray
-from elastic.sweep import best, log_grid, lr_sweep, plot_sweep
+from elastic.recipes.lora.recipe import heldout_accuracy, lora_config, model_with_adapters
+from elastic.recipes.lora.sweep import best, log_grid, lr_sweep, plot_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from elastic.layout import Layout
+from elastic.core.layout import Layout
+from elastic.driver.summary import train
 from elastic.model.hf import save_hf_llama
-from elastic.recipes.pretrain import complete, load_model, pretrain_config
-from elastic.run import train
+from elastic.recipes.pretrain.recipe import complete, load_model, pretrain_config
 
 
 def main() -> None:

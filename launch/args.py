@@ -1,7 +1,7 @@
 """A typed command-line parser generated from the config dataclasses, and TOML config files.
 
 Every field of every config section becomes ``--<section>.<field>`` with its type and its help
-text (``elastic.config.knob``), so the CLI exposes exactly the fields the Python API has.
+text (``elastic.core.config.knob``), so the CLI exposes exactly the fields the Python API has.
 Precedence: recipe defaults < ``--config file.toml`` < command-line flags.
 """
 
@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from elastic.config import (
+from elastic.core.config import (
     Config,
     DataConfig,
     LoraConfig,

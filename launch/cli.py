@@ -46,16 +46,16 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from elastic.layout import Layout
+    from elastic.core.layout import Layout
 
     if args.recipe not in RECIPES:
         raise UsageError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
     if args.recipe == "pretrain":
-        from elastic.recipes.pretrain import pretrain_config
+        from elastic.recipes.pretrain.recipe import pretrain_config
 
         cfg = pretrain_config(model=args.model or "mini", steps=args.steps or 300, workers=args.workers)
     elif args.recipe == "lora":
-        from elastic.recipes.lora import lora_config
+        from elastic.recipes.lora.recipe import lora_config
 
         base = args.base or os.environ.get("ELASTIC_BASE")
         if not base or not (Path(base) / "config.json").is_file():
@@ -63,7 +63,7 @@ def build_config(args: argparse.Namespace):
                              "(make one with: python examples/pretrain.py --save runs/pretrain/base)")
         cfg = lora_config(base, steps=args.steps or 200, workers=args.workers)
     else:
-        from elastic.recipes.grpo.run import grpo_config
+        from elastic.recipes.grpo.recipe import grpo_config
 
         cfg = grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers)
     if args.config:
@@ -82,8 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, layout = build_config(args)
     if args.address:
         check_address(args.address)
-    from elastic.controller.controller import Controller, ControllerOptions
-    from elastic.run import connect_ray
+    from elastic.control.controller import Controller, ControllerOptions
+    from elastic.driver.summary import connect_ray
 
     job = args.job_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.run_dir or f"runs/{job}")
@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = f" --address {args.address}" if args.address else ""
     print(f"talk to it with: elastic events --job {job} status{where}")
     if args.recipe == "grpo":
-        from elastic.run import run_grpo
+        from elastic.driver.summary import run_grpo
 
         result, workload, controller = run_grpo(cfg, options)
         print(f"done: {len(result.history)} steps in {result.seconds:.0f} s; time in rollouts "
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         adapters = {k: v for k, v in result.state.items() if ".lora_" in k and "::" not in k}
         print(f"PEFT adapters: {save_peft_adapter(run_dir / 'adapter', cfg.model, cfg.lora, adapters)}")
     elif args.recipe == "pretrain" and result.state is not None:
-        from elastic.recipes.pretrain import complete, load_model
+        from elastic.recipes.pretrain.recipe import complete, load_model
 
         for text in complete(load_model(cfg, result.state), ["def ", "import "], max_new_tokens=60):
             print("---\n" + text)
@@ -130,8 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     if args.address:
         check_address(args.address)
-    from elastic.controller.control_plane import JobClient
-    from elastic.run import connect_ray
+    from elastic.control.control_plane import JobClient
+    from elastic.driver.summary import connect_ray
 
     connect_ray(args.address)
     client = JobClient(args.job)
@@ -160,7 +160,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from elastic.plot import plot_run
+    from elastic.tools.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0

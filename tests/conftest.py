@@ -25,7 +25,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def pool(ray_session):
     """A WorkerGroup with 4 live workers; tests set ``pool.cfg`` and form their own placements."""
-    from elastic.controller.group import WorkerGroup
+    from elastic.driver.ray_group import WorkerGroup
     from tests.helpers import tiny_config
 
     group = WorkerGroup(tiny_config())

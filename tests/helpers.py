@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from elastic.config import (
+from elastic.core.config import (
     MODEL_PRESETS,
     Config,
     DataConfig,
@@ -12,8 +12,8 @@ from elastic.config import (
     RuntimeConfig,
     TrainConfig,
 )
-from elastic.engine import Engine
-from elastic.layout import Layout, Placement
+from elastic.core.layout import Layout, Placement
+from elastic.runtime.engine import Engine
 
 
 def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, seq_len: int = 16,

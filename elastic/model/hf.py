@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from elastic.config import ModelConfig
+from elastic.core.config import ModelConfig
 from elastic.model.llama import tensor_specs
 from elastic.model.lora import LoraConfig, lora_tensor_specs, merge_state_dict
 from elastic.model.tokenizer import BOS, EOS, PAD

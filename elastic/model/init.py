@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from elastic.config import ModelConfig
-from elastic.layout import Box, TensorSpec
+from elastic.core.config import ModelConfig
+from elastic.core.layout import Box, TensorSpec
 
 
 def stable_seed(*parts: object) -> int:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.config import ModelConfig
-from elastic.layout import TensorSpec
+from elastic.core.config import ModelConfig
+from elastic.core.layout import TensorSpec
 
 # How tensor parallelism splits each linear (Megatron style): column-parallel layers split their
 # output features, row-parallel ones their input features. Embedding, norms and the LM head are

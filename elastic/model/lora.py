@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic.config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: F401 (re-exported)
-from elastic.config import LoraConfig, ModelConfig  # noqa: F401 (LoraConfig re-exported)
-from elastic.layout import TensorSpec
+from elastic.core.config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: F401 (re-exported)
+from elastic.core.config import LoraConfig, ModelConfig  # noqa: F401 (LoraConfig re-exported)
+from elastic.core.layout import TensorSpec
 from elastic.model.init import stable_seed
 from elastic.model.llama import TP_DIM, TP_PLAN, tensor_specs
 

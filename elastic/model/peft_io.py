@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from elastic.config import ModelConfig
+from elastic.core.config import ModelConfig
 from elastic.model.hf import check_adapter_state, read_json
 from elastic.model.lora import LoraConfig
 

@@ -25,8 +25,8 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from elastic.layout import Layout
-    from elastic.parallel import mesh as meshlib
+    from elastic.core.layout import Layout
+    from elastic.runtime.parallel import mesh as meshlib
 
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=30))
     mesh = meshlib.form_layout_group(store, "g", rank, Layout(dp=world), timeout_s=60)

@@ -17,8 +17,8 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from elastic.controller.controller import Controller, ControllerOptions, State
-from elastic.controller.events import Stop
+from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.events import Stop
 from tests.helpers import reference_run, tiny_config, worst_state_err
 
 

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from elastic.controller.controller import Controller, ControllerOptions, State
-from elastic.controller.events import Relayout, ScriptedEvents
-from elastic.layout import Layout
+from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.events import Relayout, ScriptedEvents
+from elastic.core.layout import Layout
 from tests.helpers import reference_run, tiny_config, worst_state_err
 from tests.integration.test_reshard_live import assert_exactly_once
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from elastic import checkpoint as ckpt
-from elastic.controller.controller import Controller, ControllerOptions
-from elastic.layout import Layout
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.core import checkpoint as ckpt
+from elastic.core.layout import Layout
 from tests.helpers import reference_run, tiny_config, worst_state_err
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.layout import Layout, Placement
-from elastic.run import summarize
-from elastic.state import state_specs
+from elastic.core.layout import Layout, Placement
+from elastic.driver.summary import summarize
+from elastic.model.specs import state_specs
 from tests.helpers import reference_run, rel_err, tiny_config, worst_state_err
 
 LAYOUTS = ["dp=1", "dp=2", "fsdp=2", "tp=2", "pp=2,mb=2", "dp=2,tp=2", "fsdp=2,tp=2", "dp=2,pp=2,mb=2"]

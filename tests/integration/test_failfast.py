@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from elastic.controller.group import WorkerFailure
-from elastic.layout import Layout, Placement
+from elastic.core.layout import Layout, Placement
+from elastic.driver.ray_group import WorkerFailure
 from tests.helpers import tiny_config
 
 

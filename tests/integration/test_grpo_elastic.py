@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.controller.controller import ControllerOptions
-from elastic.controller.events import AddWorkers, Drain, ScriptedEvents
-from elastic.layout import Layout
+from elastic.control.controller import ControllerOptions
+from elastic.control.events import AddWorkers, Drain, ScriptedEvents
+from elastic.core.layout import Layout
+from elastic.driver.summary import run_grpo
 from elastic.recipes.grpo.config import GRPOConfig
-from elastic.rl import run_grpo_local
-from elastic.run import run_grpo
+from elastic.recipes.grpo.worker import run_grpo_local
 from tests.helpers import tiny_config, worst_state_err
 
 

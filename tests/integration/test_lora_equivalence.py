@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.config import LoraConfig
-from elastic.controller.controller import Controller, ControllerOptions
-from elastic.controller.events import AddWorkers, Drain, Relayout, ScriptedEvents
-from elastic.layout import Layout, Placement
-from elastic.state import state_specs
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import AddWorkers, Drain, Relayout, ScriptedEvents
+from elastic.core.config import LoraConfig
+from elastic.core.layout import Layout, Placement
+from elastic.model.specs import state_specs
 from tests.helpers import reference_run, rel_err, tiny_config, worst_state_err
 
 STEPS = 8

@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elastic.config import Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.layout import Layout, Placement
+from elastic.core.config import Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.layout import Layout, Placement
 from elastic.model.hf import export_merged, load_hf_llama, model_config_from_hf
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
 from elastic.model.peft_io import ADAPTER_WEIGHTS, save_peft_adapter
-from elastic.state import state_specs
+from elastic.model.specs import state_specs
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

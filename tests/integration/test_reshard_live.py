@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from elastic.controller.controller import Controller, ControllerOptions, State
-from elastic.controller.events import AddWorkers, Drain, Relayout, ScriptedEvents
-from elastic.controller.resharder import reshard
-from elastic.data import GlobalSampler, build_dataset
-from elastic.layout import Layout, Placement
-from elastic.state import state_specs
+from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.events import AddWorkers, Drain, Relayout, ScriptedEvents
+from elastic.core.data import GlobalSampler, build_dataset
+from elastic.core.layout import Layout, Placement
+from elastic.driver.resharder import reshard
+from elastic.model.specs import state_specs
 from tests.helpers import reference_run, tiny_config, worst_state_err
 
 
@@ -63,8 +63,8 @@ def test_drain_add_relayout_and_back_equals_single_process(ray_session, tmp_path
     # The run's metrics, and its PNG timeline.
     from matplotlib.image import imread
 
-    from elastic.metrics import read_run
-    from elastic.plot import plot_run
+    from elastic.tools.metrics import read_run
+    from elastic.tools.plot import plot_run
 
     steps, events = read_run(tmp_path / "run")
     assert [s["step"] for s in steps] == list(range(15)) and sum(e["kind"] == "reshard" for e in events) == 4
@@ -159,7 +159,7 @@ def test_failed_reshard_keeps_old_placement(ray_session):
 
 @pytest.mark.timeout(120)
 def test_operator_requests_through_the_named_actor(ray_session, capsys):
-    from elastic.controller.control_plane import JobClient
+    from elastic.control.control_plane import JobClient
     from launch.cli import main
 
     cfg = tiny_config(steps=400, dtype="float32")

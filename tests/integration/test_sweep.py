@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from elastic.config import LoraConfig
-from elastic.sweep import best, log_grid, lr_sweep, plot_sweep
+from elastic.core.config import LoraConfig
+from elastic.recipes.lora.sweep import best, log_grid, lr_sweep, plot_sweep
 from tests.helpers import tiny_config
 
 

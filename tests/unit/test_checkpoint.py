@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from elastic import checkpoint as ckpt
-from elastic.layout import Layout, Placement
-from elastic.state import state_specs
+from elastic.core import checkpoint as ckpt
+from elastic.core.layout import Layout, Placement
+from elastic.model.specs import state_specs
 from tests.helpers import reference_run, tiny_config
 
 

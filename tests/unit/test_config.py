@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from elastic.core.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 @pytest.mark.parametrize("build, words", [

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastic.config import DataConfig
-from elastic.data import ArithmeticTask, GlobalSampler, build_dataset, split_microbatches
+from elastic.core.config import DataConfig
+from elastic.core.data import ArithmeticTask, GlobalSampler, build_dataset, split_microbatches
 from elastic.model.tokenizer import ByteTokenizer
 
 

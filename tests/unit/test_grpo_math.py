@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from elastic.data import ArithmeticTask
+from elastic.core.data import ArithmeticTask
 from elastic.model.tokenizer import ByteTokenizer
 from elastic.recipes.grpo.advantage import group_advantages, noise_corrected_advantages
 from elastic.recipes.grpo.config import GRPOConfig

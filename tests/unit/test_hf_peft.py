@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers", reason="HF interop tests need transformers (pip install -e .[dev])")
 peft = pytest.importorskip("peft", reason="PEFT interop tests need peft (pip install -e .[dev])")
 
-from elastic.config import ModelConfig  # noqa: E402
+from elastic.core.config import ModelConfig  # noqa: E402
 from elastic.model.hf import export_merged, load_hf_llama, save_hf_llama  # noqa: E402
 from elastic.model.llama import LlamaStage  # noqa: E402
 from elastic.model.lora import LoraConfig, apply_lora, lora_state_dict  # noqa: E402

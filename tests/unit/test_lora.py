@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from elastic.config import MODEL_PRESETS, ModelConfig
-from elastic.layout import TensorSpec
+from elastic.core.config import MODEL_PRESETS, ModelConfig
+from elastic.core.layout import TensorSpec
 from elastic.model.init import init_tensor
 from elastic.model.llama import LlamaStage, tensor_specs
 from elastic.model.lora import (

@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent("""
     import datetime, socket
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    from elastic.parallel.mesh_cache import shared_mesh_slices
+    from elastic.runtime.parallel.mesh_cache import shared_mesh_slices
 
     sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
     store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=30))

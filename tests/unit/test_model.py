@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from elastic.config import MODEL_PRESETS, ModelConfig
-from elastic.layout import Layout, Placement
+from elastic.core.config import MODEL_PRESETS, ModelConfig
+from elastic.core.layout import Layout, Placement
 from elastic.model.generate import SamplingConfig, sample
 from elastic.model.init import init_tensor
 from elastic.model.llama import LlamaStage, tensor_specs

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastic.config import ModelConfig
-from elastic.layout import Layout, Placement, box_numel, intersect
+from elastic.core.config import ModelConfig
+from elastic.core.layout import Layout, Placement, box_numel, intersect
 from elastic.model.llama import tensor_specs
-from elastic.reshard.plan import MissingShards, cached_plan, make_plan, schedule_rounds
+from elastic.plan.planner import MissingShards, cached_plan, make_plan, schedule_rounds
 
 MODEL = ModelConfig(dim=24, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=36, vocab_size=21)
 SPECS = tuple(tensor_specs(MODEL))

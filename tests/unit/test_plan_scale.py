@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastic.config import ModelConfig
-from elastic.layout import (
+from elastic.core.config import ModelConfig
+from elastic.core.layout import (
     Layout,
     Placement,
     box_grid,
@@ -29,8 +29,8 @@ from elastic.layout import (
     stage_table,
 )
 from elastic.model.llama import tensor_specs
-from elastic.reshard.plan import ItemSizes, MissingShards, Transfer, cached_plan, make_plan, water_fill
-from elastic.reshard.rounds import (
+from elastic.plan.planner import ItemSizes, MissingShards, Transfer, cached_plan, make_plan, water_fill
+from elastic.plan.stream_rounds import (
     link_seconds,
     lower_bound,
     schedule,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.config import MODEL_PRESETS
-from elastic.controller.costmodel import CostModel
-from elastic.controller.policy import Policy
-from elastic.layout import Layout, Placement
+from elastic.core.config import MODEL_PRESETS
+from elastic.core.layout import Layout, Placement
+from elastic.plan.costmodel import CostModel
+from elastic.plan.policy import Policy
 from tests.helpers import tiny_config
 
 
@@ -63,7 +63,7 @@ def test_rank_assignment_keeps_shards_local():
     old = Placement(Layout(fsdp=2, tp=2), (7, 3, 9, 4))
     again = policy.assign(old, Layout(fsdp=2, tp=2), [3, 4, 7, 9])
     assert again == old
-    from elastic.reshard.plan import make_plan
+    from elastic.plan.planner import make_plan
 
     naive = Placement(Layout(tp=2, fsdp=2), (3, 4, 7, 9))
     smart = policy.assign(old, Layout(tp=2, fsdp=2), [3, 4, 7, 9])

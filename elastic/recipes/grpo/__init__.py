@@ -9,7 +9,7 @@ rho_plus = P(r~=1 | r*=0) and rho_minus = P(r~=0 | r*=1); the corrections below 
 - ``advantage``: group advantages in TRL's GRPOTrainer conventions, plus the noise corrections;
 - ``loss``:      TRL's clipped surrogate + k3 KL, written as a sum of per-sequence terms over a
                  normaliser taken from the global batch, so data-parallel shards add up exactly;
-- ``config``:    ``GRPOConfig``, validated like the rest of ``elastic.config``.
+- ``config``:    ``GRPOConfig``, validated like the rest of ``elastic.core.config``.
 
 Like every recipe, this package imports neither ray nor torch.distributed (DESIGN.md, invariant 5):
 the engine gathers the global quantities (rewards of a whole group, token counts) and passes them in.

@@ -1,4 +1,4 @@
-"""``GRPOConfig``: the knobs of noise-corrected GRPO, validated in the style of ``elastic.config``.
+"""``GRPOConfig``: the knobs of noise-corrected GRPO, validated in the style of ``elastic.core.config``.
 
 Names and defaults follow TRL's ``GRPOConfig`` where TRL has the knob (num_generations, temperature,
 top_p, epsilon, epsilon_high, beta, loss_type, scale_rewards, num_iterations); ``max_new_tokens`` is
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elastic.config import knob
+from elastic.core.config import knob
 from elastic.recipes.grpo.advantage import CORRECTIONS, SCALE_REWARDS
 from elastic.recipes.grpo.loss import LOSS_TYPES
 from elastic.recipes.grpo.noise import FlipRates

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from elastic.config import Config
-from elastic.data import GlobalSampler
-from elastic.layout import balanced
+from elastic.core.config import Config
+from elastic.core.data import GlobalSampler
+from elastic.core.layout import balanced
 from elastic.model.init import stable_seed
 from elastic.model.tokenizer import ByteTokenizer
 from elastic.recipes.grpo.advantage import noise_corrected_advantages

@@ -6,8 +6,8 @@ first EOS). The built-in tasks recompute the exact answer from the prompt itself
 no side channel to the dataset and any worker can score any sample.
 
 Built-in tasks (deterministic per (seed, index), fixed-length prompts, train and holdout problems
-disjoint by a hash of the problem, like ``elastic.data.ArithmeticTask``):
-- ``arithmetic``: "47+38=" -> "85" (``elastic.data.ArithmeticTask``);
+disjoint by a hash of the problem, like ``elastic.core.data.ArithmeticTask``):
+- ``arithmetic``: "47+38=" -> "85" (``elastic.core.data.ArithmeticTask``);
 - ``sort_digits``: "sort 83152=" -> "12358" (``SortDigitsTask`` below).
 
 ``score`` runs any reward function over a batch and turns a crash, a non-number or a NaN into a
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from elastic.data import ArithmeticTask, Dataset, ExactAnswerTask, Problem
+from elastic.core.data import ArithmeticTask, Dataset, ExactAnswerTask, Problem
 from elastic.model.init import stable_seed
 from elastic.model.tokenizer import ByteTokenizer
 

@@ -1,0 +1,270 @@
+"""Datasets and the global-index sampler (DESIGN.md, "Data cursor").
+
+Samples are addressed by a global index. Training position ``p`` maps to epoch ``p // N`` and
+to index ``perm_epoch[p % N]`` in a permutation seeded by (seed, epoch); step ``s`` consumes
+positions ``[s*B, (s+1)*B)``. The step number is therefore the whole data cursor: a reshard or
+a recovery continues from it and no sample is skipped or repeated.
+
+Built-in datasets work offline:
+- ``stdlib``: a byte corpus of the Python standard library's own source files;
+- ``arithmetic``: exact-answer sums and differences ("47+38=" -> "85"), for fine-tuning and RL;
+- a user ``.txt`` (cut into windows) or ``.jsonl`` file ({"text": ...} or {"prompt", "completion"}).
+
+Every sample is a pair (input_ids, labels) of ``seq_len`` tokens; labels are -100 where no loss
+is taken (prompt and padding).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from elastic.core.config import DataConfig
+from elastic.core.layout import balanced
+from elastic.model.init import stable_seed
+from elastic.model.tokenizer import PAD, ByteTokenizer
+
+IGNORE = -100
+
+
+class Dataset:
+    """Indexable samples: ``len(ds)`` training samples and ``ds.holdout`` evaluation ones."""
+
+    seq_len: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def sample(self, index: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def holdout_size(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        if len(indices) == 0:
+            empty = torch.empty(0, self.seq_len, dtype=torch.long)
+            return empty, empty.clone()
+        pairs = [self.sample(int(i), split) for i in indices]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class TokenWindows(Dataset):
+    """A token stream cut into non-overlapping windows of seq_len + 1 (inputs and shifted targets)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, holdout_fraction: float) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        windows = (len(tokens) - 1) // seq_len
+        if windows < 2:
+            raise ValueError(
+                f"corpus of {len(tokens)} tokens gives {windows} windows of seq_len={seq_len}; "
+                "use a bigger corpus or a shorter seq_len"
+            )
+        self.n_holdout = max(1, int(windows * holdout_fraction)) if holdout_fraction > 0 else 0
+        self.n_train = windows - self.n_holdout
+
+    def __len__(self) -> int:
+        return self.n_train
+
+    def holdout_size(self) -> int:
+        return self.n_holdout
+
+    def sample(self, index: int, split: str = "train"):
+        window = index if split == "train" else self.n_train + index
+        start = window * self.seq_len
+        chunk = self.tokens[start : start + self.seq_len + 1].long()
+        return chunk[:-1], chunk[1:].clone()
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_bytes(max_bytes: int) -> bytes:
+    """The standard library's .py files, sorted by path, joined, up to ``max_bytes``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        parts.append(data)
+        total += len(data) + 2
+        if total >= max_bytes:
+            break
+    if not parts:
+        raise ValueError(f"no Python source files found under {root}; use a .txt dataset instead")
+    return b"\n\n".join(parts)[:max_bytes]
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+class ExactAnswerTask(Dataset):
+    """Synthetic problems with one exact answer: ``num_samples`` training problems drawn per index,
+    ``holdout`` evaluation ones from a disjoint part of the problem space. Subclasses define
+    ``problem(index, split)`` and ``prompt_ids``."""
+
+    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512) -> None:
+        self.seq_len, self.n, self.seed, self.n_holdout = seq_len, num_samples, seed, holdout
+        self.tok = ByteTokenizer()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def holdout_size(self) -> int:
+        return self.n_holdout
+
+    def problem(self, index: int, split: str = "train") -> Problem:
+        raise NotImplementedError
+
+    def prompt_ids(self, index: int, split: str = "train") -> list[int]:
+        return self.tok.encode(self.problem(index, split).prompt, bos=True)
+
+    def sample(self, index: int, split: str = "train"):
+        p = self.problem(index, split)
+        return _pack(self.tok.encode(p.prompt, bos=True), self.tok.encode(p.answer, eos=True), self.seq_len)
+
+
+class ArithmeticTask(ExactAnswerTask):
+    """'a+b=' or 'a-b=' with two-digit operands; the completion is the exact answer then EOS.
+
+    Prompts all have the same length, so a batch of prompts needs no padding. The problem space
+    is split by a hash so that held-out problems never appear in training.
+    """
+
+    name = "arithmetic"
+    PROMPT_LEN = 7  # BOS + "ab+cd="
+
+    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512) -> None:
+        if seq_len < self.PROMPT_LEN + 5:
+            raise ValueError(f"arithmetic needs seq_len >= {self.PROMPT_LEN + 5}, got {seq_len}")
+        super().__init__(seq_len, num_samples, seed, holdout)
+
+    @staticmethod
+    def _is_holdout(a: int, b: int, op: str) -> bool:
+        return stable_seed("arith-split", a, op, b) % 8 == 0
+
+    def problem(self, index: int, split: str = "train") -> Problem:
+        rng = random.Random(stable_seed(self.seed, "arith", split, index))
+        while True:
+            a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
+            if self._is_holdout(a, b, op) == (split != "train"):
+                break
+        return Problem(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
+
+
+class JsonlTask(Dataset):
+    """Lines of {"prompt": ..., "completion": ...} (loss on the completion) or {"text": ...}."""
+
+    def __init__(self, path: Path, seq_len: int, holdout_fraction: float) -> None:
+        self.seq_len, self.tok = seq_len, ByteTokenizer()
+        self.rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()):
+                raise ValueError(f'{path}:{lineno}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
+            self.rows.append(row)
+        if len(self.rows) < 2:
+            raise ValueError(f"{path} has {len(self.rows)} usable rows; need at least 2")
+        self.n_holdout = max(1, int(len(self.rows) * holdout_fraction)) if holdout_fraction > 0 else 0
+        self.n_train = len(self.rows) - self.n_holdout
+
+    def __len__(self) -> int:
+        return self.n_train
+
+    def holdout_size(self) -> int:
+        return self.n_holdout
+
+    def sample(self, index: int, split: str = "train"):
+        row = self.rows[index if split == "train" else self.n_train + index]
+        if "text" in row:
+            return _pack([], self.tok.encode(row["text"], bos=True, eos=True), self.seq_len, shift_all=True)
+        return _pack(self.tok.encode(row["prompt"], bos=True), self.tok.encode(row["completion"], eos=True),
+                     self.seq_len)
+
+
+def _pack(prompt: list[int], completion: list[int], seq_len: int, shift_all: bool = False):
+    """Inputs and next-token labels for prompt+completion, right-padded/truncated to seq_len.
+
+    Loss is taken on completion tokens only (all tokens when ``shift_all``). Right padding is
+    harmless to a causal model: padded positions come after every real one.
+    """
+    ids = (prompt + completion)[: seq_len + 1]
+    ids = ids + [PAD] * (seq_len + 1 - len(ids))
+    tokens = torch.tensor(ids, dtype=torch.long)
+    labels = tokens[1:].clone()
+    first_target = 0 if shift_all else max(len(prompt) - 1, 0)
+    labels[:first_target] = IGNORE
+    real = min(len(prompt) + len(completion), seq_len + 1) - 1
+    labels[real:] = IGNORE
+    return tokens[:-1], labels
+
+
+def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """The dataset named by ``cfg.dataset`` (validated here, before any worker starts)."""
+    if cfg.dataset == "stdlib":
+        data = torch.frombuffer(bytearray(stdlib_bytes(cfg.max_corpus_bytes)), dtype=torch.uint8)
+        return TokenWindows(data, cfg.seq_len, cfg.holdout_fraction)
+    if cfg.dataset == "arithmetic":
+        return ArithmeticTask(cfg.seq_len, cfg.num_samples, seed)
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise ValueError(
+            f"data.dataset={cfg.dataset!r} is neither a built-in ('stdlib', 'arithmetic') nor an existing file"
+        )
+    if path.suffix == ".jsonl":
+        return JsonlTask(path, cfg.seq_len, cfg.holdout_fraction)
+    text = path.read_bytes()[: cfg.max_corpus_bytes]
+    return TokenWindows(torch.frombuffer(bytearray(text), dtype=torch.uint8), cfg.seq_len, cfg.holdout_fraction)
+
+
+class GlobalSampler:
+    """Maps (step, data-parallel slice, micro-batch) to global sample indices; see the module doc."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int) -> None:
+        self.n, self.batch, self.seed = num_samples, global_batch, seed
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm:
+            if len(self._perm) > 2:
+                self._perm.pop(min(self._perm))
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, "epoch", epoch))
+            self._perm[epoch] = torch.randperm(self.n, generator=gen)
+        return self._perm[epoch]
+
+    def index_at(self, position: int) -> int:
+        epoch, within = divmod(position, self.n)
+        return int(self._permutation(epoch)[within])
+
+    def epoch_of(self, step: int) -> int:
+        return step * self.batch // self.n
+
+    def step_indices(self, step: int) -> list[int]:
+        start = step * self.batch
+        return [self.index_at(p) for p in range(start, start + self.batch)]
+
+    def slice_indices(self, step: int, data_index: int, data_parallel: int) -> list[int]:
+        """The part of step ``step``'s batch consumed by data-parallel slice ``data_index``."""
+        lo, hi = balanced(self.batch, data_parallel, data_index)
+        start = step * self.batch
+        return [self.index_at(p) for p in range(start + lo, start + hi)]
+
+
+def split_microbatches(indices: list[int], microbatches: int) -> list[list[int]]:
+    return [indices[slice(*balanced(len(indices), microbatches, m))] for m in range(microbatches)]

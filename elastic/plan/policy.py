@@ -1,0 +1,173 @@
+"""Choose the placement to run on: the best valid layout for the workers at hand.
+
+For every worker count the job may use and every valid layout of that size, the cost model
+predicts the time for the remaining steps, plus the reshard cost of getting there. The policy
+keeps the current placement unless another one wins by a margin (reshards are not free), moves
+when it must (a worker drains or dies, the operator asks), and pauses when no valid layout fits
+the workers left.
+
+Rank assignment keeps state where it is: each new rank goes to the worker whose current shards
+overlap that rank's new boxes the most, so a reshard copies locally what it can.
+Pure Python, no processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from elastic.core.config import Config
+from elastic.core.layout import Coord, Layout, Placement, TensorSpec, box_numel, enumerate_layouts, intersect
+from elastic.model.specs import state_specs
+from elastic.plan.costmodel import CostModel
+from elastic.plan.planner import MissingShards, make_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where to go (None: pause), why, and what the cost model expects."""
+
+    placement: Placement | None
+    reason: str
+    step_seconds: float = 0.0
+    reshard_seconds: float = 0.0
+    current_step_seconds: float | None = None
+
+    def describe(self) -> str:
+        if self.placement is None:
+            return f"pause: {self.reason}"
+        now = f", now {self.current_step_seconds:.3f} s/step" if self.current_step_seconds else ""
+        return (f"{self.placement.layout} on {len(self.placement.workers)} workers: {self.reason} "
+                f"(predicted {self.step_seconds:.3f} s/step{now}, reshard {self.reshard_seconds:.2f} s)")
+
+
+class Policy:
+    def __init__(self, cfg: Config, cost: CostModel, objective: str = "cost", min_workers: int = 1,
+                 margin: float = 0.05, require_replica: bool = False) -> None:
+        if objective not in ("cost", "use_all"):
+            raise ValueError(f"policy objective {objective!r} must be 'cost' or 'use_all'")
+        self.cfg, self.cost, self.objective = cfg, cost, objective
+        self.min_workers, self.margin, self.require_replica = min_workers, margin, require_replica
+        self.specs: tuple[TensorSpec, ...] = tuple(state_specs(cfg))
+        # phase -> predicate over layouts: the layouts a training phase can run on (e.g. rollouts need
+        # every worker to hold the full policy).
+        self.phase_filter: dict = {}
+
+    # ---- candidates ------------------------------------------------------------------
+    def layouts(self, world: int) -> list[Layout]:
+        found = enumerate_layouts(world, self.cfg.model, self.cfg.train.global_batch)
+        if self.require_replica:
+            found = [l for l in found if l.dp >= 2]
+        budget = self.cfg.runtime.memory_per_worker_gb * 1e9
+        return [l for l in found if self.peak_state_bytes(l) <= budget] if budget else found
+
+    def peak_state_bytes(self, layout: Layout) -> int:
+        """Predicted peak training-state bytes on the busiest rank of ``layout``: its weights and AdamW
+        moments twice (old and staged copies meet during a reshard) plus its gradients.
+        Activations and the interpreter are not counted: the budget should leave room for them."""
+        n_layers, itemsize = self.cfg.model.n_layers, self.cost.itemsize
+        placement = Placement(layout, tuple(range(layout.world)))
+        busiest = 0
+        for stage in range(layout.pp):  # ranks of one stage hold equal shares, up to uneven splits
+            rank = layout.rank(Coord(pp=stage, dp=0, fsdp=0, tp=0))
+            held = grads = 0
+            for spec in self.specs:
+                box = placement.box(spec, rank, n_layers)
+                if box is not None:
+                    held += box_numel(box)
+                    grads += box_numel(box) if spec.trainable and "::" not in spec.name else 0
+            busiest = max(busiest, (2 * held + grads) * itemsize)
+        return busiest
+
+    def validate_request(self, layout: Layout, available: int) -> None:
+        """Raise ValueError (one clear line) if the operator's layout cannot run here."""
+        layout.validate(self.cfg.model, self.cfg.train.global_batch)
+        if layout.world > available:
+            raise ValueError(f"layout {layout} needs {layout.world} workers but only {available} are available; "
+                             "add workers first or choose a smaller layout")
+
+    # ---- rank assignment -------------------------------------------------------------
+    def _overlap(self, old: Placement, worker: int, new: Placement, rank: int) -> int:
+        old_rank = old.rank_of(worker)
+        if old_rank is None:
+            return 0
+        n_layers, total = self.cfg.model.n_layers, 0
+        for spec in self.specs:
+            a, b = old.box(spec, old_rank, n_layers), new.box(spec, rank, n_layers)
+            if a is not None and b is not None and (piece := intersect(a, b)) is not None:
+                total += box_numel(piece)
+        return total
+
+    def assign(self, old: Placement | None, layout: Layout, workers: list[int]) -> Placement:
+        """Fill ``layout``'s ranks from ``workers`` (at least layout.world of them), keeping state local."""
+        pool = sorted(workers, key=lambda w: (old is None or old.rank_of(w) is None, w))
+        if old is None or len(pool) > 64:
+            return Placement(layout, tuple(pool[: layout.world]))
+        chosen: list[int] = []
+        for rank in range(layout.world):
+            probe = Placement(layout, tuple(range(-layout.world, 0)))  # ids only matter through rank
+            best = max((w for w in pool if w not in chosen),
+                       key=lambda w: (self._overlap(old, w, probe, rank), -pool.index(w)))
+            chosen.append(best)
+        return Placement(layout, tuple(chosen))
+
+    # ---- decision --------------------------------------------------------------------
+    def _reshard_cost(self, old: Placement | None, new: Placement, alive: frozenset[int] | None) -> float:
+        if old is None or old == new:
+            return 0.0
+        try:
+            plan = make_plan(old, new, self.specs, self.cfg.model.n_layers, self.cost.itemsize, alive)
+        except MissingShards:  # lost shards come from the snapshot: every rank reloads its whole share
+            share = sum(s.numel for s in self.specs) * self.cost.itemsize / new.layout.world
+            return self.cost.reshard_seconds(int(share))
+        by_worker = plan.bytes_by_worker()
+        return self.cost.reshard_seconds(max((s + r for s, r in by_worker.values()), default=0))
+
+    def decide(self, current: Placement | None, workers: list[int], remaining: int,
+               forced: Layout | None = None, must_move: bool = False, reason: str = "",
+               phase: str = "train", alive: frozenset[int] | None = None) -> Decision | None:
+        """The placement to move to, or None to stay.
+
+        ``workers`` are the ones the job may use from now on; ``alive`` every live worker that can
+        still send its state (draining ones included; None: all of the current placement).
+        """
+        if forced is not None:
+            self.validate_request(forced, len(workers))
+            target = self.assign(current, forced, workers)
+            if target == current:
+                return None
+            return Decision(target, reason or f"operator asked for {forced}", self.cost.step_seconds(forced),
+                            self._reshard_cost(current, target, alive))
+        if len(workers) < self.min_workers:
+            return Decision(None, f"{len(workers)} workers left, the job needs at least {self.min_workers}; "
+                                  "waiting for workers to return")
+        sizes = [len(workers)] if self.objective == "use_all" else range(self.min_workers, len(workers) + 1)
+        options = []
+        for world in sizes:
+            for layout in self.layouts(world):
+                if phase in self.phase_filter and not self.phase_filter[phase](layout):
+                    continue
+                target = self.assign(current, layout, workers)
+                step = self.cost.step_seconds(layout)
+                move = self._reshard_cost(current, target, alive)
+                options.append((step * remaining + move, step, move, target))
+        if not options:
+            limit = self.cfg.runtime.memory_per_worker_gb
+            limits = (f"model, batch and the {limit:g} GB per-worker memory limits" if limit
+                      else "model and batch limits")
+            return Decision(None, f"no valid layout for {len(workers)} workers ({limits}); waiting for workers")
+        total, step, move, target = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
+        stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
+                      and (phase not in self.phase_filter or self.phase_filter[phase](current.layout)))
+        if stay_valid:
+            now = self.cost.step_seconds(current.layout)
+            grows = self.objective == "use_all" and target.layout.world != current.layout.world
+            faster = now * remaining - total > self.margin * now * remaining
+            if target == current or (not grows and not faster):
+                return None
+            why = reason or ("predicted to finish sooner" if faster else
+                             f"objective use_all: run on all {target.layout.world} workers")
+            return Decision(target, why, step, move, now)
+        return Decision(target, reason or "the current placement cannot continue", step, move)

@@ -1,0 +1,30 @@
+"""GRPO recipe: the config of a noisy-reward RL run on the built-in arithmetic task.
+
+The loop itself runs under the controller (``elastic.driver.summary.run_grpo``) or in one process
+(``elastic.recipes.grpo.worker.run_grpo_local``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.model.hf import model_config_from_hf
+from elastic.recipes.grpo.config import GRPOConfig
+
+
+def grpo_config(base: str | Path | None = None, steps: int = 30, workers: int = 4, prompts_per_step: int = 8,
+                lr: float = 1e-3, lora: bool = True, dtype: str = "float32", seed: int = 0, **grpo) -> Config:
+    """GRPO on arithmetic. ``base``: an HF Llama folder (e.g. SFT-warmed); None: a random 'mini' model."""
+    g = GRPOConfig(**{"num_generations": 8, "max_new_tokens": 6, "temperature": 1.0, "loss_type": "dapo", **grpo})
+    if base is not None:
+        model = model_config_from_hf(json.loads((Path(base) / "config.json").read_text()), str(base))
+    else:
+        model = MODEL_PRESETS["mini"]
+    return Config(model=model, grpo=g, lora=LoraConfig(r=16, alpha=32.0) if lora else None,
+                  data=DataConfig(dataset="arithmetic", seq_len=max(12, 7 + g.max_new_tokens), num_samples=50_000),
+                  train=TrainConfig(steps=steps * g.num_iterations, global_batch=prompts_per_step, dtype=dtype,
+                                    seed=seed, init_from=str(base) if base else ""),
+                  optim=OptimConfig(lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
+                  runtime=RuntimeConfig(workers=workers))

@@ -1,0 +1,41 @@
+"""Pre-training recipe: next-token prediction on the standard library's source code."""
+
+from __future__ import annotations
+
+import torch
+
+from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.model.generate import SamplingConfig, sample
+from elastic.model.llama import LlamaStage
+from elastic.model.tokenizer import ByteTokenizer
+
+
+def pretrain_config(model: str = "mini", steps: int = 300, workers: int = 4, global_batch: int = 16,
+                    seq_len: int = 128, lr: float = 3e-3, dtype: str = "float32", seed: int = 0) -> Config:
+    return Config(
+        model=MODEL_PRESETS[model],
+        data=DataConfig(dataset="stdlib", seq_len=seq_len, max_corpus_bytes=4_000_000),
+        train=TrainConfig(steps=steps, global_batch=global_batch, dtype=dtype, seed=seed),
+        optim=OptimConfig(lr=lr, warmup_steps=max(1, steps // 20)),
+        runtime=RuntimeConfig(workers=workers),
+    )
+
+
+def load_model(cfg: Config, state: dict[str, torch.Tensor]) -> LlamaStage:
+    """A single-process model holding the parameters from a full state dict."""
+    model = LlamaStage(cfg.model).to(state["lm_head.weight"].dtype)
+    model.load_state_dict({k: v for k, v in state.items() if "::" not in k})
+    return model.eval()
+
+
+def complete(model: LlamaStage, prompts: list[str], max_new_tokens: int = 80, temperature: float = 0.7,
+             seed: int = 0) -> list[str]:
+    """Sample a continuation of each prompt (one at a time, so prompts may differ in length)."""
+    tok = ByteTokenizer()
+    out = []
+    for i, text in enumerate(prompts):
+        ids = torch.tensor([tok.encode(text, bos=True)])
+        gen = torch.Generator().manual_seed(seed + i)
+        tokens, length = sample(model, ids, SamplingConfig(max_new_tokens, temperature, 0.95, (tok.eos_id,)), [gen])
+        out.append(text + tok.decode(tokens[0, : int(length[0])]))
+    return out

@@ -1,0 +1,277 @@
+"""One worker's share of training: its model stage, optimizer shard and data cursor.
+
+An Engine is built for a (placement, rank) from local tensors, one per named state tensor the
+rank holds (see ``elastic.model.specs``), or from the seed when training starts. It runs optimizer
+steps on the global batch's slice that belongs to its data-parallel index, and hands its local
+tensors back for a reshard, a snapshot or a checkpoint. The same code runs the single-process
+reference (world 1: no process group, no DTensors).
+
+Assumes the caller has joined the placement's default process group and built its mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from elastic.core.config import Config
+from elastic.core.data import GlobalSampler, build_dataset, split_microbatches
+from elastic.core.layout import Placement, balanced, box_shape
+from elastic.model.hf import BoxReader
+from elastic.model.init import init_box
+from elastic.model.llama import LlamaStage, causal_lm_loss_sum
+from elastic.model.lora import apply_lora, init_lora_tensor, is_lora_name
+from elastic.model.specs import OPT_KEYS, param_specs
+from elastic.runtime.optim import build_adamw, lr_at
+from elastic.runtime.parallel.clip import clip_grad_norm_
+from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
+from elastic.runtime.parallel.mesh_cache import shared_mesh_slices
+from elastic.runtime.parallel.pipeline import build_schedule
+from elastic.runtime.parallel.tensor import apply_tensor_parallel
+
+log = logging.getLogger(__name__)
+
+DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank stores: a DTensor's local shard, or the tensor itself."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+@dataclass
+class StepResult:
+    """What one rank reports after an optimizer step."""
+
+    step: int  # the step that was just completed (0-based)
+    loss: float | None  # this rank's share of the global mean loss (last stage only)
+    grad_norm: float
+    lr: float
+    tokens: int  # target tokens in the global batch
+    samples: list[int] = field(default_factory=list)  # global indices this rank fed in (first stage)
+    seconds: float = 0.0
+    apply_seconds: float = 0.0  # applying the previous step's update (done at the start of this call)
+    metrics: dict = field(default_factory=dict)  # workload-specific sums (e.g. GRPO's KL and clip counts)
+
+
+class Engine:
+    def __init__(self, cfg: Config, placement: Placement, rank: int, mesh: DeviceMesh | None = None,
+                 state: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
+        self.cfg, self.placement, self.rank, self.mesh = cfg, placement, rank, mesh
+        self.layout = layout = placement.layout
+        self.coord = layout.coord(rank)
+        self.dtype = DTYPE[cfg.train.dtype]
+        self.step = step
+        self.pending: int | None = None  # a computed step whose update awaits the driver's commit
+        n_layers = cfg.model.n_layers
+        self.first, self.last = self.coord.pp == 0, self.coord.pp == layout.pp - 1
+        if layout.world > 1 and mesh is None:
+            raise ValueError(f"layout {layout} has {layout.world} ranks but no device mesh was given")
+
+        with torch.device("meta"):
+            module = LlamaStage(cfg.model, layout.stage_layers(self.coord.pp, n_layers), self.first, self.last)
+            if cfg.lora is not None:
+                apply_lora(module, cfg.lora)
+        module.to(self.dtype)
+        self.specs = {s.name: s for s in param_specs(cfg)}
+        for name, p in module.named_parameters():
+            p.requires_grad_(self.specs[name].trainable)
+        self.fsdp = layout.data_parallel > 1
+        with shared_mesh_slices():  # FSDP would otherwise build a sub-mesh per parameter
+            if layout.tp > 1:
+                apply_tensor_parallel(module, mesh["tp"])
+            if self.fsdp:
+                apply_fsdp(module, data_mesh(mesh))
+        module.to_empty(device="cpu")
+        self.module = module
+        # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on
+        # the module while a step runs, so after a failed step only these still name the shards.
+        self.named_params = list(module.named_parameters())
+        self._reader = None
+        self._load_params(state)
+        self._reader = None
+        # (name, parameter, local shard): the optimizer steps the local shards directly.
+        self.shards = [(n, p, local_part(p)) for n, p in self.named_params if p.requires_grad]
+        self.optimizer = build_adamw([(n, local) for n, _, local in self.shards], cfg.optim)
+        self._load_optimizer(state)
+
+        self.dataset = build_dataset(cfg.data, cfg.train.seed)
+        self.sampler = GlobalSampler(len(self.dataset), cfg.train.global_batch, cfg.train.seed)
+        self._targets: dict[int, int] = {}
+        self._n_targets = 1
+        self.schedule = None
+        if layout.pp > 1:
+            self.schedule = build_schedule(module, self.coord.pp, layout.pp, mesh["pp"], layout.microbatches,
+                                           self._pipeline_loss)
+
+    # ---- state in and out ---------------------------------------------------------------
+    def _box(self, name: str):
+        return self.placement.box(self.specs[name], self.rank, self.cfg.model.n_layers)
+
+    @torch.no_grad()
+    def _load_params(self, state: dict[str, torch.Tensor] | None) -> None:
+        for name, p in self.named_params:
+            local, box = local_part(p), self._box(name)
+            # layout.py is the source of truth for who holds what; torch must agree with it.
+            if tuple(local.shape) != box_shape(box):
+                raise RuntimeError(f"{name}: torch holds a {tuple(local.shape)} shard on rank {self.rank} "
+                                   f"of {self.layout} but layout.py says {box_shape(box)} at {box}")
+            local.copy_(state[name] if state is not None else self._initial(name, box))
+
+    @torch.no_grad()
+    def _load_optimizer(self, state: dict[str, torch.Tensor] | None) -> None:
+        # AdamW keeps its step as a float tensor; it equals the global step for every parameter.
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for name, _, local in self.shards:
+            entry = {"step": torch.tensor(float(self.step), dtype=scalar)}
+            for key in OPT_KEYS:
+                # Adopt the given tensor (fresh from a transfer, snapshot or checkpoint): no copy.
+                entry[key] = torch.zeros_like(local) if state is None else state[f"{name}::{key}"]
+            self.optimizer.state[local] = entry
+
+    def _initial(self, name: str, box) -> torch.Tensor:
+        """The starting value of ``box`` of parameter ``name``: adapters and (without a base folder)
+        everything else from the seed; base weights from ``train.init_from`` when set."""
+        spec, cfg = self.specs[name], self.cfg
+        slices = tuple(slice(lo, hi) for lo, hi in box)
+        if is_lora_name(name):
+            return init_lora_tensor(spec, cfg.lora, cfg.train.seed, self.dtype)[slices].contiguous()
+        if cfg.train.init_from:
+            if self._reader is None:
+                self._reader = BoxReader(cfg.train.init_from, cfg.model)
+            return self._reader.read(name, box, self.dtype)
+        return init_box(spec, box, cfg.model, cfg.train.seed, self.dtype)
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """Every state tensor this rank holds, as local (box-shaped) tensors. Views, not copies."""
+        out = {name: local_part(p).detach() for name, p in self.named_params}
+        for name, _, local in self.shards:
+            for key in OPT_KEYS:
+                out[f"{name}::{key}"] = self.optimizer.state[local][key]
+        return out
+
+    # ---- training -----------------------------------------------------------------------
+    def global_targets(self, step: int) -> int:
+        """Target tokens in step ``step``'s global batch: the loss normaliser every rank agrees on."""
+        if step not in self._targets:
+            _, labels = self.dataset.batch(self.sampler.step_indices(step))
+            self._targets = {step: int((labels != -100).sum())}
+        return self._targets[step]
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss_sum(output, target) / self._n_targets
+
+    def compute(self) -> StepResult:
+        """Forward, backward and gradient clipping for step ``self.step``; the update stays pending.
+
+        Every collective of a step happens here. ``apply`` (no communication) then updates the
+        weights once the driver knows that every rank computed the step: a failure anywhere
+        leaves all survivors at the same step, with no half-applied update.
+        """
+        started = time.perf_counter()
+        step, layout = self.step, self.layout
+        self._n_targets = n_targets = self.global_targets(step)
+        mine = self.sampler.slice_indices(step, layout.data_index(self.rank), layout.data_parallel)
+        loss_total = None
+        if self.schedule is None:
+            micro = split_microbatches(mine, layout.microbatches)
+            loss_total = torch.zeros((), dtype=torch.float64)
+            for i, indices in enumerate(micro):
+                if self.fsdp:
+                    self.module.set_requires_gradient_sync(i == len(micro) - 1)
+                x, y = self.dataset.batch(indices)
+                loss = causal_lm_loss_sum(self.module(x), y) / n_targets
+                loss.backward()
+                loss_total += loss.detach().double()
+        else:
+            x, y = self.dataset.batch(mine)
+            losses: list[torch.Tensor] = []
+            if self.first:
+                self.schedule.step(x, target=y if self.last else None, losses=losses)
+            elif self.last:
+                self.schedule.step(target=y, losses=losses)
+            else:
+                self.schedule.step()
+            if self.last:
+                loss_total = torch.stack([t.detach().double() for t in losses]).sum()
+        return self.conclude(loss_total, n_targets, mine if self.first else [], started)
+
+    def conclude(self, loss_total: torch.Tensor | None, tokens: int, samples: list[int], started: float) -> StepResult:
+        """After the backward pass(es) of step ``self.step``: settle and clip gradients, leave the update pending."""
+        self._settle_grads()
+        params = [p for _, p in self.named_params if p.requires_grad]
+        pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
+        grad_norm = clip_grad_norm_(params, self.cfg.optim.grad_clip, pp_group)
+        self.pending = step = self.step
+        return StepResult(step=step, loss=None if loss_total is None else float(loss_total),
+                          grad_norm=grad_norm, lr=lr_at(step, self.cfg.optim, self.cfg.train.steps),
+                          tokens=tokens, samples=samples, seconds=time.perf_counter() - started)
+
+    @torch.no_grad()
+    def _settle_grads(self) -> None:
+        """Bring DTensor gradients to their parameter's placement (e.g. a tp-replicated LoRA B gets a
+        Partial gradient: it must be summed over tp). FSDP does this for the parameters it manages."""
+        for _, p, _ in self.shards:
+            g = p.grad
+            if isinstance(g, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """The optimizer update of the pending step (local, no communication)."""
+        lr = lr_at(self.pending, self.cfg.optim, self.cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for _, p, local in self.shards:
+            if local is not p:
+                local.grad = None if p.grad is None else local_part(p.grad)
+        self.optimizer.step()
+        self._zero_grad()
+        self.step = self.pending + 1
+        self.pending = None
+
+    def _zero_grad(self) -> None:
+        for _, p, local in self.shards:
+            p.grad = None
+            local.grad = None
+
+    def sync(self, committed: int) -> None:
+        """Apply the pending step if the driver committed it (``committed`` > it), else drop it."""
+        if self.pending is None:
+            return
+        if self.pending < committed:
+            self.apply()
+        else:
+            self._zero_grad()
+            self.pending = None
+        if self.step != committed:
+            raise RuntimeError(f"rank {self.rank} is at step {self.step} but the job committed {committed}")
+
+    def train_step(self) -> StepResult:
+        """compute() and apply() in one go (single-process use, where nothing can half-fail)."""
+        result = self.compute()
+        self.apply()
+        return result
+
+    @torch.no_grad()
+    def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:
+        """(sum of token losses, target tokens) on this rank's share of ``indices`` (no pp)."""
+        if self.schedule is not None:
+            raise ValueError("eval_loss runs on layouts without pipeline parallelism; relayout first")
+        lo, hi = balanced(len(indices), self.layout.data_parallel, self.layout.data_index(self.rank))
+        x, y = self.dataset.batch(indices[lo:hi], split)
+        total = causal_lm_loss_sum(self.module(x), y) if len(x) else torch.zeros(())
+        return float(total), int((y != -100).sum())
+
+    def close(self) -> None:
+        """Drop every reference to the model, optimizer and schedule (and so to process groups)."""
+        self.schedule = None
+        self.optimizer = None
+        self.module = None
+        self.mesh = None
+

@@ -1,0 +1,45 @@
+"""Warm a fresh worker process: everything a first engine build and step would do once.
+
+A new Ray actor spends seconds importing torch, then more on its first FSDP/DTensor build and
+its first step (lazy imports, dispatcher caches, dataset loading). Doing that here, on a private
+one-rank gloo group and a tiny model, while the job keeps training, means that when the worker
+joins a reshard only the state transfer stalls training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from elastic.core.config import Config, ModelConfig
+from elastic.core.data import build_dataset
+from elastic.core.layout import Layout
+from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
+from elastic.runtime.parallel.tensor import apply_tensor_parallel
+
+TINY = ModelConfig(vocab_size=259, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=16)
+
+
+def warm_up(cfg: Config) -> None:
+    build_dataset(cfg.data, cfg.train.seed)  # the corpus read is cached per process
+    if dist.is_initialized():
+        return  # already part of a group: nothing left to warm
+    from elastic.model.llama import LlamaStage, causal_lm_loss_sum
+    from elastic.runtime.parallel.mesh import build_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        mesh = build_mesh(Layout())
+        model = LlamaStage(dataclasses.replace(TINY)).to(torch.float32)
+        apply_tensor_parallel(model, mesh["tp"])
+        apply_fsdp(model, data_mesh(mesh))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randint(0, 256, (1, 8))
+        causal_lm_loss_sum(model(x), x).backward()
+        opt.step()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,365 @@
+"""The Ray actor that hosts one worker: a thin shell over an Engine.
+
+Each worker is a real OS process with a stable integer id. It joins one gloo group per placement
+and keeps running across reshards and recoveries. The actor is threaded (``max_concurrency``) so
+control calls (``abort``, ``info``) are served while a step is blocked in a collective; all torch
+work runs on a single thread.
+
+State the worker holds, for the placement the driver last told it about:
+- ``engine``: the model and optimizer shards of ``placement``. A step's update is applied only
+  once the driver commits it (``Engine.sync``), so all survivors of a failure agree on the step;
+- ``staged``: shards received for a new placement, kept until the commit builds an engine.
+Either can serve as the source of a reshard or a recovery, so a failure at any point leaves
+every survivor's shards usable.
+
+Failure handling: on a failed step, or when the driver calls ``abort``, the worker shuts down its
+gloo sockets (``parallel/abort.py``): peers blocked on it fail at once rather than after a
+collective timeout. Its tensors stay in memory; only the process groups are lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+import ray
+import torch
+
+from elastic.core import checkpoint as ckpt
+from elastic.core.config import Config
+from elastic.core.layout import Box, Placement, intersect, relative
+from elastic.model.specs import state_specs
+from elastic.recipes.grpo import worker as rl
+from elastic.runtime.engine import DTYPE, Engine, StepResult
+from elastic.runtime.parallel import mesh as meshlib
+from elastic.runtime.transfer import execute
+
+log = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """A worker's call failed; ``worker`` names it and the message says why."""
+
+    def __init__(self, worker: int, message: str) -> None:
+        super().__init__(worker, message)  # args stay (worker, message) so the error pickles across Ray
+        self.worker, self.message = worker, message
+
+    def __str__(self) -> str:
+        return f"worker {self.worker}: {self.message}"
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+# Torch work runs on one dedicated thread ("compute"): DTensor caches its sharding decisions per
+# thread, and a fresh thread pays ~1 s to rebuild them. Control calls get threads of their own so
+# they are served while a step is blocked in a collective.
+COMPUTE = ray.method(concurrency_group="compute")
+CONTROL = ray.method(concurrency_group="control")
+
+
+@ray.remote(concurrency_groups={"compute": 1, "control": 4})
+class Worker:
+    def __init__(self, worker_id: int, cfg: Config, store_host: str, store_port: int) -> None:
+        self.id, self.cfg = worker_id, cfg
+        self.store_addr = (store_host, store_port)
+        torch.set_num_threads(cfg.runtime.threads_per_worker)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format=f"[worker {worker_id}] %(levelname)s %(name)s: %(message)s")
+        self.engine: Engine | None = None
+        self.placement: Placement | None = None
+        self.staged: tuple[Placement, dict[str, torch.Tensor], int] | None = None
+        self._snapshot = None
+        self._lock = threading.RLock()
+
+    # ---- identity and warm-up -----------------------------------------------------------
+    @CONTROL
+    def info(self) -> dict:
+        return {"id": self.id, "pid": os.getpid(), "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    @COMPUTE
+    def warmup(self) -> dict:
+        """Pay one-off costs before this worker is needed (dataset, FSDP/DTensor code paths)."""
+        from elastic.runtime.parallel.warm import warm_up
+
+        warm_up(self.cfg)
+        return self.info()
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _store(self):
+        return meshlib.store_client(*self.store_addr, self.cfg.runtime.store_timeout_s)
+
+    def _boxes(self, placement: Placement | None) -> dict[str, Box]:
+        rank = placement.rank_of(self.id) if placement is not None else None
+        if rank is None:
+            return {}
+        n = self.cfg.model.n_layers
+        return {s.name: b for s in state_specs(self.cfg) if (b := placement.box(s, rank, n)) is not None}
+
+    def _holdings(self, placement: Placement | None, committed: int) -> dict[str, torch.Tensor]:
+        """This worker's tensors for ``placement`` at step ``committed`` (views, not copies)."""
+        if placement is None or placement.rank_of(self.id) is None:
+            return {}
+        if self.staged is not None and self.staged[0] == placement:
+            if self.staged[2] != committed:
+                raise StepFailed(self.id, f"holds step {self.staged[2]} but the job is at step {committed}")
+            return self.staged[1]
+        if self.engine is not None and self.placement == placement:
+            self.engine.sync(committed)
+            return self.engine.local_state()
+        raise StepFailed(self.id, f"holds no state for placement {placement}")
+
+    def _drop_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        meshlib.leave_default_group()
+
+    # ---- groups and engines -------------------------------------------------------------
+    @COMPUTE
+    def setup(self, placement: Placement, group: str, state: dict[str, torch.Tensor] | None = None,
+              step: int = 0, cfg: Config | None = None) -> dict[str, float]:
+        """Join ``placement``'s group and build an engine from ``state`` (None: from the seed).
+
+        ``cfg`` replaces the worker's config (a pool of workers can serve several runs in turn).
+        Returns the seconds spent leaving the old group, forming the new one and building the engine.
+        """
+        with self._lock:
+            started = time.perf_counter()
+            self._drop_engine()
+            left = time.perf_counter()
+            if cfg is not None:
+                self.cfg = cfg
+            rank = placement.rank_of(self.id)
+            if rank is None:
+                raise ValueError(f"worker {self.id} is not part of placement {placement}")
+            mesh = None
+            if placement.layout.world > 1:
+                mesh = meshlib.form_layout_group(self._store(), group, rank, placement.layout,
+                                                 self.cfg.runtime.collective_timeout_s)
+            formed = time.perf_counter()
+            self.engine = Engine(self.cfg, placement, rank, mesh, state=state, step=step)
+            self.placement, self.staged = placement, None
+            done = time.perf_counter()
+            return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
+
+    @COMPUTE
+    def train_step(self, committed: int) -> StepResult:
+        """Apply the committed update if pending, then compute the next step (its update stays pending)."""
+        with self._lock:
+            engine = self.engine
+            if engine is None:
+                raise StepFailed(self.id, "has no engine (never set up)")
+            try:
+                t0 = time.perf_counter()
+                engine.sync(committed)
+                t1 = time.perf_counter()
+                result = engine.compute()
+                result.apply_seconds = t1 - t0
+                return result
+            except Exception as err:  # a dead peer, an abort, or a real bug: fail fast with the reason
+                message = f"step {engine.step} failed: {_first_line(err)}"
+                err.__traceback__ = None
+            meshlib.abort_groups()  # peers blocked on us fail now, not after a timeout
+            raise StepFailed(self.id, message)
+
+    @COMPUTE
+    def rollout(self, committed: int, prompts: list, grpo_step: int) -> dict:
+        """GRPO rollouts for ``prompts`` with the policy at step ``committed`` (see elastic.recipes.grpo.worker)."""
+        with self._lock:
+            self.engine.sync(committed)
+            return rl.rollout(self.engine, prompts, self.cfg.grpo, grpo_step)
+
+    @COMPUTE
+    def train_grpo(self, committed: int, shard: dict, batch) -> StepResult:
+        """Like train_step, with the GRPO loss on this rank's shard of the rollout batch."""
+        with self._lock:
+            engine = self.engine
+            try:
+                engine.sync(committed)
+                return rl.compute_grpo(engine, shard, batch, self.cfg.grpo)
+            except Exception as err:
+                message = f"GRPO step {engine.step} failed: {_first_line(err)}"
+                err.__traceback__ = None
+            meshlib.abort_groups()
+            raise StepFailed(self.id, message)
+
+    @COMPUTE
+    def sync(self, committed: int) -> int:
+        with self._lock:
+            self._holdings(self.placement, committed)
+            return committed
+
+    @CONTROL
+    def abort(self) -> int:
+        """Cut this worker's gloo connections; its tensors stay (they may serve a recovery)."""
+        return meshlib.abort_groups()
+
+    @CONTROL
+    def cut_group(self, name: str) -> int:
+        """Cut only the gloo group ``name`` (a reshard transfer): the engine and its group stay intact."""
+        return meshlib.abort_groups(name)
+
+    # ---- live reshard and recovery (transfer, then commit) ---------------------------------
+    @COMPUTE
+    def reshard_transfer(self, old: Placement | None, new: Placement, work: list, movers: tuple[int, ...],
+                         group: str, step: int) -> dict:
+        """Phase 1: build this worker's shards of ``new`` from the plan (``work``: (round, tag, transfer)).
+
+        The workers with remote pieces (``movers``) meet in a standalone gloo group ``group``.
+        Sources are this worker's shards of ``old`` at step ``step``, which stay untouched.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            old_state = self._holdings(old, step)
+        pg = None
+        if self.id in movers:
+            pg = meshlib.standalone_group(self._store(), group, movers.index(self.id), len(movers),
+                                          self.cfg.runtime.collective_timeout_s)
+        joined = time.perf_counter()
+        if self.cfg.runtime.fault_delay_transfer_s and pg is not None:
+            time.sleep(self.cfg.runtime.fault_delay_transfer_s)  # fault injection: widen the window for tests
+        try:
+            new_state, stats = execute(work, self.id, old_state, self._boxes(old), self._boxes(new),
+                                       DTYPE[self.cfg.train.dtype], pg, {w: i for i, w in enumerate(movers)},
+                                       self.cfg.runtime.reshard_pack_bytes)
+        except Exception as err:
+            meshlib.abort_groups(group)
+            raise StepFailed(self.id, f"reshard transfer failed: {_first_line(err)}") from None
+        finally:
+            del pg
+            meshlib.close_standalone(group)
+        with self._lock:
+            if new.rank_of(self.id) is not None:
+                self.staged = (new, new_state, step)
+        out = dataclasses.asdict(stats)
+        out.update(group_seconds=joined - started, wall_seconds=time.perf_counter() - started)
+        return out
+
+    @COMPUTE
+    def reshard_commit(self, group: str) -> dict[str, float]:
+        """Phase 2: leave the old group, join the new placement's group and build the engine."""
+        if self.staged is None:
+            raise StepFailed(self.id, "has no transferred state to commit")
+        new, state, step = self.staged
+        return self.setup(new, group, state=state, step=step)
+
+    @CONTROL
+    def reshard_cancel(self) -> None:
+        """Forget a transfer that will not be committed (the old engine was never touched)."""
+        self.staged = None
+
+    @COMPUTE
+    def release(self) -> None:
+        """Leave training (drained or idle): drop the engine, the staged state and the groups."""
+        with self._lock:
+            self._drop_engine()
+            self.staged = None
+
+    # ---- snapshots, checkpoints, inspection -----------------------------------------------
+    @COMPUTE
+    def snapshot_copy(self, committed: int) -> int:
+        """Copy this worker's shards at ``committed`` (the only part that holds up training)."""
+        with self._lock:
+            placement = self.staged[0] if self.staged else self.placement
+            self._snapshot = (committed, placement,
+                              {k: v.clone() for k, v in self._holdings(placement, committed).items()})
+            return sum(v.numel() * v.element_size() for v in self._snapshot[2].values())
+
+    @CONTROL
+    def snapshot_take(self) -> tuple[int, Placement, dict[str, torch.Tensor]]:
+        """Hand the copy to the caller, who then owns it in Ray's object store: it outlives this
+        process. Runs beside the next step (no lock), so storing it is off the hot path."""
+        snap, self._snapshot = self._snapshot, None
+        return snap
+
+    @COMPUTE
+    def restore(self, new: Placement, group: str, old: Placement, sources: dict[int, list], step: int) -> dict:
+        """Build this worker's shards of ``new`` from snapshot objects (old worker -> [ref]), then an engine."""
+        wanted = self._boxes(new)
+        old_boxes = {w: {s.name: b for s in state_specs(self.cfg)
+                         if (b := old.box(s, old.rank_of(w), self.cfg.model.n_layers)) is not None}
+                     for w in old.workers}
+        state = {name: torch.empty(tuple(hi - lo for lo, hi in box), dtype=DTYPE[self.cfg.train.dtype])
+                 for name, box in wanted.items()}
+        for worker, boxes in old_boxes.items():
+            if not any(intersect(boxes[n], b) for n, b in wanted.items() if n in boxes):
+                continue
+            snap_step, _, tensors = ray.get(sources[worker][0])
+            if snap_step != step:
+                raise StepFailed(self.id, f"snapshot of worker {worker} is at step {snap_step}, not {step}")
+            for name, box in wanted.items():
+                piece = intersect(boxes[name], box) if name in boxes else None
+                if piece is not None:
+                    src = tuple(slice(lo, hi) for lo, hi in relative(piece, boxes[name]))
+                    dst = tuple(slice(lo, hi) for lo, hi in relative(piece, box))
+                    state[name][dst] = tensors[name][src]
+        return self.setup(new, group, state=state, step=step)
+
+    @COMPUTE
+    def local_state(self, committed: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(step, copies of this worker's tensors) for the driver."""
+        with self._lock:
+            placement = self.staged[0] if self.staged else self.placement
+            return committed, {k: v.clone() for k, v in self._holdings(placement, committed).items()}
+
+    @COMPUTE
+    def save_shard(self, folder: str, entries: list, committed: int) -> dict:
+        with self._lock:
+            tensors = self._holdings(self.placement, committed)
+            return ckpt.write_shard(ckpt.Path(folder), self.id, tensors, entries, self._boxes(self.placement))
+
+    @COMPUTE
+    def load_checkpoint(self, placement: Placement, group: str, folder: str) -> dict:
+        checkpoint = ckpt.open_checkpoint(ckpt.Path(folder), self.cfg, state_specs(self.cfg), verify=False)
+        state = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
+        return self.setup(placement, group, state=state, step=checkpoint.step)
+
+    # ---- measurement (benchmarks) -----------------------------------------------------------
+    @CONTROL
+    def memory(self, reset_peak: bool = False) -> dict[str, int]:
+        """Resident and peak resident bytes of this process (Linux); ``reset_peak`` restarts the peak."""
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        fields = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+        return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+    @COMPUTE
+    def probe_bandwidth(self, group: str, members: tuple[int, ...], nbytes: int, repeats: int = 3) -> float:
+        """Point-to-point bandwidth (bytes/s) from members[0] to members[1] over a fresh gloo group."""
+        rank = members.index(self.id)
+        pg = meshlib.standalone_group(self._store(), group, rank, len(members), self.cfg.runtime.collective_timeout_s)
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+        best = float("inf")
+        try:
+            for tag in range(repeats):
+                started = time.perf_counter()
+                work = pg.send([buf], 1, tag) if rank == 0 else pg.recv([buf], 0, tag)
+                work.wait()
+                best = min(best, time.perf_counter() - started)
+        finally:
+            del pg
+            meshlib.close_standalone(group)
+        return nbytes / best
+
+    @COMPUTE
+    def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:
+        return self.engine.eval_loss(indices, split)
+
+    @COMPUTE
+    def shutdown(self) -> None:
+        self.release()
+        ray.actor.exit_actor()
