@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
 # torch==2.13.0 is installed first because its CPU build lies on this machine's disk;
-# pyproject's torch>=2.6 range then adds nothing (any other torch pulls a multi-GB CUDA build).
+# pyproject's torch range (2.13.x) then adds nothing (any other torch pulls a multi-GB CUDA build).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check elastic launch examples bench tests
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from elastic.control.controller import ControllerOptions
+from elastic.control.run import run_job
 from elastic.core.config import MODEL_PRESETS
 from elastic.core.layout import Layout
-from elastic.driver.summary import run_grpo
 from elastic.recipes.grpo.recipe import grpo_config
+from elastic.recipes.grpo.workload import GRPOWorkload
 
 
 def main() -> None:
@@ -37,12 +38,12 @@ def main() -> None:
     cfg = grpo_config(steps=args.steps, workers=4, prompts_per_step=args.prompts, lora=False)
     cfg = cfg.replace(model=MODEL_PRESETS[args.model])
     runs = {
-        "fixed dp=4 (baseline)": ControllerOptions(layout=Layout(dp=4), progress=False, gather_state=False,
+        "fixed dp=4 (baseline)": ControllerOptions(layout=Layout(dp=4), progress=False, gather_tensors=False,
                                                    phase_layouts={"train": Layout(dp=4)}),
         "pinned: rollout dp=4, update fsdp=4": ControllerOptions(
-            layout=Layout(dp=4), progress=False, gather_state=False,
+            layout=Layout(dp=4), progress=False, gather_tensors=False,
             phase_layouts={"rollout": Layout(dp=4), "train": Layout(fsdp=4)}),
-        "cost model decides": ControllerOptions(layout=Layout(dp=4), progress=False, gather_state=False),
+        "cost model decides": ControllerOptions(layout=Layout(dp=4), progress=False, gather_tensors=False),
     }
     table = Table(title=f"GRPO phases ({args.model}, {args.steps} steps x {args.prompts} prompts x 8 completions, "
                         "4 workers)")
@@ -50,7 +51,8 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "run" else "right")
     baseline = None
     for name, options in runs.items():
-        result, workload, _ = run_grpo(cfg, options)
+        workload = GRPOWorkload(cfg)
+        result, _ = run_job(cfg, options, workload)
         reshard_s = sum(r.total_seconds for r in result.reshards)
         total = workload.seconds["rollout"] + workload.seconds["train"] + reshard_s
         baseline = baseline or total

@@ -22,8 +22,8 @@ from rich.table import Table
 
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
-from elastic.driver.ray_group import WorkerGroup
-from elastic.driver.resharder import reshard
+from elastic.driver.ray_group import RayWorkerGroup
+from elastic.driver.resharder import plan_move, reshard
 from elastic.model.specs import param_specs
 
 
@@ -37,27 +37,27 @@ def make_config(args, lora: bool) -> Config:
 
 def measure(cfg: Config, steps: int) -> dict:
     """One config on 4 fresh workers, so that neither run inherits the other's heap."""
-    group = WorkerGroup(cfg)
+    group = RayWorkerGroup(cfg)
     try:
         return _measure(group, cfg, steps)
     finally:
         group.shutdown()
 
 
-def _measure(group: WorkerGroup, cfg: Config, steps: int) -> dict:
+def _measure(group: RayWorkerGroup, cfg: Config, steps: int) -> dict:
     workers = tuple(group.spawn(4))
     group.setup(Placement(Layout(fsdp=4), workers))
     group.step()  # warm up
-    group.call("memory", True, workers=workers)
+    group.memory(workers, reset_peak=True)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         group.step()
         times.append(time.perf_counter() - started)
-    peak = max(m["peak"] for m in group.call("memory", workers=workers).values())
-    there = reshard(group, Placement(Layout(dp=2, tp=2), workers), group.committed, "bench")
+    peak = max(m["peak"] for m in group.memory(workers).values())
+    there = reshard(group, plan_move(group, Placement(Layout(dp=2, tp=2), workers)), group.committed, "bench")
     group.step()
-    back = reshard(group, Placement(Layout(fsdp=4), workers), group.committed, "bench")
+    back = reshard(group, plan_move(group, Placement(Layout(fsdp=4), workers)), group.committed, "bench")
     trainable = sum(s.numel for s in param_specs(cfg) if s.trainable)
     return {"step": statistics.median(times), "peak": peak, "reshard": [there, back], "trainable": trainable}
 

@@ -113,7 +113,7 @@ def nearest_layout(job: Job, nodes: int, old: Layout) -> Layout:
     return min(options, key=lambda option: option[0])[1]
 
 
-def state_specs(model: ModelConfig, moments: bool) -> tuple[TensorSpec, ...]:
+def training_specs(model: ModelConfig, moments: bool) -> tuple[TensorSpec, ...]:
     params = tensor_specs(model)
     if not moments:
         return tuple(params)
@@ -141,7 +141,7 @@ def gb(nbytes: float) -> str:
 
 
 def measure(job: Job, name: str, old: Placement, new: Placement, moments: bool, args) -> list[str]:
-    specs, sizes = state_specs(job.model, moments), ItemSizes.adamw()
+    specs, sizes = training_specs(job.model, moments), ItemSizes.adamw()
     gc.collect()
     started = time.perf_counter()
     plan = make_plan(old, new, specs, job.model.n_layers, sizes)

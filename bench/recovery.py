@@ -26,12 +26,14 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.controller import Controller, ControllerOptions
 from elastic.control.events import Stop
+from elastic.control.states import Running
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
 from elastic.driver.checkpoints import resume_checkpoint, save_checkpoint
-from elastic.driver.ray_group import WorkerFailure, WorkerGroup
+from elastic.driver.group import WorkerFailure
+from elastic.driver.ray_group import RayWorkerGroup
 
 KILL_AT = 6  # the kill lands during this step; snapshots and checkpoints every 4 steps (last at 4)
 
@@ -50,11 +52,11 @@ def make_config(model: str, batch: int, seq: int) -> Config:
 def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
     """Run under the controller, SIGKILL one worker mid-step, time until a step completes after recovery."""
     controller = Controller(cfg, ControllerOptions(layout=layout, objective="use_all", snapshot_every=snapshot_every,
-                                                   progress=False, gather_state=False, background_start=True))
+                                                   progress=False, gather_tensors=False))
     killed = {}
 
     def chaos():
-        while controller.step < KILL_AT or controller.state != State.RUNNING:
+        while controller.step < KILL_AT or not isinstance(controller.state, Running):
             time.sleep(0.002)
         time.sleep(0.2)  # inside the step
         victim = controller.group.placement.workers[-1]
@@ -72,7 +74,7 @@ def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
     finally:
         controller.shutdown()
     recovered = next(e for e in result.events if e["kind"] == "recovered")
-    recovered_at = controller._started + recovered["time"]
+    recovered_at = controller.journal.started + recovered["time"]
     first = min((h for h in result.history if h.ended > recovered_at), key=lambda h: h.ended)
     redone = next(h for h in result.history if h.step == KILL_AT)
     steady = statistics.median(h.seconds for h in result.history if h.ended < killed["at"] and h.step > 0)
@@ -84,7 +86,7 @@ def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
 def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
     """What torchrun / Ray Train do: on a failure restart every worker from the last disk checkpoint."""
     folder = Path(tempfile.mkdtemp(prefix="elastic-bench-recovery-"))
-    group = WorkerGroup(cfg)
+    group = RayWorkerGroup(cfg)
     try:
         group.setup(Placement(layout, tuple(group.spawn(layout.world))))
         for step in range(KILL_AT + 1):

@@ -29,8 +29,8 @@ from rich.table import Table
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
 from elastic.driver.checkpoints import resume_checkpoint, save_checkpoint
-from elastic.driver.ray_group import WorkerGroup
-from elastic.driver.resharder import reshard
+from elastic.driver.ray_group import RayWorkerGroup
+from elastic.driver.resharder import plan_move, reshard
 
 
 def make_config(args) -> Config:
@@ -42,14 +42,14 @@ def make_config(args) -> Config:
                                         store_timeout_s=120))
 
 
-def measure(group: WorkerGroup, target: Placement, reason: str) -> dict:
+def measure(group: RayWorkerGroup, target: Placement, reason: str) -> dict:
     """One live reshard plus the first step after it, with memory and byte figures."""
     involved = sorted(set(group.placement.workers) | set(target.workers))
-    before = group.call("memory", True, workers=involved)
+    before = group.memory(involved, reset_peak=True)
     started = time.perf_counter()
-    report = reshard(group, target, group.committed, reason)
+    report = reshard(group, plan_move(group, target), group.committed, reason)
     ready = time.perf_counter() - started
-    after = group.call("memory", workers=involved)
+    after = group.memory(involved)
     group.step()
     first = time.perf_counter() - started
     extra = max(after[w]["peak"] - before[w]["rss"] for w in involved)
@@ -62,7 +62,7 @@ def measure(group: WorkerGroup, target: Placement, reason: str) -> dict:
             "engine": max(c["engine"] for c in commits)}
 
 
-def checkpoint_restart(group: WorkerGroup, target_layout: Layout) -> dict:
+def checkpoint_restart(group: RayWorkerGroup, target_layout: Layout) -> dict:
     """Save to disk, stop every actor, start new ones, load, run the first step."""
     folder = Path(tempfile.mkdtemp(prefix="elastic-bench-ckpt-"))
     try:
@@ -92,7 +92,7 @@ def main() -> None:
     cfg = make_config(args)
     console = Console(width=170)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    group = WorkerGroup(cfg)
+    group = RayWorkerGroup(cfg)
     ids = group.spawn(5)  # the fifth is the spare that joins in the "add" transition, already warm
     a, b, c, d, spare = ids
     state_gb = cfg.model.num_params() * 4 * 3 / 1e9
@@ -100,8 +100,7 @@ def main() -> None:
                   f"= {state_gb:.2f} GB of training state; batch {args.batch} x {args.seq}")
     group.setup(Placement(Layout(dp=4), (a, b, c, d)))
     group.step()
-    probe = group.next_group_name()
-    bandwidth = group.call_each("probe_bandwidth", {w: (probe, (a, b), 256 << 20) for w in (a, b)})[b]
+    bandwidth = group.probe_bandwidth(a, b, 256 << 20)
     console.print(f"point-to-point bandwidth between two workers: {bandwidth / 1e9:.2f} GB/s")
 
     rows = [measure(group, Placement(Layout(dp=2, tp=2), (a, b, c, d)), "relayout"),
@@ -109,7 +108,8 @@ def main() -> None:
     rows.append(measure(group, Placement(Layout(fsdp=3), (a, b, c)), "drain 1 worker"))
     group.remove([d])  # the drained worker leaves (its process would hold its heap; 100m x dp=4 is tight in 24 GB)
     rows.append(measure(group, Placement(Layout(fsdp=4), (a, b, c, spare)), "add 1 worker"))
-    reshard(group, Placement(Layout(tp=2, pp=2, microbatches=2), (a, b, c, spare)), group.committed, "setup")
+    reshard(group, plan_move(group, Placement(Layout(tp=2, pp=2, microbatches=2), (a, b, c, spare))),
+            group.committed, "setup")
     group.step()
     rows.append(measure(group, Placement(Layout(dp=4), (a, b, c, spare)), "relayout"))
     base = checkpoint_restart(group, Layout(dp=2, tp=2))

@@ -83,10 +83,10 @@ def in_process(cfg: Config, steps: int, rounds: int) -> tuple[float, float]:
 def on_workers(cfg: Config, layouts: list[str], steps: int) -> dict[str, float]:
     import ray
 
-    from elastic.driver.ray_group import WorkerGroup
+    from elastic.driver.ray_group import RayWorkerGroup
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    group = WorkerGroup(cfg)
+    group = RayWorkerGroup(cfg)
     workers = group.spawn(2)
     out = {}
     try:

@@ -22,12 +22,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from elastic.control.controller import Controller, ControllerOptions, State
-from elastic.control.events import AddWorkers, Drain, ScriptedEvents
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import AddWorkers, Drain
+from elastic.control.sources import ScriptedEvents
+from elastic.control.states import Done, Running
 from elastic.core.layout import Layout
-from elastic.driver.summary import connect_ray
+from elastic.core.records import RecordKind
+from elastic.driver.connect import connect_ray
 from elastic.recipes.pretrain.recipe import complete, load_model, pretrain_config
 from elastic.tools.plot import plot_run
+from elastic.tools.progress import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +40,8 @@ def crash_at(controller: Controller, step: int, log: list) -> threading.Thread:
     """SIGKILL a worker's process (by PID, from outside Ray) once the job reaches ``step``."""
 
     def run():
-        while controller.step < step or controller.state != State.RUNNING:
-            if controller.state == State.DONE:
+        while controller.step < step or not isinstance(controller.state, Running):
+            if isinstance(controller.state, Done):
                 return
             time.sleep(0.01)
         time.sleep(0.05)  # land inside a step
@@ -59,6 +63,7 @@ def main() -> None:
     cfg = pretrain_config(model="mini", steps=args.steps, workers=4, global_batch=16, seq_len=96)
     script = ScriptedEvents({third: [Drain(reason="preemption notice for worker 1", worker=1)],
                              3 * third: [AddWorkers(reason="two workers came back", count=2)]})
+    configure_logging()
     connect_ray()
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all", sources=[script],
                                                    snapshot_every=10, run_dir=str(args.out), job_name="demo"))
@@ -76,20 +81,20 @@ def main() -> None:
     for col in ("step", "event", "layout after", "took"):
         table.add_column(col)
     for e in result.events:
-        if e["kind"] == "reshard":
+        if e["kind"] == RecordKind.RESHARD:
             table.add_row(str(e["step"]), f"reshard ({e['reason']})", e["new"], f"{e['seconds'] * 1000:.0f} ms")
-        elif e["kind"] == "recovered":
+        elif e["kind"] == RecordKind.RECOVERED:
             step, victim, pid = crashes[0] if crashes else ("?", "?", "?")
             table.add_row(str(e["step"]), f"crash of worker {victim} (pid {pid}) recovered from {e['how']}",
                           e["text"].split("now ")[1].split(" on")[0], f"{e['seconds'] * 1000:.0f} ms")
-        elif e["kind"] in ("drained", "scale-out", "workers ready"):
+        elif e["kind"] in (RecordKind.DRAINED, RecordKind.SCALE_OUT, RecordKind.WORKERS_READY):
             table.add_row(str(e["step"]), e["text"], "", "")
     Console(width=140).print(table)
     first, last = result.history[0], result.history[-1]
     print(f"loss {first.loss:.3f} -> {last.loss:.3f} over {len(result.history)} steps in {result.seconds:.0f} s; "
           f"final layout {last.layout} on {last.workers} workers; every sample used once: "
           f"{len({i for h in result.history for i in h.samples}) == len(result.history) * cfg.train.global_batch}")
-    for text in complete(load_model(cfg, result.state), ["def ", "    return "], max_new_tokens=60):
+    for text in complete(load_model(cfg, result.tensors), ["def ", "    return "], max_new_tokens=60):
         print("---\n" + text)
     print(f"timeline plot: {plot_run(args.out)}")
 

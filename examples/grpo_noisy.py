@@ -24,14 +24,17 @@ import statistics
 from pathlib import Path
 
 from elastic.control.controller import ControllerOptions
+from elastic.control.run import run_job, train
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.data import ArithmeticTask
 from elastic.core.layout import Layout
-from elastic.driver.summary import connect_ray, run_grpo, train
+from elastic.driver.connect import connect_ray
 from elastic.model.hf import save_hf_llama
 from elastic.recipes.grpo.recipe import grpo_config
+from elastic.recipes.grpo.workload import GRPOWorkload
 from elastic.recipes.lora.recipe import heldout_accuracy
 from elastic.recipes.pretrain.recipe import load_model
+from elastic.tools.progress import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> GRPO knobs
@@ -52,7 +55,7 @@ def warm_up(folder: Path, steps: int, workers: int) -> Config:
         return cfg
     print(f"supervised warm-up: {steps} steps on {workers} workers")
     result = train(cfg, Layout(dp=workers))
-    save_hf_llama(folder, cfg.model, {k: v for k, v in result.state.items() if "::" not in k})
+    save_hf_llama(folder, cfg.model, {k: v for k, v in result.tensors.items() if "::" not in k})
     marker.write_text(json.dumps({"steps": steps, "final_loss": result.history[-1].loss}))
     return cfg
 
@@ -93,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     sft_steps, grpo_steps = (800, 150) if args.quick else (1500, 400)
     args.out.mkdir(parents=True, exist_ok=True)
+    configure_logging()
     connect_ray()
     base = args.out / "sft"
     warm_up(base, sft_steps, args.workers)
@@ -113,10 +117,11 @@ def main() -> None:
             run_dir = args.out / (folder if seed == 0 else f"{folder}_seed{seed}")
             options = ControllerOptions(layout=Layout(dp=args.workers), run_dir=str(run_dir))
             print(f"\n== GRPO, {name}, seed {seed}")
-            result, workload, _ = run_grpo(cfg, options)
+            workload = GRPOWorkload(cfg)
+            result, _ = run_job(cfg, options, workload)
             if seed == 0:
                 curves[name] = [workload.stats[k]["reward_true"] for k in sorted(workload.stats)]
-            per_seed[name].append(heldout_accuracy(load_model(cfg, result.state), task, n=512))
+            per_seed[name].append(heldout_accuracy(load_model(cfg, result.tensors), task, n=512))
             rates_used.append(workload.loop.rates)
             resharding = sum(r.total_seconds for r in result.reshards)
             print(f"   held-out accuracy {per_seed[name][-1]:.1%}; time in rollouts "

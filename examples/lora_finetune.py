@@ -23,14 +23,16 @@ import sys
 from pathlib import Path
 
 from elastic.control.controller import Controller, ControllerOptions
-from elastic.control.events import AddWorkers, Drain, ScriptedEvents
+from elastic.control.events import AddWorkers, Drain
+from elastic.control.sources import ScriptedEvents
 from elastic.core.data import ArithmeticTask
 from elastic.core.layout import Layout
-from elastic.driver.summary import connect_ray
+from elastic.driver.connect import connect_ray
 from elastic.model.hf import export_merged
 from elastic.model.peft_io import save_peft_adapter
 from elastic.recipes.lora.recipe import heldout_accuracy, lora_config, model_with_adapters
 from elastic.recipes.lora.sweep import best, log_grid, lr_sweep, plot_sweep
+from elastic.tools.progress import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +49,7 @@ def main() -> None:
         print(f"no base model at {args.base}: pre-training one first (examples/pretrain.py)")
         subprocess.run([sys.executable, str(ROOT / "examples/pretrain.py"), "--steps", "200", "--save",
                         str(args.base)], check=True)
+    configure_logging()
     connect_ray()
     cfg = lora_config(args.base, steps=args.steps, lr=args.lr)
     task = ArithmeticTask(cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
@@ -73,11 +76,11 @@ def main() -> None:
         controller.shutdown()
     for r in result.reshards:
         print(f"  {r.line()}")
-    after = heldout_accuracy(model_with_adapters(cfg, result.state), task)
+    after = heldout_accuracy(model_with_adapters(cfg, result.tensors), task)
     print(f"held-out accuracy: {before:.1%} before, {after:.1%} after {args.steps} LoRA steps "
           f"(loss {result.history[0].loss:.3f} -> {result.history[-1].loss:.3f})")
-    adapters = {k: v for k, v in result.state.items() if ".lora_" in k and "::" not in k}
-    base = {k: v for k, v in result.state.items() if ".lora_" not in k and "::" not in k}
+    adapters = {k: v for k, v in result.tensors.items() if ".lora_" in k and "::" not in k}
+    base = {k: v for k, v in result.tensors.items() if ".lora_" not in k and "::" not in k}
     print(f"PEFT adapters: {save_peft_adapter(args.out / 'adapter', cfg.model, cfg.lora, adapters, str(args.base))}")
     print(f"merged HF model: {export_merged(args.out / 'merged', cfg.model, base, adapters, cfg.lora)}")
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from elastic.control.run import train
 from elastic.core.layout import Layout
-from elastic.driver.summary import train
 from elastic.model.hf import save_hf_llama
 from elastic.recipes.pretrain.recipe import complete, load_model, pretrain_config
+from elastic.tools.progress import configure_logging
 
 
 def main() -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the trained model here as a Hugging Face Llama folder")
     args = parser.parse_args()
 
+    configure_logging()
     layout = Layout.parse(args.layout)
     cfg = pretrain_config(model=args.model, steps=args.steps, workers=layout.world)
     print(f"pre-training a {cfg.model.num_params() / 1e6:.1f}M-parameter model for {args.steps} steps "
@@ -34,11 +36,11 @@ def main() -> None:
     result = train(cfg, layout)
     first, last = result.history[0], result.history[-1]
     print(f"loss {first.loss:.3f} -> {last.loss:.3f} in {result.seconds:.0f} s")
-    model = load_model(cfg, result.state)
+    model = load_model(cfg, result.tensors)
     for text in complete(model, ["import ", "def __init__(self", "    return ", "class "]):
         print("---\n" + text)
     if args.save:
-        save_hf_llama(args.save, cfg.model, {k: v for k, v in result.state.items() if "::" not in k})
+        save_hf_llama(args.save, cfg.model, {k: v for k, v in result.tensors.items() if "::" not in k})
         print(f"saved a Hugging Face Llama folder to {args.save}")
 
 

@@ -1,8 +1,9 @@
 """A typed command-line parser generated from the config dataclasses, and TOML config files.
 
 Every field of every config section becomes ``--<section>.<field>`` with its type and its help
-text (``elastic.core.config.knob``), so the CLI exposes exactly the fields the Python API has.
-Precedence: recipe defaults < ``--config file.toml`` < command-line flags.
+text (``elastic.core.config.knob``), so the CLI exposes exactly the fields the Python API has. The
+sections are the core ones plus those the recipes register (``elastic.recipes.registry`` imports
+every recipe). Precedence: recipe defaults < ``--config file.toml`` < command-line flags.
 """
 
 from __future__ import annotations
@@ -14,24 +15,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from elastic.core.config import (
-    Config,
-    DataConfig,
-    LoraConfig,
-    ModelConfig,
-    OptimConfig,
-    RuntimeConfig,
-    TrainConfig,
-)
-
-SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-                             "runtime": RuntimeConfig, "lora": LoraConfig}
+from elastic.core.config import CORE_SECTIONS, Config, section_types
 
 
 def _sections() -> dict[str, type]:
-    from elastic.recipes.grpo.config import GRPOConfig
+    import elastic.recipes.registry  # noqa: F401 (registers the recipes' config sections)
 
-    return {**SECTIONS, "grpo": GRPOConfig}
+    return section_types()
 
 
 def _converter(kind: Any):
@@ -85,11 +75,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config
         bad = sorted(set(values) - known)
         if bad:
             raise ValueError(f"unknown fields {bad} in section [{section}]; known: {sorted(known)}")
-        current = getattr(cfg, section)
+        current = getattr(cfg, section) if section in CORE_SECTIONS else cfg.section(section)
         if isinstance(values.get("targets"), list):
             values = {**values, "targets": tuple(values["targets"])}
         changes[section] = dataclasses.replace(current, **values) if current is not None else cls(**values)
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    return cfg.replace(**changes) if changes else cfg
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

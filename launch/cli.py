@@ -6,8 +6,11 @@
     elastic plot runs/NAME
 
 Without ``--address`` training starts an embedded local Ray; inside ``ray job submit`` it attaches
-to the job's cluster (RAY_ADDRESS). Bad input gives one clear line and exit code 2; ``--debug``
-shows the traceback instead.
+to the job's cluster (RAY_ADDRESS). ``elastic events`` attaches to the job's cluster: ``--address``,
+else RAY_ADDRESS, else the Ray instance running on this machine. Bad input gives one clear line and
+exit code 2; ``--debug`` shows the traceback (workers' tracebacks included) instead.
+
+``elastic events`` and ``elastic plot`` import no torch, so an operator's call answers in seconds.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from launch.args import add_config_flags, apply_overrides, flag_overrides, load_toml
+from elastic.driver.connect import token_auth_ready
 
-RECIPES = ("pretrain", "lora", "grpo")
+token_auth_ready()  # before anything imports ray: Ray reads its auth mode at import
+
 EVENTS = ("status", "add-workers", "drain", "relayout", "pause", "resume", "stop")
+RECIPE_NAMES = ("pretrain", "lora", "grpo")  # the registry's names, without importing it (it imports torch)
 
 
 class UsageError(ValueError):
@@ -46,26 +51,14 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
 
 
 def build_config(args: argparse.Namespace):
+    """(config, layout or None, recipe) from the recipe's defaults, ``--config`` and the flags."""
     from elastic.core.layout import Layout
+    from elastic.recipes.recipe import RecipeArgs
+    from elastic.recipes.registry import get
+    from launch.args import apply_overrides, flag_overrides, load_toml
 
-    if args.recipe not in RECIPES:
-        raise UsageError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
-    if args.recipe == "pretrain":
-        from elastic.recipes.pretrain.recipe import pretrain_config
-
-        cfg = pretrain_config(model=args.model or "mini", steps=args.steps or 300, workers=args.workers)
-    elif args.recipe == "lora":
-        from elastic.recipes.lora.recipe import lora_config
-
-        base = args.base or os.environ.get("ELASTIC_BASE")
-        if not base or not (Path(base) / "config.json").is_file():
-            raise UsageError("the lora recipe needs --base FOLDER, a Hugging Face Llama folder "
-                             "(make one with: python examples/pretrain.py --save runs/pretrain/base)")
-        cfg = lora_config(base, steps=args.steps or 200, workers=args.workers)
-    else:
-        from elastic.recipes.grpo.recipe import grpo_config
-
-        cfg = grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers)
+    recipe = get(args.recipe)
+    cfg = recipe.build(RecipeArgs(model=args.model, steps=args.steps, workers=args.workers, base=args.base))
     if args.config:
         cfg = apply_overrides(cfg, load_toml(Path(args.config)))
     cfg = apply_overrides(cfg, flag_overrides(args))
@@ -75,15 +68,15 @@ def build_config(args: argparse.Namespace):
         layout.validate(cfg.model, cfg.train.global_batch)
         if layout.world > cfg.runtime.workers:
             raise UsageError(f"--layout {layout} needs {layout.world} workers but --workers is {cfg.runtime.workers}")
-    return cfg, layout
+    return cfg, layout, recipe
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg, layout = build_config(args)
+    cfg, layout, recipe = build_config(args)
     if args.address:
         check_address(args.address)
     from elastic.control.controller import Controller, ControllerOptions
-    from elastic.driver.summary import connect_ray
+    from elastic.driver.connect import connect_ray
 
     job = args.job_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.run_dir or f"runs/{job}")
@@ -97,15 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; metrics in {run_dir}")
     where = f" --address {args.address}" if args.address else ""
     print(f"talk to it with: elastic events --job {job} status{where}")
-    if args.recipe == "grpo":
-        from elastic.driver.summary import run_grpo
-
-        result, workload, controller = run_grpo(cfg, options)
-        print(f"done: {len(result.history)} steps in {result.seconds:.0f} s; time in rollouts "
-              f"{workload.seconds['rollout']:.1f} s, in updates {workload.seconds['train']:.1f} s, in reshards "
-              f"{sum(r.total_seconds for r in result.reshards):.1f} s ({len(result.reshards)} reshards)")
-        return 0
-    controller = Controller(cfg, options)
+    workload = recipe.workload(cfg) if recipe.workload else None
+    controller = Controller(cfg, options, workload=workload)
     try:
         result = controller.run()
     finally:
@@ -113,31 +99,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else None
     print(f"done: {len(result.history)} steps in {result.seconds:.0f} s, final loss "
           f"{last.loss if last else float('nan'):.4f}, {len(result.reshards)} reshards, "
-          f"{len(controller.recoveries)} recoveries; plot it with: elastic plot {run_dir}")
-    if args.recipe == "lora" and result.state is not None:
-        from elastic.model.peft_io import save_peft_adapter
-
-        adapters = {k: v for k, v in result.state.items() if ".lora_" in k and "::" not in k}
-        print(f"PEFT adapters: {save_peft_adapter(run_dir / 'adapter', cfg.model, cfg.lora, adapters)}")
-    elif args.recipe == "pretrain" and result.state is not None:
-        from elastic.recipes.pretrain.recipe import complete, load_model
-
-        for text in complete(load_model(cfg, result.state), ["def ", "import "], max_new_tokens=60):
-            print("---\n" + text)
+          f"{len(result.recoveries)} recoveries; plot it with: elastic plot {run_dir}")
+    for line in recipe.finish(cfg, result, run_dir, workload) if recipe.finish else []:
+        print(line)
     return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    if args.address:
-        check_address(args.address)
-    from elastic.control.control_plane import JobClient
-    from elastic.driver.summary import connect_ray
-
-    connect_ray(args.address)
-    client = JobClient(args.job)
     need = {"add-workers": "a worker count", "drain": "a worker id", "relayout": "a layout like dp=2,tp=2"}
     if args.action in need and args.value is None:
         raise UsageError(f"`elastic events {args.action}` needs {need[args.action]}")
+    if args.address:
+        check_address(args.address)
+    import ray
+
+    from elastic.control.client import JobClient
+
+    if not ray.is_initialized():
+        address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except ConnectionError:
+            raise UsageError("no Ray cluster is running on this machine; pass --address HOST:PORT of the job's "
+                             "cluster (the job prints the exact command when it starts)") from None
+    client = JobClient(args.job)
     if args.action == "status":
         status = client.status()
         last = status.get("last_reshard")
@@ -166,7 +151,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(config_flags: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe)."""
     raw = argparse.RawDescriptionHelpFormatter
     top = argparse.ArgumentParser(prog="elastic", description=__doc__, formatter_class=raw)
     top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -175,7 +161,13 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training recipe", formatter_class=raw,
                            description="Train a recipe. Every config field can be set with --<section>.<field>; "
                                        "flags override --config, which overrides the recipe's defaults.")
-    train.add_argument("--recipe", default="pretrain", help=f"one of {', '.join(RECIPES)} (default: pretrain)")
+    if config_flags:
+        from elastic.recipes.registry import RECIPES
+
+        recipes = "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items())
+    else:
+        recipes = ", ".join(RECIPE_NAMES)
+    train.add_argument("--recipe", default="pretrain", help=f"{recipes} (default: pretrain)")
     train.add_argument("--workers", type=int, default=4, help="worker processes (Ray actors) to start (default: 4)")
     train.add_argument("--layout", default="auto",
                        help="'auto' (the cost model decides; default) or degrees like dp=2,tp=2")
@@ -196,14 +188,17 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every k steps (0: off)")
     train.add_argument("--resume", help="a checkpoint folder, or a checkpoint dir to resume its latest")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_flags(train)
+    if config_flags:
+        from launch.args import add_config_flags
+
+        add_config_flags(train)
     train.set_defaults(handler=cmd_train)
 
     events = sub.add_parser("events", help="talk to a running job")
     events.add_argument("action", help=f"one of {', '.join(EVENTS)}")
     events.add_argument("value", nargs="?", help="worker count, worker id or layout, as the action needs")
     events.add_argument("--job", required=True, help="the job's name (printed when it started)")
-    events.add_argument("--address", help="Ray cluster HOST:PORT")
+    events.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else this machine's Ray)")
     events.set_defaults(handler=cmd_events)
 
     plot = sub.add_parser("plot", help="write a PNG timeline of a run directory")
@@ -214,11 +209,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = parser(config_flags=command == "train").parse_args(argv)
     if args.command == "events" and args.action not in EVENTS:
         print(f"elastic: error: unknown events action {args.action!r}; choose one of {', '.join(EVENTS)}",
               file=sys.stderr)
         return 2
+    from elastic.tools.progress import configure_logging
+
+    configure_logging(debug=args.debug)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # one clear line, unless --debug
         if args.debug:
+            detail = getattr(err, "traceback_text", None)
+            if detail is not None and detail():
+                print(detail(), file=sys.stderr)
             raise
         print(f"elastic: error: {err}", file=sys.stderr)
         return 2

@@ -2,6 +2,10 @@
 
 Starting Ray takes ~6 s and a worker ~5 s (importing torch), so tests share them. A test that
 kills workers asks the pool to replace them (``fresh_pool``).
+
+Ray reads its auth mode when it is first imported, so token auth is switched on here, before any
+test imports ray: the session's local Ray and the `ray job submit` test's cluster both use it, in
+whatever order the tests run.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ import os
 
 import pytest
 
+from elastic.driver.connect import token_auth_ready
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+token_auth_ready()
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +31,11 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def pool(ray_session):
-    """A WorkerGroup with 4 live workers; tests set ``pool.cfg`` and form their own placements."""
-    from elastic.driver.ray_group import WorkerGroup
+    """A RayWorkerGroup with 4 live workers; tests set ``pool.cfg`` and form their own placements."""
+    from elastic.driver.ray_group import RayWorkerGroup
     from tests.helpers import tiny_config
 
-    group = WorkerGroup(tiny_config())
+    group = RayWorkerGroup(tiny_config())
     group.spawn(4)
     yield group
     group.shutdown()

@@ -1,4 +1,5 @@
-"""Helpers shared by tests: small configs, the single-process reference run, error measures."""
+"""Helpers shared by tests: small configs, the single-process reference run, error measures, and the
+test-side fault hooks (faults live in test code, never in production config)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,48 @@ def reference_run(cfg: Config, steps: int | None = None) -> tuple[list[float], d
     """The uninterrupted single-process run: losses and the full final state."""
     engine = Engine(cfg, Placement(Layout(), (0,)), 0)
     losses = [engine.train_step().loss for _ in range(cfg.train.steps if steps is None else steps)]
-    return losses, {k: v.clone() for k, v in engine.local_state().items()}, engine
+    return losses, {k: v.clone() for k, v in engine.local_tensors().items()}, engine
+
+
+class WaitForWorkers:
+    """An event source that blocks while workers warm up, so a scale-out reshards at a known step.
+
+    In production new workers warm up while training goes on and join whenever they are ready; a
+    test that asserts which layout ran at which step waits for them instead.
+    """
+
+    def __init__(self, group, timeout_s: float = 120.0) -> None:
+        self.group, self.timeout_s = group, timeout_s
+
+    def poll(self, step: int) -> list:
+        self.group.wait_ready(self.timeout_s)
+        return []
+
+
+class DelayTransfers:
+    """A worker task that makes every later reshard transfer of that worker pause ``seconds`` after
+    its group forms (a window in which a test can kill workers mid-transfer). Test code only: it
+    patches the worker process's ``elastic.runtime.transfer.execute``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, ctx) -> bool:
+        import time
+
+        from elastic.runtime import transfer
+
+        original = getattr(transfer.execute, "undelayed", transfer.execute)
+        seconds = self.seconds
+
+        def delayed(work, me, old, old_boxes, new_boxes, dtype, group, *args, **kwargs):
+            if group is not None:
+                time.sleep(seconds)
+            return original(work, me, old, old_boxes, new_boxes, dtype, group, *args, **kwargs)
+
+        delayed.undelayed = original
+        transfer.execute = delayed
+        return True
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,3 +100,22 @@ def digit_reward(prompt: str, completion: str) -> float:
     """A graded reward with spread even for an untrained model (the share of byte-tokens that are
     ASCII printable), so GRPO advantages are non-zero in tests."""
     return sum(32 <= ord(c) < 127 for c in completion) / max(len(completion), 1)
+
+
+def run_grpo_local(cfg: Config, steps: int | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The single-process GRPO run on the engine at world 1. Returns (per-step records, final tensors)."""
+    from elastic.recipes.grpo.config import GRPOConfig
+    from elastic.recipes.grpo.loop import GRPOLoop
+    from elastic.recipes.grpo.worker import compute_grpo, rollout
+
+    grpo, loop = GRPOConfig.of(cfg), GRPOLoop(cfg)
+    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
+    records, batch = [], None
+    for step in range(cfg.train.steps if steps is None else steps):
+        k, iteration = divmod(step, grpo.num_iterations)
+        if iteration == 0:
+            batch = loop.build(k, [rollout(engine, loop.prompts(k), grpo, k)])
+        result = compute_grpo(engine, loop.shard(batch, 0, 1), batch.batch, grpo)
+        engine.apply()
+        records.append({"step": step, "loss": result.loss, **batch.stats})
+    return records, {k: v.clone() for k, v in engine.local_tensors().items()}

@@ -1,9 +1,9 @@
 """The running job's named Ray actor: a mailbox for operator requests and a status board.
 
 The controller loop runs in the job's driver; this small actor is how anything else reaches it.
-``JobClient`` (and the ``elastic events`` CLI) submits an event and waits for the controller's
-decision; the controller drains the inbox between steps, answers each request, and publishes
-its status (layout, workers, step, last reshard) after every change.
+``JobClient`` (``client.py``, and the ``elastic events`` CLI) submits an event and waits for the
+controller's decision; the controller drains the mailbox between steps, answers each request once,
+and publishes its status (state, layout, workers, step, last reshard) after every tick.
 
 Actor name: ``elastic:<job name>`` in the ``elastic`` namespace.
 """
@@ -16,8 +16,7 @@ import time
 
 import ray
 
-from elastic.control.events import AddWorkers, Drain, Event, Pause, Relayout, Resume, SetBudget, Stop
-from elastic.core.layout import Layout
+from elastic.control.events import Event
 
 NAMESPACE = "elastic"
 
@@ -54,8 +53,8 @@ class ControlPlane:
         return events
 
     async def decide(self, event_id: int, text: str) -> None:
-        self.decisions[event_id] = text
-        if event_id in self.waiters:
+        if event_id in self.waiters:  # a request nobody waits for any more (timed out) gets no stored answer
+            self.decisions[event_id] = text
             self.waiters[event_id].set()
 
     async def publish(self, status: dict) -> None:
@@ -65,41 +64,20 @@ class ControlPlane:
         return self.status
 
 
-class JobClient:
-    """Python API to a running job: ``JobClient("myjob").relayout("dp=2,tp=2")``."""
+class RayPlaneLink:
+    """The controller's link to its ControlPlane actor (see ``inbox.PlaneLink``)."""
 
-    def __init__(self, job: str, timeout_s: float = 120.0) -> None:
-        try:
-            self.actor = ray.get_actor(actor_name(job), namespace=NAMESPACE)
-        except ValueError:
-            raise ValueError(f"no running elastic job named {job!r} on this Ray cluster "
-                             "(check the name, or --address)") from None
-        self.timeout_s = timeout_s
+    def __init__(self, job: str) -> None:
+        self.actor = ControlPlane.options(name=actor_name(job), namespace=NAMESPACE).remote()
 
-    def _ask(self, event: Event) -> str:
-        return ray.get(self.actor.request.remote(event, self.timeout_s))
+    def take(self) -> list[Event]:
+        return ray.get(self.actor.take_inbox.remote())
 
-    def status(self) -> dict:
-        return ray.get(self.actor.get_status.remote())
+    def answer(self, event_id: int, text: str) -> None:
+        self.actor.decide.remote(event_id, text)
 
-    def relayout(self, layout: str | Layout) -> str:
-        layout = Layout.parse(layout) if isinstance(layout, str) else layout
-        return self._ask(Relayout(reason=f"operator relayout to {layout}", layout=layout))
+    def publish(self, status: dict) -> None:
+        self.actor.publish.remote(status)
 
-    def set_workers(self, workers: int) -> str:
-        return self._ask(SetBudget(reason=f"operator budget {workers} workers", workers=workers))
-
-    def add_workers(self, count: int) -> str:
-        return self._ask(AddWorkers(reason=f"operator adds {count} workers", count=count))
-
-    def drain(self, worker: int) -> str:
-        return self._ask(Drain(reason=f"operator drains worker {worker}", worker=worker))
-
-    def pause(self) -> str:
-        return self._ask(Pause(reason="operator pause"))
-
-    def resume(self) -> str:
-        return self._ask(Resume(reason="operator resume"))
-
-    def stop(self) -> str:
-        return self._ask(Stop(reason="operator stop"))
+    def close(self) -> None:
+        ray.kill(self.actor)

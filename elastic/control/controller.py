@@ -1,56 +1,77 @@
 """The controller: an explicit state machine that trains, watches events and reshards live.
 
-    RUNNING --event--> PLANNING --move--> RESHARDING --done--> RUNNING
-       |                  |  \\--stay--> RUNNING          \\--failed, old intact--> RUNNING
-       |                  \\--no valid layout--> PAUSED --resources back--> PLANNING
-       \\--worker lost--> RECOVERING --> RUNNING            RUNNING --all steps done--> DONE
+The states, their payloads and the allowed transitions are in ``states.py`` (with the diagram).
+``tick()`` runs the current state's handler once; the handler returns the next state, and only the
+handlers choose it (helpers return values). ``_set_state`` checks the transition against the table,
+records it in the journal (``events.jsonl``), calls the listeners and publishes the job's status.
 
-``tick()`` applies exactly one transition. Events are only acted on between steps. New workers
-are started and warmed in the background while training continues; training stalls only for
-the state transfer itself. Every decision is logged with its reason and the cost model's figures.
+Events are acted on only between steps. New workers start and warm up in the background while
+training continues; training stalls only for the state transfer itself. Every decision is logged
+with its reason and the cost model's figures.
+
+Collaborators: the worker group (``driver/group.py``), the policy and cost model (``plan/``), the
+inbox (events in, answers out), the wishes (budget, drains, phase, pause), recovery, the snapshotter
+and the journal. The controller talks to workers only through the ``WorkerGroup`` protocol, so the
+controller tests run it on a fake group in one process.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 import torch
 
-from elastic.control.control_plane import NAMESPACE, ControlPlane, actor_name
-from elastic.control.events import (
-    ClusterWatcher,
-    Event,
+from elastic.control.events import Event
+from elastic.control.inbox import Inbox, PlaneLink
+from elastic.control.journal import Journal
+from elastic.control.recovery import Recovery, redundancy_report
+from elastic.control.sources import ClusterWatcher
+from elastic.control.states import (
+    Done,
+    Launching,
+    Paused,
+    Planning,
+    Recovering,
+    Resharding,
+    Resuming,
+    Running,
+    Transition,
+    name,
 )
-from elastic.control.inbox import EventsMixin
-from elastic.control.recovery import RecoveryMixin, Snapshotter
-from elastic.control.states import State
-from elastic.control.workload import LMWorkload
+from elastic.control.wishes import Wishes
+from elastic.control.workload import LMWorkload, Workload
 from elastic.core import checkpoint as ckpt
 from elastic.core.config import Config
 from elastic.core.layout import Layout, Placement
-from elastic.driver.checkpoints import resume_checkpoint
-from elastic.driver.ray_group import WorkerFailure, WorkerGroup
+from elastic.core.records import RecordKind
+from elastic.driver.checkpoints import checkpoint_folder, resume_checkpoint, save_checkpoint
+from elastic.driver.group import WorkerFailure, WorkerGroup
 from elastic.driver.resharder import ReshardFailed, ReshardReport, reshard
-from elastic.driver.summary import StepSummary, describe, progress_bar, summarize
-from elastic.model.specs import state_specs
+from elastic.driver.snapshots import Snapshotter
+from elastic.driver.summary import StepSummary, summarize
+from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
 from elastic.plan.policy import Decision, Policy
 from elastic.runtime.engine import DTYPE
 from elastic.tools.metrics import MetricsWriter
+from elastic.tools.progress import describe, log_above_bar, progress_bar
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunResult:
+    """What a run leaves: its steps, reshards, recoveries and journal, and the final tensors."""
+
     history: list[StepSummary]
     reshards: list[ReshardReport]
+    recoveries: list[dict]
     events: list[dict]
-    state: dict[str, torch.Tensor] | None
+    tensors: dict[str, torch.Tensor] | None
     seconds: float
     final_placement: Placement | None = None
 
@@ -67,8 +88,7 @@ class ControllerOptions:
     poll_interval_s: float = 0.5  # how often the control plane and the cluster are polled
     job_name: str | None = None  # registers the named control-plane actor when set
     progress: bool = True
-    gather_state: bool = True  # assemble the final full state on the driver
-    background_start: bool = True  # warm new workers while training goes on (False: wait; for scripted tests)
+    gather_tensors: bool = True  # assemble the final full tensors on the driver
     snapshot_every: int = 0  # in-memory snapshot every k steps (0: none; then only replicas protect state)
     require_replica: bool = False  # only layouts with dp >= 2, so any single loss recovers without replay
     checkpoint_dir: str | None = None  # where on-disk checkpoints go (only for restarting a whole job)
@@ -79,262 +99,338 @@ class ControllerOptions:
     sources: list = field(default_factory=list)  # extra event sources with poll(step) -> [Event]
 
 
-class Controller(EventsMixin, RecoveryMixin):
+@dataclass(frozen=True)
+class Refusal:
+    """The policy refused the request (an impossible layout): one line saying why."""
+
+    text: str
+
+
+class Controller:
     def __init__(self, cfg: Config, options: ControllerOptions | None = None, group: WorkerGroup | None = None,
-                 workload=None):
+                 workload: Workload | None = None, policy: Policy | None = None,
+                 plane: PlaneLink | None = None) -> None:
         self.cfg, self.opt = cfg, options or ControllerOptions()
+        self._started = time.perf_counter()
+        if self.opt.resume:  # validate the whole checkpoint before any worker starts
+            folder = checkpoint_folder(Path(self.opt.resume))
+            ckpt.open_checkpoint(folder, cfg, training_specs(cfg), verify=True)
+            self._resume_folder: Path | None = folder
+        else:
+            self._resume_folder = None
         self.workload = workload or LMWorkload()
-        self.group = group or WorkerGroup(cfg)
+        if group is None:
+            from elastic.driver.ray_group import RayWorkerGroup
+
+            group = RayWorkerGroup(cfg)
+        self.group = group
         itemsize = torch.empty((), dtype=DTYPE[cfg.train.dtype]).element_size()
-        cores = ray.cluster_resources().get("CPU", 2.0) if ray.is_initialized() else 2.0
-        self.cost = CostModel(cfg.model, cfg.train.global_batch, cfg.data.seq_len, itemsize, cores=cores)
-        self.policy = Policy(cfg, self.cost, self.opt.objective, self.opt.min_workers,
-                             require_replica=self.opt.require_replica)
-        self.snapshots = Snapshotter(self.group, self.opt.snapshot_every)
-        if hasattr(self.workload, "phase_filters"):
-            self.policy.phase_filter.update(self.workload.phase_filters())
-        self.failure: Exception | None = None
-        self.state = State.PLANNING
+        self.cost = CostModel(cfg.model, cfg.train.global_batch, cfg.data.seq_len, itemsize,
+                              cores=group.cluster_cpus())
+        self.policy = policy or Policy(cfg, self.cost, self.opt.objective, self.opt.min_workers,
+                                       require_replica=self.opt.require_replica)
+        self.policy.phase_filter.update(self.workload.phase_filters())
+        self.snapshots = Snapshotter(group, self.opt.snapshot_every)
+        self.recovery = Recovery(group, self.policy, self.snapshots)
+        self.wishes = Wishes(cfg.runtime.workers, self.opt.phase_layouts)
+        sources = list(self.opt.sources)
+        if self.opt.watch_cluster:
+            sources.append(ClusterWatcher(cfg.runtime.cpus_per_worker, self.opt.max_workers, self.opt.poll_interval_s))
+        if plane is None and self.opt.job_name:
+            from elastic.control.control_plane import RayPlaneLink
+
+            plane = RayPlaneLink(self.opt.job_name)
+        self.inbox = Inbox(sources, plane, self.opt.poll_interval_s)
+        self.metrics = MetricsWriter(self.opt.run_dir, append=bool(self.opt.resume)) if self.opt.run_dir else None
+        self.journal = Journal(self.metrics, self._started)
+        self.state = Planning()
         self.step = 0
-        self.budget = cfg.runtime.workers
-        self.phase = "train"
-        self.paused_by_operator = False
-        self.stopping = False
-        self.pending: list[Event] = []
-        self.draining: set[int] = set()
-        self.forced: Layout | None = self.opt.layout
-        self.target: Decision | None = None
         self.history: list[StepSummary] = []
         self.reshards: list[ReshardReport] = []
         self.recoveries: list[dict] = []
-        self.events: list[dict] = []
-        self.sources = list(self.opt.sources)
-        if self.opt.watch_cluster:
-            self.sources.append(ClusterWatcher(cfg.runtime.cpus_per_worker, self.opt.max_workers,
-                                               self.opt.poll_interval_s))
-        self.plane = None
-        if self.opt.job_name:
-            self.plane = ControlPlane.options(name=actor_name(self.opt.job_name), namespace=NAMESPACE).remote()
-        self._next_poll = 0.0
-        self._fresh = True
-        self._resume_folder = None
-        if self.opt.resume:  # validate the whole checkpoint before any worker starts
-            path = Path(self.opt.resume)
-            folder = path if (path / "manifest.json").is_file() else ckpt.latest(path)
-            ckpt.open_checkpoint(folder, cfg, state_specs(cfg), verify=True)
-            self._resume_folder = folder
-        self._awaiting: list[Event] = []
+        self.listeners: list[Callable[[Transition], None]] = []  # called after every transition
         self._bar = None
-        self._started = time.perf_counter()
-        self.metrics = MetricsWriter(self.opt.run_dir, append=bool(self.opt.resume)) if self.opt.run_dir else None
+        self._handlers = {Planning: self._planning, Launching: self._launching, Resuming: self._resuming,
+                          Resharding: self._resharding, Running: self._running, Recovering: self._recovering,
+                          Paused: self._paused}
 
     # ---- bookkeeping --------------------------------------------------------------------
-    def record(self, kind: str, **details) -> None:
-        entry = {"kind": kind, "step": self.step, "time": time.perf_counter() - self._started, **details}
-        self.events.append(entry)
-        if self.metrics is not None:
-            self.metrics.event(entry)
-        text = details.get("text") or ", ".join(f"{k}={v}" for k, v in details.items())
-        log.info("[step %d] %s: %s", self.step, kind, text)
-        if self._bar is not None:
-            self._bar.write(f"[step {self.step}] {kind}: {text}")
+    @property
+    def events(self) -> list[dict]:
+        return self.journal.entries
+
+    @property
+    def phase(self) -> str:
+        return self.wishes.phase
+
+    def record(self, kind: RecordKind, level: int = logging.INFO, **details) -> dict:
+        return self.journal.record(kind, self.step, level, **details)
+
+    def submit(self, event: Event) -> None:
+        """Deliver an event from inside the driver (e.g. a workload's phase change)."""
+        self.inbox.submit(event)
 
     def status(self) -> dict:
         placement = self.group.placement
         last = self.reshards[-1] if self.reshards else None
-        return {"state": self.state.value, "step": self.step, "steps": self.cfg.train.steps,
+        return {"state": name(self.state), "step": self.step, "steps": self.cfg.train.steps,
                 "layout": str(placement.layout) if placement else None,
                 "workers": list(placement.workers) if placement else [],
-                "starting": self.group.starting, "budget": self.budget, "phase": self.phase,
+                "starting": self.group.starting, "budget": self.wishes.budget, "phase": self.phase,
                 "loss": self.history[-1].loss if self.history else None,
                 "last_reshard": None if last is None else {
                     "from": last.old, "to": last.new, "reason": last.reason, "step": last.step,
                     "seconds": round(last.total_seconds, 3), "bytes": last.bytes_moved}}
 
-    # ---- the state machine --------------------------------------------------------------
-    def tick(self) -> None:
-        {State.RUNNING: self._running, State.PLANNING: self._planning, State.RESHARDING: self._resharding,
-         State.PAUSED: self._paused, State.RECOVERING: self._recovering}[self.state]()
-        self._publish()
+    def _usable(self) -> list[int]:
+        return [w for w in self.group.alive() if w not in self.wishes.draining]
 
-    def _running(self) -> None:
+    # ---- the state machine ----------------------------------------------------------------
+    def tick(self) -> Transition:
+        """Run the current state's handler once and move to the state it chose."""
+        transition = Transition(self.state, self._handlers[type(self.state)](self.state)).check()
+        self._set_state(transition)
+        return transition
+
+    def _set_state(self, transition: Transition) -> None:
+        self.state = transition.next
+        if transition.changes_state:
+            self.record(RecordKind.TRANSITION, logging.DEBUG, text=transition.describe(),
+                        **{"from": name(transition.previous), "to": name(transition.next)})
+        for listener in self.listeners:
+            listener(transition)
+        self.inbox.publish(self.status())
+
+    def _running(self, state: Running):
         ready = self.group.ready()
         if ready:
-            self.record("workers ready", text=f"workers {ready} warmed up", workers=ready)
-        events = self.pending + self._poll()
-        self.pending = []
+            self.record(RecordKind.WORKERS_READY, text=f"workers {ready} warmed up", workers=ready)
+        events = self.inbox.poll(self.step)
         if events or ready:
-            self.pending = events
-            self.state = State.PLANNING
-            return
+            return Planning(tuple(events))
         if self.step >= self.cfg.train.steps:
-            self.state = State.DONE
-            return
-        placement = self.group.placement
-        started = time.perf_counter()
+            return Done("every step is done")
+        placement, started = self.group.placement, time.perf_counter()
         try:
             results = self.workload.step(self)
         except WorkerFailure as failure:
-            self.record("failure", text=str(failure), dead=sorted(failure.dead))
-            self.failure = failure
-            self.state = State.RECOVERING
-            return
+            if failure.step_results is not None:  # every rank computed it before the loss: the step counts
+                self._count_step(failure.step_results, placement, started, state.fresh)
+            self.record(RecordKind.FAILURE, text=str(failure), dead=sorted(failure.dead))
+            return Recovering(failure)
         if results is None:  # the workload did other work (a rollout) or asked for a phase change
-            return
-        summary = summarize(results, placement, time.perf_counter() - started)
-        self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
-        self.history.append(summary)
-        if self.metrics is not None:
-            self.metrics.step(summary)
-        if not self._fresh:  # a placement's first step pays one-off costs; do not calibrate on it
-            self.cost.observe_step(placement.layout, summary.seconds)
-        self._fresh = False
-        self.step += 1
-        if self._bar is not None:
-            self._bar.set_postfix(describe(summary), refresh=False)
-            self._bar.n = self.step
-            self._bar.refresh()
-        every = self.opt.checkpoint_every
-        if self.opt.checkpoint_dir and every and (self.step % every == 0 or self.step == self.cfg.train.steps):
-            self._checkpoint()
-        if self.snapshots.due(self.step) and self.step < self.cfg.train.steps:
-            try:
-                self.snapshots.take()
-            except WorkerFailure as failure:
-                self.record("failure", text=f"during snapshot: {failure}", dead=sorted(failure.dead))
-                self.failure = failure
-                self.state = State.RECOVERING
+            return state
+        self._count_step(results, placement, started, state.fresh)
+        failure = self._after_step()
+        return Recovering(failure) if failure is not None else Running(fresh=False)
 
-    def _planning(self) -> None:
-        events, self.pending = self.pending, []
-        must, reason = self._apply(events)
-        current = self.group.placement
-        if self.stopping:
-            self._answer(events, f"stopping at step {self.step}")
-            self.record("stop", text=f"stopping at step {self.step} on request")
-            self.state = State.DONE
-            return
-        if current is not None and any(w not in self.group.actors for w in current.workers):
-            must, reason = True, reason or "workers lost"
-        if self.paused_by_operator:
-            self._answer(events, "paused")
-            self.state = State.PAUSED
-            return
-        decision = self._decide(events, must, reason)
-        if decision is None:
-            return
-        wanted = decision.placement.workers
+    def _planning(self, state: Planning):
+        events, group = list(state.events), self.group
+        folded = self.wishes.fold(events, group.live(), len(self._usable()), len(group.starting),
+                                  self.policy.validate_request)
+        current = group.placement
+        for event, why in folded.refused:
+            self.inbox.answer([event], f"refused: {why}; training continues on "
+                                       f"{current.layout if current else '-'}")
+            self.record(RecordKind.REFUSED, text=why)
+        if folded.cancel_starting:
+            cancelled = group.cancel_starting(folded.cancel_starting)
+            self.record(RecordKind.SCALE_IN, text=f"cancelled starting workers {cancelled}: "
+                                                  f"budget is {self.wishes.budget}")
+        for event in events:
+            self.record(RecordKind.EVENT, text=event.describe(), type=event.kind.value)
+        if folded.stop:
+            self.inbox.answer(events, f"stopping at step {self.step}")
+            self.record(RecordKind.STOP, text=f"stopping at step {self.step} on request")
+            return Done("stopped on request")
+        lost = sorted(w for w in (current.workers if current else ()) if w not in group.live())
+        if lost:  # noticed outside a failing call (e.g. while forming): recover first, then plan
+            return Recovering(WorkerFailure({w: "process died" for w in lost}, {}))
+        if self.wishes.paused:
+            self.inbox.answer(events, "paused")
+            return Paused("paused by the operator")
+        forced = folded.forced or (self.opt.layout if current is None else None)  # the first placement's layout
+        outcome = self._decide(forced, folded.must_move, folded.reason)
+        if isinstance(outcome, Refusal):
+            self.inbox.answer(events, f"refused: {outcome.text}")
+            self.record(RecordKind.REFUSED, text=outcome.text)
+            return Running() if current else Paused(outcome.text)
+        if outcome is None:
+            self.inbox.answer(events, f"keep {current.layout} on {len(current.workers)} workers (no predicted gain)")
+            self.record(RecordKind.KEEP, text=f"stay on {current.layout}: no layout is predicted to pay off")
+            return Running()
+        if outcome.placement is None:
+            self.inbox.answer(events, outcome.describe())
+            self.record(RecordKind.PAUSE, text=outcome.describe())
+            return Paused(outcome.reason)
+        wanted = outcome.placement.workers
         missing = [w for w in wanted if w < 0]
-        if missing and not self.opt.background_start:
-            started = self.group.spawn(len(missing))
-            self.record("scale-out", text=f"started workers {started} for {decision.describe()}")
-            decision = self._decide(events, must, reason)
-            if decision is None:
-                return
-            wanted, missing = decision.placement.workers, []
-        waiting = [w for w in wanted if w in self.group.starting]
         if missing:
-            started = self.group.start(len(missing))
-            self.record("scale-out", text=f"starting workers {started} in the background for {decision.describe()}")
-        if missing or waiting:
-            self._answer(events, f"starting workers for {decision.describe()}")
-            self.state = State.RUNNING if current else State.PAUSED
-            return
-        self._awaiting = events  # answered once the reshard is done, with what happened
-        self.record("decision", text=decision.describe(), layout=str(decision.placement.layout),
+            started = group.start(len(missing))
+            self.record(RecordKind.SCALE_OUT, text=f"starting workers {started} in the background for "
+                                                   f"{outcome.describe()}")
+        if missing or any(w in group.starting for w in wanted):
+            self.inbox.answer(events, f"starting workers for {outcome.describe()}")
+            return Running() if current else Paused("waiting for workers to warm up")
+        self.record(RecordKind.DECISION, text=outcome.describe(), layout=str(outcome.placement.layout),
                     workers=list(wanted))
-        self.target = decision
-        self.state = State.RESHARDING
+        if current is not None:
+            return Resharding(outcome, tuple(events))
+        if self._resume_folder is not None:
+            return Resuming(outcome, self._resume_folder, tuple(events))
+        return Launching(outcome, tuple(events))
 
-    def _decide(self, events: list[Event], must: bool, reason: str) -> Decision | None:
-        """Ask the policy; on 'stay', 'pause' or a refused request set the next state and return None."""
+    def _decide(self, forced: Layout | None, must: bool, reason: str) -> Decision | Refusal | None:
+        """The policy's answer for the workers at hand (None: stay where we are)."""
         current = self.group.placement
         # Offer the policy a budget's worth of workers: the current ones first, then spares, then
         # workers still warming up, then placeholders (negative ids) for workers not started yet.
         usable = sorted(self._usable(), key=lambda w: (current is None or current.rank_of(w) is None, w))
         pool = usable + self.group.starting
-        candidates = (pool + [-(i + 1) for i in range(max(0, self.budget - len(pool)))])[: self.budget]
+        budget = self.wishes.budget
+        candidates = (pool + [-(i + 1) for i in range(max(0, budget - len(pool)))])[:budget]
         try:
-            decision = self.policy.decide(current, candidates, self.cfg.train.steps - self.step, self.forced,
-                                          must, reason, self.phase, alive=frozenset(self.group.actors))
+            return self.policy.decide(current, candidates, self.cfg.train.steps - self.step, forced, must, reason,
+                                      self.phase, alive=self.group.live())
         except ValueError as err:
-            decision = err
-        self.forced = None
-        if isinstance(decision, ValueError):
-            self._answer(events, f"refused: {decision}")
-            self.record("refused", text=str(decision))
-            self.state = State.RUNNING if current else State.PAUSED
-            return None
-        if decision is None:
-            self._answer(events, f"keep {current.layout} on {len(current.workers)} workers (no predicted gain)")
-            self.record("keep", text=f"stay on {current.layout}: no layout is predicted to pay off")
-            self.state = State.RUNNING
-            return None
-        if decision.placement is None:
-            self._answer(events, decision.describe())
-            self.record("pause", text=decision.describe())
-            self.state = State.PAUSED
-            return None
-        return decision
+            return Refusal(str(err))
 
-    def _resharding(self) -> None:
-        decision, self.target = self.target, None
-        current = self.group.placement
-        if current is None and self.opt.resume:  # the first placement, from a checkpoint on disk
-            self.step = resume_checkpoint(self.group, self._resume_folder, decision.placement, verify=False)
-            self.record("resume", text=f"{decision.placement.layout} on workers {list(decision.placement.workers)} "
-                                       f"from {self.opt.resume} at step {self.step}")
-        elif current is None:  # the first placement: build from the seed
-            seconds = self.group.setup(decision.placement, step=self.step)
-            self.record("start", text=f"{decision.placement.layout} on workers {list(decision.placement.workers)} "
-                                      f"in {seconds:.2f} s")
-        else:
-            try:
-                report = reshard(self.group, decision.placement, self.step, decision.reason)
-            except ReshardFailed as err:
-                self._answer(self._awaiting, f"reshard to {decision.placement.layout} failed: {err}")
-                self.record("reshard failed", text=str(err))
-                self.state = State.RUNNING if err.old_intact else State.RECOVERING
-                if not err.old_intact:
-                    self.failure = err.failure
-                return
-            except WorkerFailure as failure:  # a worker died while committing the new placement
-                self.record("reshard failed", text=f"during commit: {failure}")
-                self.failure = failure
-                self.state = State.RECOVERING
-                return
-            self.reshards.append(report)
-            self.cost.observe_reshard(report.max_worker_bytes, report.transfer_seconds,
-                                      report.plan_seconds + report.commit_seconds)
-            self.record("reshard", text=report.line(), seconds=report.total_seconds, bytes=report.bytes_moved,
-                        old=report.old, new=report.new, reason=report.reason)
-            self._answer(self._awaiting, f"moved to {decision.describe()}; {report.line()}")
-        idle = [w for w in self.group.alive() if w not in decision.placement.workers]
-        surplus = idle[: max(0, len(self.group.alive()) - self.budget)]
-        leaving = sorted(set(w for w in idle if w in self.draining) | set(surplus))
-        self._fresh = True
+    def _launching(self, state: Launching):
+        placement = state.decision.placement
+        try:
+            seconds = self.group.setup(placement, step=self.step)
+        except WorkerFailure as failure:
+            if not failure.dead:
+                raise
+            self.record(RecordKind.FAILURE, text=f"while forming the first placement: {failure}",
+                        dead=sorted(failure.dead))
+            return Planning(state.requests)
+        self.record(RecordKind.START,
+                    text=f"{placement.layout} on workers {list(placement.workers)} in {seconds:.2f} s")
+        self.inbox.answer(state.requests, f"started {state.decision.describe()}")
+        return Running(fresh=True)
+
+    def _resuming(self, state: Resuming):
+        placement = state.decision.placement
+        try:
+            self.step = resume_checkpoint(self.group, state.folder, placement, verify=False)  # verified at start
+        except WorkerFailure as failure:
+            if not failure.dead:
+                raise
+            self.record(RecordKind.FAILURE, text=f"while resuming: {failure}", dead=sorted(failure.dead))
+            return Planning(state.requests)
+        self.record(RecordKind.RESUME, text=f"{placement.layout} on workers {list(placement.workers)} from "
+                                            f"{state.folder} at step {self.step}")
+        self.inbox.answer(state.requests, f"resumed on {state.decision.describe()}")
+        return Running(fresh=True)
+
+    def _resharding(self, state: Resharding):
+        decision = state.decision
+        try:
+            report = reshard(self.group, decision.plan, self.step, decision.reason)
+        except ReshardFailed as err:
+            self.inbox.answer(state.requests, f"reshard to {decision.placement.layout} failed: {err}")
+            self.record(RecordKind.RESHARD_FAILED, text=str(err))
+            return Running() if err.old_intact else Recovering(err.failure)
+        except WorkerFailure as failure:  # a worker died while committing the new placement
+            self.record(RecordKind.RESHARD_FAILED, text=f"during commit: {failure}")
+            return Recovering(failure)
+        self.reshards.append(report)
+        self.cost.observe_reshard(report.max_worker_bytes, report.transfer_seconds,
+                                  report.plan_seconds + report.commit_seconds)
+        self.record(RecordKind.RESHARD, text=report.line(), seconds=report.total_seconds, bytes=report.bytes_moved,
+                    old=report.old, new=report.new, reason=report.reason)
+        self.inbox.answer(state.requests, f"moved to {decision.describe()}; {report.line()}")
+        self._let_go(decision.placement)
+        return Running(fresh=True)
+
+    def _let_go(self, placement: Placement) -> None:
+        """Drained workers and workers beyond the budget leave once their shards have moved."""
+        alive = self.group.alive()
+        idle = [w for w in alive if w not in placement.workers]
+        surplus = idle[: max(0, len(alive) - self.wishes.budget)]
+        leaving = sorted({w for w in idle if w in self.wishes.draining} | set(surplus))
         if leaving:
             self.group.remove(leaving)
-            self.draining -= set(leaving)
-            self.record("drained", text=f"workers {leaving} left after their state moved", workers=leaving)
-        self.state = State.RUNNING
+            self.wishes.draining -= set(leaving)
+            self.record(RecordKind.DRAINED, text=f"workers {leaving} left after their shards moved", workers=leaving)
 
-    def _paused(self) -> None:
-        events = self.pending + self._poll(force=True)
-        self.pending = []
-        ready = self.group.ready()
-        if events or ready:
-            self.pending = events
-            self.state = State.PLANNING
-            return
+    def _recovering(self, state: Recovering):
+        started = time.perf_counter()
+        self.wishes.forget(state.failure.dead)
+        outcome = self.recovery.recover(state.failure, self.step, self.cfg.train.steps - self.step, self._usable(),
+                                        self.phase)
+        if outcome.again is not None:
+            self.record(RecordKind.FAILURE, text=f"during recovery: {outcome.again}", dead=sorted(outcome.again.dead))
+            return Recovering(outcome.again)
+        if outcome.pause is not None:
+            self.record(RecordKind.PAUSE, text=outcome.pause)
+            return Paused(outcome.pause)
+        if outcome.report is not None:
+            self.reshards.append(outcome.report)
+        self.step = outcome.step
+        missing = self.wishes.budget - len(self._usable()) - len(self.group.starting)
+        if missing > 0:  # grow back towards the budget in the background (the job trains meanwhile)
+            started_ids = self.group.start(missing)
+            self.record(RecordKind.SCALE_OUT, text=f"starting replacement workers {started_ids} in the background")
+        seconds = time.perf_counter() - started
+        dead = sorted(state.failure.dead)
+        lost, placement = outcome.steps_lost, outcome.placement
+        self.recoveries.append({"dead": dead, "seconds": seconds, "how": outcome.how, "steps_lost": lost,
+                                "layout": str(placement.layout), "step": self.step})
+        self.record(RecordKind.RECOVERED, text=f"lost workers {dead}; now {placement.layout} on workers "
+                                               f"{list(placement.workers)} from {outcome.how} in {seconds:.2f} s"
+                                               + (f", replaying {lost} steps" if lost else ""),
+                    seconds=seconds, how=outcome.how, steps_lost=lost)
+        return Running(fresh=True)
+
+    def _paused(self, state: Paused):
+        events = self.inbox.poll(self.step, force=True)
+        if events or self.group.ready():
+            return Planning(tuple(events))
         time.sleep(self.opt.poll_interval_s)
+        return state
+
+    # ---- steps ------------------------------------------------------------------------------
+    def _count_step(self, results: dict, placement: Placement, started: float, fresh: bool) -> None:
+        summary = summarize(results, placement, time.perf_counter() - started)
+        self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
+        self.history.append(summary)
+        if self.metrics is not None:
+            self.metrics.step(summary)
+        if not fresh:  # a placement's first step pays one-off costs; do not calibrate on it
+            self.cost.observe_step(placement.layout, summary.seconds)
+        self.step += 1
+        if self._bar is not None:
+            self._bar.set_postfix(describe(summary), refresh=False)
+            self._bar.n = self.step
+            self._bar.refresh()
+
+    def _after_step(self) -> WorkerFailure | None:
+        """A checkpoint and a snapshot when due; the failure, if a worker died during either."""
+        every, steps = self.opt.checkpoint_every, self.cfg.train.steps
+        if self.opt.checkpoint_dir and every and (self.step % every == 0 or self.step == steps):
+            try:
+                folder, seconds = save_checkpoint(self.group, Path(self.opt.checkpoint_dir))
+            except WorkerFailure as failure:  # the previous complete checkpoint stays the latest
+                self.record(RecordKind.FAILURE, text=f"during checkpoint: {failure}", dead=sorted(failure.dead))
+                return failure
+            self.record(RecordKind.CHECKPOINT, text=f"wrote {folder} in {seconds:.2f} s", path=str(folder))
+        if self.snapshots.due(self.step) and self.step < steps:
+            try:
+                self.snapshots.take()
+            except WorkerFailure as failure:
+                self.record(RecordKind.FAILURE, text=f"during snapshot: {failure}", dead=sorted(failure.dead))
+                return failure
+        return None
 
     # ---- run ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the initial workers (blocking: nothing is training yet) and form the first placement."""
-        self.group.spawn(self.budget)
-        self.record("workers", text=f"started workers {self.group.alive()}")
-        self.record("redundancy", text=self.redundancy_report())
+        """Start the initial workers (blocking: nothing is training yet)."""
+        self.group.spawn(self.wishes.budget)
+        self.record(RecordKind.WORKERS, text=f"started workers {self.group.alive()}")
+        self.record(RecordKind.REDUNDANCY, text=redundancy_report(self.policy, self.cost, self.wishes.budget,
+                                                                  self.opt.snapshot_every, self.opt.require_replica))
 
     def run(self) -> RunResult:
         self.start()
@@ -342,18 +438,17 @@ class Controller(EventsMixin, RecoveryMixin):
 
     def run_started(self) -> RunResult:
         """Run to the end once ``start()`` has been called."""
-        self._bar = progress_bar(self.cfg.train.steps, disable=not self.opt.progress)
+        self._bar = progress_bar(self.cfg.train.steps, initial=self.step, disable=not self.opt.progress)
         try:
-            while self.state != State.DONE:
-                self.tick()
+            with log_above_bar(self.opt.progress):
+                while not isinstance(self.state, Done):
+                    self.tick()
             self._bar.close()
-            state = None
-            if self.opt.gather_state:
-                state = self.group.gather_full_state(state_specs(self.cfg))[1]
-            result = RunResult(self.history, self.reshards, self.events, state,
-                               time.perf_counter() - self._started, self.group.placement)
+            tensors = self.group.gather_tensors()[1] if self.opt.gather_tensors else None
+            placement = self.group.placement
+            result = RunResult(self.history, self.reshards, self.recoveries, self.events, tensors,
+                               time.perf_counter() - self._started, placement)
             if self.metrics is not None:
-                placement = self.group.placement
                 self.metrics.summary({"steps": len(self.history), "seconds": result.seconds,
                                       "final_loss": self.history[-1].loss if self.history else None,
                                       "final_layout": str(placement.layout) if placement else None,
@@ -364,13 +459,11 @@ class Controller(EventsMixin, RecoveryMixin):
         finally:
             self._bar.close()
             self._bar = None
-            self._publish()
+            self.inbox.publish(self.status())
 
     def shutdown(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         self.group.shutdown()
-        if self.plane is not None:
-            ray.kill(self.plane)
-            self.plane = None
+        self.inbox.close()

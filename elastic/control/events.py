@@ -1,39 +1,47 @@
-"""Events the controller reacts to, and the sources that produce them.
+"""Events the controller reacts to (operator requests, the cluster, the training loop).
 
-Sources are polled by the controller between steps (never during one):
-- ``ScriptedEvents``: events at given steps (tests, benchmarks, the demo);
-- ``ClusterWatcher``: Ray's cluster view; a node or CPUs appearing or leaving changes the worker
-  budget the cluster can hold;
-- the control plane (``control_plane.py``): operator requests through a named Ray actor;
-- the training loop itself: phase changes (GRPO rollout <-> train).
-
-Worker deaths do not come from a source: a failed step reports them (see ``group.WorkerFailure``).
+Each event is a frozen dataclass with a ``kind`` (an ``EventKind``), a human ``reason`` and an
+``id`` that lets an operator's request wait for the controller's answer. Sources are in
+``sources.py``. Pure Python (the CLI imports this module, so it must stay light).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import time
+import enum
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from elastic.core.layout import Layout
 
-log = logging.getLogger(__name__)
+
+class EventKind(enum.StrEnum):
+    SET_BUDGET = "set-budget"
+    ADD_WORKERS = "add-workers"
+    DRAIN = "drain"
+    RELAYOUT = "relayout"
+    PHASE = "phase"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
 
 
 @dataclass(frozen=True)
 class Event:
     """Base class. ``id`` lets the operator's request wait for the controller's decision."""
 
+    kind: ClassVar[EventKind]
     reason: str = ""
     id: int = field(default=0, compare=False)
+
+    def describe(self) -> str:
+        return self.reason or self.kind.value
 
 
 @dataclass(frozen=True)
 class SetBudget(Event):
     """Run on up to ``workers`` workers (operator request, or the cluster's capacity changed)."""
 
+    kind: ClassVar[EventKind] = EventKind.SET_BUDGET
     workers: int = 0
 
 
@@ -41,13 +49,15 @@ class SetBudget(Event):
 class AddWorkers(Event):
     """Raise the budget by ``count`` workers."""
 
+    kind: ClassVar[EventKind] = EventKind.ADD_WORKERS
     count: int = 1
 
 
 @dataclass(frozen=True)
 class Drain(Event):
-    """Worker ``worker`` is going away (preemption notice, operator): move its state off it first."""
+    """Worker ``worker`` is going away (preemption notice, operator): move its shards off it first."""
 
+    kind: ClassVar[EventKind] = EventKind.DRAIN
     worker: int = -1
 
 
@@ -55,6 +65,7 @@ class Drain(Event):
 class Relayout(Event):
     """The operator asks for this layout on the current workers."""
 
+    kind: ClassVar[EventKind] = EventKind.RELAYOUT
     layout: Layout = Layout()
 
 
@@ -62,61 +73,24 @@ class Relayout(Event):
 class PhaseChange(Event):
     """The training loop enters ``phase`` (e.g. "rollout" or "train"); layouts may prefer phases."""
 
+    kind: ClassVar[EventKind] = EventKind.PHASE
     phase: str = "train"
 
 
 @dataclass(frozen=True)
 class Pause(Event):
-    pass
+    """Stop training until resumed (the workers and their shards stay)."""
+
+    kind: ClassVar[EventKind] = EventKind.PAUSE
 
 
 @dataclass(frozen=True)
 class Resume(Event):
-    pass
+    kind: ClassVar[EventKind] = EventKind.RESUME
 
 
 @dataclass(frozen=True)
 class Stop(Event):
     """Finish the step in flight and end the job cleanly (its final state is kept)."""
 
-
-class ScriptedEvents:
-    """Events to deliver when the job reaches given steps: ``{step: [event, ...]}``."""
-
-    def __init__(self, script: dict[int, list[Event]]) -> None:
-        self.script = {step: list(events) for step, events in script.items()}
-
-    def poll(self, step: int) -> list[Event]:
-        due = [s for s in self.script if s <= step]
-        return [event for s in sorted(due) for event in self.script.pop(s)]
-
-
-class ClusterWatcher:
-    """Turns Ray's cluster view into a worker budget: total CPUs / CPUs per worker, capped."""
-
-    def __init__(self, cpus_per_worker: float, max_workers: int, interval_s: float = 1.0,
-                 reserved_cpus: float = 0.0) -> None:
-        self.cpus_per_worker, self.max_workers = cpus_per_worker, max_workers
-        self.interval_s, self.reserved_cpus = interval_s, reserved_cpus
-        self.last_budget: int | None = None
-        self._next = 0.0
-
-    def capacity(self) -> int:
-        import ray
-
-        cpus = ray.cluster_resources().get("CPU", 0.0) - self.reserved_cpus
-        return max(0, min(self.max_workers, math.floor(cpus / self.cpus_per_worker + 1e-9)))
-
-    def poll(self, step: int) -> list[Event]:
-        now = time.monotonic()
-        if now < self._next:
-            return []
-        self._next = now + self.interval_s
-        budget = self.capacity()
-        if budget == self.last_budget:
-            return []
-        before, self.last_budget = self.last_budget, budget
-        if before is None:
-            return []  # the first reading sets the baseline; the job starts on what it was given
-        log.info("cluster capacity changed: %s -> %d workers", before, budget)
-        return [SetBudget(reason=f"cluster capacity {before} -> {budget} workers", workers=budget)]
+    kind: ClassVar[EventKind] = EventKind.STOP

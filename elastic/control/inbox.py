@@ -1,99 +1,69 @@
-"""How the controller hears and answers events (a mixin of ``Controller``).
+"""How events reach the controller, and how operator requests get their one answer.
 
-Events arrive from polled sources (scripted, the cluster watcher, the control plane's inbox)
-and from the driver itself (``submit``). ``_apply`` folds them into the controller's wishes:
-the worker budget, workers to drain, a requested layout, the training phase, pause and stop.
-Requests from the control plane are answered with what the controller decided.
+Events come from polled sources (scripted, the cluster watcher), from the control plane's mailbox
+(operator requests, polled at most every ``poll_interval_s``) and from inside the driver
+(``submit``: a workload's phase change). ``answer`` replies to requests that carry an id. Each
+request is answered exactly once: a request refused while folding keeps that answer, and the planning
+outcome later sent to the whole batch skips it.
+
+``PlaneLink`` is the controller's side of the control plane: ``RayPlaneLink`` (``control_plane.py``)
+for a named Ray actor, or an in-memory one in tests.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Protocol
 
-import ray
-
-from elastic.control.events import (
-    AddWorkers,
-    Drain,
-    Event,
-    Pause,
-    PhaseChange,
-    Relayout,
-    Resume,
-    SetBudget,
-    Stop,
-)
+from elastic.control.events import Event
+from elastic.control.sources import EventSource
 
 
-class EventsMixin:
-    def _publish(self) -> None:
-        if self.plane is not None:
-            self.plane.publish.remote(self.status())
+class PlaneLink(Protocol):
+    def take(self) -> list[Event]:
+        """Requests that arrived since the last call."""
+    def answer(self, event_id: int, text: str) -> None: ...
+    def publish(self, status: dict) -> None: ...
+    def close(self) -> None: ...
 
-    def _answer(self, events: list[Event], text: str) -> None:
-        if self.plane is None:
-            return
-        for event in events:
-            if event.id:
-                self.plane.decide.remote(event.id, text)
 
-    # ---- events -------------------------------------------------------------------------
-    def _poll(self, force: bool = False) -> list[Event]:
-        now = time.monotonic()
-        events = []
-        for source in self.sources:
-            events.extend(source.poll(self.step))
-        if self.plane is not None and (force or now >= self._next_poll):
-            self._next_poll = now + self.opt.poll_interval_s
-            events.extend(ray.get(self.plane.take_inbox.remote()))
-        return events
+class Inbox:
+    def __init__(self, sources: Iterable[EventSource], plane: PlaneLink | None = None,
+                 poll_interval_s: float = 0.5) -> None:
+        self.sources, self.plane, self.poll_interval_s = list(sources), plane, poll_interval_s
+        self._submitted: list[Event] = []
+        self._answered: set[int] = set()
+        self._next_poll = 0.0
 
     def submit(self, event: Event) -> None:
         """Deliver an event from inside the driver (e.g. a training loop's phase change)."""
-        self.pending.append(event)
+        self._submitted.append(event)
 
-    def _apply(self, events: list[Event]) -> tuple[bool, str]:
-        """Fold events into the controller's wishes. Returns (must move, reason)."""
-        must, reasons = False, []
+    def poll(self, step: int, force: bool = False) -> list[Event]:
+        """Everything that arrived: submitted events, then the sources', then the operator's requests."""
+        events, self._submitted = self._submitted, []
+        for source in self.sources:
+            events.extend(source.poll(step))
+        now = time.monotonic()
+        if self.plane is not None and (force or now >= self._next_poll):
+            self._next_poll = now + self.poll_interval_s
+            events.extend(self.plane.take())
+        return events
+
+    def answer(self, events: Iterable[Event], text: str) -> None:
+        """Reply ``text`` to every request among ``events`` that has not had its answer yet."""
         for event in events:
-            self.record("event", text=event.reason or type(event).__name__, type=type(event).__name__)
-            reasons.append(event.reason or type(event).__name__)
-            if isinstance(event, SetBudget):
-                self.budget = event.workers
-                surplus = len(self._usable()) + len(self.group.starting) - self.budget
-                if surplus > 0 and self.group.starting:
-                    cancelled = self.group.cancel_starting(surplus)
-                    self.record("scale-in", text=f"cancelled starting workers {cancelled}: budget is {self.budget}")
-            elif isinstance(event, AddWorkers):
-                self.budget = len(self._usable()) + len(self.group.starting) + event.count
-            elif isinstance(event, Drain):
-                if event.worker not in self.group.actors:
-                    self._answer([event], f"refused: worker {event.worker} is not part of this job")
-                    continue
-                self.draining.add(event.worker)
-                self.budget = max(1, self.budget - 1)
-                must = True
-            elif isinstance(event, Relayout):
-                try:
-                    self.policy.validate_request(event.layout, len(self._usable()))
-                except ValueError as err:
-                    self._answer([event], f"refused: {err}; training continues on "
-                                          f"{self.group.placement.layout if self.group.placement else '-'}")
-                    self.record("refused", text=str(err))
-                    continue
-                self.forced = event.layout
-            elif isinstance(event, PhaseChange):
-                self.phase = event.phase
-                if event.phase in self.opt.phase_layouts:  # the operator pinned a layout for this phase
-                    self.forced = self.opt.phase_layouts[event.phase]
-            elif isinstance(event, Pause):
-                self.paused_by_operator = True
-            elif isinstance(event, Resume):
-                self.paused_by_operator = False
-            elif isinstance(event, Stop):
-                self.stopping = True
-        return must, "; ".join(reasons)
+            if event.id and event.id not in self._answered:
+                self._answered.add(event.id)
+                if self.plane is not None:
+                    self.plane.answer(event.id, text)
 
-    def _usable(self) -> list[int]:
-        return [w for w in self.group.alive() if w not in self.draining]
+    def publish(self, status: dict) -> None:
+        if self.plane is not None:
+            self.plane.publish(status)
 
+    def close(self) -> None:
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None

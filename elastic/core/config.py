@@ -3,6 +3,11 @@
 Every field carries its help text in ``metadata["help"]`` so that the CLI can expose the
 same fields with the same documentation. Errors raise ``ValueError`` naming the field, the
 rule and the fix, before any process starts.
+
+The core sections (model, optim, data, train, runtime, and the LoRA model transform) are defined
+here. A recipe that needs a section of its own (GRPO's ``[grpo]``) defines it in its own folder and
+calls ``register_section`` when that module is imported: this module imports no recipe, and a
+``Config`` carries recipe sections in ``Config.sections``. Pure Python.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -157,7 +162,6 @@ class RuntimeConfig:
     memory_per_worker_gb: float = knob(
         0.0, "policy: skip layouts whose training state per worker (weights, gradients, AdamW moments, "
         "and a reshard's staged copy) would exceed this many GB; 0: no limit")
-    fault_delay_transfer_s: float = knob(0.0, "testing only: pause in each reshard transfer (to kill workers there)")
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
@@ -217,6 +221,27 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+CORE_SECTIONS: dict[str, type] = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig,
+                                  "train": TrainConfig, "runtime": RuntimeConfig, "lora": LoraConfig}
+_RECIPE_SECTIONS: dict[str, type] = {}
+S = TypeVar("S", bound=type)
+
+
+def register_section(name: str, cls: S) -> S:
+    """Make ``cls`` the dataclass of config section ``[name]``; recipes call this when their config
+    module is imported, so the base config never imports a recipe. Returns ``cls``."""
+    _require(name not in CORE_SECTIONS, f"config section [{name}] is a core section; a recipe cannot redefine it")
+    known = _RECIPE_SECTIONS.get(name)
+    _require(known in (None, cls), f"config section [{name}] is registered twice: by {known} and by {cls}")
+    _RECIPE_SECTIONS[name] = cls
+    return cls
+
+
+def section_types() -> dict[str, type]:
+    """Every section a Config may hold: the core ones, then those the imported recipes registered."""
+    return {**CORE_SECTIONS, **_RECIPE_SECTIONS}
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs. Recipes are functions that return one of these."""
@@ -227,7 +252,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     lora: LoraConfig | None = None  # LoRA fine-tuning: adapters train, the base is frozen
-    grpo: Any = None  # elastic.recipes.grpo.config.GRPOConfig for RL runs (kept untyped: that module needs torch)
+    sections: dict[str, Any] = field(default_factory=dict)  # recipe sections by name (see register_section)
 
     def __post_init__(self) -> None:
         _require(
@@ -235,33 +260,50 @@ class Config:
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             "shorten the samples or raise max_seq_len",
         )
+        for name, value in self.sections.items():
+            cls = _RECIPE_SECTIONS.get(name)
+            _require(cls is not None, f"config section [{name}] is not registered by any imported recipe; "
+                                      f"known recipe sections: {sorted(_RECIPE_SECTIONS)}")
+            _require(isinstance(value, cls), f"config section [{name}] must be a {cls.__name__}, "
+                                             f"got {type(value).__name__}")
 
-    def replace(self, **sections: Any) -> Config:
-        """A copy with whole sections replaced, e.g. ``cfg.replace(train=...)``."""
-        return dataclasses.replace(self, **sections)
+    def section(self, name: str) -> Any:
+        """The recipe section ``[name]``, or None when this run has none."""
+        return self.sections.get(name)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with whole sections replaced, e.g. ``cfg.replace(train=...)`` or ``cfg.replace(grpo=...)``
+        (a recipe section; None removes it)."""
+        core = {k: v for k, v in changes.items() if k in CORE_SECTIONS}
+        extra = {k: v for k, v in changes.items() if k not in CORE_SECTIONS}
+        sections = dict(self.sections)
+        for name, value in extra.items():
+            _require(name in _RECIPE_SECTIONS, f"unknown config section {name!r}; known: {sorted(section_types())}")
+            if value is None:
+                sections.pop(name, None)
+            else:
+                sections[name] = value
+        return dataclasses.replace(self, **core, sections=sections)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as a plain dict, recipe sections beside the core ones (TOML's shape)."""
+        out = {name: (None if getattr(self, name) is None else dataclasses.asdict(getattr(self, name)))
+               for name in CORE_SECTIONS}
+        out.update({name: dataclasses.asdict(value) for name, value in self.sections.items()})
+        return out
 
     @staticmethod
     def from_dict(raw: dict[str, Any]) -> Config:
-        sections = {f.name for f in dataclasses.fields(Config)}
-        unknown = set(raw) - set(sections)
-        _require(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
-        built = {}
-        for name, cls in _section_types().items():
-            if name in ("lora", "grpo") and raw.get(name) is None:
+        types = section_types()
+        unknown = set(raw) - set(types)
+        _require(not unknown, f"unknown config sections {sorted(unknown)}; expected {sorted(types)}")
+        built, sections = {}, {}
+        for name, cls in types.items():
+            if raw.get(name) is None:
                 continue
-            values = dict(raw.get(name, {}))
+            values = dict(raw[name])
             known = {f.name for f in dataclasses.fields(cls)}
             bad = set(values) - known
             _require(not bad, f"unknown fields {sorted(bad)} in config section [{name}]; known: {sorted(known)}")
-            built[name] = cls(**values)
-        return Config(**built)
-
-
-def _section_types() -> dict[str, type]:
-    from elastic.recipes.grpo.config import GRPOConfig  # imports torch; only needed for RL configs
-
-    return {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-            "runtime": RuntimeConfig, "lora": LoraConfig, "grpo": GRPOConfig}
+            (built if name in CORE_SECTIONS else sections)[name] = cls(**values)
+        return Config(**built, sections=sections)

@@ -27,8 +27,8 @@ import torch
 
 from elastic.core.config import DataConfig
 from elastic.core.layout import balanced
-from elastic.model.init import stable_seed
-from elastic.model.tokenizer import PAD, ByteTokenizer
+from elastic.core.seeds import stable_seed
+from elastic.core.tokenizer import PAD, ByteTokenizer
 
 IGNORE = -100
 

@@ -1,10 +1,10 @@
-"""WorkerGroup: the driver-side handle on the worker actors.
+"""RayWorkerGroup: the ``WorkerGroup`` protocol on Ray actors, one OS process per worker.
 
-It starts actors (one OS process each, fractional CPUs), hosts the TCPStore that every gloo
-group rendezvous through (it outlives any worker), forms a placement's group, runs steps and
-fails fast: the first worker that dies or fails makes the group abort every other member, so
-survivors blocked in a collective are released at once, and the call raises ``WorkerFailure``
-naming the worker that caused it.
+It starts actors (fractional CPUs), hosts the TCPStore that every gloo group rendezvous through (it
+outlives any worker), forms a placement's group, runs tasks and fails fast: the first worker that
+dies or fails makes the group abort every other member, so survivors blocked in a collective are
+released at once, and the call raises ``WorkerFailure`` naming the worker that caused it. This is
+the only module that holds actor handles.
 
 Assumes ``ray.init`` has been called by the caller.
 """
@@ -17,7 +17,9 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -25,61 +27,61 @@ import torch.distributed as dist
 from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayError, RayTaskError
 
 from elastic.core.config import Config
-from elastic.core.layout import Placement, TensorSpec
+from elastic.core.layout import Placement
+from elastic.driver.group import Snapshot, WorkerFailure
+from elastic.model.specs import training_specs
+from elastic.plan.memory_rounds import TransferWork
 from elastic.runtime.engine import StepResult
+from elastic.runtime.tasks import TrainStep, WorkerTask
 from elastic.runtime.worker import StepFailed, Worker
 
 log = logging.getLogger(__name__)
 REABORT_EVERY_S = 1.0  # how often a failing gather cuts the gloo groups of members that have not answered
 
 
-class WorkerFailure(RuntimeError):
-    """Some workers died or failed. ``dead`` lists the processes that are gone."""
-
-    def __init__(self, dead: dict[int, str], failed: dict[int, str]) -> None:
-        self.dead, self.failed = dead, failed
-        culprits = dead or failed
-        detail = "; ".join(f"worker {w}: {why}" for w, why in sorted(culprits.items()))
-        super().__init__(f"{'lost' if dead else 'failed'} worker(s) {sorted(culprits)}: {detail}")
-
-
-class WorkerGroup:
+class RayWorkerGroup:
     def __init__(self, cfg: Config, run_id: str | None = None) -> None:
         self.cfg = cfg
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.host = ray.util.get_node_ip_address()
         self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False, use_libuv=True,
                                    timeout=datetime.timedelta(seconds=cfg.runtime.store_timeout_s))
-        self.actors: dict[int, ray.actor.ActorHandle] = {}
-        self.info: dict[int, dict] = {}
-        self.placement: Placement | None = None
+        self._actors: dict[int, ray.actor.ActorHandle] = {}
+        self._info: dict[int, dict] = {}
+        self._placement: Placement | None = None
+        self._committed = 0
         self._next_id = 0
         self._generation = 0
         self._starting: dict[int, ray.ObjectRef] = {}
-        self.committed = 0  # optimizer steps every rank has computed; their updates may be applied
 
-    # ---- actors -------------------------------------------------------------------------
+    @property
+    def placement(self) -> Placement | None:
+        return self._placement
+
+    @property
+    def committed(self) -> int:
+        """Optimizer steps every rank has computed; their updates are applied or about to be."""
+        return self._committed
+
+    # ---- membership ----------------------------------------------------------------------
     def spawn(self, n: int, resources: dict | None = None) -> list[int]:
-        """Start ``n`` new worker actors and wait until each is warm. Returns their ids."""
         ids = self.start(n, resources)
         infos = self._gather(self._starting.copy(), abort=False, timeout=self.cfg.runtime.store_timeout_s * 4)
-        self.info.update(infos)
+        self._info.update(infos)
         self._starting.clear()
         return ids
 
     def start(self, n: int, resources: dict | None = None) -> list[int]:
-        """Start ``n`` workers without waiting: they import torch and warm up while training goes on."""
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         for wid in ids:
-            self.actors[wid] = Worker.options(
+            self._actors[wid] = Worker.options(
                 num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0, resources=resources or {},
             ).remote(wid, self.cfg, self.host, self.store.port)
-            self._starting[wid] = self.actors[wid].warmup.remote()
+            self._starting[wid] = self._actors[wid].warmup.remote()
         return ids
 
     def ready(self) -> list[int]:
-        """Workers started by ``start`` that have finished warming up (non-blocking). Failed ones are dropped."""
         done = []
         for wid, ref in list(self._starting.items()):
             finished, _ = ray.wait([ref], timeout=0)
@@ -87,12 +89,16 @@ class WorkerGroup:
                 continue
             del self._starting[wid]
             try:
-                self.info[wid] = ray.get(ref)
+                self._info[wid] = ray.get(ref)
                 done.append(wid)
             except RayError as err:
                 log.warning("worker %d failed to start: %s", wid, str(err).splitlines()[0])
-                self.actors.pop(wid, None)
+                self._actors.pop(wid, None)
         return done
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if self._starting:
+            ray.wait(list(self._starting.values()), num_returns=len(self._starting), timeout=timeout_s)
 
     def cancel_starting(self, count: int) -> list[int]:
         """Stop up to ``count`` workers that are still starting (newest first); returns their ids."""
@@ -107,105 +113,223 @@ class WorkerGroup:
         return sorted(self._starting)
 
     def alive(self) -> list[int]:
-        """Workers that are up and warm (not the ones still starting)."""
-        return sorted(w for w in self.actors if w not in self._starting)
+        return sorted(w for w in self._actors if w not in self._starting)
+
+    def live(self) -> frozenset[int]:
+        return frozenset(self._actors)
+
+    def cluster_cpus(self) -> float:
+        return ray.cluster_resources().get("CPU", 2.0)
+
+    def ping(self, workers: Iterable[int]) -> dict[int, dict]:
+        """Each worker's identity (id, pid, host, node), asked now: a check that the workers still answer."""
+        workers = list(workers)
+        return self._gather({w: self._actors[w].info.remote() for w in workers}, members=workers)
 
     def pid(self, worker: int) -> int:
-        return self.info[worker]["pid"]
+        return self._info[worker]["pid"]
 
     def kill(self, worker: int) -> None:
         """SIGKILL a worker's process from outside (chaos tests, benchmarks)."""
         os.kill(self.pid(worker), signal.SIGKILL)
 
+    def handle(self, worker: int) -> ray.actor.ActorHandle:
+        """The actor of ``worker`` (tests check that every handle is gone after a shutdown)."""
+        return self._actors[worker]
+
     def remove(self, workers: Iterable[int]) -> None:
         """Stop actors and forget them (no state is read from them)."""
         for wid in list(workers):
-            actor = self.actors.pop(wid, None)
-            self.info.pop(wid, None)
+            actor = self._actors.pop(wid, None)
+            self._info.pop(wid, None)
             if actor is not None:
                 ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
-        self.remove(list(self.actors))
-        self.placement = None
+        self.remove(list(self._actors))
+        self._placement = None
 
-    # ---- groups and steps ---------------------------------------------------------------
+    # ---- training ------------------------------------------------------------------------
     def next_group_name(self) -> str:
         self._generation += 1
         return f"{self.run_id}/g{self._generation}"
 
-    def setup(self, placement: Placement, states: dict[int, dict[str, torch.Tensor]] | None = None,
-              step: int = 0) -> float:
-        """Form ``placement``'s group and build every rank's engine. Returns the slowest setup time."""
-        missing = [w for w in placement.workers if w not in self.actors]
+    def setup(self, placement: Placement, step: int = 0) -> float:
+        missing = [w for w in placement.workers if w not in self._actors]
         if missing:
             raise ValueError(f"placement {placement} names workers {missing} that this group does not have")
         name = self.next_group_name()
-        calls = {w: self.actors[w].setup.remote(placement, name, (states or {}).get(w), step, self.cfg)
-                 for w in placement.workers}
+        calls = {w: self._actors[w].setup.remote(placement, name, None, step, self.cfg) for w in placement.workers}
         times = self._gather(calls, members=placement.workers, forming=name)
-        self.placement, self.committed = placement, step
+        self._placement, self._committed = placement, step
         return max(t["total"] for t in times.values())
 
-    def step(self) -> dict[int, StepResult]:
+    def step(self, tasks: Mapping[int, WorkerTask] | None = None) -> dict[int, StepResult]:
         """One optimizer step on every rank of the current placement.
 
         The step counts as committed only when every rank has computed it; then every rank applies
-        the update. On a failure before the commit, survivors stay at the old step.
+        the update, so the step's time includes its update and whatever comes next (a reshard, a
+        snapshot) starts from settled state. On a failure before the commit, survivors stay at the old
+        step; on one after it, the ``WorkerFailure`` carries the step's results (see its docstring).
         """
-        if self.placement is None:
-            raise RuntimeError("no placement formed yet; call setup() first")
-        return self.step_with("train_step", {w: (self.committed,) for w in self.placement.workers})
-
-    def step_with(self, method: str, args: dict[int, tuple]) -> dict[int, StepResult]:
-        """One optimizer step through ``method`` with per-worker arguments (committed as ``step``)."""
-        results = self._gather({w: getattr(self.actors[w], method).remote(*args[w]) for w in self.placement.workers},
-                               members=self.placement.workers)
-        self.committed += 1
-        # Every rank computed the step: now apply it everywhere, so the step's time includes its update
-        # and whatever comes next (a reshard, a snapshot) starts from settled state.
-        self._gather({w: self.actors[w].sync.remote(self.committed) for w in self.placement.workers},
-                     members=self.placement.workers)
+        placement = self._require_placement()
+        default = TrainStep()
+        calls = {w: self._actors[w].run_task.remote(self._committed, (tasks or {}).get(w, default))
+                 for w in placement.workers}
+        results = self._gather(calls, members=placement.workers)
+        self._committed += 1
+        try:
+            self._gather({w: self._actors[w].sync.remote(self._committed) for w in placement.workers},
+                         members=placement.workers)
+        except WorkerFailure as failure:
+            failure.step_results = results
+            raise
         return results
 
-    def call(self, method: str, *args, workers: Iterable[int] | None = None, **kwargs) -> dict:
-        """Call an actor method on some workers (default: the placement) and gather the results."""
-        targets = list(workers if workers is not None else self.placement.workers)
-        return self._gather({w: getattr(self.actors[w], method).remote(*args, **kwargs) for w in targets},
-                            members=targets)
+    def run(self, tasks: Mapping[int, WorkerTask]) -> dict[int, Any]:
+        return self._gather({w: self._actors[w].run_task.remote(self._committed, task) for w, task in tasks.items()},
+                            members=list(tasks))
 
-    def call_each(self, method: str, args: dict[int, tuple], cut_group: str | None = None,
-                  forming: str | None = None) -> dict:
-        """Call ``method`` on each worker in ``args`` with that worker's own arguments.
+    def settle(self, workers: Iterable[int]) -> None:
+        workers = [w for w in workers if w in self._actors]
+        self._gather({w: self._actors[w].sync.remote(self._committed) for w in workers}, members=workers)
 
-        On a failure the other callees are released: by cutting only the gloo group ``cut_group``
-        when given (their engines stay intact), otherwise by a full abort.
-        """
-        return self._gather({w: getattr(self.actors[w], method).remote(*a) for w, a in args.items()},
-                            members=list(args), cut_group=cut_group, forming=forming)
+    def _require_placement(self) -> Placement:
+        if self._placement is None:
+            raise RuntimeError("no placement formed yet; call setup() first")
+        return self._placement
 
-    def abort(self, workers: Iterable[int]) -> None:
+    # ---- live reshard ----------------------------------------------------------------------
+    def transfer(self, new: Placement, work: TransferWork, step: int) -> dict[int, dict]:
+        old = self._placement
+        participants = sorted(set(new.workers) | set(work.movers))
+        name = self.next_group_name()
+        calls = {w: self._actors[w].transfer.remote(old, new, work.of(w), work.movers if w in work.movers else (),
+                                                    name, step) for w in participants}
+        # On a failure only the transfer group is cut: the old engines and their groups stay intact.
+        return self._gather(calls, members=participants, cut_group=name, forming=name)
+
+    def cancel_transfer(self, workers: Iterable[int]) -> None:
+        for w in workers:
+            if w in self._actors:
+                self._actors[w].cancel_transfer.remote()
+
+    def commit(self, new: Placement) -> dict[int, dict]:
+        # From here on the new placement's shards exist on its workers (staged): if a commit fails, the
+        # job recovers from the new placement, not the old one.
+        self._placement = new
+        name = self.next_group_name()
+        return self._gather({w: self._actors[w].commit.remote(name) for w in new.workers}, members=new.workers,
+                            forming=name)
+
+    def release(self, workers: Iterable[int], wait: bool = True) -> None:
+        refs = {w: self._actors[w].release.remote() for w in workers if w in self._actors}
+        if wait:
+            self._gather(refs, members=list(refs))
+
+    # ---- snapshots ----------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """Copy every rank's shards now (the stall); the copies travel to the object store in the background,
+        owned by this driver, so a snapshot outlives the worker it came from."""
+        placement = self._require_placement()
+        started = time.perf_counter()
+        sizes = self._gather({w: self._actors[w].snapshot_copy.remote(self._committed) for w in placement.workers},
+                             members=placement.workers)
+        stall = time.perf_counter() - started
+        refs = {w: self._actors[w].snapshot_take.remote() for w in placement.workers}
+        return Snapshot(self._committed, placement, refs, sum(sizes.values()), stall)
+
+    def snapshot_status(self, snap: Snapshot, wait_s: float = 0.0) -> bool | None:
+        ready, pending = ray.wait(list(snap.parts.values()), num_returns=len(snap.parts), timeout=wait_s)
+        if pending:
+            return False
+        try:
+            ray.get(ready)
+        except Exception as err:  # a worker died before handing its part over
+            text = str(err).strip()
+            log.warning("snapshot at step %d is incomplete (%s)", snap.step,
+                        text.splitlines()[0] if text else type(err).__name__)
+            return None
+        return True
+
+    def restore(self, snap: Snapshot, new: Placement) -> None:
+        name = self.next_group_name()
+        sources = {w: [ref] for w, ref in snap.parts.items()}
+        self._gather({w: self._actors[w].restore.remote(new, name, snap.placement, sources, snap.step)
+                      for w in new.workers}, members=new.workers, forming=name)
+        self._placement, self._committed = new, snap.step
+
+    # ---- checkpoints and inspection ------------------------------------------------------------
+    def write_shards(self, folder: Path, entries: dict[int, list]) -> dict[int, dict]:
+        calls = {w: self._actors[w].save_shard.remote(str(folder), items, self._committed)
+                 for w, items in entries.items() if items}
+        return self._gather(calls, members=list(calls))
+
+    def load_checkpoint(self, folder: Path, placement: Placement, step: int) -> None:
+        name = self.next_group_name()
+        self._gather({w: self._actors[w].load_checkpoint.remote(placement, name, str(folder))
+                      for w in placement.workers}, members=placement.workers, forming=name)
+        self._placement, self._committed = placement, step
+
+    def gather_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
+        placement = self._require_placement()
+        held = self._gather({w: self._actors[w].local_tensors.remote(self._committed) for w in placement.workers},
+                            members=placement.workers)
+        steps = {step for step, _ in held.values()}
+        if len(steps) != 1:
+            raise RuntimeError(f"workers disagree on the step: {steps}")
+        n_layers = self.cfg.model.n_layers
+        full = {}
+        for spec in training_specs(self.cfg):
+            out = None
+            for rank, wid in enumerate(placement.workers):
+                local = held[wid][1].get(spec.name)
+                if local is None:
+                    continue
+                box = placement.box(spec, rank, n_layers)
+                out = torch.empty(spec.shape, dtype=local.dtype) if out is None else out
+                out[tuple(slice(lo, hi) for lo, hi in box)] = local
+            if out is None:
+                raise RuntimeError(f"no worker holds {spec.name}")
+            full[spec.name] = out
+        return steps.pop(), full
+
+    # ---- measurement (benchmarks) --------------------------------------------------------------
+    def memory(self, workers: Iterable[int], reset_peak: bool = False) -> dict[int, dict[str, int]]:
+        """Resident and peak resident bytes of each worker's process."""
+        workers = list(workers)
+        return self._gather({w: self._actors[w].memory.remote(reset_peak) for w in workers}, members=workers)
+
+    def probe_bandwidth(self, sender: int, receiver: int, nbytes: int) -> float:
+        """Point-to-point bytes/s from ``sender`` to ``receiver`` over a fresh gloo group."""
+        name, members = self.next_group_name(), (sender, receiver)
+        out = self._gather({w: self._actors[w].probe_bandwidth.remote(name, members, nbytes) for w in members},
+                           members=members)
+        return out[receiver]
+
+    # ---- fail-fast gathering ---------------------------------------------------------------------
+    def _abort(self, workers: Iterable[int]) -> None:
         for wid in workers:
-            if wid in self.actors:
-                self.actors[wid].abort.remote()
+            if wid in self._actors:
+                self._actors[wid].abort.remote()
 
     def _cut(self, workers: Iterable[int], cut_group: str | None) -> None:
         """Abort ``workers``' gloo groups (only ``cut_group`` if given: a reshard's transfer group)."""
         if cut_group is None:
-            self.abort(workers)
+            self._abort(workers)
         else:
             for w in workers:
-                if w in self.actors:
-                    self.actors[w].cut_group.remote(cut_group)
+                if w in self._actors:
+                    self._actors[w].cut_group.remote(cut_group)
 
     def _gather(self, calls: dict[int, ray.ObjectRef], members: Iterable[int] = (), abort: bool = True,
                 timeout: float | None = None, cut_group: str | None = None,
-                forming: str | None = None) -> dict[int, object]:
+                forming: str | None = None) -> dict[int, Any]:
         """Wait for every call; on the first failure abort the other members so nobody stays blocked."""
         timeout = timeout or self.cfg.runtime.collective_timeout_s * 2 + 30
         deadline = time.monotonic() + timeout
         pending = {ref: w for w, ref in calls.items()}
-        results, dead, failed = {}, {}, {}
+        results, dead, failed, details = {}, {}, {}, {}
         aborted = False
         while pending:
             left = deadline - time.monotonic()
@@ -218,7 +342,7 @@ class WorkerGroup:
                 if aborted and left > REABORT_EVERY_S:
                     self._cut(waiting, cut_group)
                     continue
-                self.abort(waiting)
+                self._abort(waiting)
                 raise WorkerFailure({}, {w: f"no answer within {timeout:.0f} s" for w in waiting})
             ref = ready[0]
             wid = pending.pop(ref)
@@ -228,7 +352,10 @@ class WorkerGroup:
                 dead[wid] = f"process died ({type(err).__name__})"
             except RayTaskError as err:
                 cause = err.cause if isinstance(err.cause, Exception) else err
-                failed[wid] = str(cause) if isinstance(cause, StepFailed) else f"{type(cause).__name__}: {cause}"
+                if isinstance(cause, StepFailed):
+                    failed[wid], details[wid] = str(cause), cause.detail
+                else:
+                    failed[wid], details[wid] = f"{type(cause).__name__}: {cause}", str(err)
             except GetTimeoutError:
                 failed[wid] = "timed out"
             except RayError as err:
@@ -237,34 +364,9 @@ class WorkerGroup:
                 aborted = True
                 if forming is not None:  # release peers still waiting in the group's rendezvous
                     self.store.set(f"{forming}/abort", "1")
-                self._cut([w for w in members if w not in dead and w in self.actors], cut_group)
+                self._cut([w for w in members if w not in dead and w in self._actors], cut_group)
         for wid in dead:
-            self.actors.pop(wid, None)
+            self._actors.pop(wid, None)
         if dead or failed:
-            raise WorkerFailure(dead, failed)
+            raise WorkerFailure(dead, failed, details)
         return results
-
-    # ---- state --------------------------------------------------------------------------
-    def gather_full_state(self, specs: list[TensorSpec]) -> tuple[int, dict[str, torch.Tensor]]:
-        """(step, full tensors) assembled on the driver from every rank's boxes (small models)."""
-        placement = self.placement
-        states = self.call("local_state", self.committed)
-        steps = {step for step, _ in states.values()}
-        if len(steps) != 1:
-            raise RuntimeError(f"workers disagree on the step: {steps}")
-        n_layers = self.cfg.model.n_layers
-        full = {}
-        for spec in specs:
-            base = spec.name.split("::")[0]
-            out = None
-            for rank, wid in enumerate(placement.workers):
-                local = states[wid][1].get(spec.name)
-                if local is None:
-                    continue
-                box = placement.box(spec, rank, n_layers)
-                out = torch.empty(spec.shape, dtype=local.dtype) if out is None else out
-                out[tuple(slice(lo, hi) for lo, hi in box)] = local
-            if out is None:
-                raise RuntimeError(f"no worker holds {spec.name} (base {base})")
-            full[spec.name] = out
-        return steps.pop(), full

@@ -30,9 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elastic.core.config import ModelConfig
+from elastic.core.tokenizer import BOS, EOS, PAD
 from elastic.model.llama import tensor_specs
 from elastic.model.lora import LoraConfig, lora_tensor_specs, merge_state_dict
-from elastic.model.tokenizer import BOS, EOS, PAD
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

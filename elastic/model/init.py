@@ -7,19 +7,13 @@ weights as the single-process run.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
 from elastic.core.config import ModelConfig
 from elastic.core.layout import Box, TensorSpec
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts, stable across processes and Python versions."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+from elastic.core.seeds import stable_seed
 
 
 def init_tensor(spec: TensorSpec, cfg: ModelConfig, seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,6 @@ The attention code infers head counts from tensor shapes, so a tensor-parallel s
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +85,6 @@ class KVCache:
             v = torch.cat((self.values[layer], v), dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows in ``rows`` (for finished sequences dropping out)."""
-        for layer in self.keys:
-            self.keys[layer] = self.keys[layer][rows]
-            self.values[layer] = self.values[layer][rows]
 
 
 class Attention(nn.Module):
@@ -200,7 +193,3 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
-
-
-def param_count(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())

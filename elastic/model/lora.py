@@ -29,7 +29,7 @@ from torch import nn
 from elastic.core.config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: F401 (re-exported)
 from elastic.core.config import LoraConfig, ModelConfig  # noqa: F401 (LoraConfig re-exported)
 from elastic.core.layout import TensorSpec
-from elastic.model.init import stable_seed
+from elastic.core.seeds import stable_seed
 from elastic.model.llama import TP_DIM, TP_PLAN, tensor_specs
 
 

@@ -1,10 +1,10 @@
-"""The named tensors of the training state, with global shapes (DESIGN.md, "Training state").
+"""The named tensors a run trains, with global shapes (DESIGN.md, "Training state").
 
 Parameters come from the model (with LoRA: the frozen base plus the adapters); every trainable
 parameter adds its AdamW moments under ``<name>::exp_avg`` and ``<name>::exp_avg_sq``, sharded
-exactly like the parameter. Frozen base weights move as parameters with no optimizer state. Together with
-the step number (which is also the data cursor and the LR-schedule position) this is everything
-a reshard, a recovery or a checkpoint moves.
+exactly like the parameter. Frozen base weights move as parameters with no optimizer state.
+Together with the step number (which is also the data cursor and the LR-schedule position) these
+tensors are everything a reshard, a recovery or a checkpoint moves. No distributed code.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from elastic.core.config import Config
 from elastic.core.layout import TensorSpec
 from elastic.model.llama import tensor_specs
+from elastic.model.lora import lora_model_specs
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -19,12 +20,11 @@ OPT_KEYS = ("exp_avg", "exp_avg_sq")
 def param_specs(cfg: Config) -> list[TensorSpec]:
     """The model's parameters; with LoRA, the frozen base followed by each layer's adapters."""
     if cfg.lora is not None:
-        from elastic.model.lora import lora_model_specs
-
         return lora_model_specs(cfg.model, cfg.lora)
     return tensor_specs(cfg.model)
 
 
-def state_specs(cfg: Config) -> list[TensorSpec]:
+def training_specs(cfg: Config) -> list[TensorSpec]:
+    """Every tensor of the training state: the parameters, then the AdamW moments of the trainable ones."""
     params = param_specs(cfg)
     return params + [p.renamed(f"{p.name}::{key}") for p in params if p.trainable for key in OPT_KEYS]

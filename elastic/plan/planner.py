@@ -8,9 +8,10 @@ once by intersecting it with those distinct boxes. Each piece gets a source:
 2. otherwise the least-loaded live replica that holds it (bytes already assigned, then worker id).
 
 Pieces larger than ``chunk_bytes`` are split along their first splittable dimension, so that a
-single message never needs more than that much buffer. ``schedule_rounds`` then groups messages
-into rounds that bound the bytes any worker sends plus receives at once (``rounds.py`` bounds the
-concurrent streams instead, for plans too large to list message by message).
+single message never needs more than that much buffer. ``memory_rounds.py`` then groups messages
+into the rounds a reshard runs, bounding the bytes any worker sends plus receives at once
+(``stream_rounds.py`` bounds the concurrent streams instead: the cluster-scale model, for plans too
+large to list message by message).
 
 Scale. A 405B model has ~3,400 state tensors; on 4,096 workers that is 14M (tensor, rank) boxes
 and, for a train -> rollout switch, ~300M pieces. The planner therefore never loops over them:
@@ -361,23 +362,11 @@ def cached_plan(old: Placement | None, new: Placement, specs: tuple[TensorSpec, 
     return make_plan(old, new, specs, n_layers, itemsize, alive, chunk_bytes)
 
 
-def schedule_rounds(transfers: list[Transfer], max_bytes_per_worker: int) -> list[list[int]]:
-    """Group remote transfers (by index) into rounds where each worker sends plus receives at most
-    ``max_bytes_per_worker`` (a single larger message gets a round of its own). Local copies are left out.
-    """
-    rounds: list[list[int]] = []
-    used: list[dict[int, int]] = []
-    for index, t in enumerate(transfers):
-        if t.local:
-            continue
-        r = next((r for r, load in enumerate(used)
-                  if load.get(t.src, 0) + t.nbytes <= max_bytes_per_worker
-                  and load.get(t.dst, 0) + t.nbytes <= max_bytes_per_worker), None)
-        if r is None:
-            rounds.append([])
-            used.append({})
-            r = len(rounds) - 1
-        rounds[r].append(index)
-        used[r][t.src] = used[r].get(t.src, 0) + t.nbytes
-        used[r][t.dst] = used[r].get(t.dst, 0) + t.nbytes
-    return rounds
+def covers(placement: Placement, specs: tuple[TensorSpec, ...], n_layers: int, alive: frozenset[int]) -> bool:
+    """Whether the ``alive`` workers of ``placement`` still hold every part of every tensor (some replica of each
+    box survives), i.e. whether a recovery can proceed without a snapshot."""
+    try:
+        make_plan(placement, placement, specs, n_layers, 1, alive)
+    except MissingShards:
+        return False
+    return True

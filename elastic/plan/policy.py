@@ -6,34 +6,44 @@ keeps the current placement unless another one wins by a margin (reshards are no
 when it must (a worker drains or dies, the operator asks), and pauses when no valid layout fits
 the workers left.
 
-Rank assignment keeps state where it is: each new rank goes to the worker whose current shards
+Rank assignment keeps shards where they are: each new rank goes to the worker whose current shards
 overlap that rank's new boxes the most, so a reshard copies locally what it can.
+
+A decision carries the reshard plan its cost was computed from, so the resharder moves exactly
+what the policy priced (the plan is computed once per candidate, with the run's chunk size).
 Pure Python, no processes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elastic.core.config import Config
 from elastic.core.layout import Coord, Layout, Placement, TensorSpec, box_numel, enumerate_layouts, intersect
-from elastic.model.specs import state_specs
+from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
-from elastic.plan.planner import MissingShards, make_plan
+from elastic.plan.planner import MissingShards, Plan, cached_plan
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Where to go (None: pause), why, and what the cost model expects."""
+    """Where to go (None: pause), why, and what the cost model expects.
+
+    ``plan`` is the reshard plan from the current placement that the cost was computed from, or None
+    when there is nothing to move from (the first placement) or when some shard has no live holder
+    (``from_snapshot``: the state must come from a snapshot).
+    """
 
     placement: Placement | None
     reason: str
     step_seconds: float = 0.0
     reshard_seconds: float = 0.0
     current_step_seconds: float | None = None
+    plan: Plan | None = field(default=None, compare=False, repr=False)
+    from_snapshot: bool = False
 
     def describe(self) -> str:
         if self.placement is None:
@@ -50,7 +60,7 @@ class Policy:
             raise ValueError(f"policy objective {objective!r} must be 'cost' or 'use_all'")
         self.cfg, self.cost, self.objective = cfg, cost, objective
         self.min_workers, self.margin, self.require_replica = min_workers, margin, require_replica
-        self.specs: tuple[TensorSpec, ...] = tuple(state_specs(cfg))
+        self.specs: tuple[TensorSpec, ...] = tuple(training_specs(cfg))
         # phase -> predicate over layouts: the layouts a training phase can run on (e.g. rollouts need
         # every worker to hold the full policy).
         self.phase_filter: dict = {}
@@ -102,7 +112,8 @@ class Policy:
 
     def assign(self, old: Placement | None, layout: Layout, workers: list[int]) -> Placement:
         """Fill ``layout``'s ranks from ``workers`` (at least layout.world of them), keeping state local."""
-        pool = sorted(workers, key=lambda w: (old is None or old.rank_of(w) is None, w))
+        # Current holders first, then real workers, then placeholders (negative ids) for workers not started yet.
+        pool = sorted(workers, key=lambda w: (old is None or old.rank_of(w) is None, w < 0, w))
         if old is None or len(pool) > 64:
             return Placement(layout, tuple(pool[: layout.world]))
         chosen: list[int] = []
@@ -114,16 +125,30 @@ class Policy:
         return Placement(layout, tuple(chosen))
 
     # ---- decision --------------------------------------------------------------------
-    def _reshard_cost(self, old: Placement | None, new: Placement, alive: frozenset[int] | None) -> float:
-        if old is None or old == new:
-            return 0.0
+    def plan(self, old: Placement | None, new: Placement, alive: frozenset[int] | None) -> Plan | None:
+        """The reshard plan from ``old`` to ``new`` (cached per pair), or None when some shard has no live holder."""
         try:
-            plan = make_plan(old, new, self.specs, self.cfg.model.n_layers, self.cost.itemsize, alive)
-        except MissingShards:  # lost shards come from the snapshot: every rank reloads its whole share
+            return cached_plan(old, new, self.specs, self.cfg.model.n_layers, self.cost.itemsize, alive,
+                               self.cfg.runtime.reshard_chunk_bytes)
+        except MissingShards:
+            return None
+
+    def _move(self, old: Placement | None, new: Placement, alive: frozenset[int] | None) -> tuple[float, Plan | None]:
+        """(predicted reshard seconds, plan) for moving from ``old`` to ``new``."""
+        if old is None:
+            return 0.0, self.plan(None, new, alive)
+        plan = self.plan(old, new, alive)
+        if plan is None:  # lost shards come from the snapshot: every rank reloads its whole share
             share = sum(s.numel for s in self.specs) * self.cost.itemsize / new.layout.world
-            return self.cost.reshard_seconds(int(share))
+            return self.cost.reshard_seconds(int(share)), None
+        if old == new:
+            return 0.0, plan
         by_worker = plan.bytes_by_worker()
-        return self.cost.reshard_seconds(max((s + r for s, r in by_worker.values()), default=0))
+        return self.cost.reshard_seconds(max((s + r for s, r in by_worker.values()), default=0)), plan
+
+    def _decision(self, current: Placement | None, target: Placement, reason: str, step: float, move: float,
+                  plan: Plan | None, now: float | None = None) -> Decision:
+        return Decision(target, reason, step, move, now, plan=plan, from_snapshot=current is not None and plan is None)
 
     def decide(self, current: Placement | None, workers: list[int], remaining: int,
                forced: Layout | None = None, must_move: bool = False, reason: str = "",
@@ -138,8 +163,9 @@ class Policy:
             target = self.assign(current, forced, workers)
             if target == current:
                 return None
-            return Decision(target, reason or f"operator asked for {forced}", self.cost.step_seconds(forced),
-                            self._reshard_cost(current, target, alive))
+            move, plan = self._move(current, target, alive)
+            return self._decision(current, target, reason or f"operator asked for {forced}",
+                                  self.cost.step_seconds(forced), move, plan)
         if len(workers) < self.min_workers:
             return Decision(None, f"{len(workers)} workers left, the job needs at least {self.min_workers}; "
                                   "waiting for workers to return")
@@ -151,14 +177,14 @@ class Policy:
                     continue
                 target = self.assign(current, layout, workers)
                 step = self.cost.step_seconds(layout)
-                move = self._reshard_cost(current, target, alive)
-                options.append((step * remaining + move, step, move, target))
+                move, plan = self._move(current, target, alive)
+                options.append((step * remaining + move, step, move, target, plan))
         if not options:
             limit = self.cfg.runtime.memory_per_worker_gb
             limits = (f"model, batch and the {limit:g} GB per-worker memory limits" if limit
                       else "model and batch limits")
             return Decision(None, f"no valid layout for {len(workers)} workers ({limits}); waiting for workers")
-        total, step, move, target = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
+        total, step, move, target, plan = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
         stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
                       and (phase not in self.phase_filter or self.phase_filter[phase](current.layout)))
         if stay_valid:
@@ -169,5 +195,5 @@ class Policy:
                 return None
             why = reason or ("predicted to finish sooner" if faster else
                              f"objective use_all: run on all {target.layout.world} workers")
-            return Decision(target, why, step, move, now)
-        return Decision(target, reason or "the current placement cannot continue", step, move)
+            return self._decision(current, target, why, step, move, plan, now)
+        return self._decision(current, target, reason or "the current placement cannot continue", step, move, plan)

@@ -1,6 +1,6 @@
 """One worker's share of training: its model stage, optimizer shard and data cursor.
 
-An Engine is built for a (placement, rank) from local tensors, one per named state tensor the
+An Engine is built for a (placement, rank) from local tensors, one per named training tensor the
 rank holds (see ``elastic.model.specs``), or from the seed when training starts. It runs optimizer
 steps on the global batch's slice that belongs to its data-parallel index, and hands its local
 tensors back for a reshard, a snapshot or a checkpoint. The same code runs the single-process
@@ -30,18 +30,13 @@ from elastic.model.specs import OPT_KEYS, param_specs
 from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
-from elastic.runtime.parallel.mesh_cache import shared_mesh_slices
 from elastic.runtime.parallel.pipeline import build_schedule
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
+from elastic.runtime.torch_compat import local_tensor, shared_mesh_slices
 
 log = logging.getLogger(__name__)
 
 DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank stores: a DTensor's local shard, or the tensor itself."""
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 @dataclass
@@ -61,7 +56,7 @@ class StepResult:
 
 class Engine:
     def __init__(self, cfg: Config, placement: Placement, rank: int, mesh: DeviceMesh | None = None,
-                 state: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
+                 tensors: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
         self.cfg, self.placement, self.rank, self.mesh = cfg, placement, rank, mesh
         self.layout = layout = placement.layout
         self.coord = layout.coord(rank)
@@ -93,12 +88,12 @@ class Engine:
         # the module while a step runs, so after a failed step only these still name the shards.
         self.named_params = list(module.named_parameters())
         self._reader = None
-        self._load_params(state)
+        self._load_params(tensors)
         self._reader = None
-        # (name, parameter, local shard): the optimizer steps the local shards directly.
-        self.shards = [(n, p, local_part(p)) for n, p in self.named_params if p.requires_grad]
-        self.optimizer = build_adamw([(n, local) for n, _, local in self.shards], cfg.optim)
-        self._load_optimizer(state)
+        # (name, parameter, local shard) of every trainable parameter: the optimizer steps the local shards.
+        self.trainable = [(n, p, local_tensor(p)) for n, p in self.named_params if p.requires_grad]
+        self.optimizer = build_adamw([(n, local) for n, _, local in self.trainable], cfg.optim)
+        self._load_optimizer(tensors)
 
         self.dataset = build_dataset(cfg.data, cfg.train.seed)
         self.sampler = GlobalSampler(len(self.dataset), cfg.train.global_batch, cfg.train.seed)
@@ -109,29 +104,29 @@ class Engine:
             self.schedule = build_schedule(module, self.coord.pp, layout.pp, mesh["pp"], layout.microbatches,
                                            self._pipeline_loss)
 
-    # ---- state in and out ---------------------------------------------------------------
+    # ---- tensors in and out -------------------------------------------------------------
     def _box(self, name: str):
         return self.placement.box(self.specs[name], self.rank, self.cfg.model.n_layers)
 
     @torch.no_grad()
-    def _load_params(self, state: dict[str, torch.Tensor] | None) -> None:
+    def _load_params(self, tensors: dict[str, torch.Tensor] | None) -> None:
         for name, p in self.named_params:
-            local, box = local_part(p), self._box(name)
+            local, box = local_tensor(p), self._box(name)
             # layout.py is the source of truth for who holds what; torch must agree with it.
             if tuple(local.shape) != box_shape(box):
                 raise RuntimeError(f"{name}: torch holds a {tuple(local.shape)} shard on rank {self.rank} "
                                    f"of {self.layout} but layout.py says {box_shape(box)} at {box}")
-            local.copy_(state[name] if state is not None else self._initial(name, box))
+            local.copy_(tensors[name] if tensors is not None else self._initial(name, box))
 
     @torch.no_grad()
-    def _load_optimizer(self, state: dict[str, torch.Tensor] | None) -> None:
+    def _load_optimizer(self, tensors: dict[str, torch.Tensor] | None) -> None:
         # AdamW keeps its step as a float tensor; it equals the global step for every parameter.
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        for name, _, local in self.shards:
+        for name, _, local in self.trainable:
             entry = {"step": torch.tensor(float(self.step), dtype=scalar)}
             for key in OPT_KEYS:
                 # Adopt the given tensor (fresh from a transfer, snapshot or checkpoint): no copy.
-                entry[key] = torch.zeros_like(local) if state is None else state[f"{name}::{key}"]
+                entry[key] = torch.zeros_like(local) if tensors is None else tensors[f"{name}::{key}"]
             self.optimizer.state[local] = entry
 
     def _initial(self, name: str, box) -> torch.Tensor:
@@ -147,10 +142,10 @@ class Engine:
             return self._reader.read(name, box, self.dtype)
         return init_box(spec, box, cfg.model, cfg.train.seed, self.dtype)
 
-    def local_state(self) -> dict[str, torch.Tensor]:
-        """Every state tensor this rank holds, as local (box-shaped) tensors. Views, not copies."""
-        out = {name: local_part(p).detach() for name, p in self.named_params}
-        for name, _, local in self.shards:
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """Every training tensor this rank holds, as local (box-shaped) tensors. Views, not copies."""
+        out = {name: local_tensor(p).detach() for name, p in self.named_params}
+        for name, _, local in self.trainable:
             for key in OPT_KEYS:
                 out[f"{name}::{key}"] = self.optimizer.state[local][key]
         return out
@@ -216,7 +211,7 @@ class Engine:
     def _settle_grads(self) -> None:
         """Bring DTensor gradients to their parameter's placement (e.g. a tp-replicated LoRA B gets a
         Partial gradient: it must be summed over tp). FSDP does this for the parameters it manages."""
-        for _, p, _ in self.shards:
+        for _, p, _ in self.trainable:
             g = p.grad
             if isinstance(g, DTensor) and g.placements != p.placements:
                 p.grad = g.redistribute(p.device_mesh, p.placements)
@@ -227,16 +222,16 @@ class Engine:
         lr = lr_at(self.pending, self.cfg.optim, self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for _, p, local in self.shards:
+        for _, p, local in self.trainable:
             if local is not p:
-                local.grad = None if p.grad is None else local_part(p.grad)
+                local.grad = None if p.grad is None else local_tensor(p.grad)
         self.optimizer.step()
         self._zero_grad()
         self.step = self.pending + 1
         self.pending = None
 
     def _zero_grad(self) -> None:
-        for _, p, local in self.shards:
+        for _, p, local in self.trainable:
             p.grad = None
             local.grad = None
 

@@ -1,7 +1,7 @@
 """Execute one worker's part of a reshard plan over a gloo group spanning old and new workers.
 
 Local pieces are copied in place. Remote pieces go point to point (batched ``send``/``recv`` on a
-standalone gloo group), round by round as ``plan.schedule_rounds`` grouped them, so buffers never
+standalone gloo group), round by round as ``plan.memory_rounds`` grouped them, so buffers never
 exceed the round budget. A slice that is already contiguous (any dimension-0 range of a
 contiguous tensor, which is what FSDP produces) is sent from, or received into, directly: no copy.
 Pieces under ``pack_below`` bytes (norms, LoRA adapters and their moments) travel packed, one
@@ -37,7 +37,7 @@ def _slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in box)
 
 
-def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str, torch.Tensor],
+def execute(work: list[tuple[int, int, Transfer]], me: int, old_tensors: dict[str, torch.Tensor],
             old_boxes: dict[str, Box], new_boxes: dict[str, Box], dtype: torch.dtype,
             group: dist.ProcessGroup | None, rank_of: dict[int, int],
             pack_below: int = 1 << 20) -> tuple[dict[str, torch.Tensor], ExecStats]:
@@ -48,15 +48,15 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
     """
     started = time.perf_counter()
     stats = ExecStats()
-    new_state = {name: torch.empty(box_shape(box), dtype=dtype) for name, box in new_boxes.items()}
+    new_tensors = {name: torch.empty(box_shape(box), dtype=dtype) for name, box in new_boxes.items()}
     rounds: dict[int, list[tuple[int, Transfer]]] = {}
     keep_alive: list[torch.Tensor] = []  # packed send buffers, until their sends complete
 
     def source(t: Transfer) -> torch.Tensor:  # the piece's view in this worker's old tensor
-        return old_state[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
+        return old_tensors[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
 
     def target(t: Transfer) -> torch.Tensor:  # the piece's view in this worker's new tensor
-        return new_state[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
+        return new_tensors[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
 
     for rnd, tag, t in work:
         if t.local:
@@ -112,4 +112,4 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_state: dict[str,
         keep_alive.clear()
         stats.peak_buffer_bytes = max(stats.peak_buffer_bytes, buffered)
     stats.seconds = time.perf_counter() - started
-    return new_state, stats
+    return new_tensors, stats

@@ -5,16 +5,20 @@ and keeps running across reshards and recoveries. The actor is threaded (``max_c
 control calls (``abort``, ``info``) are served while a step is blocked in a collective; all torch
 work runs on a single thread.
 
-State the worker holds, for the placement the driver last told it about:
+What the worker holds, for the placement the driver last told it about:
 - ``engine``: the model and optimizer shards of ``placement``. A step's update is applied only
   once the driver commits it (``Engine.sync``), so all survivors of a failure agree on the step;
 - ``staged``: shards received for a new placement, kept until the commit builds an engine.
 Either can serve as the source of a reshard or a recovery, so a failure at any point leaves
 every survivor's shards usable.
 
-Failure handling: on a failed step, or when the driver calls ``abort``, the worker shuts down its
+Training code reaches the worker as typed tasks (``runtime/tasks.py``): ``run_task`` settles the engine
+at the job's committed step and runs the task. Only ``driver/ray_group.py`` calls these methods.
+
+Failure handling: on a failed task, or when the driver calls ``abort``, the worker shuts down its
 gloo sockets (``parallel/abort.py``): peers blocked on it fail at once rather than after a
-collective timeout. Its tensors stay in memory; only the process groups are lost.
+collective timeout. Its tensors stay in memory; only the process groups are lost. The failure's
+traceback travels with it (``StepFailed.detail``), for ``--debug``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 import ray
 import torch
@@ -33,21 +38,21 @@ import torch
 from elastic.core import checkpoint as ckpt
 from elastic.core.config import Config
 from elastic.core.layout import Box, Placement, intersect, relative
-from elastic.model.specs import state_specs
-from elastic.recipes.grpo import worker as rl
+from elastic.model.specs import training_specs
+from elastic.runtime import transfer
 from elastic.runtime.engine import DTYPE, Engine, StepResult
 from elastic.runtime.parallel import mesh as meshlib
-from elastic.runtime.transfer import execute
+from elastic.runtime.tasks import TaskContext, WorkerTask
 
 log = logging.getLogger(__name__)
 
 
 class StepFailed(RuntimeError):
-    """A worker's call failed; ``worker`` names it and the message says why."""
+    """A worker's call failed; ``worker`` names it, the message says why, ``detail`` is the traceback."""
 
-    def __init__(self, worker: int, message: str) -> None:
-        super().__init__(worker, message)  # args stay (worker, message) so the error pickles across Ray
-        self.worker, self.message = worker, message
+    def __init__(self, worker: int, message: str, detail: str = "") -> None:
+        super().__init__(worker, message, detail)  # args stay (worker, message, detail): the error pickles
+        self.worker, self.message, self.detail = worker, message, detail
 
     def __str__(self) -> str:
         return f"worker {self.worker}: {self.message}"
@@ -55,6 +60,13 @@ class StepFailed(RuntimeError):
 
 def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def _failure(worker: int, what: str, err: BaseException) -> StepFailed:
+    """The error the driver sees: one line of reason, and the worker-side traceback as detail."""
+    detail = "".join(traceback.format_exception(err))
+    log.debug("worker %d: %s failed:\n%s", worker, what, detail)
+    return StepFailed(worker, f"{what} failed: {_first_line(err)}", detail)
 
 
 # Torch work runs on one dedicated thread ("compute"): DTensor caches its sharding decisions per
@@ -75,6 +87,7 @@ class Worker:
         self.engine: Engine | None = None
         self.placement: Placement | None = None
         self.staged: tuple[Placement, dict[str, torch.Tensor], int] | None = None
+        self.scratch: dict = {}  # tasks' per-engine caches (see runtime/tasks.py), emptied with each new engine
         self._snapshot = None
         self._lock = threading.RLock()
 
@@ -101,7 +114,7 @@ class Worker:
         if rank is None:
             return {}
         n = self.cfg.model.n_layers
-        return {s.name: b for s in state_specs(self.cfg) if (b := placement.box(s, rank, n)) is not None}
+        return {s.name: b for s in training_specs(self.cfg) if (b := placement.box(s, rank, n)) is not None}
 
     def _holdings(self, placement: Placement | None, committed: int) -> dict[str, torch.Tensor]:
         """This worker's tensors for ``placement`` at step ``committed`` (views, not copies)."""
@@ -113,20 +126,21 @@ class Worker:
             return self.staged[1]
         if self.engine is not None and self.placement == placement:
             self.engine.sync(committed)
-            return self.engine.local_state()
-        raise StepFailed(self.id, f"holds no state for placement {placement}")
+            return self.engine.local_tensors()
+        raise StepFailed(self.id, f"holds no shards of placement {placement}")
 
     def _drop_engine(self) -> None:
         if self.engine is not None:
             self.engine.close()
         self.engine = None
+        self.scratch = {}
         meshlib.leave_default_group()
 
     # ---- groups and engines -------------------------------------------------------------
     @COMPUTE
-    def setup(self, placement: Placement, group: str, state: dict[str, torch.Tensor] | None = None,
+    def setup(self, placement: Placement, group: str, tensors: dict[str, torch.Tensor] | None = None,
               step: int = 0, cfg: Config | None = None) -> dict[str, float]:
-        """Join ``placement``'s group and build an engine from ``state`` (None: from the seed).
+        """Join ``placement``'s group and build an engine from ``tensors`` (None: from the seed).
 
         ``cfg`` replaces the worker's config (a pool of workers can serve several runs in turn).
         Returns the seconds spent leaving the old group, forming the new one and building the engine.
@@ -145,14 +159,15 @@ class Worker:
                 mesh = meshlib.form_layout_group(self._store(), group, rank, placement.layout,
                                                  self.cfg.runtime.collective_timeout_s)
             formed = time.perf_counter()
-            self.engine = Engine(self.cfg, placement, rank, mesh, state=state, step=step)
+            self.engine = Engine(self.cfg, placement, rank, mesh, tensors=tensors, step=step)
             self.placement, self.staged = placement, None
             done = time.perf_counter()
             return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
 
     @COMPUTE
-    def train_step(self, committed: int) -> StepResult:
-        """Apply the committed update if pending, then compute the next step (its update stays pending)."""
+    def run_task(self, committed: int, task: WorkerTask):
+        """Apply the committed update if one is pending, then run ``task`` (a training step leaves its own
+        update pending until the driver commits it; see ``Engine.sync``)."""
         with self._lock:
             engine = self.engine
             if engine is None:
@@ -161,35 +176,15 @@ class Worker:
                 t0 = time.perf_counter()
                 engine.sync(committed)
                 t1 = time.perf_counter()
-                result = engine.compute()
-                result.apply_seconds = t1 - t0
+                result = task.run(TaskContext(self.id, engine, self.scratch))
+                if isinstance(result, StepResult):
+                    result.apply_seconds = t1 - t0
                 return result
             except Exception as err:  # a dead peer, an abort, or a real bug: fail fast with the reason
-                message = f"step {engine.step} failed: {_first_line(err)}"
+                failure = _failure(self.id, f"{type(task).__name__} at step {engine.step}", err)
                 err.__traceback__ = None
             meshlib.abort_groups()  # peers blocked on us fail now, not after a timeout
-            raise StepFailed(self.id, message)
-
-    @COMPUTE
-    def rollout(self, committed: int, prompts: list, grpo_step: int) -> dict:
-        """GRPO rollouts for ``prompts`` with the policy at step ``committed`` (see elastic.recipes.grpo.worker)."""
-        with self._lock:
-            self.engine.sync(committed)
-            return rl.rollout(self.engine, prompts, self.cfg.grpo, grpo_step)
-
-    @COMPUTE
-    def train_grpo(self, committed: int, shard: dict, batch) -> StepResult:
-        """Like train_step, with the GRPO loss on this rank's shard of the rollout batch."""
-        with self._lock:
-            engine = self.engine
-            try:
-                engine.sync(committed)
-                return rl.compute_grpo(engine, shard, batch, self.cfg.grpo)
-            except Exception as err:
-                message = f"GRPO step {engine.step} failed: {_first_line(err)}"
-                err.__traceback__ = None
-            meshlib.abort_groups()
-            raise StepFailed(self.id, message)
+            raise failure
 
     @COMPUTE
     def sync(self, committed: int) -> int:
@@ -209,8 +204,8 @@ class Worker:
 
     # ---- live reshard and recovery (transfer, then commit) ---------------------------------
     @COMPUTE
-    def reshard_transfer(self, old: Placement | None, new: Placement, work: list, movers: tuple[int, ...],
-                         group: str, step: int) -> dict:
+    def transfer(self, old: Placement | None, new: Placement, work: list, movers: tuple[int, ...],
+                 group: str, step: int) -> dict:
         """Phase 1: build this worker's shards of ``new`` from the plan (``work``: (round, tag, transfer)).
 
         The workers with remote pieces (``movers``) meet in a standalone gloo group ``group``.
@@ -218,47 +213,45 @@ class Worker:
         """
         started = time.perf_counter()
         with self._lock:
-            old_state = self._holdings(old, step)
+            old_tensors = self._holdings(old, step)
         pg = None
         if self.id in movers:
             pg = meshlib.standalone_group(self._store(), group, movers.index(self.id), len(movers),
                                           self.cfg.runtime.collective_timeout_s)
         joined = time.perf_counter()
-        if self.cfg.runtime.fault_delay_transfer_s and pg is not None:
-            time.sleep(self.cfg.runtime.fault_delay_transfer_s)  # fault injection: widen the window for tests
         try:
-            new_state, stats = execute(work, self.id, old_state, self._boxes(old), self._boxes(new),
+            new_tensors, stats = transfer.execute(work, self.id, old_tensors, self._boxes(old), self._boxes(new),
                                        DTYPE[self.cfg.train.dtype], pg, {w: i for i, w in enumerate(movers)},
                                        self.cfg.runtime.reshard_pack_bytes)
         except Exception as err:
             meshlib.abort_groups(group)
-            raise StepFailed(self.id, f"reshard transfer failed: {_first_line(err)}") from None
+            raise _failure(self.id, "reshard transfer", err) from None
         finally:
             del pg
             meshlib.close_standalone(group)
         with self._lock:
             if new.rank_of(self.id) is not None:
-                self.staged = (new, new_state, step)
+                self.staged = (new, new_tensors, step)
         out = dataclasses.asdict(stats)
         out.update(group_seconds=joined - started, wall_seconds=time.perf_counter() - started)
         return out
 
     @COMPUTE
-    def reshard_commit(self, group: str) -> dict[str, float]:
+    def commit(self, group: str) -> dict[str, float]:
         """Phase 2: leave the old group, join the new placement's group and build the engine."""
         if self.staged is None:
-            raise StepFailed(self.id, "has no transferred state to commit")
-        new, state, step = self.staged
-        return self.setup(new, group, state=state, step=step)
+            raise StepFailed(self.id, "has no transferred shards to commit")
+        new, tensors, step = self.staged
+        return self.setup(new, group, tensors=tensors, step=step)
 
     @CONTROL
-    def reshard_cancel(self) -> None:
+    def cancel_transfer(self) -> None:
         """Forget a transfer that will not be committed (the old engine was never touched)."""
         self.staged = None
 
     @COMPUTE
     def release(self) -> None:
-        """Leave training (drained or idle): drop the engine, the staged state and the groups."""
+        """Leave training (drained or idle): drop the engine, the staged shards and the groups."""
         with self._lock:
             self._drop_engine()
             self.staged = None
@@ -284,15 +277,15 @@ class Worker:
     def restore(self, new: Placement, group: str, old: Placement, sources: dict[int, list], step: int) -> dict:
         """Build this worker's shards of ``new`` from snapshot objects (old worker -> [ref]), then an engine."""
         wanted = self._boxes(new)
-        old_boxes = {w: {s.name: b for s in state_specs(self.cfg)
+        old_boxes = {w: {s.name: b for s in training_specs(self.cfg)
                          if (b := old.box(s, old.rank_of(w), self.cfg.model.n_layers)) is not None}
                      for w in old.workers}
-        state = {name: torch.empty(tuple(hi - lo for lo, hi in box), dtype=DTYPE[self.cfg.train.dtype])
-                 for name, box in wanted.items()}
+        tensors = {name: torch.empty(tuple(hi - lo for lo, hi in box), dtype=DTYPE[self.cfg.train.dtype])
+                   for name, box in wanted.items()}
         for worker, boxes in old_boxes.items():
             if not any(intersect(boxes[n], b) for n, b in wanted.items() if n in boxes):
                 continue
-            snap_step, _, tensors = ray.get(sources[worker][0])
+            snap_step, _, snapped = ray.get(sources[worker][0])
             if snap_step != step:
                 raise StepFailed(self.id, f"snapshot of worker {worker} is at step {snap_step}, not {step}")
             for name, box in wanted.items():
@@ -300,11 +293,11 @@ class Worker:
                 if piece is not None:
                     src = tuple(slice(lo, hi) for lo, hi in relative(piece, boxes[name]))
                     dst = tuple(slice(lo, hi) for lo, hi in relative(piece, box))
-                    state[name][dst] = tensors[name][src]
-        return self.setup(new, group, state=state, step=step)
+                    tensors[name][dst] = snapped[name][src]
+        return self.setup(new, group, tensors=tensors, step=step)
 
     @COMPUTE
-    def local_state(self, committed: int) -> tuple[int, dict[str, torch.Tensor]]:
+    def local_tensors(self, committed: int) -> tuple[int, dict[str, torch.Tensor]]:
         """(step, copies of this worker's tensors) for the driver."""
         with self._lock:
             placement = self.staged[0] if self.staged else self.placement
@@ -318,9 +311,9 @@ class Worker:
 
     @COMPUTE
     def load_checkpoint(self, placement: Placement, group: str, folder: str) -> dict:
-        checkpoint = ckpt.open_checkpoint(ckpt.Path(folder), self.cfg, state_specs(self.cfg), verify=False)
-        state = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
-        return self.setup(placement, group, state=state, step=checkpoint.step)
+        checkpoint = ckpt.open_checkpoint(ckpt.Path(folder), self.cfg, training_specs(self.cfg), verify=False)
+        tensors = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
+        return self.setup(placement, group, tensors=tensors, step=checkpoint.step)
 
     # ---- measurement (benchmarks) -----------------------------------------------------------
     @CONTROL
@@ -354,10 +347,6 @@ class Worker:
             del pg
             meshlib.close_standalone(group)
         return nbytes / best
-
-    @COMPUTE
-    def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:
-        return self.engine.eval_loss(indices, split)
 
     @COMPUTE
     def shutdown(self) -> None:

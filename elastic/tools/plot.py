@@ -11,10 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from elastic.core.records import RecordKind  # noqa: E402
 from elastic.tools.metrics import read_run  # noqa: E402
 
-MARKS = {"reshard": ("tab:blue", "reshard"), "recovered": ("tab:red", "crash recovered"),
-         "failure": ("tab:red", None), "drained": ("tab:purple", "drain"), "pause": ("tab:gray", "pause")}
+MARKS = {RecordKind.RESHARD: ("tab:blue", "reshard"), RecordKind.RECOVERED: ("tab:red", "crash recovered"),
+         RecordKind.FAILURE: ("tab:red", None), RecordKind.DRAINED: ("tab:purple", "drain"),
+         RecordKind.PAUSE: ("tab:gray", "pause")}
+TIMED = (RecordKind.RESHARD, RecordKind.RECOVERED)  # entries with a duration, drawn in the bottom panel
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -30,10 +33,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if e["kind"] not in MARKS:
             continue
         color, label = MARKS[e["kind"]]
-        ax_loss.axvline(e["step"], color=color, ls="--" if e["kind"] == "reshard" else "-", lw=1, alpha=0.7,
+        ax_loss.axvline(e["step"], color=color, ls="--" if e["kind"] == RecordKind.RESHARD else "-", lw=1, alpha=0.7,
                         label=label if label and label not in seen else None)
         seen.add(label)
-        if e["kind"] in ("reshard", "recovered"):
+        if e["kind"] in TIMED:
             text = e.get("new") or e.get("text", "").split("now ")[-1].split(" on")[0]
             ax_loss.annotate(text, (e["step"], ax_loss.get_ylim()[1]), rotation=90, va="top", ha="right",
                              fontsize=7, color=color)
@@ -50,11 +53,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                                 fontsize=7)
             previous = s["layout"]
     ax_workers.set_xlabel("step")
-    costs = [e for e in events if e["kind"] in ("reshard", "recovered") and "seconds" in e]
+    costs = [e for e in events if e["kind"] in TIMED and "seconds" in e]
     if costs:
         labels = [f"step {e['step']}\n{e['kind']}" for e in costs]
         ax_cost.bar(range(len(costs)), [e["seconds"] for e in costs],
-                    color=["tab:blue" if e["kind"] == "reshard" else "tab:red" for e in costs])
+                    color=["tab:blue" if e["kind"] == RecordKind.RESHARD else "tab:red" for e in costs])
         ax_cost.set_xticks(range(len(costs)), labels, fontsize=7)
         for i, e in enumerate(costs):
             ax_cost.annotate(f"{e['seconds']:.2f} s", (i, e["seconds"]), ha="center", va="bottom", fontsize=7)

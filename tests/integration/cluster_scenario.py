@@ -17,8 +17,9 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from elastic.control.controller import Controller, ControllerOptions, State
+from elastic.control.controller import Controller, ControllerOptions
 from elastic.control.events import Stop
+from elastic.control.states import Running
 from tests.helpers import reference_run, tiny_config, worst_state_err
 
 
@@ -57,7 +58,7 @@ def main() -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and thread.is_alive():
             placement = controller.group.placement
-            if placement is not None and len(placement.workers) == 8 and controller.state == State.RUNNING:
+            if placement is not None and len(placement.workers) == 8 and isinstance(controller.state, Running):
                 break
             time.sleep(0.1)
         timeline["scaled_out"] = controller.step
@@ -80,7 +81,7 @@ def main() -> None:
     # The run stopped early: its reference is the single-process run of as many steps (same schedule).
     steps = len(result.history)
     _, ref_state, _ = reference_run(cfg, steps=steps)
-    err, name = worst_state_err(result.state, ref_state)
+    err, name = worst_state_err(result.tensors, ref_state)
     out = {"events": [{k: v for k, v in e.items() if isinstance(v, (str, int, float, list))} for e in result.events],
            "layouts": sorted({(h.layout, h.workers) for h in result.history}),
            "timeline": timeline, "err": err, "err_tensor": name, "steps": len(result.history)}

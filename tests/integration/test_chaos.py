@@ -9,17 +9,19 @@ no recovery may take more than 15 s.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import threading
 import time
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions, State
-from elastic.control.events import Relayout, ScriptedEvents
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import Relayout
+from elastic.control.sources import ScriptedEvents
+from elastic.control.states import Resharding, Running
 from elastic.core.layout import Layout
-from tests.helpers import reference_run, tiny_config, worst_state_err
+from elastic.driver.group import WorkerFailure
+from tests.helpers import DelayTransfers, reference_run, tiny_config, worst_state_err
 from tests.integration.test_reshard_live import assert_exactly_once
 
 
@@ -46,13 +48,13 @@ class ChaosMonkey(threading.Thread):
         for kind, at in self.schedule:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                ready = c.step >= at and c.state == (State.RESHARDING if kind == "reshard" else State.RUNNING)
+                ready = c.step >= at and isinstance(c.state, Resharding if kind == "reshard" else Running)
                 if ready and c.group.placement is not None:
                     break
                 time.sleep(0.002)
             time.sleep(self.rng.uniform(0.3, 0.6) if kind == "reshard" else self.rng.uniform(0.0, 0.05))
             placement = c.group.placement
-            victim = self.rng.choice([w for w in placement.workers if w in c.group.actors])
+            victim = self.rng.choice([w for w in placement.workers if w in c.group.live()])
             layout = str(placement.layout)
             try:
                 c.group.kill(victim)
@@ -67,20 +69,27 @@ class ChaosMonkey(threading.Thread):
 def test_chaos_run_equals_the_uninterrupted_run(ray_session):
     cfg = tiny_config(steps=30, global_batch=8)
     _, ref_state, _ = reference_run(cfg)
-    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, fault_delay_transfer_s=1.0))
     # fsdp=3 keeps everything local (each dp=3 replica holds all); dp=2 from fsdp=3 moves data.
     script = ScriptedEvents({10: [Relayout(reason="operator", layout=Layout(fsdp=3))],
                              14: [Relayout(reason="operator", layout=Layout(dp=2))]})
     controller = Controller(cfg, ControllerOptions(layout=Layout(fsdp=2, tp=2), objective="use_all",
                                                    snapshot_every=4, sources=[script], progress=False))
     monkey = ChaosMonkey(controller, [("step", 5), ("reshard", 14), ("step", 22)], seed=7)
+
+    def delay_transfers(transition):  # test-side fault injection: a window to kill in, on every placement
+        if isinstance(transition.next, Running) and not isinstance(transition.previous, Running):
+            try:
+                controller.group.run({w: DelayTransfers(1.0) for w in controller.group.placement.workers})
+            except WorkerFailure:  # a kill landed just now: the next recovery installs it again
+                pass
+        handles.update({w: controller.group.handle(w) for w in controller.group.live()})
+
+    controller.listeners.append(delay_transfers)
     monkey.start()
     handles = {}
     try:
         controller.start()
-        handles.update(controller.group.actors)
         result = controller.run_started()
-        handles.update(controller.group.actors)
     finally:
         controller.shutdown()
     assert_no_lingering_workers(handles)
@@ -92,11 +101,10 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session):
     assert len(failures) >= 3
     # Every kill is followed by a recovery (or a reshard that fell back to the old placement) within 15 s.
     for kill in monkey.kills:
-        after = [controller._started + e["time"] for e in result.events
-                 if e["kind"] in ("recovered", "reshard") and controller._started + e["time"] > kill["at"]]
-        after += [controller._started + e["time"] for e in result.events
-                  if e["kind"] == "reshard failed" and controller._started + e["time"] > kill["at"]]
+        started = controller.journal.started
+        after = [started + e["time"] for e in result.events
+                 if e["kind"] in ("recovered", "reshard", "reshard failed") and started + e["time"] > kill["at"]]
         assert after and min(after) - kill["at"] < 15.0, (kill, result.events)
-    err, name = worst_state_err(result.state, ref_state)
+    err, name = worst_state_err(result.tensors, ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     assert_exactly_once(cfg, result.history)

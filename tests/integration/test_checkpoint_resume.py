@@ -18,7 +18,7 @@ def test_save_in_one_layout_resume_in_another_equals_uninterrupted(ray_session, 
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
     _, ref, _ = reference_run(cfg)
-    first = Controller(cfg, ControllerOptions(layout=Layout.parse(saved), progress=False, gather_state=False,
+    first = Controller(cfg, ControllerOptions(layout=Layout.parse(saved), progress=False, gather_tensors=False,
                                               checkpoint_dir=str(tmp_path), checkpoint_every=4))
     try:
         first.start()
@@ -34,7 +34,7 @@ def test_save_in_one_layout_resume_in_another_equals_uninterrupted(ray_session, 
         second.shutdown()
     assert [h.step for h in result.history] == [4, 5, 6, 7]
     assert any(e["kind"] == "resume" for e in result.events)
-    err, name = worst_state_err(result.state, ref)
+    err, name = worst_state_err(result.tensors, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"
 
 

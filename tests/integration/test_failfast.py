@@ -31,4 +31,4 @@ def test_killed_worker_fails_the_step_within_seconds(fresh_pool, layout_text):
     assert victim in failure.value.dead and f"worker {victim}" in str(failure.value)
     # Survivors were released (no hang) and still answer.
     survivors = [w for w in placement.workers if w != victim]
-    assert sorted(pool.call("info", workers=survivors)) == sorted(survivors)
+    assert sorted(pool.ping(survivors)) == sorted(survivors)

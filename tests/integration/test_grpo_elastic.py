@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.control.controller import ControllerOptions
-from elastic.control.events import AddWorkers, Drain, ScriptedEvents
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import AddWorkers, Drain
+from elastic.control.sources import ScriptedEvents
 from elastic.core.layout import Layout
-from elastic.driver.summary import run_grpo
+from elastic.driver.ray_group import RayWorkerGroup
 from elastic.recipes.grpo.config import GRPOConfig
-from elastic.recipes.grpo.worker import run_grpo_local
-from tests.helpers import tiny_config, worst_state_err
+from elastic.recipes.grpo.workload import GRPOWorkload
+from tests.helpers import WaitForWorkers, run_grpo_local, tiny_config, worst_state_err
 
 
 def grpo_cfg():
@@ -31,14 +32,20 @@ def test_grpo_with_drain_add_and_phase_relayouts_equals_single_process(ray_sessi
     records, ref = run_grpo_local(cfg)
     assert any(abs(r["loss"]) > 1e-6 for r in records)  # the policy gradient is not trivially zero
     script = ScriptedEvents({2: [Drain(reason="preempted", worker=1)], 4: [AddWorkers(reason="back", count=1)]})
-    options = ControllerOptions(objective="use_all", sources=[script], progress=False, background_start=False,
+    group = RayWorkerGroup(cfg)
+    options = ControllerOptions(objective="use_all", sources=[script, WaitForWorkers(group)], progress=False,
                                 phase_layouts={"train": Layout(fsdp=2)})
-    result, workload, controller = run_grpo(cfg, options)
+    workload = GRPOWorkload(cfg)
+    controller = Controller(cfg, options, group=group, workload=workload)
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
     relayouts = [r for r in result.reshards if r.reason.endswith("phase")]
     assert len(relayouts) >= 3, [r.line() for r in result.reshards]  # into the train layout at every GRPO step
     assert {h.layout for h in result.history} == {"fsdp=2"}
     assert any(e["kind"] == "drained" for e in result.events)
-    err, name = worst_state_err(result.state, ref)
+    err, name = worst_state_err(result.tensors, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     prompts = [i for h in result.history for i in h.samples]
     assert len(prompts) == len(set(prompts)) == 3 * 6  # each prompt once

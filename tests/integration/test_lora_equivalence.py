@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 
 from elastic.control.controller import Controller, ControllerOptions
-from elastic.control.events import AddWorkers, Drain, Relayout, ScriptedEvents
+from elastic.control.events import AddWorkers, Drain, Relayout
+from elastic.control.sources import ScriptedEvents
 from elastic.core.config import LoraConfig
 from elastic.core.layout import Layout, Placement
-from elastic.model.specs import state_specs
-from tests.helpers import reference_run, rel_err, tiny_config, worst_state_err
+from elastic.driver.ray_group import RayWorkerGroup
+from tests.helpers import WaitForWorkers, reference_run, rel_err, tiny_config, worst_state_err
 
 STEPS = 8
 
@@ -39,7 +40,7 @@ def test_lora_layout_matches_single_process(pool, lora_reference, layout_text):
     pool.setup(Placement(layout, tuple(pool.alive()[: layout.world])))
     for _ in range(STEPS):
         pool.step()
-    step, state = pool.gather_full_state(state_specs(cfg))
+    step, state = pool.gather_tensors()
     err, name = worst_state_err(state, ref)
     assert err <= 1e-9, f"{layout}: {name} {err:.2e}"
     # Only adapters trained: the frozen base is bit-identical to its initial value, and it has no
@@ -60,12 +61,14 @@ def test_lora_across_live_reshards(ray_session):
     _, ref, _ = reference_run(cfg)
     script = ScriptedEvents({3: [Drain(reason="preempted", worker=0)], 6: [AddWorkers(reason="back", count=1)],
                              9: [Relayout(reason="operator", layout=Layout(fsdp=2, tp=2))]})
-    controller = Controller(cfg, ControllerOptions(layout=Layout(tp=2, dp=2), objective="use_all", sources=[script],
-                                                   progress=False, background_start=False))
+    group = RayWorkerGroup(cfg)
+    controller = Controller(cfg, ControllerOptions(layout=Layout(tp=2, dp=2), objective="use_all",
+                                                   sources=[script, WaitForWorkers(group)], progress=False),
+                            group=group)
     try:
         result = controller.run()
     finally:
         controller.shutdown()
     assert len(result.reshards) == 3
-    err, name = worst_state_err(result.state, ref)
+    err, name = worst_state_err(result.tensors, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"

@@ -18,7 +18,6 @@ from elastic.model.hf import export_merged, load_hf_llama, model_config_from_hf
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
 from elastic.model.peft_io import ADAPTER_WEIGHTS, save_peft_adapter
-from elastic.model.specs import state_specs
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -43,7 +42,7 @@ def test_train_lora_on_hf_base_then_load_with_peft(pool, tmp_path):
     pool.setup(Placement(Layout(tp=2), tuple(pool.alive()[:2])))
     losses = [sum(r.loss for r in pool.step().values() if r.loss is not None) / 2 for _ in range(6)]
     assert losses[-1] < losses[0]
-    _, state = pool.gather_full_state(state_specs(cfg))
+    _, state = pool.gather_tensors()
     adapters = {k: v for k, v in state.items() if ".lora_" in k and "::" not in k}
     base = {k: v for k, v in state.items() if ".lora_" not in k and "::" not in k}
     _, hf_state = load_hf_llama(base_dir)

@@ -9,13 +9,15 @@ import time
 import pytest
 import torch
 
-from elastic.control.controller import Controller, ControllerOptions, State
-from elastic.control.events import AddWorkers, Drain, Relayout, ScriptedEvents
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import AddWorkers, Drain, Relayout
+from elastic.control.sources import ScriptedEvents
+from elastic.control.states import Launching, Paused, Resharding, Running
 from elastic.core.data import GlobalSampler, build_dataset
 from elastic.core.layout import Layout, Placement
-from elastic.driver.resharder import reshard
-from elastic.model.specs import state_specs
-from tests.helpers import reference_run, tiny_config, worst_state_err
+from elastic.driver.ray_group import RayWorkerGroup
+from elastic.driver.resharder import plan_move, reshard
+from tests.helpers import DelayTransfers, WaitForWorkers, reference_run, tiny_config, worst_state_err
 
 
 def assert_exactly_once(cfg, history):
@@ -42,22 +44,26 @@ def test_drain_add_relayout_and_back_equals_single_process(ray_session, tmp_path
         9: [Relayout(reason="operator", layout=Layout(fsdp=5))],    # dp=5 -> fsdp=5
         12: [Relayout(reason="operator", layout=Layout(dp=2, tp=2))],  # back to 4 workers
     })
+    group = RayWorkerGroup(cfg)
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all",
-                                                   sources=[script], progress=False, background_start=False,
-                                                   run_dir=str(tmp_path / "run")))
+                                                   sources=[script, WaitForWorkers(group)], progress=False,
+                                                   run_dir=str(tmp_path / "run")), group=group)
     try:
         controller.start()
         pids = {w: controller.group.pid(w) for w in controller.group.alive()}
         result = controller.run_started()
-        survivors = [w for w in pids if w in controller.group.actors]
+        survivors = [w for w in pids if w in controller.group.live()]
         assert survivors and all(controller.group.pid(w) == pids[w] for w in survivors)  # never restarted
     finally:
         controller.shutdown()
     layouts = [h.layout for h in result.history]
-    assert layouts[2] == "dp=2,tp=2" and layouts[5] == "dp=3" and layouts[8] == "dp=5"
-    assert layouts[11] == "fsdp=5" and layouts[14] == "dp=2,tp=2"
+    # The drain and the relayouts reshard before the step they arrive at; the two added workers warm
+    # up during step 6 (WaitForWorkers) and join before step 7.
+    assert layouts[2] == "dp=2,tp=2" and layouts[3] == "dp=3" and layouts[6] == "dp=3" and layouts[7] == "dp=5"
+    assert layouts[8] == "dp=5" and layouts[9] == "fsdp=5" and layouts[11] == "fsdp=5"
+    assert layouts[12] == "dp=2,tp=2" and layouts[14] == "dp=2,tp=2"
     assert len(result.reshards) == 4 and all(r.total_seconds < 5 for r in result.reshards)
-    err, name = worst_state_err(result.state, ref_state)
+    err, name = worst_state_err(result.tensors, ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     assert_exactly_once(cfg, result.history)
     # The run's metrics, and its PNG timeline.
@@ -85,11 +91,10 @@ def test_round_trip_is_bit_identical(pool, pack_bytes):
     pool.setup(a)
     for _ in range(2):
         pool.step()
-    specs = state_specs(cfg)
-    _, before = pool.gather_full_state(specs)
+    _, before = pool.gather_tensors()
     for target in (Placement(Layout(fsdp=2, pp=2, microbatches=2), workers[::-1]), a):
-        reshard(pool, target, 2, "round trip")
-    _, after = pool.gather_full_state(specs)
+        reshard(pool, plan_move(pool, target), 2, "round trip")
+    _, after = pool.gather_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -106,14 +111,15 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
         fired = False
 
         def poll(self, step):
-            if controller.state == State.PAUSED and not self.fired:
+            if isinstance(controller.state, Paused) and not self.fired:
                 self.fired = True
                 return [AddWorkers(reason="replacement arrived", count=1)]
             return []
 
+    group = RayWorkerGroup(cfg)
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), min_workers=2, objective="use_all",
-                                                   sources=[script, ReturnWhenPaused()], progress=False,
-                                                   background_start=False))
+                                                   sources=[script, ReturnWhenPaused(), WaitForWorkers(group)],
+                                                   progress=False), group=group)
     try:
         result = controller.run()
     finally:
@@ -122,7 +128,7 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
     assert "pause" in kinds and kinds.index("pause") < kinds.index("reshard")
     pause = next(e for e in result.events if e["kind"] == "pause")
     assert "needs at least 2" in pause["text"]
-    assert worst_state_err(result.state, ref_state)[0] <= 1e-9
+    assert worst_state_err(result.tensors, ref_state)[0] <= 1e-9
 
 
 @pytest.mark.timeout(180)
@@ -130,21 +136,27 @@ def test_failed_reshard_keeps_old_placement(ray_session):
     """A new worker dies in the middle of the transfer: the old placement carries on, nothing lost."""
     cfg = tiny_config(steps=6)
     _, ref_state, _ = reference_run(cfg)
-    slow = dataclasses.replace(cfg.runtime, fault_delay_transfer_s=3.0, workers=2)
-    cfg_slow = cfg.replace(runtime=slow)
+    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
     script = ScriptedEvents({2: [AddWorkers(reason="scale out", count=1)]})
-    controller = Controller(cfg_slow, ControllerOptions(layout=Layout(dp=2), objective="use_all", sources=[script],
-                                                        progress=False, background_start=False))
+    group = RayWorkerGroup(cfg)
+    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), objective="use_all",
+                                                   sources=[script, WaitForWorkers(group)], progress=False),
+                            group=group)
 
     def kill_newcomer():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if controller.state == State.RESHARDING and 2 in controller.group.actors:
+            if isinstance(controller.state, Resharding) and 2 in controller.group.live():
                 time.sleep(1.0)
                 controller.group.kill(2)
                 return
             time.sleep(0.02)
 
+    def delay_transfers(transition):  # test-side fault injection, once the first placement runs
+        if isinstance(transition.previous, Launching):
+            controller.group.run({w: DelayTransfers(3.0) for w in controller.group.placement.workers})
+
+    controller.listeners.append(delay_transfers)
     killer = threading.Thread(target=kill_newcomer, daemon=True)
     killer.start()
     try:
@@ -154,21 +166,21 @@ def test_failed_reshard_keeps_old_placement(ray_session):
     kinds = [e["kind"] for e in result.events]
     assert "reshard failed" in kinds
     assert all(h.layout == "dp=2" for h in result.history)
-    assert worst_state_err(result.state, ref_state)[0] <= 1e-9
+    assert worst_state_err(result.tensors, ref_state)[0] <= 1e-9
 
 
 @pytest.mark.timeout(120)
 def test_operator_requests_through_the_named_actor(ray_session, capsys):
-    from elastic.control.control_plane import JobClient
+    from elastic.control.client import JobClient
     from launch.cli import main
 
     cfg = tiny_config(steps=400, dtype="float32")
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), job_name="live-ops", progress=False,
-                                                   gather_state=False, poll_interval_s=0.05))
+                                                   gather_tensors=False, poll_interval_s=0.05))
     answers = {}
 
     def operate():
-        while controller.state != State.RUNNING or controller.step < 2:
+        while not isinstance(controller.state, Running) or controller.step < 2:
             time.sleep(0.05)
         client = JobClient("live-ops", timeout_s=60)
         answers["bad"] = client.relayout("tp=3")

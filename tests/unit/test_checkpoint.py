@@ -11,13 +11,13 @@ import torch
 
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Layout, Placement
-from elastic.model.specs import state_specs
+from elastic.model.specs import training_specs
 from tests.helpers import reference_run, tiny_config
 
 
 def write_checkpoint(root, cfg, full, placement, step=4):
     """Write ``full`` as the workers of ``placement`` would (each its boxes, each box once)."""
-    specs = state_specs(cfg)
+    specs = training_specs(cfg)
     n = cfg.model.n_layers
     entries = ckpt.writers(placement, specs, n)
     tmp = ckpt.new_folder(root, step)
@@ -42,7 +42,7 @@ def test_save_in_one_layout_read_in_another(tmp_path, trained):
     cfg, full = trained
     folder = write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=2, tp=2), (0, 1, 2, 3)))
     assert ckpt.latest(tmp_path) == folder
-    specs = state_specs(cfg)
+    specs = training_specs(cfg)
     checkpoint = ckpt.open_checkpoint(folder, cfg, specs)
     assert checkpoint.step == 4
     target = Placement(Layout(fsdp=3), (7, 8, 9))
@@ -90,7 +90,7 @@ def test_corruption_is_named(tmp_path, trained, damage, words):
         manifest["files"] = manifest["files"][:1]
         manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match=words) as err:
-        ckpt.open_checkpoint(folder, cfg, state_specs(cfg))
+        ckpt.open_checkpoint(folder, cfg, training_specs(cfg))
     if damage in ("truncate", "flip", "delete"):
         assert shard.name in str(err.value)
 
@@ -100,7 +100,7 @@ def test_other_model_config_is_refused(tmp_path, trained):
     folder = write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)))
     other = cfg.replace(model=dataclasses.replace(cfg.model, ffn_dim=96))
     with pytest.raises(ckpt.CheckpointError, match=r"another model config .*ffn_dim"):
-        ckpt.open_checkpoint(folder, other, state_specs(other))
+        ckpt.open_checkpoint(folder, other, training_specs(other))
 
 
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, trained):
@@ -109,7 +109,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, trained):
     tmp = ckpt.new_folder(tmp_path, 8)  # a second write that crashes before finalize
     (tmp / "shard-00000.safetensors").write_bytes(b"partial")
     assert ckpt.latest(tmp_path) == first
-    ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, state_specs(cfg))
+    ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg))
     write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=12)
     assert not list(tmp_path.glob(".step_*"))  # stale temporary folders are cleaned up
     shutil.rmtree(tmp_path / "step_000012")

@@ -23,12 +23,12 @@ def test_every_config_field_is_a_typed_flag(tmp_path):
     toml.write_text('[train]\nsteps = 7\nglobal_batch = 12\n[optim]\nlr = 0.01\n[model]\ndim = 48\nn_heads = 4\n')
     args = parser().parse_args(["train", "--recipe", "pretrain", "--model", "tiny", "--config", str(toml),
                                 "--optim.lr", "0.02", "--runtime.cpus_per_worker", "0.5", "--layout", "dp=2"])
-    cfg, layout = build_config(args)
+    cfg, layout, _ = build_config(args)
     assert (cfg.train.steps, cfg.train.global_batch, cfg.model.dim) == (7, 12, 48)  # from the file
     assert cfg.optim.lr == 0.02 and cfg.runtime.cpus_per_worker == 0.5  # flags win over the file
     assert str(layout) == "dp=2"
     lora = parser().parse_args(["train", "--recipe", "pretrain", "--lora.r", "4", "--lora.targets", "q_proj,v_proj"])
-    cfg, _ = build_config(lora)
+    cfg, _, _ = build_config(lora)
     assert cfg.lora.r == 4 and cfg.lora.targets == ("q_proj", "v_proj")
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from elastic.core.config import DataConfig
 from elastic.core.data import ArithmeticTask, GlobalSampler, build_dataset, split_microbatches
-from elastic.model.tokenizer import ByteTokenizer
+from elastic.core.tokenizer import ByteTokenizer
 
 
 @settings(max_examples=40, deadline=None)

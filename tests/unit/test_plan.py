@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from elastic.core.config import ModelConfig
 from elastic.core.layout import Layout, Placement, box_numel, intersect
 from elastic.model.llama import tensor_specs
-from elastic.plan.planner import MissingShards, cached_plan, make_plan, schedule_rounds
+from elastic.plan.memory_rounds import memory_bounded_rounds
+from elastic.plan.planner import MissingShards, cached_plan, make_plan
 
 MODEL = ModelConfig(dim=24, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=36, vocab_size=21)
 SPECS = tuple(tensor_specs(MODEL))
@@ -90,7 +91,7 @@ def test_plans_are_cached_per_transition():
 @given(placements(), placements(), st.integers(16, 4096))
 def test_rounds_deliver_every_remote_transfer_once_within_budget(old, new, budget):
     plan = make_plan(old, new, SPECS, MODEL.n_layers, 4, chunk_bytes=budget)
-    rounds = schedule_rounds(plan.transfers, budget)
+    rounds = memory_bounded_rounds(plan.transfers, budget)
     flat = [i for r in rounds for i in r]
     assert sorted(flat) == [i for i, t in enumerate(plan.transfers) if not t.local]
     for r in rounds:

@@ -1,4 +1,4 @@
-"""GRPO with noise-corrected rewards: the pure-math half (plain tensors, no processes).
+"""GRPO with noise-corrected rewards.
 
 RL from verifiable rewards that are sometimes wrong (arXiv:2510.18924, "Noise-corrected GRPO").
 The observed reward r~ is the true 0/1 reward r* sent through a flip channel with
@@ -9,8 +9,38 @@ rho_plus = P(r~=1 | r*=0) and rho_minus = P(r~=0 | r*=1); the corrections below 
 - ``advantage``: group advantages in TRL's GRPOTrainer conventions, plus the noise corrections;
 - ``loss``:      TRL's clipped surrogate + k3 KL, written as a sum of per-sequence terms over a
                  normaliser taken from the global batch, so data-parallel shards add up exactly;
-- ``config``:    ``GRPOConfig``, validated like the rest of ``elastic.core.config``.
+- ``config``:    ``GRPOConfig``, the ``[grpo]`` config section (registered on import);
+- ``loop``:      the bookkeeping of a GRPO step (prompts, scoring, advantages, shards), pure;
+- ``worker``:    the worker-side tasks (``Rollout``, ``GRPOStep``);
+- ``workload``:  the driver-side workload (rollout and train phases under the controller);
+- ``recipe``:    ``grpo_config``, the recipe's config.
 
-Like every recipe, this package imports neither ray nor torch.distributed (DESIGN.md, invariant 5):
+The math modules import neither ray nor torch.distributed (DESIGN.md, invariant 5; import-linter):
 the engine gathers the global quantities (rewards of a whole group, token counts) and passes them in.
 """
+
+from __future__ import annotations
+
+from elastic.recipes.grpo.config import GRPOConfig
+from elastic.recipes.recipe import Recipe, RecipeArgs
+
+
+def _build(args: RecipeArgs):
+    from elastic.recipes.grpo.recipe import grpo_config
+
+    return grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers)
+
+
+def _workload(cfg):
+    from elastic.recipes.grpo.workload import GRPOWorkload
+
+    return GRPOWorkload(cfg)
+
+
+def _finish(cfg, result, run_dir, workload) -> list[str]:
+    return [f"time in rollouts {workload.seconds['rollout']:.1f} s, in updates {workload.seconds['train']:.1f} s, "
+            f"in reshards {sum(r.total_seconds for r in result.reshards):.1f} s ({len(result.reshards)} reshards)"]
+
+
+RECIPE = Recipe("grpo", "GRPO with noise-corrected rewards on a built-in task (--base: an HF Llama folder)",
+                _build, workload=_workload, finish=_finish, sections=(GRPOConfig,))

@@ -3,6 +3,9 @@
 Names and defaults follow TRL's ``GRPOConfig`` where TRL has the knob (num_generations, temperature,
 top_p, epsilon, epsilon_high, beta, loss_type, scale_rewards, num_iterations); ``max_new_tokens`` is
 TRL's ``max_completion_length``. The noise knobs are ours. Errors name the field, the rule and the fix.
+
+The section registers itself as ``[grpo]`` when this module is imported (``register_section``), so
+the base config never imports the GRPO recipe; a run's section is ``GRPOConfig.of(cfg)``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elastic.core.config import knob
+from elastic.core.config import Config, knob, register_section
 from elastic.recipes.grpo.advantage import CORRECTIONS, SCALE_REWARDS
 from elastic.recipes.grpo.loss import LOSS_TYPES
 from elastic.recipes.grpo.noise import FlipRates
@@ -100,12 +103,13 @@ class GRPOConfig:
         """The configured rates (of the injected noise, and assumed by the correction unless estimated)."""
         return FlipRates(self.rho_plus, self.rho_minus)
 
-    @property
-    def clip_high(self) -> float:
-        """epsilon_high with TRL's default applied (None -> epsilon)."""
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+    @staticmethod
+    def of(cfg: Config) -> GRPOConfig:
+        """The run's [grpo] section; a clear error when the run has none."""
+        section = cfg.section("grpo")
+        _require(section is not None, "a GRPO run needs a [grpo] config section (elastic.recipes.grpo.config."
+                                      "GRPOConfig); build the config with elastic.recipes.grpo.recipe.grpo_config")
+        return section
 
-    @property
-    def needs_old_logps(self) -> bool:
-        """Whether the engine must store sampling-time log-probs (TRL: only when a batch is reused)."""
-        return self.num_iterations > 1
+
+register_section("grpo", GRPOConfig)

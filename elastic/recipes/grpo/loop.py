@@ -21,9 +21,10 @@ import torch
 from elastic.core.config import Config
 from elastic.core.data import GlobalSampler
 from elastic.core.layout import balanced
-from elastic.model.init import stable_seed
-from elastic.model.tokenizer import ByteTokenizer
+from elastic.core.seeds import stable_seed
+from elastic.core.tokenizer import ByteTokenizer
 from elastic.recipes.grpo.advantage import noise_corrected_advantages
+from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch
 from elastic.recipes.grpo.noise import FlipRates, RewardNoise, estimate_flip_rates
 from elastic.recipes.grpo.rewards import build_task, resolve_reward, score
@@ -41,9 +42,7 @@ class StepBatch:
 
 class GRPOLoop:
     def __init__(self, cfg: Config) -> None:
-        if cfg.grpo is None:
-            raise ValueError("a GRPO run needs a [grpo] config section (elastic.recipes.grpo.config.GRPOConfig)")
-        self.cfg, self.grpo = cfg, cfg.grpo
+        self.cfg, self.grpo = cfg, GRPOConfig.of(cfg)
         self.task = build_task(self.grpo.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
         self.reward_fn = resolve_reward(self.grpo.reward_fn or self.grpo.task)
         self.noise = RewardNoise(self.grpo.flip_rates, cfg.train.seed) if self.grpo.inject_noise else None
@@ -53,10 +52,6 @@ class GRPOLoop:
         if self.grpo.beta > 0 and cfg.lora is None:
             raise ValueError("grpo.beta > 0 needs a reference model; use LoRA (its frozen base is the reference) "
                              "or set grpo.beta = 0")
-
-    @property
-    def grpo_steps(self) -> int:
-        return self.cfg.train.steps // self.grpo.num_iterations
 
     def prompts(self, k: int) -> list[tuple[int, list[int]]]:
         return [(i, self.task.prompt_ids(i)) for i in self.sampler.step_indices(k)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from elastic.model.init import stable_seed
+from elastic.core.seeds import stable_seed
 
 _TWO_63 = float(2**63)
 

@@ -1,7 +1,7 @@
 """GRPO recipe: the config of a noisy-reward RL run on the built-in arithmetic task.
 
-The loop itself runs under the controller (``elastic.driver.summary.run_grpo``) or in one process
-(``elastic.recipes.grpo.worker.run_grpo_local``).
+The loop runs under the controller with ``GRPOWorkload`` (``workload.py``), e.g.
+``elastic.control.run.run_job(cfg, options, GRPOWorkload(cfg))``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def grpo_config(base: str | Path | None = None, steps: int = 30, workers: int = 
         model = model_config_from_hf(json.loads((Path(base) / "config.json").read_text()), str(base))
     else:
         model = MODEL_PRESETS["mini"]
-    return Config(model=model, grpo=g, lora=LoraConfig(r=16, alpha=32.0) if lora else None,
+    return Config(model=model, sections={"grpo": g}, lora=LoraConfig(r=16, alpha=32.0) if lora else None,
                   data=DataConfig(dataset="arithmetic", seq_len=max(12, 7 + g.max_new_tokens), num_samples=50_000),
                   train=TrainConfig(steps=steps * g.num_iterations, global_batch=prompts_per_step, dtype=dtype,
                                     seed=seed, init_from=str(base) if base else ""),

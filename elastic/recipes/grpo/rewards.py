@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from elastic.core.data import ArithmeticTask, Dataset, ExactAnswerTask, Problem
-from elastic.model.init import stable_seed
-from elastic.model.tokenizer import ByteTokenizer
+from elastic.core.seeds import stable_seed
+from elastic.core.tokenizer import ByteTokenizer
 
 RewardFn = Callable[[str, str], float]
 

@@ -1,4 +1,7 @@
-"""One worker's side of GRPO: sampling rollouts, and a policy-gradient step on the engine.
+"""The worker's side of GRPO: the ``Rollout`` and ``GRPOStep`` tasks the GRPO workload sends.
+
+Tasks are small dataclasses (``runtime/tasks.py``) whose ``run`` executes inside the worker with its
+engine; Ray ships them by reference to this module, so the worker module never imports the recipe.
 
 Rollouts need the whole policy on each worker, so they run on a data-parallel layout (every
 rank holds full parameters; the controller relayouts for the rollout phase). Sampling uses a
@@ -16,18 +19,22 @@ gradient equals the single-process one (see ``recipes/grpo/loss.py``).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from elastic.core.seeds import stable_seed
+from elastic.core.tokenizer import EOS
 from elastic.model.generate import SamplingConfig, sample
-from elastic.model.init import stable_seed
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora, is_lora_name
-from elastic.model.tokenizer import EOS
+from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms
-from elastic.runtime.engine import Engine, StepResult, local_part
+from elastic.runtime.engine import Engine, StepResult
+from elastic.runtime.tasks import TaskContext
+from elastic.runtime.torch_compat import local_tensor
 
 
 class _Functional:
@@ -40,14 +47,15 @@ class _Functional:
         return functional_call(self.model, self.params, (x, start, cache))
 
 
-def _plain_model(engine: Engine) -> LlamaStage:
-    if getattr(engine, "_plain", None) is None:
+def _plain_model(engine: Engine, scratch: dict) -> LlamaStage:
+    """An unwrapped copy of the policy on the meta device (no storage), cached for the engine's life."""
+    if "plain" not in scratch:
         with torch.device("meta"):
             model = LlamaStage(engine.cfg.model)
             if engine.cfg.lora is not None:
                 apply_lora(model, engine.cfg.lora)
-        engine._plain = model.to(engine.dtype)
-    return engine._plain
+        scratch["plain"] = model.to(engine.dtype)
+    return scratch["plain"]
 
 
 def token_logps(model, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -59,7 +67,8 @@ def token_logps(model, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_step: int) -> dict:
+def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_step: int,
+            scratch: dict | None = None) -> dict:
     """Sample ``grpo.num_generations`` completions for each (global prompt index, token ids)."""
     layout = engine.layout
     if (layout.fsdp, layout.tp, layout.pp) != (1, 1, 1):
@@ -67,8 +76,9 @@ def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_ste
                          "the controller relayouts for the rollout phase")
     if not prompts:
         return {"prompts": [], "tokens": torch.empty(0, grpo.max_new_tokens, dtype=torch.long)}
-    params = {name: local_part(p) for name, p in engine.named_params}
-    policy = _Functional(_plain_model(engine), params)
+    params = {name: local_tensor(p) for name, p in engine.named_params}
+    scratch = {} if scratch is None else scratch
+    policy = _Functional(_plain_model(engine, scratch), params)
     groups = grpo.num_generations
     batch = torch.tensor([ids for _, ids in prompts for _ in range(groups)], dtype=torch.long)
     generators = [torch.Generator().manual_seed(stable_seed(engine.cfg.train.seed, "rollout", grpo_step, index, g))
@@ -84,7 +94,7 @@ def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_ste
         for name in params:
             if is_lora_name(name) and ".lora_B." in name:
                 reference[name] = torch.zeros_like(params[name])
-        out["ref"] = token_logps(_Functional(_plain_model(engine), reference), full, batch.shape[1])
+        out["ref"] = token_logps(_Functional(_plain_model(engine, scratch), reference), full, batch.shape[1])
     return out
 
 
@@ -113,22 +123,23 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
     return result
 
 
-def run_grpo_local(cfg, steps: int | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The single-process GRPO run (the reference the distributed runs must equal).
+@dataclass(frozen=True)
+class Rollout:
+    """Sample ``num_generations`` completions for each (global prompt index, token ids) of GRPO step ``grpo_step``."""
 
-    Returns (per-step records, final full state).
-    """
-    from elastic.core.layout import Layout, Placement
-    from elastic.recipes.grpo.loop import GRPOLoop
+    prompts: list
+    grpo_step: int
 
-    loop = GRPOLoop(cfg)
-    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
-    records, batch = [], None
-    for step in range(cfg.train.steps if steps is None else steps):
-        k, iteration = divmod(step, cfg.grpo.num_iterations)
-        if iteration == 0:
-            batch = loop.build(k, [rollout(engine, loop.prompts(k), cfg.grpo, k)])
-        result = compute_grpo(engine, loop.shard(batch, 0, 1), batch.batch, cfg.grpo)
-        engine.apply()
-        records.append({"step": step, "loss": result.loss, **batch.stats})
-    return records, {k: v.clone() for k, v in engine.local_state().items()}
+    def run(self, ctx: TaskContext) -> dict:
+        return rollout(ctx.engine, self.prompts, GRPOConfig.of(ctx.engine.cfg), self.grpo_step, ctx.scratch)
+
+
+@dataclass(frozen=True)
+class GRPOStep:
+    """One GRPO optimizer step on this rank's ``shard`` of the rollout batch (``batch``: its global quantities)."""
+
+    shard: dict
+    batch: GlobalBatch
+
+    def run(self, ctx: TaskContext) -> StepResult:
+        return compute_grpo(ctx.engine, self.shard, self.batch, GRPOConfig.of(ctx.engine.cfg))

@@ -1,1 +1,32 @@
-"""TODO"""
+"""LoRA fine-tuning of a Hugging Face Llama folder, with PEFT adapters out (``recipe.py``) and a
+learning-rate sweep (``sweep.py``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from elastic.recipes.recipe import Recipe, RecipeArgs
+
+
+def _build(args: RecipeArgs):
+    from elastic.recipes.lora.recipe import lora_config
+
+    base = args.base or os.environ.get("ELASTIC_BASE")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ValueError("the lora recipe needs --base FOLDER, a Hugging Face Llama folder "
+                         "(make one with: python examples/pretrain.py --save runs/pretrain/base)")
+    return lora_config(base, steps=args.steps or 200, workers=args.workers)
+
+
+def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
+    if result.tensors is None:
+        return []
+    from elastic.model.peft_io import save_peft_adapter
+
+    adapters = {k: v for k, v in result.tensors.items() if ".lora_" in k and "::" not in k}
+    return [f"PEFT adapters: {save_peft_adapter(run_dir / 'adapter', cfg.model, cfg.lora, adapters)}"]
+
+
+RECIPE = Recipe("lora", "LoRA fine-tuning of --base (a Hugging Face Llama folder); writes PEFT adapters",
+                _build, finish=_finish)

@@ -11,11 +11,11 @@ import torch
 
 from elastic.core.config import Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.data import ArithmeticTask
+from elastic.core.tokenizer import ByteTokenizer
 from elastic.model.generate import SamplingConfig, sample
 from elastic.model.hf import load_hf_llama, model_config_from_hf
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
-from elastic.model.tokenizer import ByteTokenizer
 
 
 def lora_config(base: str | Path, steps: int = 200, lr: float = 3e-3, r: int = 16, alpha: float = 32.0,

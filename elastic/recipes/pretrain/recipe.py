@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.tokenizer import ByteTokenizer
 from elastic.model.generate import SamplingConfig, sample
 from elastic.model.llama import LlamaStage
-from elastic.model.tokenizer import ByteTokenizer
 
 
 def pretrain_config(model: str = "mini", steps: int = 300, workers: int = 4, global_batch: int = 16,

@@ -14,16 +14,16 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import _StridedShard
+
+from elastic.runtime.torch_compat import is_strided_shard
 
 
 def _sharded_dims(grad: torch.Tensor) -> tuple[tuple[str, ...], object]:
     if not isinstance(grad, DTensor):
         return (), None
     mesh = grad.device_mesh
-    # _StridedShard (FSDP over a tensor-parallel shard) is a shard too, but not a Shard subclass.
-    dims = tuple(mesh.mesh_dim_names[i] for i, p in enumerate(grad.placements)
-                 if p.is_shard() or isinstance(p, _StridedShard))
+    # A strided shard (FSDP over a tensor-parallel shard) is a split too, but is_shard() is False for it.
+    dims = tuple(mesh.mesh_dim_names[i] for i, p in enumerate(grad.placements) if p.is_shard() or is_strided_shard(p))
     return dims, mesh
 
 

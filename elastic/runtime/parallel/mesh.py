@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime
 import logging
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from elastic.core.layout import DIMS, Layout
 from elastic.runtime.parallel.abort import GlooSockets
 from elastic.runtime.parallel.store import AbortableStore
+from elastic.runtime.torch_compat import clear_dtensor_caches, reset_group_registry
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +69,6 @@ def abort_groups(name: str | None = None) -> int:
     return SOCKETS.cut(name)
 
 
-def clear_dtensor_caches() -> None:
-    """Forget DTensor's cached sharding decisions: they hold DeviceMesh objects of the old world.
-
-    A new mesh of the same shape compares equal to an old one, so without this a cache hit hands
-    DTensor a mesh whose process groups were destroyed ("Could not resolve the process group").
-    Call on the thread that runs the model (the Python cache is thread-local).
-    """
-    from torch.distributed.tensor import DTensor
-
-    torch._C._clear_DTensor_sharding_propagator_cache()
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.propagate_op_sharding.cache_clear()
-    propagator._propagate_tensor_meta_cached.cache_clear()
-
-
 def leave_default_group() -> None:
     """Destroy the default group and its subgroups, and the caches that refer to them."""
     clear_dtensor_caches()
@@ -92,21 +77,5 @@ def leave_default_group() -> None:
             dist.destroy_process_group()
         except Exception as err:  # a broken group can fail to tear down; then reset the registry by hand
             log.warning("destroy_process_group failed (%s); resetting the group registry", err)
-            _reset_registry()
+            reset_group_registry()
     SOCKETS.forget("layout")
-
-
-def _reset_registry() -> None:
-    """What destroy_process_group would have left behind: no default group, no names, count 0.
-
-    Without this, the next world's groups get names that collide with stale ones.
-    """
-    from torch.distributed import distributed_c10d as c10d
-
-    world = c10d._world
-    c10d._update_default_pg(None)
-    for table in ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_to_tag", "tags_to_pg",
-                  "pg_coalesce_state"):
-        getattr(world, table).clear()
-    c10d._unregister_all_process_groups()
-    world.group_count = 0

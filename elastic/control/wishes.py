@@ -1,0 +1,85 @@
+"""What the job wants beyond its next step, and how events change it.
+
+``Wishes`` holds the goals that outlive any one state: the worker budget, the workers to drain,
+the training phase (and the layouts the operator pinned per phase), and an operator pause.
+``fold`` applies a batch of events and returns what the Planning state must act on: whether it must
+move, why, a layout the operator asked for, a stop, the events it refuses (with the reason), and how
+many warming workers the new budget no longer needs. It changes nothing but the wishes themselves:
+the caller answers requests and talks to the workers. Pure Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from elastic.control.events import AddWorkers, Drain, Event, Pause, PhaseChange, Relayout, Resume, SetBudget, Stop
+from elastic.core.layout import Layout
+
+
+@dataclass
+class Folded:
+    """The planning input a batch of events produced."""
+
+    must_move: bool = False
+    reason: str = ""
+    forced: Layout | None = None
+    stop: bool = False
+    refused: list[tuple[Event, str]] = field(default_factory=list)
+    cancel_starting: int = 0
+
+
+class Wishes:
+    def __init__(self, budget: int, phase_layouts: dict[str, Layout] | None = None) -> None:
+        self.budget = budget
+        self.draining: set[int] = set()
+        self.phase = "train"
+        self.paused = False
+        self.phase_layouts = dict(phase_layouts or {})
+
+    def forget(self, workers: Iterable[int]) -> None:
+        """Workers that died are no longer being drained."""
+        self.draining -= set(workers)
+
+    def fold(self, events: list[Event], live: frozenset[int], usable: int, starting: int,
+             validate: Callable[[Layout, int], None]) -> Folded:
+        """Apply ``events`` in order. ``live``: every worker process of the job; ``usable``: warm workers not
+        being drained; ``starting``: workers warming up; ``validate(layout, usable)`` raises ValueError for a
+        layout the job cannot run."""
+        out, reasons = Folded(), []
+        for event in events:
+            reasons.append(event.describe())
+            if isinstance(event, SetBudget):
+                self.budget = event.workers
+                surplus = usable + starting - self.budget
+                out.cancel_starting = max(out.cancel_starting, min(surplus, starting))
+            elif isinstance(event, AddWorkers):
+                self.budget = usable + starting + event.count
+            elif isinstance(event, Drain):
+                if event.worker not in live:
+                    out.refused.append((event, f"worker {event.worker} is not part of this job"))
+                    continue
+                if event.worker not in self.draining:
+                    self.draining.add(event.worker)
+                    usable -= 1
+                self.budget = max(1, self.budget - 1)
+                out.must_move = True
+            elif isinstance(event, Relayout):
+                try:
+                    validate(event.layout, usable)
+                except ValueError as err:
+                    out.refused.append((event, str(err)))
+                    continue
+                out.forced = event.layout
+            elif isinstance(event, PhaseChange):
+                self.phase = event.phase
+                if event.phase in self.phase_layouts:  # the operator pinned a layout for this phase
+                    out.forced = self.phase_layouts[event.phase]
+            elif isinstance(event, Pause):
+                self.paused = True
+            elif isinstance(event, Resume):
+                self.paused = False
+            elif isinstance(event, Stop):
+                out.stop = True
+        out.reason = "; ".join(reasons)
+        return out

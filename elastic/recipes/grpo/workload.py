@@ -1,0 +1,86 @@
+"""The GRPO workload: the driver's side of a GRPO run under the controller.
+
+Each GRPO step first needs rollouts (the *rollout* phase, on a data-parallel layout where every
+worker holds the whole policy), then ``num_iterations`` policy-gradient steps (the *train* phase, on
+whatever layout the policy picks for it). Phase changes go through the controller as events, so it
+can reshard at each phase boundary when the cost model (or the operator's ``phase_layouts``) says so.
+The worker side is ``worker.py`` (the ``Rollout`` and ``GRPOStep`` tasks); the bookkeeping is
+``loop.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from elastic.control.events import PhaseChange
+from elastic.control.workload import JobView
+from elastic.core.config import Config
+from elastic.core.layout import Layout
+from elastic.driver.group import WorkerFailure
+from elastic.recipes.grpo.loop import GRPOLoop, StepBatch
+from elastic.recipes.grpo.worker import GRPOStep, Rollout
+
+
+def data_parallel_only(layout: Layout) -> bool:
+    return (layout.fsdp, layout.tp, layout.pp) == (1, 1, 1)
+
+
+class GRPOWorkload:
+    name = "grpo"
+
+    def __init__(self, cfg: Config) -> None:
+        self.loop = GRPOLoop(cfg)
+        self.batches: dict[int, StepBatch] = {}
+        self.seconds = {"rollout": 0.0, "train": 0.0}
+        self.stats: dict[int, dict] = {}
+
+    def phase_filters(self) -> dict:
+        # Rollouts need the full policy on every worker; the GRPO step has no pipeline schedule.
+        return {"rollout": data_parallel_only, "train": lambda layout: layout.pp == 1}
+
+    def _want(self, job: JobView, phase: str) -> bool:
+        if job.phase == phase:
+            return False
+        job.submit(PhaseChange(reason=f"{phase} phase", phase=phase))
+        return True
+
+    def step(self, job: JobView) -> dict | None:
+        group = job.group
+        committed, placement = group.committed, group.placement
+        k, iteration = divmod(committed, self.loop.grpo.num_iterations)
+        layout = placement.layout
+        if k not in self.batches:
+            if self._want(job, "rollout"):
+                return None
+            started = time.perf_counter()
+            prompts = self.loop.prompts(k)
+            tasks = {w: Rollout(self.loop.share(prompts, layout.data_index(r), layout.data_parallel), k)
+                     for r, w in enumerate(placement.workers)}
+            out = group.run(tasks)
+            parts = [out[w] for w in placement.workers]  # dp-only: rank order is data order
+            self.batches = {k: self.loop.build(k, parts)}
+            self.stats[k] = self.batches[k].stats
+            self.seconds["rollout"] += time.perf_counter() - started
+            return None
+        if self._want(job, "train"):
+            return None
+        started = time.perf_counter()
+        batch = self.batches[k]
+        tasks = {w: GRPOStep(self.loop.shard(batch, layout.data_index(r), layout.data_parallel), batch.batch)
+                 for r, w in enumerate(placement.workers)}
+        try:
+            results = group.step(tasks)
+        except WorkerFailure as failure:  # committed before the loss: its ledger counts too
+            if failure.step_results is not None:
+                self._ledger(failure.step_results, placement, batch, iteration)
+            raise
+        self._ledger(results, placement, batch, iteration)
+        self.seconds["train"] += time.perf_counter() - started
+        return results
+
+    @staticmethod
+    def _ledger(results: dict, placement, batch: StepBatch, iteration: int) -> None:
+        """Step k's prompts, counted once: on the first worker, in the step's first iteration."""
+        first = placement.workers[0]
+        for w, result in results.items():
+            result.samples = list(batch.prompts) if w == first and iteration == 0 else []

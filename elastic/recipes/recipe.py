@@ -1,0 +1,38 @@
+"""What a recipe is: a named way to build a run's config, its driver-side workload and its ending.
+
+A recipe lives in its own folder (``recipes/<name>/``): its config section if it has one, its pure
+training math, its worker-side tasks, its driver-side workload and what it does when the run ends
+(export adapters, print samples). Its package defines ``RECIPE``; ``registry.py`` lists the recipes.
+Adding a recipe means adding one folder and one registry line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from elastic.core.config import Config
+
+
+@dataclass(frozen=True)
+class RecipeArgs:
+    """The command line's common choices, as every recipe reads them (None: the recipe's default)."""
+
+    model: str | None = None
+    steps: int | None = None
+    workers: int = 4
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str  # one line, shown by ``elastic train --help``
+    build: Callable[[RecipeArgs], Config]  # the recipe's config for these choices (raises ValueError on bad ones)
+    workload: Callable[[Config], Any] | None = None  # the driver-side workload; None: next-token prediction
+    # After the run: (cfg, result, run_dir, workload) -> lines to print (e.g. where adapters were written).
+    finish: Callable[[Config, Any, Path, Any], list[str]] | None = None
+    # The recipe's own config sections (registered when its package is imported), for ``--help`` and TOML.
+    sections: tuple[type, ...] = ()

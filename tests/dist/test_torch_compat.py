@@ -1,0 +1,117 @@
+"""One test per private-torch shim in ``elastic/runtime/torch_compat.py``: each checks that torch still
+has what the shim relies on, and that the reason for the shim still holds, so a torch upgrade fails
+here, by name, rather than somewhere deep in a reshard.
+
+A one-rank gloo group in this process (no Ray); the module's fixture tears it down again.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from elastic.runtime import torch_compat as tc
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert not dist.is_initialized(), "another test left a default process group behind"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("fsdp", "tp"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_torch_is_the_tested_release():
+    assert torch.__version__.startswith(tc.TESTED_TORCH), (
+        f"torch {torch.__version__} is not {tc.TESTED_TORCH}.x, the release torch_compat's shims are tested on; "
+        "run tests/dist/test_torch_compat.py and widen pyproject's torch range only if it passes")
+
+
+def test_local_tensor_is_the_storage_owning_shard(mesh):
+    d = distribute_tensor(torch.arange(6.0).reshape(3, 2), mesh["tp"], [Shard(0)])
+    local = tc.local_tensor(d)
+    assert local is d._local_tensor and local is tc.local_tensor(d)  # the same object on every call
+    assert d.to_local() is not d.to_local(), "to_local() now returns a stable object: the shim may be dropped"
+    assert local.data_ptr() == d.to_local().data_ptr()
+    plain = torch.ones(2)
+    assert tc.local_tensor(plain) is plain
+
+
+def test_strided_shard_is_recognised_and_still_not_a_shard():
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    strided = _StridedShard(0, split_factor=2)
+    assert tc.is_strided_shard(strided) and not tc.is_strided_shard(Shard(0))
+    assert not strided.is_shard() or not isinstance(strided, Shard), "is_strided_shard may now be is_shard()"
+
+
+def test_placed_linear_style_places_the_module_and_its_children(mesh):
+    class Adapted(nn.Linear):  # a LoRALinear's shape: the base weight plus lora_A / lora_B children
+        def __init__(self):
+            super().__init__(4, 6, bias=False)
+            self.lora_A, self.lora_B = nn.Linear(4, 2, bias=False), nn.Linear(2, 6, bias=False)
+
+    holder = nn.Module()
+    holder.proj, holder.down = Adapted(), Adapted()
+    assert hasattr(ColwiseParallel, "_partition_linear_fn"), "ParallelStyle lost _partition_linear_fn"
+    parallelize_module(holder, mesh["tp"], {
+        "proj": tc.placed_linear_style(ColwiseParallel, {"": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)}),
+        "down": tc.placed_linear_style(RowwiseParallel, {"": Shard(1), "lora_A": Shard(1), "lora_B": Replicate()}),
+    })
+    got = {name: p.placements for name, p in holder.named_parameters()}
+    assert got == {"proj.weight": (Shard(0),), "proj.lora_A.weight": (Replicate(),), "proj.lora_B.weight": (Shard(0),),
+                   "down.weight": (Shard(1),), "down.lora_A.weight": (Shard(1),), "down.lora_B.weight": (Replicate(),)}
+
+
+def test_dtensor_caches_clear(mesh):
+    a = distribute_tensor(torch.ones(4, 4), mesh["tp"], [Shard(0)])
+    (a + a).sum()
+    # torch 2.13 dispatches through a C++ cache (the Python LRU caches are the slow path's).
+    assert sum(torch._C._get_DTensor_sharding_propagator_cache_stats()) > 0, "DTensor no longer caches decisions"
+    tc.clear_dtensor_caches()
+    assert torch._C._get_DTensor_sharding_propagator_cache_stats() == (0, 0)
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    assert propagator.propagate_op_sharding.cache_info().currsize == 0
+    assert propagator._propagate_tensor_meta_cached.cache_info().currsize == 0
+
+
+def test_group_registry_resets_to_a_clean_slate(mesh):
+    from torch.distributed import distributed_c10d as c10d
+
+    extra = dist.new_group([0])  # a subgroup: the registry now holds two groups
+    assert c10d._world.group_count >= 1 and len(c10d._world.pg_map) >= 2 and extra is not None
+    tc.reset_group_registry()
+    assert not dist.is_initialized()
+    assert all(not getattr(c10d._world, table) for table in tc._GROUP_TABLES) and c10d._world.group_count == 0
+    # A fresh world forms normally after the reset (and the fixture's teardown destroys it).
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    assert dist.get_world_size() == 1
+
+
+def test_mesh_slices_are_shared_inside_and_torch_is_restored_after(mesh):
+    mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp", "fsdp", "tp"))
+    getitem, concatenate = DeviceMesh.__dict__["__getitem__"], DeviceMesh.__dict__["_concatenate"]
+    plain = mesh["dp", "fsdp"]
+    assert mesh["tp"] is not mesh["tp"], "torch now caches mesh slices itself: shared_mesh_slices may be dropped"
+    with tc.shared_mesh_slices():
+        a, b = mesh["dp", "fsdp"], mesh[("dp", "fsdp")]
+        assert a is b and a.mesh_dim_names == plain.mesh_dim_names and a.get_group(1) == plain.get_group(1)
+        assert mesh["tp"] is mesh["tp"] and mesh["tp"] is not mesh["fsdp"]
+        joined = DeviceMesh._concatenate([a, mesh["tp"]])
+        assert joined is DeviceMesh._concatenate([a, mesh["tp"]]) and joined.mesh_dim_names == ("dp", "fsdp", "tp")
+    assert DeviceMesh.__dict__["__getitem__"] is getitem and DeviceMesh.__dict__["_concatenate"] is concatenate
+    with pytest.raises(KeyError), tc.shared_mesh_slices():
+        raise KeyError("boom")
+    assert DeviceMesh.__dict__["__getitem__"] is getitem  # restored on errors too
