@@ -93,7 +93,7 @@ def redundancy_report(policy: Policy, cost: CostModel, budget: int, snapshot_eve
     """What protects the state, and what it costs: replicas (dp >= 2) and/or snapshots."""
     layouts = policy.layouts(budget)
     replicated = [l for l in layouts if l.dp >= 2]
-    text = ["redundancy:"]
+    text = []
     if layouts and replicated:
         best, best_rep = min(layouts, key=cost.step_seconds), min(replicated, key=cost.step_seconds)
         extra = cost.step_seconds(best_rep) / cost.step_seconds(best) - 1

@@ -106,5 +106,5 @@ def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str) -> ReshardRe
         max_worker_bytes=max((s + r for s, r in by_worker.values()), default=0),
         peak_buffer_bytes=max((s.get("peak_buffer_bytes", 0) for s in stats.values()), default=0),
         workers=stats)
-    log.info(report.line())
+    log.debug(report.line())  # the controller's journal reports it to the user
     return report

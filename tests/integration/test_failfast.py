@@ -32,3 +32,23 @@ def test_killed_worker_fails_the_step_within_seconds(fresh_pool, layout_text):
     # Survivors were released (no hang) and still answer.
     survivors = [w for w in placement.workers if w != victim]
     assert sorted(pool.ping(survivors)) == sorted(survivors)
+
+
+class Explode:
+    """A worker task that fails the way a bug would."""
+
+    def run(self, ctx):
+        raise ValueError(f"boom on worker {ctx.worker}")
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_task_reports_one_line_and_keeps_the_remote_traceback(pool):
+    pool.cfg = tiny_config(dtype="float32")
+    placement = Placement(Layout(dp=2), tuple(pool.alive()[:2]))
+    pool.setup(placement)
+    with pytest.raises(WorkerFailure) as failure:
+        pool.run({placement.workers[0]: Explode()})
+    line, detail = str(failure.value), failure.value.traceback_text()
+    assert "ValueError: boom on worker" in line and "\n" not in line and "Traceback" not in line
+    assert "Traceback (most recent call last)" in detail and "in run" in detail and "boom on worker" in detail
+    assert sorted(pool.ping(placement.workers)) == sorted(placement.workers)  # nobody died

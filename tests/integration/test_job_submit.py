@@ -27,8 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node():
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
@@ -41,7 +41,7 @@ def head_node(tmp_path):
              f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp}", "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield f"http://127.0.0.1:{dashboard}", dict(env, ELASTIC_TEST_GCS_PORT=str(port))
     finally:
         stop_cluster(temp)
         assert not cluster_processes(temp), "the test cluster left processes behind"
@@ -68,11 +68,23 @@ def stop_cluster(temp: Path) -> None:
         time.sleep(1.0)
 
 
+@pytest.mark.timeout(120)
+def test_a_driver_that_imported_ray_first_still_connects(head_node):
+    """Ray reads its auth mode at import: connect_ray must switch a process that imported ray without
+    RAY_AUTH_MODE to token auth, or the connection retries silently for minutes."""
+    address, env = head_node
+    gcs = address.replace("http://", "").rsplit(":", 1)[0] + ":" + env["ELASTIC_TEST_GCS_PORT"]
+    code = ("import ray; from elastic.driver.connect import connect_ray; "
+            f"connect_ray({gcs!r}); print(int(ray.cluster_resources()['CPU']))")
+    clean = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_submitted_job_trains_and_succeeds(head_node, monkeypatch):
+def test_submitted_job_trains_and_succeeds(head_node):
     address, env = head_node
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)

@@ -66,3 +66,26 @@ def test_as_a_process_the_exit_code_is_nonzero():
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(ValueError, match="unknown recipe"):
         main(["--debug", "train", "--recipe", "nope"])
+
+
+def test_debug_shows_the_workers_tracebacks(monkeypatch, capsys):
+    from elastic.driver.group import WorkerFailure
+
+    def failing(args):
+        raise WorkerFailure({}, {3: "TaskFailed: boom"}, {3: "Traceback (most recent call last):\n  in run\nboom"})
+
+    import launch.cli
+
+    monkeypatch.setattr(launch.cli, "cmd_plot", failing)
+    assert main(["plot", "x"]) == 2 and "Traceback" not in capsys.readouterr().err  # one line without --debug
+    with pytest.raises(WorkerFailure):
+        main(["--debug", "plot", "x"])
+    assert "--- worker 3 ---\nTraceback (most recent call last):" in capsys.readouterr().err
+
+
+def test_the_operator_commands_import_no_torch():
+    """`elastic events` and `elastic plot` answer in about a second: they never import torch."""
+    code = ("import sys; from launch.cli import main; main(['events', 'status', '--job', 'x', '--address', "
+            "'127.0.0.1:1']); main(['plot', '/nonexistent-run']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
