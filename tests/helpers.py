@@ -13,8 +13,6 @@ from elastic.core.config import (
     RuntimeConfig,
     TrainConfig,
 )
-from elastic.core.layout import Layout, Placement
-from elastic.runtime.engine import Engine
 
 
 def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, seq_len: int = 16,
@@ -32,13 +30,6 @@ def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, 
         optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
         runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60),
     )
-
-
-def reference_run(cfg: Config, steps: int | None = None) -> tuple[list[float], dict[str, torch.Tensor], Engine]:
-    """The uninterrupted single-process run: losses and the full final state."""
-    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
-    losses = [engine.train_step().loss for _ in range(cfg.train.steps if steps is None else steps)]
-    return losses, {k: v.clone() for k, v in engine.local_tensors().items()}, engine
 
 
 class WaitForWorkers:
@@ -101,21 +92,3 @@ def digit_reward(prompt: str, completion: str) -> float:
     ASCII printable), so GRPO advantages are non-zero in tests."""
     return sum(32 <= ord(c) < 127 for c in completion) / max(len(completion), 1)
 
-
-def run_grpo_local(cfg: Config, steps: int | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The single-process GRPO run on the engine at world 1. Returns (per-step records, final tensors)."""
-    from elastic.recipes.grpo.config import GRPOConfig
-    from elastic.recipes.grpo.loop import GRPOLoop
-    from elastic.recipes.grpo.worker import compute_grpo, rollout
-
-    grpo, loop = GRPOConfig.of(cfg), GRPOLoop(cfg)
-    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
-    records, batch = [], None
-    for step in range(cfg.train.steps if steps is None else steps):
-        k, iteration = divmod(step, grpo.num_iterations)
-        if iteration == 0:
-            batch = loop.build(k, [rollout(engine, loop.prompts(k), grpo, k)])
-        result = compute_grpo(engine, loop.shard(batch, 0, 1), batch.batch, grpo)
-        engine.apply()
-        records.append({"step": step, "loss": result.loss, **batch.stats})
-    return records, {k: v.clone() for k, v in engine.local_tensors().items()}

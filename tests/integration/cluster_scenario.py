@@ -20,7 +20,8 @@ from ray.cluster_utils import Cluster
 from elastic.control.controller import Controller, ControllerOptions
 from elastic.control.events import Stop
 from elastic.control.states import Running
-from tests.helpers import reference_run, tiny_config, worst_state_err
+from tests.helpers import tiny_config, worst_state_err
+from tests.reference import train_reference
 
 
 def free_port() -> int:
@@ -80,7 +81,7 @@ def main() -> None:
     result = outcome["result"]
     # The run stopped early: its reference is the single-process run of as many steps (same schedule).
     steps = len(result.history)
-    _, ref_state, _ = reference_run(cfg, steps=steps)
+    ref_state = train_reference(cfg, steps=steps).tensors
     err, name = worst_state_err(result.tensors, ref_state)
     out = {"events": [{k: v for k, v in e.items() if isinstance(v, (str, int, float, list))} for e in result.events],
            "layouts": sorted({(h.layout, h.workers) for h in result.history}),

@@ -21,8 +21,9 @@ from elastic.control.sources import ScriptedEvents
 from elastic.control.states import Resharding, Running
 from elastic.core.layout import Layout
 from elastic.driver.group import WorkerFailure
-from tests.helpers import DelayTransfers, reference_run, tiny_config, worst_state_err
+from tests.helpers import DelayTransfers, tiny_config, worst_state_err
 from tests.integration.test_reshard_live import assert_exactly_once
+from tests.reference import train_reference
 
 
 def assert_no_lingering_workers(handles) -> None:
@@ -68,7 +69,7 @@ class ChaosMonkey(threading.Thread):
 @pytest.mark.timeout(420)
 def test_chaos_run_equals_the_uninterrupted_run(ray_session):
     cfg = tiny_config(steps=30, global_batch=8)
-    _, ref_state, _ = reference_run(cfg)
+    ref_state = train_reference(cfg).tensors
     # fsdp=3 keeps everything local (each dp=3 replica holds all); dp=2 from fsdp=3 moves data.
     script = ScriptedEvents({10: [Relayout(reason="operator", layout=Layout(fsdp=3))],
                              14: [Relayout(reason="operator", layout=Layout(dp=2))]})

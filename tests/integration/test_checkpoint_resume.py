@@ -9,7 +9,8 @@ import pytest
 from elastic.control.controller import Controller, ControllerOptions
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Layout
-from tests.helpers import reference_run, tiny_config, worst_state_err
+from tests.helpers import tiny_config, worst_state_err
+from tests.reference import train_reference
 
 
 @pytest.mark.timeout(300)
@@ -17,7 +18,7 @@ from tests.helpers import reference_run, tiny_config, worst_state_err
 def test_save_in_one_layout_resume_in_another_equals_uninterrupted(ray_session, tmp_path, saved, resumed, workers):
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
-    _, ref, _ = reference_run(cfg)
+    ref = train_reference(cfg).tensors
     first = Controller(cfg, ControllerOptions(layout=Layout.parse(saved), progress=False, gather_tensors=False,
                                               checkpoint_dir=str(tmp_path), checkpoint_every=4))
     try:

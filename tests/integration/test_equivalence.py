@@ -10,7 +10,8 @@ import pytest
 
 from elastic.core.layout import Layout, Placement
 from elastic.driver.summary import summarize
-from tests.helpers import reference_run, rel_err, tiny_config, worst_state_err
+from tests.helpers import rel_err, tiny_config, worst_state_err
+from tests.reference import train_reference
 
 LAYOUTS = ["dp=1", "dp=2", "fsdp=2", "tp=2", "pp=2,mb=2", "dp=2,tp=2", "fsdp=2,tp=2", "dp=2,pp=2,mb=2"]
 # float32: the AdamW second moments of the tp layouts land at 1.5e-4 to 1.8e-4 from the single-process run on
@@ -23,7 +24,8 @@ STEPS = 10
 @pytest.fixture(scope="module", params=["float64", "float32"])
 def reference(request):
     cfg = tiny_config(dtype=request.param, steps=STEPS)
-    losses, state, _ = reference_run(cfg)
+    ref = train_reference(cfg)
+    losses, state = ref.losses, ref.tensors
     return cfg, losses, state
 
 
@@ -47,14 +49,14 @@ def test_layout_matches_single_process(pool, reference, layout_text):
     # The run must actually have trained (a test that cannot fail is worthless).
     assert ref_losses[-1] < ref_losses[0] - 0.3
     assert rel_err(state["model.layers.0.mlp.up_proj.weight"],
-                   reference_run(cfg, steps=0)[1]["model.layers.0.mlp.up_proj.weight"]) > 1e-3
+                   train_reference(cfg, steps=0).tensors["model.layers.0.mlp.up_proj.weight"]) > 1e-3
 
 
 @pytest.mark.timeout(120)
 def test_uneven_data_parallel_split_matches(pool):
     """Three data-parallel ranks share a batch of 8 as 3+3+2: still the same gradient."""
     cfg = tiny_config(dtype="float64", steps=4)
-    _, ref_state, _ = reference_run(cfg)
+    ref_state = train_reference(cfg).tensors
     pool.cfg = cfg
     placement = Placement(Layout(fsdp=3), tuple(pool.alive()[:3]))
     pool.setup(placement)

@@ -15,7 +15,8 @@ from elastic.control.sources import ScriptedEvents
 from elastic.core.config import LoraConfig
 from elastic.core.layout import Layout, Placement
 from elastic.driver.ray_group import RayWorkerGroup
-from tests.helpers import WaitForWorkers, reference_run, rel_err, tiny_config, worst_state_err
+from tests.helpers import WaitForWorkers, rel_err, tiny_config, worst_state_err
+from tests.reference import train_reference
 
 STEPS = 8
 
@@ -27,7 +28,8 @@ def lora_config(steps=STEPS, **kw):
 @pytest.fixture(scope="module")
 def lora_reference():
     cfg = lora_config()
-    losses, state, _ = reference_run(cfg)
+    ref = train_reference(cfg)
+    losses, state = ref.losses, ref.tensors
     return cfg, losses, state
 
 
@@ -45,7 +47,7 @@ def test_lora_layout_matches_single_process(pool, lora_reference, layout_text):
     assert err <= 1e-9, f"{layout}: {name} {err:.2e}"
     # Only adapters trained: the frozen base is bit-identical to its initial value, and it has no
     # optimizer state; the adapters moved.
-    initial = reference_run(cfg, steps=0)[1]
+    initial = train_reference(cfg, steps=0).tensors
     assert set(state) == set(initial)
     assert all(k.count("lora_") or "::" not in k for k in state)
     base = "model.layers.0.self_attn.q_proj.weight"
@@ -58,7 +60,7 @@ def test_lora_layout_matches_single_process(pool, lora_reference, layout_text):
 @pytest.mark.timeout(300)
 def test_lora_across_live_reshards(ray_session):
     cfg = lora_config(steps=12)
-    _, ref, _ = reference_run(cfg)
+    ref = train_reference(cfg).tensors
     script = ScriptedEvents({3: [Drain(reason="preempted", worker=0)], 6: [AddWorkers(reason="back", count=1)],
                              9: [Relayout(reason="operator", layout=Layout(fsdp=2, tp=2))]})
     group = RayWorkerGroup(cfg)

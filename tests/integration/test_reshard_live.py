@@ -17,7 +17,8 @@ from elastic.core.data import GlobalSampler, build_dataset
 from elastic.core.layout import Layout, Placement
 from elastic.driver.ray_group import RayWorkerGroup
 from elastic.driver.resharder import plan_move, reshard
-from tests.helpers import DelayTransfers, WaitForWorkers, reference_run, tiny_config, worst_state_err
+from tests.helpers import DelayTransfers, WaitForWorkers, tiny_config, worst_state_err
+from tests.reference import train_reference
 
 
 def assert_exactly_once(cfg, history):
@@ -37,7 +38,7 @@ def assert_exactly_once(cfg, history):
 @pytest.mark.timeout(300)
 def test_drain_add_relayout_and_back_equals_single_process(ray_session, tmp_path):
     cfg = tiny_config(steps=15)
-    _, ref_state, _ = reference_run(cfg)
+    ref_state = train_reference(cfg).tensors
     script = ScriptedEvents({
         3: [Drain(reason="preemption notice", worker=1)],           # 4 -> 3 workers
         6: [AddWorkers(reason="two nodes back", count=2)],          # 3 -> 5 workers
@@ -102,7 +103,7 @@ def test_round_trip_is_bit_identical(pool, pack_bytes):
 def test_too_few_workers_pauses_then_resumes(ray_session):
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
-    _, ref_state, _ = reference_run(cfg)
+    ref_state = train_reference(cfg).tensors
     script = ScriptedEvents({2: [Drain(reason="preempted", worker=0)]})
 
     class ReturnWhenPaused:
@@ -135,7 +136,7 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
 def test_failed_reshard_keeps_old_placement(ray_session):
     """A new worker dies in the middle of the transfer: the old placement carries on, nothing lost."""
     cfg = tiny_config(steps=6)
-    _, ref_state, _ = reference_run(cfg)
+    ref_state = train_reference(cfg).tensors
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
     script = ScriptedEvents({2: [AddWorkers(reason="scale out", count=1)]})
     group = RayWorkerGroup(cfg)

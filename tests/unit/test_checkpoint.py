@@ -12,7 +12,8 @@ import torch
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Layout, Placement
 from elastic.model.specs import training_specs
-from tests.helpers import reference_run, tiny_config
+from tests.helpers import tiny_config
+from tests.reference import train_reference
 
 
 def write_checkpoint(root, cfg, full, placement, step=4):
@@ -34,7 +35,7 @@ def write_checkpoint(root, cfg, full, placement, step=4):
 @pytest.fixture(scope="module")
 def trained():
     cfg = tiny_config(steps=4)
-    _, full, _ = reference_run(cfg)
+    full = train_reference(cfg).tensors
     return cfg, full
 
 

@@ -1,0 +1,226 @@
+"""The independent reference trainer: one process, plain torch, nothing of the engine's training loop.
+
+Every equivalence test compares the elastic runs (any layout, live reshards, crashes, checkpoint
+resumes, LoRA, GRPO) against this, never against the engine itself. From ``elastic`` it takes only:
+
+- the model definition (``LlamaStage``, the names and initial values of its tensors); LoRA adapters
+  come from PEFT's ``get_peft_model`` on that model, with our initial A copied in;
+- the data: the dataset's samples by global index, and the epoch permutation (``GlobalSampler.index_at``).
+
+What a shared bug could hide is written here again, from the config's numbers and DESIGN.md: which
+positions a step consumes, the loss normaliser (cross-entropy summed over the global batch divided by
+its target tokens), the AdamW parameter groups, the warmup + cosine schedule (``LambdaLR``),
+``torch.optim.AdamW`` (its reference implementation, ``foreach=False``) and ``clip_grad_norm_``.
+GRPO's group advantages and clipped loss are TRL's formulas, written here and checked by hand in
+``tests/unit/test_reference.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from elastic.core.config import Config
+from elastic.core.data import GlobalSampler, build_dataset
+from elastic.model.init import init_tensor
+from elastic.model.llama import LlamaStage, tensor_specs
+from elastic.model.lora import init_lora_tensor, lora_tensor_specs
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Reference:
+    """What the reference run ends with: per-step losses, and every training tensor by our names."""
+
+    losses: list[float] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: list[list[int]] = field(default_factory=list)  # the global indices each step trained on
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Warmup from lr/warmup to lr over ``warmup_steps``, then a half cosine down to ``min_lr_ratio * lr``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    t = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 + math.cos(math.pi * t)) / 2
+
+
+def step_positions(step: int, batch: int) -> range:
+    """The training positions step ``step`` consumes (DESIGN.md, "Data cursor")."""
+    return range(step * batch, (step + 1) * batch)
+
+
+def our_name(peft_name: str) -> str:
+    """PEFT's name to ours: ``base_model.model.<x>.base_layer.weight`` -> ``<x>.weight``, and
+    ``...lora_A.default.weight`` -> ``...lora_A.weight``."""
+    return peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".").replace(".default.", ".")
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The model at step 0: our decoder with its initial weights; with LoRA, wrapped by PEFT."""
+    dtype = DTYPES[cfg.train.dtype]
+    model = LlamaStage(cfg.model).to(dtype)
+    specs = {s.name: s for s in tensor_specs(cfg.model)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_tensor(specs[name], cfg.model, cfg.train.seed, dtype))
+    if cfg.lora is None:
+        return model
+    import peft
+
+    lora = cfg.lora
+    model = peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                       target_modules=list(lora.targets), use_rslora=lora.use_rslora))
+    initial = {s.name: s for s in lora_tensor_specs(cfg.model, lora)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            ours = our_name(name)
+            if ours in initial:  # A from our seeded init; B is zero in both
+                p.copy_(init_lora_tensor(initial[ours], lora, cfg.train.seed, dtype))
+    return model
+
+
+def adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: Config) -> torch.optim.AdamW:
+    """torch's AdamW with two groups: matrices decay, vectors (norm weights) do not."""
+    o = cfg.optim
+    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith("norm.weight")]
+    rest = [p for n, p in named if not (p.ndim >= 2 and not n.endswith("norm.weight"))]
+    groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0})
+              if g["params"]]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+
+
+def tensors_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Parameters and AdamW moments by our names (``<param>::exp_avg``, ``<param>::exp_avg_sq``)."""
+    out = {}
+    for name, p in model.named_parameters():
+        ours = our_name(name)
+        out[ours] = p.detach().clone()
+        if p.requires_grad:
+            state = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"{ours}::{key}"] = state[key].clone() if key in state else torch.zeros_like(p)
+    return out
+
+
+def train_reference(cfg: Config, steps: int | None = None) -> Reference:
+    """``steps`` optimizer steps (default ``cfg.train.steps``) of next-token prediction on the whole batch."""
+    torch.manual_seed(0)  # nothing here draws from it; a stray draw would show as a mismatch, not pass silently
+    model = build_model(cfg)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = adamw(named, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    dataset = build_dataset(cfg.data, cfg.train.seed)
+    order = GlobalSampler(len(dataset), cfg.train.global_batch, cfg.train.seed)
+    out = Reference()
+    for step in range(cfg.train.steps if steps is None else steps):
+        indices = [order.index_at(p) for p in step_positions(step, cfg.train.global_batch)]
+        x, y = dataset.batch(indices)
+        logits = model(x)
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                                reduction="sum")
+        loss = total / (y != -100).sum()
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        out.losses.append(float(loss.detach()))
+        out.samples.append(sorted(indices))
+    out.tensors = tensors_of(model, opt)
+    return out
+
+
+# ---- GRPO ------------------------------------------------------------------------------------------
+
+def trl_advantages(rewards: torch.Tensor, group: int, scale_rewards: str) -> torch.Tensor:
+    """TRL's GRPOTrainer advantages: reward minus its group's mean, over (std + 1e-4) when scaling."""
+    grouped = rewards.view(-1, group)
+    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+    if scale_rewards == "none":
+        return centred
+    std = grouped.std(1).repeat_interleave(group) if scale_rewards == "group" else rewards.std().expand_as(rewards)
+    return centred / (std + 1e-4)
+
+
+def trl_loss(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+             epsilon: float, epsilon_high: float | None, loss_type: str, max_completion_length: int) -> torch.Tensor:
+    """TRL's ``_compute_loss`` without KL (beta = 0) for one process and the whole batch."""
+    old = logps.detach() if old is None else old
+    coef_1 = torch.exp(logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
+    adv = advantages.unsqueeze(1).to(logps.dtype)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    mask = mask.to(logps.dtype)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo" or loss_type == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    raise ValueError(f"loss_type {loss_type!r}")
+
+
+def completion_logps(model: torch.nn.Module, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Log-probs [B, C] of the tokens after the prompt."""
+    logits = model(ids)[:, prompt_len - 1 : -1]
+    return torch.gather(F.log_softmax(logits, dim=-1), -1, ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
+
+
+def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Reference:
+    """GRPO as one process would run it: sample each prompt's completions (our sampler, seeded per global
+    prompt and sample), score them with ``reward_fn``, TRL's advantages and loss, torch's AdamW. Exact rewards
+    (no injected noise), ``beta = 0``, no LoRA."""
+    from elastic.core.seeds import stable_seed
+    from elastic.core.tokenizer import EOS, ByteTokenizer
+    from elastic.model.generate import SamplingConfig, sample
+    from elastic.recipes.grpo.config import GRPOConfig
+    from elastic.recipes.grpo.rewards import build_task
+
+    g = GRPOConfig.of(cfg)
+    assert g.beta == 0 and not g.inject_noise and g.correction == "none" and cfg.lora is None, "not covered here"
+    model = build_model(cfg)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = adamw(named, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    task = build_task(g.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
+    order = GlobalSampler(len(task), cfg.train.global_batch, cfg.train.seed)
+    tok, out = ByteTokenizer(), Reference()
+    for step in range(cfg.train.steps if steps is None else steps):
+        k, iteration = divmod(step, g.num_iterations)
+        if iteration == 0:
+            prompts = [order.index_at(p) for p in step_positions(k, cfg.train.global_batch)]
+            ids = torch.tensor([task.prompt_ids(i) for i in prompts for _ in range(g.num_generations)])
+            gens = [torch.Generator().manual_seed(stable_seed(cfg.train.seed, "rollout", k, i, s))
+                    for i in prompts for s in range(g.num_generations)]
+            with torch.no_grad():
+                tokens, lengths = sample(model, ids, SamplingConfig(g.max_new_tokens, g.temperature, g.top_p, (EOS,)),
+                                         gens)
+            texts = [task.problem(i).prompt for i in prompts for _ in range(g.num_generations)]
+            rewards = torch.tensor([float(reward_fn(text, tok.decode(tokens[r, : int(lengths[r])])))
+                                    for r, text in enumerate(texts)], dtype=torch.float64)
+            advantages = trl_advantages(rewards, g.num_generations, g.scale_rewards)
+            full = torch.cat([ids, tokens], dim=1)
+            mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+            with torch.no_grad():
+                old = completion_logps(model, full, ids.shape[1]) if g.num_iterations > 1 else None
+            out.samples.append(prompts)
+        logps = completion_logps(model, full, ids.shape[1])
+        loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        out.losses.append(float(loss.detach()))
+    out.tensors = tensors_of(model, opt)
+    return out

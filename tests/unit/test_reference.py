@@ -1,0 +1,79 @@
+"""The reference trainer's own pieces, checked by hand: it is the yardstick of every equivalence test, so
+it must be right on its own terms (and it must not be the engine)."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import tiny_config
+from tests.reference import lr_factor, our_name, step_positions, train_reference, trl_advantages, trl_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_reference_imports_no_training_code_of_ours():
+    allowed = {"elastic.core.config", "elastic.core.data", "elastic.model.init", "elastic.model.llama",
+               "elastic.model.lora", "elastic.core.seeds", "elastic.core.tokenizer", "elastic.model.generate",
+               "elastic.recipes.grpo.config", "elastic.recipes.grpo.rewards"}
+    tree = ast.parse((ROOT / "tests/reference.py").read_text())
+    used = {n.module for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("elastic")}
+    assert used <= allowed, f"the reference uses {sorted(used - allowed)}"
+
+
+def test_warmup_then_cosine_by_hand():
+    cfg = tiny_config(steps=10)  # lr 1e-2, warmup 2, min_lr_ratio 0.1
+    assert [lr_factor(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cfg) == pytest.approx(1.0)
+    assert lr_factor(6, cfg) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 0.5)) / 2)  # halfway: 0.55
+    assert lr_factor(10, cfg) == pytest.approx(0.1) and lr_factor(50, cfg) == pytest.approx(0.1)
+
+
+def test_step_positions_tile_the_epoch():
+    assert list(step_positions(0, 4)) == [0, 1, 2, 3] and list(step_positions(3, 4)) == [12, 13, 14, 15]
+
+
+def test_peft_names_map_to_ours():
+    assert our_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert our_name("base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight") == \
+        "model.layers.1.mlp.down_proj.lora_B.weight"
+    assert our_name("model.norm.weight") == "model.norm.weight"
+
+
+def test_trl_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0], dtype=torch.float64)
+    centred = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.5, -0.5], dtype=torch.float64)
+    assert torch.allclose(trl_advantages(rewards, 4, "none"), centred)
+    std1, std2 = 0.5, math.sqrt(1 / 6)  # unbiased std of (1,0,0,0) and of (.5,.5,1,0)
+    expected = centred / torch.tensor([std1] * 4 + [std2] * 4, dtype=torch.float64).add(1e-4)
+    assert torch.allclose(trl_advantages(rewards, 4, "group"), expected)
+
+
+def test_trl_loss_by_hand():
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -1.5], [-0.5, -3.5]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    r = torch.exp(logps - old)  # [[1, e^-0.5], [1, e^0.5]]
+    # A = +1: -min(r, clip(r, .8, 1.2)); A = -2: -min(-2r, -2 clip(r)) = 2 max(r, clip(r))
+    row0 = [-1.0, -min(r[0, 1].item(), 0.8)]
+    row1 = [2.0, 2 * max(r[1, 1].item(), 1.2)]
+    per_seq = [(row0[0] + row0[1]) / 2, row1[0] / 1]
+    got = trl_loss(logps, old, adv, mask, 0.2, None, "grpo", 4)
+    assert float(got) == pytest.approx(sum(per_seq) / 2)
+    assert float(trl_loss(logps, old, adv, mask, 0.2, None, "dapo", 4)) == pytest.approx((sum(row0) + row1[0]) / 3)
+    assert float(trl_loss(logps, old, adv, mask, 0.2, None, "dr_grpo", 4)) == pytest.approx((sum(row0) + row1[0]) / 8)
+
+
+def test_the_reference_learns_and_repeats_itself():
+    cfg = tiny_config(steps=6)
+    a, b = train_reference(cfg), train_reference(cfg)
+    assert a.losses == b.losses and a.losses[-1] < a.losses[0] - 0.3
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert a.samples[0] != a.samples[1] and len(set(a.samples[0]) | set(a.samples[1])) == 16
