@@ -2,8 +2,9 @@
 
 For every mutation it copies the repository to a temporary folder, applies the one-line change there
 (the working tree is never touched), runs the tests that should catch it with that copy first on the
-path, and reports CAUGHT (the tests failed) or MISSED (they passed: a hole in the suite). It exits 1
-if any mutation is missed. Not part of ``make test`` (about 3 minutes on 2 cores).
+path, and reports CAUGHT (a test's assertion failed), MISSED (they passed: a hole in the suite) or
+BROKEN (the mutant did not even run: a bad mutation, not a caught one). It exits 1 unless every
+mutation is caught. Not part of ``make test`` (about 3 minutes on 2 cores).
 
     .venv/bin/python tests/mutation/run.py            # all mutations
     .venv/bin/python tests/mutation/run.py cursor lr  # some of them, by name
@@ -68,7 +69,7 @@ def copy_repo(to: Path) -> None:
             shutil.copy2(src, to / part)
 
 
-def run(m: Mutation) -> tuple[bool, float, str]:
+def run(m: Mutation) -> tuple[str, float, str]:
     with tempfile.TemporaryDirectory(prefix=f"elastic-mutant-{m.name}-") as tmp:
         tmp = Path(tmp)
         copy_repo(tmp)
@@ -81,19 +82,26 @@ def run(m: Mutation) -> tuple[bool, float, str]:
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
                              cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-        failed = out.returncode != 0
-        last = [line for line in out.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
-        return failed, time.perf_counter() - started, last[0]
+        lines = out.stdout.splitlines()
+        asserted = [line for line in lines if line.startswith("E ") and "Error" not in line.split(":")[0]]
+        if out.returncode == 0:
+            verdict = "MISSED"
+        elif out.returncode == 1 and any("AssertionError" in line or "assert" in line for line in lines):
+            verdict = "CAUGHT"
+        else:
+            verdict = "BROKEN"
+        first = (asserted or [line for line in lines if line.strip()][-1:] or ["(no output)"])[0]
+        return verdict, time.perf_counter() - started, first[2:].strip()[:110]
 
 
 def main() -> int:
     chosen = [m for m in MUTATIONS if not sys.argv[1:] or m.name in sys.argv[1:]]
     missed = 0
-    print(f"{'mutation':24} {'verdict':8} {'seconds':>7}  tests' last line")
+    print(f"{'mutation':24} {'verdict':8} {'seconds':>7}  the failing assertion")
     for m in chosen:
-        caught, seconds, last = run(m)
-        missed += not caught
-        print(f"{m.name:24} {'CAUGHT' if caught else 'MISSED':8} {seconds:7.1f}  {last}")
+        verdict, seconds, first = run(m)
+        missed += verdict != "CAUGHT"
+        print(f"{m.name:24} {verdict:8} {seconds:7.1f}  {first}")
         print(f"{'':24} ({m.what})")
     print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
     return 1 if missed else 0
