@@ -10,6 +10,7 @@ whatever order the tests run.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -18,6 +19,16 @@ from elastic.driver.connect import token_auth_ready
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 token_auth_ready()
+
+DEV_EXTRAS = ("transformers", "peft", "hypothesis", "pytest_timeout")  # pyproject's [dev] extra
+
+
+def pytest_configure(config):
+    """A missing dev extra fails the run at once, in one line, instead of skipping the tests that need it."""
+    missing = [name for name in DEV_EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.exit(f"missing dev extras {missing}: install them with .venv/bin/pip install -e '.[dev]' "
+                    "(or run make test, which does)", returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,79 @@ class DelayTransfers:
         return True
 
 
+class _OneStall:
+    """A worker task that wraps ``module.name`` in the worker process: the next call for which
+    ``when(*args)`` holds sleeps ``seconds`` first (once). Test code only."""
+
+    module: str
+    name: str
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def when(self, *args) -> bool:
+        return True
+
+    def run(self, ctx) -> bool:
+        import importlib
+        import time
+
+        module = importlib.import_module(self.module)
+        owner = module
+        path = self.name.split(".")
+        for part in path[:-1]:
+            owner = getattr(owner, part)
+        original = getattr(getattr(owner, path[-1]), "unstalled", getattr(owner, path[-1]))
+        task, fired = self, []
+
+        def stalled(*args, **kwargs):
+            if not fired and task.when(*args):
+                fired.append(True)
+                time.sleep(task.seconds)
+            return original(*args, **kwargs)
+
+        stalled.unstalled = original
+        setattr(owner, path[-1], stalled)
+        return True
+
+
+class StallBeforeClip(_OneStall):
+    """The worker's next step stops before gradient clipping, whose all-reduce its peers are then blocked in."""
+
+    module, name = "elastic.runtime.engine", "clip_grad_norm_"
+
+
+class StallCheckpointWrite(_OneStall):
+    """The worker's next checkpoint shard write stalls before it writes."""
+
+    module, name = "elastic.core.checkpoint", "write_shard"
+
+
+class StallFinalGather(_OneStall):
+    """The worker stalls when the driver gathers its tensors after the last step."""
+
+    module, name = "elastic.runtime.engine", "Engine.local_tensors"
+
+    def when(self, engine) -> bool:
+        return engine.step >= engine.cfg.train.steps
+
+
+def assert_exactly_once(history, steps: int, batch: int, num_samples: int) -> None:
+    """The ledger, from what the ranks reported: steps 0..steps-1 once each, and sample j of step s is
+    position s * batch + j, so every epoch (``num_samples`` positions) uses each index exactly once and a
+    complete epoch uses them all. Steps that cross an epoch boundary are split at the boundary."""
+    assert [h.step for h in history] == list(range(steps)), [h.step for h in history]
+    epochs: dict[int, list[int]] = {}
+    for h in history:
+        assert len(h.samples) == batch, f"step {h.step} reports {len(h.samples)} samples, not {batch}"
+        for j, index in enumerate(h.samples):
+            epochs.setdefault((h.step * batch + j) // num_samples, []).append(index)
+    for epoch, indices in epochs.items():
+        assert len(indices) == len(set(indices)), f"epoch {epoch} used a sample twice"
+        complete = (epoch + 1) * num_samples <= steps * batch
+        assert not complete or sorted(indices) == list(range(num_samples)), f"epoch {epoch} missed samples"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (0 for empty tensors)."""
     if b.numel() == 0:

@@ -32,6 +32,7 @@ from elastic.control.recovery import Recovery, redundancy_report
 from elastic.control.sources import ClusterWatcher
 from elastic.control.states import (
     Done,
+    Finishing,
     Launching,
     Paused,
     Planning,
@@ -119,10 +120,12 @@ class Controller:
         else:
             self._resume_folder = None
         self.workload = workload or LMWorkload()
+        self._owns_group = group is None  # a group passed in (a pool of warm workers) outlives this controller
         if group is None:
             from elastic.driver.ray_group import RayWorkerGroup
 
             group = RayWorkerGroup(cfg)
+        group.cfg = cfg
         self.group = group
         itemsize = torch.empty((), dtype=DTYPE[cfg.train.dtype]).element_size()
         self.cost = CostModel(cfg.model, cfg.train.global_batch, cfg.data.seq_len, itemsize,
@@ -131,7 +134,7 @@ class Controller:
                                        require_replica=self.opt.require_replica)
         self.policy.phase_filter.update(self.workload.phase_filters())
         self.snapshots = Snapshotter(group, self.opt.snapshot_every)
-        self.recovery = Recovery(group, self.policy, self.snapshots)
+        self.recovery = Recovery(group, self.policy, self.snapshots, self.opt.checkpoint_dir, self._resume_folder)
         self.wishes = Wishes(cfg.runtime.workers, self.opt.phase_layouts)
         sources = list(self.opt.sources)
         if self.opt.watch_cluster:
@@ -152,7 +155,7 @@ class Controller:
         self._bar = None
         self._handlers = {Planning: self._planning, Launching: self._launching, Resuming: self._resuming,
                           Resharding: self._resharding, Running: self._running, Recovering: self._recovering,
-                          Paused: self._paused}
+                          Paused: self._paused, Finishing: self._finishing}
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property
@@ -209,7 +212,7 @@ class Controller:
         if events or ready:
             return Planning(tuple(events))
         if self.step >= self.cfg.train.steps:
-            return Done("every step is done")
+            return Finishing("every step is done")
         placement, started = self.group.placement, time.perf_counter()
         try:
             results = self.workload.step(self)
@@ -242,7 +245,7 @@ class Controller:
         if folded.stop:
             self.inbox.answer(events, f"stopping at step {self.step}")
             self.record(RecordKind.STOP, text=f"stopping at step {self.step} on request")
-            return Done("stopped on request")
+            return Finishing("stopped on request")
         lost = sorted(w for w in (current.workers if current else ()) if w not in group.live())
         if lost:  # noticed outside a failing call (e.g. while forming): recover first, then plan
             return Recovering(WorkerFailure({w: "process died" for w in lost}, {}))
@@ -384,6 +387,17 @@ class Controller:
                     seconds=seconds, how=outcome.how, steps_lost=lost)
         return Running(fresh=True)
 
+    def _finishing(self, state: Finishing):
+        tensors = None
+        if self.opt.gather_tensors:
+            try:
+                tensors = self.group.gather_tensors()[1]
+            except WorkerFailure as failure:  # recover, and gather again from the survivors
+                self.record(RecordKind.FAILURE, text=f"while gathering the final tensors: {failure}",
+                            dead=sorted(failure.dead))
+                return Recovering(failure)
+        return Done(state.reason, tensors)
+
     def _paused(self, state: Paused):
         events = self.inbox.poll(self.step, force=True)
         if events or self.group.ready():
@@ -426,8 +440,12 @@ class Controller:
 
     # ---- run ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the initial workers (blocking: nothing is training yet)."""
-        self.group.spawn(self.wishes.budget)
+        """Start the initial workers (blocking: nothing is training yet); a group passed in may have some already."""
+        if not self._owns_group:  # a pool's workers join idle, whatever they held before
+            self.group.release(self.group.alive(), wait=True)
+        missing = self.wishes.budget - len(self.group.alive())
+        if missing > 0:
+            self.group.spawn(missing)
         self.record(RecordKind.WORKERS, text=f"started workers {self.group.alive()}")
         self.record(RecordKind.REDUNDANCY, text=redundancy_report(self.policy, self.cost, self.wishes.budget,
                                                                   self.opt.snapshot_every, self.opt.require_replica))
@@ -444,7 +462,7 @@ class Controller:
                 while not isinstance(self.state, Done):
                     self.tick()
             self._bar.close()
-            tensors = self.group.gather_tensors()[1] if self.opt.gather_tensors else None
+            tensors = self.state.tensors
             placement = self.group.placement
             result = RunResult(self.history, self.reshards, self.recoveries, self.events, tensors,
                                time.perf_counter() - self._started, placement)
@@ -465,5 +483,11 @@ class Controller:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        self.group.shutdown()
+        if self._owns_group:
+            self.group.shutdown()
+        else:  # hand the workers back idle: no engine, no shards, no groups
+            try:
+                self.group.release(self.group.alive(), wait=True)
+            except WorkerFailure as failure:
+                log.warning("could not release every worker: %s", failure)
         self.inbox.close()

@@ -2,25 +2,33 @@
 
 When workers die, the survivors settle at the last committed step and the job moves to the best
 layout for what is left, taking lost shards from surviving replicas (a live reshard along the
-policy's plan). If some shard has no live replica, every rank is rebuilt from the newest complete
-snapshot and the steps since then are replayed; the data cursor and the LR schedule are functions
-of the step, so the replay is exact.
+policy's plan). If some shard has no live replica, every rank is rebuilt from the newest state that
+still exists, in this order, and the steps since then are replayed:
+
+1. the newest complete in-memory snapshot;
+2. the newest on-disk checkpoint of this run (``checkpoint_dir``);
+3. the run's start: the checkpoint it resumed from, or the seed (step 0).
+
+The data cursor, the LR schedule and all randomness are functions of the step, so the replay is
+exact, and a job survives losing any worker at any point, start-up included (a loss before the first
+snapshot replays from the start; snapshots and replicas only make it cheaper).
 
 ``Recovery.recover`` returns what happened (``RecoveryOutcome``) and changes no controller state:
-the controller's Recovering handler chooses the next state from it. It raises RuntimeError only when
-the training state is gone (no replica and no snapshot holds some shard), which ends the job.
+the controller's Recovering handler chooses the next state from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Placement
 from elastic.driver.group import WorkerFailure, WorkerGroup
 from elastic.driver.resharder import ReshardFailed, ReshardReport, reshard
 from elastic.driver.snapshots import Snapshotter
+from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
-from elastic.plan.planner import covers
 from elastic.plan.policy import Policy
 
 
@@ -39,8 +47,10 @@ class RecoveryOutcome:
 
 
 class Recovery:
-    def __init__(self, group: WorkerGroup, policy: Policy, snapshots: Snapshotter) -> None:
+    def __init__(self, group: WorkerGroup, policy: Policy, snapshots: Snapshotter,
+                 checkpoint_dir: str | None = None, started_from: Path | None = None) -> None:
         self.group, self.policy, self.snapshots = group, policy, snapshots
+        self.checkpoint_dir, self.started_from = checkpoint_dir, started_from
 
     def recover(self, failure: WorkerFailure, step: int, remaining: int, usable: list[int],
                 phase: str) -> RecoveryOutcome:
@@ -58,19 +68,10 @@ class Recovery:
             decision = self.policy.decide(current, usable, remaining, must_move=True,
                                           reason=f"recover from the loss of workers {dead}", phase=phase, alive=live)
             if decision.placement is None:
-                if not self.state_survives(current):
-                    raise RuntimeError(f"lost workers {dead} held shards that no survivor and no snapshot has; the "
-                                       "training state is gone. Resume from an on-disk checkpoint (--resume), and "
-                                       "run with --snapshot-every or a layout with dp >= 2 to survive this")
                 return RecoveryOutcome(pause=decision.describe())
-            report, how, lost, at = None, "replicas", 0, step
+            report, how, at = None, "replicas", step
             if decision.from_snapshot:
-                snap = self.snapshots.usable()
-                if snap is None:
-                    raise RuntimeError(f"lost workers {dead} held shards that no replica and no snapshot holds. Run "
-                                       "with snapshot_every > 0 or a layout with dp >= 2 to survive this loss")
-                group.restore(snap, decision.placement)
-                how, lost, at = f"snapshot of step {snap.step}", step - snap.step, snap.step
+                how, at = self._rebuild(decision.placement)
             else:
                 report = reshard(group, decision.plan, group.committed, decision.reason)
         except WorkerFailure as again:  # another loss while recovering: start over
@@ -79,13 +80,40 @@ class Recovery:
             return RecoveryOutcome(again=again.failure or WorkerFailure({}, {-1: str(again)}))
         spares = [w for w in group.alive() if w not in decision.placement.workers and w in current.workers]
         group.release(spares, wait=False)
-        return RecoveryOutcome(decision.placement, how, lost, at, report)
+        return RecoveryOutcome(decision.placement, how, step - at, at, report)
 
-    def state_survives(self, placement: Placement) -> bool:
-        """Whether the live workers (or the snapshot) still hold every shard of ``placement``."""
-        if self.snapshots.usable(wait_s=0) is not None:
-            return True
-        return covers(placement, self.policy.specs, self.policy.cfg.model.n_layers, self.group.live())
+    def _rebuild(self, placement: Placement) -> tuple[str, int]:
+        """Build every rank of ``placement`` from the newest state that still exists; returns (how, its step)."""
+        snap = self.snapshots.usable()
+        checkpoint = self._newest_checkpoint()
+        if snap is not None and (checkpoint is None or snap.step >= checkpoint.step):
+            self.group.restore(snap, placement)
+            return f"snapshot of step {snap.step}", snap.step
+        if checkpoint is not None:
+            self.group.load_checkpoint(checkpoint.folder, placement, checkpoint.step)
+            return f"checkpoint of step {checkpoint.step}", checkpoint.step
+        self.group.setup(placement, step=0)
+        return "the seed (no replica, snapshot or checkpoint holds the lost shards)", 0
+
+    def _newest_checkpoint(self) -> ckpt.Checkpoint | None:
+        """The run's newest on-disk checkpoint, else the one it resumed from (sizes and coverage checked)."""
+        cfg = self.policy.cfg
+        for folder in (self._latest_in(self.checkpoint_dir), self.started_from):
+            if folder is not None:
+                try:
+                    return ckpt.open_checkpoint(folder, cfg, training_specs(cfg), verify=False)
+                except ckpt.CheckpointError:
+                    continue
+        return None
+
+    @staticmethod
+    def _latest_in(root: str | None) -> Path | None:
+        if root is None:
+            return None
+        try:
+            return ckpt.latest(Path(root))
+        except ckpt.CheckpointError:
+            return None
 
 
 def redundancy_report(policy: Policy, cost: CostModel, budget: int, snapshot_every: int,
@@ -108,5 +136,6 @@ def redundancy_report(policy: Policy, cost: CostModel, budget: int, snapshot_eve
                     f"object store, a copy stall per snapshot, at most {snapshot_every - 1} steps replayed "
                     "after a loss without a replica")
     else:
-        text.append("no snapshots: a loss without a surviving replica ends the job")
+        text.append("no snapshots: a loss without a surviving replica replays from the newest checkpoint, or from "
+                    "the start")
     return "; ".join(text)

@@ -6,17 +6,20 @@
         |   \\------------------> Running(fresh)           stay; or workers are still warming up
         \\----------------------> Paused(reason)           no valid layout; operator pause
         \\----------------------> Recovering(failure)      the placement lost a worker outside a call
-        \\----------------------> Done(reason)             operator stop
+        \\----------------------> Finishing(reason)        operator stop
     Launching, Resuming --------> Running(fresh=True)      the placement is formed
         \\----------------------> Planning()               a worker died meanwhile: plan without it
     Running(fresh) -------------> Running(fresh=False)     one optimizer step
         |   |   \\--------------> Planning(events)         events arrived, or new workers are warm
         |   \\------------------> Recovering(failure)      a worker died (step, snapshot, checkpoint)
-        \\----------------------> Done(reason)             every step is done
+        \\----------------------> Finishing(reason)        every step is done
+    Finishing(reason) ---------> Done(reason, tensors)    the final tensors gathered on the driver
+        \\----------------------> Recovering(failure)      a worker died while they were gathered
     Resharding ----------------> Running(fresh=True)      moved; or failed with the old placement intact
         \\----------------------> Recovering(failure)      a worker died mid-commit, or the old placement
                                                           lost a worker mid-transfer
-    Recovering(failure) -------> Running(fresh=True)      from replicas, or a snapshot and a replay
+    Recovering(failure) -------> Running(fresh=True)      from replicas; or a snapshot, a checkpoint or
+                                                          the seed, and a replay
         |   \\------------------> Recovering(failure)      another worker died while recovering
         \\----------------------> Paused(reason)           too few workers left; waiting for more
     Paused(reason) ------------> Planning(events)         events arrived, or new workers are warm
@@ -29,7 +32,7 @@ time, and ``tests/controller/test_states.py`` checks this diagram against the ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +92,31 @@ class Paused:
 
 
 @dataclass(frozen=True)
-class Done:
-    """The run is over (every step done, or stopped on request)."""
+class Finishing:
+    """Gather the final tensors on the driver (every step done, or stopped on request)."""
 
     reason: str
 
 
-STATES = (Planning, Launching, Resuming, Resharding, Running, Recovering, Paused, Done)
+@dataclass(frozen=True)
+class Done:
+    """The run is over; ``tensors`` are its final training tensors (None when not gathered)."""
+
+    reason: str
+    tensors: Any = field(default=None, compare=False, repr=False)
+
+
+STATES = (Planning, Launching, Resuming, Resharding, Running, Recovering, Paused, Finishing, Done)
 
 TRANSITIONS: dict[type, frozenset[type]] = {
-    Planning: frozenset({Launching, Resuming, Resharding, Running, Paused, Recovering, Done}),
+    Planning: frozenset({Launching, Resuming, Resharding, Running, Paused, Recovering, Finishing}),
     Launching: frozenset({Running, Planning}),
     Resuming: frozenset({Running, Planning}),
-    Running: frozenset({Running, Planning, Recovering, Done}),
+    Running: frozenset({Running, Planning, Recovering, Finishing}),
     Resharding: frozenset({Running, Recovering}),
     Recovering: frozenset({Running, Recovering, Paused}),
     Paused: frozenset({Planning, Paused}),
+    Finishing: frozenset({Done, Recovering}),
     Done: frozenset(),
 }
 

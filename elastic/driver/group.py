@@ -8,7 +8,8 @@ handles: every call the controller, the resharder and recovery make goes through
 The group owns the job's ``placement`` (who holds which ranks) and ``committed`` (optimizer steps
 every rank has computed). Only the group's own methods change them: ``setup`` and
 ``load_checkpoint`` set both, ``step`` advances ``committed``, ``commit`` and ``restore`` move
-``placement`` (``restore`` also rolls ``committed`` back to the snapshot's step).
+``placement`` (``restore`` also rolls ``committed`` back to the snapshot's step), and ``release`` of
+every worker of the placement ends it.
 
 A failing call raises ``WorkerFailure`` naming the workers that died or failed; before it does, the
 group releases every other member blocked in a collective, so nobody waits out a timeout.
@@ -109,7 +110,8 @@ class WorkerGroup(Protocol):
         """Phase 2: ``new`` becomes the placement and every rank builds its engine from its transferred shards."""
     def release(self, workers: Iterable[int], wait: bool = True) -> None:
         """Workers leaving the placement drop their engines and shards (they stay alive as spares);
-        ``wait=False`` returns at once (after a recovery, spares drop their shards meanwhile)."""
+        ``wait=False`` returns at once (after a recovery, spares drop their shards meanwhile). Releasing every
+        worker of the placement ends it: ``placement`` becomes None."""
 
     # ---- snapshots, checkpoints, inspection -------------------------------------------------
     def snapshot(self) -> Snapshot: ...

@@ -65,11 +65,12 @@ class RayWorkerGroup:
 
     # ---- membership ----------------------------------------------------------------------
     def spawn(self, n: int, resources: dict | None = None) -> list[int]:
+        """Start ``n`` workers and wait until each is warm; returns the ids of those that came up (a worker that
+        dies while starting is dropped and logged: the controller starts another when it plans)."""
         ids = self.start(n, resources)
-        infos = self._gather(self._starting.copy(), abort=False, timeout=self.cfg.runtime.store_timeout_s * 4)
-        self._info.update(infos)
-        self._starting.clear()
-        return ids
+        refs = [self._starting[w] for w in ids]
+        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.runtime.store_timeout_s * 4)
+        return [w for w in ids if self._warmed(w)]
 
     def start(self, n: int, resources: dict | None = None) -> list[int]:
         ids = list(range(self._next_id, self._next_id + n))
@@ -82,19 +83,22 @@ class RayWorkerGroup:
         return ids
 
     def ready(self) -> list[int]:
-        done = []
-        for wid, ref in list(self._starting.items()):
-            finished, _ = ray.wait([ref], timeout=0)
-            if not finished:
-                continue
-            del self._starting[wid]
-            try:
-                self._info[wid] = ray.get(ref)
-                done.append(wid)
-            except RayError as err:
-                log.warning("worker %d failed to start: %s", wid, str(err).splitlines()[0])
-                self._actors.pop(wid, None)
-        return done
+        return [wid for wid in sorted(self._starting) if self._warmed(wid)]
+
+    def _warmed(self, wid: int) -> bool:
+        """Whether starting worker ``wid`` finished warming up (non-blocking); one that failed is dropped."""
+        ref = self._starting[wid]
+        finished, _ = ray.wait([ref], timeout=0)
+        if not finished:
+            return False
+        del self._starting[wid]
+        try:
+            self._info[wid] = ray.get(ref)
+            return True
+        except RayError as err:
+            log.warning("worker %d failed to start: %s", wid, str(err).splitlines()[0])
+            self._actors.pop(wid, None)
+            return False
 
     def wait_ready(self, timeout_s: float) -> None:
         if self._starting:
@@ -223,6 +227,9 @@ class RayWorkerGroup:
                             forming=name)
 
     def release(self, workers: Iterable[int], wait: bool = True) -> None:
+        workers = list(workers)
+        if self._placement is not None and set(self._placement.workers) <= set(workers):
+            self._placement, self._committed = None, 0  # nobody holds the placement any more
         refs = {w: self._actors[w].release.remote() for w in workers if w in self._actors}
         if wait:
             self._gather(refs, members=list(refs))
@@ -255,7 +262,7 @@ class RayWorkerGroup:
     def restore(self, snap: Snapshot, new: Placement) -> None:
         name = self.next_group_name()
         sources = {w: [ref] for w, ref in snap.parts.items()}
-        self._gather({w: self._actors[w].restore.remote(new, name, snap.placement, sources, snap.step)
+        self._gather({w: self._actors[w].restore.remote(new, name, snap.placement, sources, snap.step, self.cfg)
                       for w in new.workers}, members=new.workers, forming=name)
         self._placement, self._committed = new, snap.step
 
@@ -267,7 +274,7 @@ class RayWorkerGroup:
 
     def load_checkpoint(self, folder: Path, placement: Placement, step: int) -> None:
         name = self.next_group_name()
-        self._gather({w: self._actors[w].load_checkpoint.remote(placement, name, str(folder))
+        self._gather({w: self._actors[w].load_checkpoint.remote(placement, name, str(folder), self.cfg)
                       for w in placement.workers}, members=placement.workers, forming=name)
         self._placement, self._committed = placement, step
 

@@ -21,12 +21,14 @@ class StepSummary:
     seconds: float
     workers: int
     layout: str
-    samples: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)  # what the ranks report they trained on, in data order
     ended: float = 0.0  # time.perf_counter() on the driver when the step's results were all in
 
 
 def summarize(results: dict[int, StepResult], placement: Placement, seconds: float) -> StepSummary:
-    """Combine per-rank results: losses add up over data-parallel ranks (tp rank 0 of the last stage)."""
+    """Combine per-rank results: losses add up over data-parallel ranks (tp rank 0 of the last stage); the
+    samples the first stage's tp-rank-0 ranks report are concatenated in rank order, which is data order
+    (sample j of the step is position step * global_batch + j)."""
     layout = placement.layout
     loss, samples, any_result = 0.0, [], None
     for rank, worker in enumerate(placement.workers):
@@ -39,4 +41,4 @@ def summarize(results: dict[int, StepResult], placement: Placement, seconds: flo
             samples.extend(r.samples)
     return StepSummary(step=any_result.step, loss=loss, grad_norm=any_result.grad_norm, lr=any_result.lr,
                        tokens=any_result.tokens, seconds=seconds, workers=layout.world, layout=str(layout),
-                       samples=sorted(samples), ended=time.perf_counter())
+                       samples=samples, ended=time.perf_counter())

@@ -361,12 +361,3 @@ def cached_plan(old: Placement | None, new: Placement, specs: tuple[TensorSpec, 
     """``make_plan`` cached per (old, new, specs, alive): repeated transitions plan once."""
     return make_plan(old, new, specs, n_layers, itemsize, alive, chunk_bytes)
 
-
-def covers(placement: Placement, specs: tuple[TensorSpec, ...], n_layers: int, alive: frozenset[int]) -> bool:
-    """Whether the ``alive`` workers of ``placement`` still hold every part of every tensor (some replica of each
-    box survives), i.e. whether a recovery can proceed without a snapshot."""
-    try:
-        make_plan(placement, placement, specs, n_layers, 1, alive)
-    except MissingShards:
-        return False
-    return True

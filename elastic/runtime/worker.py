@@ -188,8 +188,10 @@ class Worker:
 
     @COMPUTE
     def sync(self, committed: int) -> int:
+        """Apply the pending update if the job committed it, else drop it (see ``Engine.sync``)."""
         with self._lock:
-            self._holdings(self.placement, committed)
+            if self.engine is not None:
+                self.engine.sync(committed)
             return committed
 
     @CONTROL
@@ -274,8 +276,10 @@ class Worker:
         return snap
 
     @COMPUTE
-    def restore(self, new: Placement, group: str, old: Placement, sources: dict[int, list], step: int) -> dict:
+    def restore(self, new: Placement, group: str, old: Placement, sources: dict[int, list], step: int,
+                cfg: Config) -> dict:
         """Build this worker's shards of ``new`` from snapshot objects (old worker -> [ref]), then an engine."""
+        self.cfg = cfg
         wanted = self._boxes(new)
         old_boxes = {w: {s.name: b for s in training_specs(self.cfg)
                          if (b := old.box(s, old.rank_of(w), self.cfg.model.n_layers)) is not None}
@@ -310,7 +314,8 @@ class Worker:
             return ckpt.write_shard(ckpt.Path(folder), self.id, tensors, entries, self._boxes(self.placement))
 
     @COMPUTE
-    def load_checkpoint(self, placement: Placement, group: str, folder: str) -> dict:
+    def load_checkpoint(self, placement: Placement, group: str, folder: str, cfg: Config) -> dict:
+        self.cfg = cfg
         checkpoint = ckpt.open_checkpoint(ckpt.Path(folder), self.cfg, training_specs(self.cfg), verify=False)
         tensors = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
         return self.setup(placement, group, tensors=tensors, step=checkpoint.step)

@@ -6,9 +6,9 @@ step each worker applied, and every call made. Faults are injected from the test
 torchft's ``EventInjector().fail_at(rank, step)``: ``group.faults.kill_at(worker, step, phase)``.
 
 Phases: "setup", "step" (computing), "apply" (after every rank computed the step), "transfer",
-"commit", "snapshot", "restore". A kill marks the worker dead and the call raises ``WorkerFailure``
-exactly as the Ray group does: survivors stay at the committed step, or, for "apply", the failure
-carries the step's results (the step is committed).
+"commit", "snapshot", "restore", "gather" (the final tensors). A kill marks the worker dead and the
+call raises ``WorkerFailure`` exactly as the Ray group does: survivors stay at the committed step,
+or, for "apply", the failure carries the step's results (the step is committed).
 """
 
 from __future__ import annotations
@@ -287,6 +287,9 @@ class FakeWorkerGroup:
         return {w: {"leave": 0.0, "group": 0.0, "engine": 0.0, "total": 0.0} for w in new.workers}
 
     def release(self, workers: Iterable[int], wait: bool = True) -> None:
+        workers = list(workers)
+        if self._placement is not None and set(self._placement.workers) <= set(workers):
+            self._placement, self._committed = None, 0
         for w in workers:
             if w in self.workers:
                 self.workers[w].placement = self.workers[w].staged = None
@@ -319,4 +322,6 @@ class FakeWorkerGroup:
         raise NotImplementedError("the fake group holds no tensors; checkpoints are tested on real workers")
 
     def gather_tensors(self) -> tuple[int, dict]:
-        return self._committed, {}
+        self.calls.append(("gather", self._committed))
+        self._involve(self._placement.workers, "gather", self._committed)
+        return self._committed, {"applied": self._history(self._placement.workers)}

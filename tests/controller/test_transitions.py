@@ -18,6 +18,7 @@ from elastic.core.layout import Layout
 from elastic.core.records import RecordKind
 from elastic.plan.costmodel import CostModel
 from elastic.plan.policy import Policy
+from tests import helpers
 from tests.controller.fake_group import FakeWorkerGroup
 from tests.controller.fake_plane import FakePlane
 from tests.helpers import tiny_config
@@ -29,8 +30,8 @@ def make(layout: str = "dp=2", workers: int = 2, steps: int = 12, policy=None, *
     cfg = tiny_config(steps=steps, dataset="arithmetic", global_batch=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
     group, plane = FakeWorkerGroup(cfg), FakePlane()
-    opts = ControllerOptions(layout=Layout.parse(layout), objective="use_all", progress=False, gather_tensors=False,
-                             poll_interval_s=0.0, **options)
+    opts = ControllerOptions(**{"layout": Layout.parse(layout), "objective": "use_all", "progress": False,
+                                "gather_tensors": False, "poll_interval_s": 0.0, **options})
     controller = Controller(cfg, opts, group=group, plane=plane, policy=policy)
     controller.start()
     return controller, group, plane
@@ -58,10 +59,8 @@ def finish(controller: Controller) -> None:
 
 def assert_exactly_once(controller: Controller, group: FakeWorkerGroup) -> None:
     """Steps 0..N-1 once each, every step's samples its global batch, and no worker applied a step twice."""
-    steps = controller.cfg.train.steps
-    assert [h.step for h in controller.history] == list(range(steps))
-    for h in controller.history:
-        assert h.samples == sorted(group.sampler.step_indices(h.step))
+    cfg = controller.cfg
+    helpers.assert_exactly_once(controller.history, cfg.train.steps, cfg.train.global_batch, cfg.data.num_samples)
     for w in group.workers.values():
         assert w.applied == sorted(set(w.applied)), f"worker {w.id} applied a step twice: {w.applied}"
 
@@ -72,7 +71,8 @@ def kinds(controller: Controller) -> list[str]:
 
 def test_first_placement_then_steps_to_done():
     controller, group, _ = make()
-    assert tick_until(controller, lambda c: isinstance(c.state, Done)) == ["Planning", "Launching", "Running", "Done"]
+    assert tick_until(controller, lambda c: isinstance(c.state, Done)) == ["Planning", "Launching", "Running",
+                                                                            "Finishing", "Done"]
     assert group.placement.layout == Layout(dp=2) and group.committed == 12
     assert_exactly_once(controller, group)
 
@@ -167,6 +167,34 @@ def test_no_replica_recovers_from_the_snapshot_and_replays():
     assert_exactly_once(controller, group)
 
 
+def test_no_replica_and_no_snapshot_replays_from_the_seed():
+    controller, group, _ = make(layout="fsdp=2")
+    group.faults.kill_at(1, step=3, phase="step")
+    tick_until(controller, lambda c: c.recoveries)
+    assert controller.recoveries[0]["how"].startswith("the seed") and controller.recoveries[0]["steps_lost"] == 3
+    assert controller.step == 0 == group.committed
+    finish(controller)
+    assert_exactly_once(controller, group)
+
+
+def test_a_worker_lost_before_the_first_step_is_survived():
+    controller, group, _ = make(layout="fsdp=2")
+    group.faults.kill_at(0, step=0, phase="step")
+    finish(controller)
+    assert controller.recoveries[0]["steps_lost"] == 0
+    assert_exactly_once(controller, group)
+
+
+def test_a_worker_lost_while_the_final_tensors_are_gathered_is_survived():
+    controller, group, _ = make(steps=6, gather_tensors=True)
+    group.faults.kill_at(1, phase="gather")
+    states = tick_until(controller, lambda c: isinstance(c.state, Done))
+    first = states.index("Finishing")
+    assert states[first + 1] == "Recovering" and states[-2:] == ["Finishing", "Done"]
+    assert controller.state.tensors == {"applied": list(range(6))}  # gathered from the survivors, complete
+    assert_exactly_once(controller, group)
+
+
 def test_a_worker_lost_while_forming_the_first_placement_is_planned_around():
     controller, group, _ = make(layout="dp=2", workers=3)
     group.faults.kill_at(1, phase="setup")
@@ -206,7 +234,7 @@ def test_operator_pause_resume_and_stop_are_answered_once_each():
     resume = plane.request(Resume(reason="operator resume"))
     tick_until(controller, at_step(steps + 2))
     stop = plane.request(Stop(reason="operator stop"))
-    assert tick_until(controller, lambda c: isinstance(c.state, Done))[-2:] == ["Planning", "Done"]
+    assert tick_until(controller, lambda c: isinstance(c.state, Done))[-3:] == ["Planning", "Finishing", "Done"]
     assert plane.answers[pause] == ["paused"]
     assert len(plane.answers[resume]) == 1 and plane.answers[resume][0].startswith("keep dp=2")
     assert plane.answers[stop] == [f"stopping at step {controller.step}"]
@@ -260,7 +288,8 @@ def test_every_transition_is_recorded_and_the_listeners_hear_it():
     heard = []
     controller.listeners.append(lambda t: heard.append((type(t.previous).__name__, type(t.next).__name__)))
     finish(controller)
-    assert ("Running", "Done") in heard
+    assert ("Running", "Finishing") in heard and ("Finishing", "Done") in heard
     recorded = [(e["from"], e["to"]) for e in controller.events if e["kind"] == RecordKind.TRANSITION]
-    assert recorded == [("planning", "launching"), ("launching", "running"), ("running", "done")]
+    assert recorded == [("planning", "launching"), ("launching", "running"), ("running", "finishing"),
+                        ("finishing", "done")]
     assert isinstance(Launching, type) and isinstance(Planning(), Planning) and Resharding and Recovering

@@ -1,10 +1,18 @@
-"""Invariant 1, 2 and 4 under fire: SIGKILLs mid-step, mid-collective and mid-reshard.
+"""Invariants 1, 2 and 4 under fire: SIGKILLs at every point of a run, against the independent reference.
 
-A seeded schedule kills worker processes from outside (by PID). The first loss hits a layout
-with no replica (fsdp x tp), so it must come back from the in-memory snapshot and replay; a
-later one hits a replicated layout; one lands inside a reshard's transfer. The float64 run must
-end with the uninterrupted single-process run's weights, consume every sample exactly once, and
-no recovery may take more than 15 s.
+A seeded schedule kills worker processes from outside (by PID), each in a phase it makes sure of:
+
+- start-up: the first placement is formed but has not trained (no replica, no snapshot: replay from
+  the seed);
+- mid-step: at a random moment of a step (the layout has no replica: a snapshot or replay serves);
+- mid-collective: the victim stalls before its gradient-norm all-reduce and dies there, while its
+  peers wait inside that collective;
+- mid-reshard: inside a reshard's transfer;
+- a checkpoint write: the victim stalls while writing its shard;
+- the final gather of the tensors, after the last step.
+
+The float64 run must end with the reference's weights, consume every sample exactly once, and each
+loss must be noticed and recovered from within 15 s. Stalls and delays are test-side worker tasks.
 """
 
 from __future__ import annotations
@@ -18,10 +26,19 @@ import pytest
 from elastic.control.controller import Controller, ControllerOptions
 from elastic.control.events import Relayout
 from elastic.control.sources import ScriptedEvents
-from elastic.control.states import Resharding, Running
+from elastic.control.states import Finishing, Launching, Resharding, Running
 from elastic.core.layout import Layout
 from elastic.driver.group import WorkerFailure
-from tests.helpers import DelayTransfers, tiny_config, worst_state_err
+from elastic.driver.ray_group import RayWorkerGroup
+from tests.helpers import (
+    DelayTransfers,
+    StallBeforeClip,
+    StallCheckpointWrite,
+    StallFinalGather,
+    WaitForWorkers,
+    tiny_config,
+    worst_state_err,
+)
 from tests.integration.test_reshard_live import assert_exactly_once
 from tests.reference import train_reference
 
@@ -31,51 +48,111 @@ def assert_no_lingering_workers(handles) -> None:
     import ray
     from ray.exceptions import RayActorError
 
-    for actor in handles.values():
-        with pytest.raises(RayActorError):
-            ray.get(actor.info.remote(), timeout=30)
+    alive = {}
+    for worker, actor in handles.items():
+        try:
+            alive[worker] = ray.get(actor.info.remote(), timeout=30)
+        except RayActorError:
+            pass
+    assert not alive, f"workers still alive after shutdown: {alive}"
 
 
 class ChaosMonkey(threading.Thread):
-    """Kills per a seeded schedule: (kind, step). kind is 'step' (during training) or 'reshard'."""
+    """Kills per a schedule of (phase, step). The controller's listener arms each phase when the run gets
+    there (installing the phase's stall on the victim, from the controller's own thread); this thread waits,
+    kills the victim inside the stall, and records the controller's state at that moment."""
 
-    def __init__(self, controller: Controller, schedule, seed: int) -> None:
+    STALL_S = 3.0  # how long a stalled victim waits before it would carry on
+
+    def __init__(self, controller: Controller, schedule: list[tuple[str, int]], seed: int) -> None:
         super().__init__(daemon=True)
-        self.controller, self.schedule, self.rng = controller, schedule, random.Random(seed)
+        self.c, self.schedule, self.rng = controller, list(schedule), random.Random(seed)
         self.kills: list[dict] = []
+        self.armed: tuple[str, int] | None = None  # (phase, victim)
+        self._event = threading.Event()
 
+    # ---- in the controller's thread ----
+    def listen(self, transition) -> None:
+        c = self.c
+        if not self.schedule or self.armed is not None or not isinstance(transition.next, (Running, Finishing)):
+            return
+        phase, at = self.schedule[0]
+        placement = c.group.placement
+        if c.step < at or placement is None:
+            return
+        victim = self.rng.choice([w for w in placement.workers if w in c.group.live()])
+        if phase == "checkpoint":
+            victim = placement.workers[0]  # rank 0 writes a shard in every layout (a replica may write none)
+        if phase == "startup":
+            if not isinstance(transition.previous, Launching):
+                return
+            self._kill(phase, victim)  # before the first step, synchronously
+            self.schedule.pop(0)
+            return
+        stall = {"collective": StallBeforeClip, "checkpoint": StallCheckpointWrite, "gather": StallFinalGather}
+        if phase in stall:
+            c.group.run({victim: stall[phase](self.STALL_S)})
+        self.schedule.pop(0)
+        self.armed = (phase, victim)
+        self._event.set()
+
+    # ---- in this thread ----
     def run(self) -> None:
-        c = self.controller
-        for kind, at in self.schedule:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                ready = c.step >= at and isinstance(c.state, Resharding if kind == "reshard" else Running)
-                if ready and c.group.placement is not None:
+        c = self.c
+        while True:
+            if not self._event.wait(timeout=300):
+                return
+            self._event.clear()
+            phase, victim = self.armed
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # wait for the phase
+                if phase == "reshard" and isinstance(c.state, Resharding):
+                    break
+                if phase == "gather" and isinstance(c.state, Finishing):
+                    break
+                if phase == "checkpoint" and c.step % CHECKPOINT_EVERY == 0:
+                    break
+                if phase in ("step", "collective"):
                     break
                 time.sleep(0.002)
-            time.sleep(self.rng.uniform(0.3, 0.6) if kind == "reshard" else self.rng.uniform(0.0, 0.05))
-            placement = c.group.placement
-            victim = self.rng.choice([w for w in placement.workers if w in c.group.live()])
-            layout = str(placement.layout)
-            try:
-                c.group.kill(victim)
-            except (KeyError, ProcessLookupError):
-                continue
-            self.kills.append({"kind": kind, "worker": victim, "step": c.step, "layout": layout,
-                               "at": time.perf_counter()})
+            time.sleep({"step": self.rng.uniform(0.0, 0.05)}.get(phase, 0.5))
+            self._kill(phase, victim)
+            self.armed = None
+            if not self.schedule:
+                return
+
+    def _kill(self, phase: str, victim: int) -> None:
+        c = self.c
+        layout = str(c.group.placement.layout)
+        c.group.kill(victim)
+        self.kills.append({"phase": phase, "worker": victim, "step": c.step, "layout": layout,
+                           "state": type(c.state).__name__, "trained": len(c.history), "at": time.perf_counter()})
+
+
+CHECKPOINT_EVERY = 18
+# (phase, the step from which it is armed); the relayout that is killed mid-reshard comes at step 14.
+SCHEDULE = [("startup", 0), ("step", 5), ("collective", 8), ("reshard", 13), ("checkpoint", 17), ("step", 22),
+            ("gather", 29)]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_chaos_run_equals_the_uninterrupted_run(ray_session):
+def test_chaos_run_equals_the_uninterrupted_run(ray_session, tmp_path):
     cfg = tiny_config(steps=30, global_batch=8)
     ref_state = train_reference(cfg).tensors
+    # fsdp=4 at step 3: the mid-step kill at 5 hits a layout with no replica, so the step-4 snapshot serves.
     # fsdp=3 keeps everything local (each dp=3 replica holds all); dp=2 from fsdp=3 moves data.
-    script = ScriptedEvents({10: [Relayout(reason="operator", layout=Layout(fsdp=3))],
+    script = ScriptedEvents({3: [Relayout(reason="operator", layout=Layout(fsdp=4))],
+                             10: [Relayout(reason="operator", layout=Layout(fsdp=3))],
                              14: [Relayout(reason="operator", layout=Layout(dp=2))]})
+    # Replacements warm up before training goes on (WaitForWorkers), so every phase starts on four workers.
+    group = RayWorkerGroup(cfg)
     controller = Controller(cfg, ControllerOptions(layout=Layout(fsdp=2, tp=2), objective="use_all",
-                                                   snapshot_every=4, sources=[script], progress=False))
-    monkey = ChaosMonkey(controller, [("step", 5), ("reshard", 14), ("step", 22)], seed=7)
+                                                   snapshot_every=4, sources=[script, WaitForWorkers(group)],
+                                                   progress=False, checkpoint_dir=str(tmp_path),
+                                                   checkpoint_every=CHECKPOINT_EVERY), group=group)
+    monkey = ChaosMonkey(controller, SCHEDULE, seed=7)
+    handles = {}
 
     def delay_transfers(transition):  # test-side fault injection: a window to kill in, on every placement
         if isinstance(transition.next, Running) and not isinstance(transition.previous, Running):
@@ -85,27 +162,39 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session):
                 pass
         handles.update({w: controller.group.handle(w) for w in controller.group.live()})
 
-    controller.listeners.append(delay_transfers)
+    controller.listeners += [delay_transfers, monkey.listen]
     monkey.start()
-    handles = {}
     try:
         controller.start()
         result = controller.run_started()
     finally:
         controller.shutdown()
+        group.shutdown()  # the test made the group, so it ends it
     assert_no_lingering_workers(handles)
-    assert len(monkey.kills) == 3, monkey.kills
-    assert monkey.kills[0]["layout"] == "fsdp=2,tp=2"  # no replica: the snapshot must serve
+    kills = {k["phase"]: k for k in reversed(monkey.kills)}  # a phase's first kill
+    assert [k["phase"] for k in monkey.kills] == [phase for phase, _ in SCHEDULE], monkey.kills
+    # Each kill landed in its phase.
+    assert kills["startup"]["step"] == 0 and kills["startup"]["trained"] == 0  # formed, nothing trained yet
+    assert kills["reshard"]["state"] == "Resharding" and kills["gather"]["state"] == "Finishing"
+    texts = [e.get("text", "") for e in result.events if e["kind"] == "failure"]
+    assert any("during checkpoint" in t for t in texts) and any("final tensors" in t for t in texts), texts
+    assert result.recoveries[0]["how"].startswith("the seed")  # nothing else held the start-up's shards
+    assert kills["step"]["layout"] == "fsdp=4" and result.recoveries[1]["how"] == "snapshot of step 4"
     recovered = [e for e in result.events if e["kind"] == "recovered"]
-    assert any("snapshot" in e["how"] for e in recovered), [e["text"] for e in result.events]
-    failures = [e for e in result.events if e["kind"] in ("failure", "reshard failed")]
-    assert len(failures) >= 3
-    # Every kill is followed by a recovery (or a reshard that fell back to the old placement) within 15 s.
+    print("\nkills and recoveries:")
+    started = controller.journal.started
     for kill in monkey.kills:
-        started = controller.journal.started
         after = [started + e["time"] for e in result.events
                  if e["kind"] in ("recovered", "reshard", "reshard failed") and started + e["time"] > kill["at"]]
+        noticed = [started + e["time"] for e in result.events
+                   if e["kind"] in ("failure", "reshard failed") and started + e["time"] > kill["at"]]
         assert after and min(after) - kill["at"] < 15.0, (kill, result.events)
+        print(f"  {kill['phase']:10} worker {kill['worker']} at step {kill['step']} ({kill['layout']}, "
+              f"{kill['state']}): noticed after {min(noticed) - kill['at']:.2f} s, "
+              f"training again after {min(after) - kill['at']:.2f} s")
+        if kill["phase"] == "collective":  # the peers were released at once, not after the victim's stall
+            assert min(noticed) - kill["at"] < ChaosMonkey.STALL_S
+    assert len(recovered) >= len(SCHEDULE) - 1
     err, name = worst_state_err(result.tensors, ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     assert_exactly_once(cfg, result.history)

@@ -15,20 +15,22 @@ from tests.reference import train_reference
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("saved, resumed, workers", [("dp=2,tp=2", "fsdp=3", 4), ("fsdp=2,pp=2,mb=2", "tp=2", 4)])
-def test_save_in_one_layout_resume_in_another_equals_uninterrupted(ray_session, tmp_path, saved, resumed, workers):
+def test_save_in_one_layout_resume_in_another_equals_uninterrupted(fresh_pool, tmp_path, saved, resumed, workers):
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
     ref = train_reference(cfg).tensors
     first = Controller(cfg, ControllerOptions(layout=Layout.parse(saved), progress=False, gather_tensors=False,
-                                              checkpoint_dir=str(tmp_path), checkpoint_every=4))
+                                              checkpoint_dir=str(tmp_path), checkpoint_every=4),
+                       group=fresh_pool)
     try:
         first.start()
         while first.step < 4 or not list(tmp_path.glob("step_000004")):
             first.tick()
     finally:
-        first.shutdown()  # the whole job goes away: only the disk checkpoint remains
+        first.shutdown()  # the job goes away (its workers keep no engine or shards): only the disk checkpoint remains
     assert ckpt.latest(tmp_path).name == "step_000004"
-    second = Controller(cfg, ControllerOptions(layout=Layout.parse(resumed), progress=False, resume=str(tmp_path)))
+    second = Controller(cfg, ControllerOptions(layout=Layout.parse(resumed), progress=False, resume=str(tmp_path)),
+                        group=fresh_pool)
     try:
         result = second.run()
     finally:

@@ -14,7 +14,6 @@ from elastic.control.events import AddWorkers, Drain, Relayout
 from elastic.control.sources import ScriptedEvents
 from elastic.core.config import LoraConfig
 from elastic.core.layout import Layout, Placement
-from elastic.driver.ray_group import RayWorkerGroup
 from tests.helpers import WaitForWorkers, rel_err, tiny_config, worst_state_err
 from tests.reference import train_reference
 
@@ -58,12 +57,13 @@ def test_lora_layout_matches_single_process(pool, lora_reference, layout_text):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_lora_across_live_reshards(ray_session):
+def test_lora_across_live_reshards(fresh_pool):
     cfg = lora_config(steps=12)
     ref = train_reference(cfg).tensors
-    script = ScriptedEvents({3: [Drain(reason="preempted", worker=0)], 6: [AddWorkers(reason="back", count=1)],
+    script = ScriptedEvents({3: [Drain(reason="preempted", worker=fresh_pool.alive()[0])],
+                             6: [AddWorkers(reason="back", count=1)],
                              9: [Relayout(reason="operator", layout=Layout(fsdp=2, tp=2))]})
-    group = RayWorkerGroup(cfg)
+    group = fresh_pool
     controller = Controller(cfg, ControllerOptions(layout=Layout(tp=2, dp=2), objective="use_all",
                                                    sources=[script, WaitForWorkers(group)], progress=False),
                             group=group)

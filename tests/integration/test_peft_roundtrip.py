@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from elastic.core.config import Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
@@ -18,9 +20,6 @@ from elastic.model.hf import export_merged, load_hf_llama, model_config_from_hf
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
 from elastic.model.peft_io import ADAPTER_WEIGHTS, save_peft_adapter
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 @pytest.mark.timeout(240)

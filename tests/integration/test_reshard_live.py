@@ -13,39 +13,36 @@ from elastic.control.controller import Controller, ControllerOptions
 from elastic.control.events import AddWorkers, Drain, Relayout
 from elastic.control.sources import ScriptedEvents
 from elastic.control.states import Launching, Paused, Resharding, Running
-from elastic.core.data import GlobalSampler, build_dataset
+from elastic.core.data import build_dataset
 from elastic.core.layout import Layout, Placement
 from elastic.driver.ray_group import RayWorkerGroup
 from elastic.driver.resharder import plan_move, reshard
+from tests import helpers
 from tests.helpers import DelayTransfers, WaitForWorkers, tiny_config, worst_state_err
 from tests.reference import train_reference
 
 
 def assert_exactly_once(cfg, history):
-    """Every step's samples are that step's global batch, each index once per epoch."""
-    sampler = GlobalSampler(len(build_dataset(cfg.data, cfg.train.seed)), cfg.train.global_batch, cfg.train.seed)
-    assert [h.step for h in history] == list(range(cfg.train.steps))
-    seen = set()
-    for h in history:
-        assert h.samples == sorted(sampler.step_indices(h.step))
-        for i in h.samples:
-            key = (sampler.epoch_of(h.step), i)
-            assert key not in seen
-            seen.add(key)
+    """Every step's reported samples, each index once per epoch (see tests.helpers.assert_exactly_once)."""
+    n = len(build_dataset(cfg.data, cfg.train.seed))
+    helpers.assert_exactly_once(history, cfg.train.steps, cfg.train.global_batch, n)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_drain_add_relayout_and_back_equals_single_process(ray_session, tmp_path):
+def test_drain_add_relayout_and_back_equals_single_process(fresh_pool, tmp_path):
+    # 45 training windows and 8 per step: the run crosses two epoch boundaries, both inside a step.
     cfg = tiny_config(steps=15)
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, max_corpus_bytes=46 * 16 + 1))
+    assert len(build_dataset(cfg.data, cfg.train.seed)) == 45
     ref_state = train_reference(cfg).tensors
     script = ScriptedEvents({
-        3: [Drain(reason="preemption notice", worker=1)],           # 4 -> 3 workers
+        3: [Drain(reason="preemption notice", worker=fresh_pool.alive()[1])],           # 4 -> 3 workers
         6: [AddWorkers(reason="two nodes back", count=2)],          # 3 -> 5 workers
         9: [Relayout(reason="operator", layout=Layout(fsdp=5))],    # dp=5 -> fsdp=5
         12: [Relayout(reason="operator", layout=Layout(dp=2, tp=2))],  # back to 4 workers
     })
-    group = RayWorkerGroup(cfg)
+    group = fresh_pool
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all",
                                                    sources=[script, WaitForWorkers(group)], progress=False,
                                                    run_dir=str(tmp_path / "run")), group=group)
@@ -95,8 +92,9 @@ def test_round_trip_is_bit_identical(pool, pack_bytes):
     _, before = pool.gather_tensors()
     for target in (Placement(Layout(fsdp=2, pp=2, microbatches=2), workers[::-1]), a):
         reshard(pool, plan_move(pool, target), 2, "round trip")
-    _, after = pool.gather_tensors()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+        step, now = pool.gather_tensors()  # the intermediate placement holds the same tensors too
+        assert step == 2 and pool.placement == target
+        assert set(now) == set(before) and all(torch.equal(before[k], now[k]) for k in before)
 
 
 @pytest.mark.timeout(180)
@@ -117,7 +115,7 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
                 return [AddWorkers(reason="replacement arrived", count=1)]
             return []
 
-    group = RayWorkerGroup(cfg)
+    group = RayWorkerGroup(cfg)  # its own two workers: the pool's four would change the budget arithmetic
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), min_workers=2, objective="use_all",
                                                    sources=[script, ReturnWhenPaused(), WaitForWorkers(group)],
                                                    progress=False), group=group)
@@ -125,6 +123,7 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
         result = controller.run()
     finally:
         controller.shutdown()
+        group.shutdown()
     kinds = [e["kind"] for e in result.events]
     assert "pause" in kinds and kinds.index("pause") < kinds.index("reshard")
     pause = next(e for e in result.events if e["kind"] == "pause")
@@ -139,7 +138,7 @@ def test_failed_reshard_keeps_old_placement(ray_session):
     ref_state = train_reference(cfg).tensors
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
     script = ScriptedEvents({2: [AddWorkers(reason="scale out", count=1)]})
-    group = RayWorkerGroup(cfg)
+    group = RayWorkerGroup(cfg)  # its own workers 0 and 1; the newcomer is worker 2
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), objective="use_all",
                                                    sources=[script, WaitForWorkers(group)], progress=False),
                             group=group)
@@ -164,6 +163,7 @@ def test_failed_reshard_keeps_old_placement(ray_session):
         result = controller.run()
     finally:
         controller.shutdown()
+        group.shutdown()
     kinds = [e["kind"] for e in result.events]
     assert "reshard failed" in kinds
     assert all(h.layout == "dp=2" for h in result.history)
@@ -171,13 +171,13 @@ def test_failed_reshard_keeps_old_placement(ray_session):
 
 
 @pytest.mark.timeout(120)
-def test_operator_requests_through_the_named_actor(ray_session, capsys):
+def test_operator_requests_through_the_named_actor(fresh_pool, capsys):
     from elastic.control.client import JobClient
     from launch.cli import main
 
     cfg = tiny_config(steps=400, dtype="float32")
     controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), job_name="live-ops", progress=False,
-                                                   gather_tensors=False, poll_interval_s=0.05))
+                                                   gather_tensors=False, poll_interval_s=0.05), group=fresh_pool)
     answers = {}
 
     def operate():

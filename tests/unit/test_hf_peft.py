@@ -9,12 +9,11 @@ import copy
 import json
 import warnings
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
-
-transformers = pytest.importorskip("transformers", reason="HF interop tests need transformers (pip install -e .[dev])")
-peft = pytest.importorskip("peft", reason="PEFT interop tests need peft (pip install -e .[dev])")
 
 from elastic.core.config import ModelConfig  # noqa: E402
 from elastic.model.hf import export_merged, load_hf_llama, save_hf_llama  # noqa: E402

@@ -97,16 +97,16 @@ class GRPOLoop:
         for key in ("old", "ref"):
             if key in parts[0]:
                 rows[key] = torch.cat([part[key] for part in parts])
-        rows["prompt_of_row"] = torch.tensor([i for i in prompts for _ in range(G)])
+        # Each row's global completion index (prompt index * G + sample index): the rank that trains on a row
+        # reports it, and the run's ledger is built from those reports.
+        rows["completion"] = torch.tensor([i * G + g for i in prompts for g in range(G)])
         batch = GlobalBatch.of(mask, self.grpo.max_new_tokens)
         stats = {"reward_true": float(clean.mean()), "reward_observed": float(observed.mean()),
                  "completion_tokens": int(mask.sum())}
         return StepBatch(rows, prompts, batch, stats)
 
     def shard(self, step_batch: StepBatch, data_index: int, data_parallel: int) -> dict:
-        """This data-parallel rank's rows (contiguous, balanced) and the prompts it accounts for."""
+        """This data-parallel rank's rows (contiguous, balanced), with their global completion indices."""
         n = step_batch.rows["input_ids"].shape[0]
         lo, hi = balanced(n, data_parallel, data_index)
-        shard = {k: v[lo:hi] for k, v in step_batch.rows.items() if k != "prompt_of_row"}
-        shard["prompts"] = sorted(set(step_batch.rows["prompt_of_row"][lo:hi].tolist()))
-        return shard
+        return {k: v[lo:hi] for k, v in step_batch.rows.items()}

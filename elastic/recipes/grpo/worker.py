@@ -117,7 +117,8 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
     loss = terms.loss_sum / normaliser
     loss.backward()
     loss_total += loss.detach().double()
-    result = engine.conclude(loss_total, int(batch.num_tokens), shard.get("prompts", []), started)
+    trained = shard["completion"].tolist()  # the rows this rank's loss covered (the run's ledger)
+    result = engine.conclude(loss_total, int(batch.num_tokens), trained, started)
     result.metrics = {k: float(v) for k, v in (("kl_sum", terms.kl_sum), ("clipped", terms.region_clipped),
                                                ("tokens", terms.num_tokens))}
     return result

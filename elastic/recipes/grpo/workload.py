@@ -16,7 +16,6 @@ from elastic.control.events import PhaseChange
 from elastic.control.workload import JobView
 from elastic.core.config import Config
 from elastic.core.layout import Layout
-from elastic.driver.group import WorkerFailure
 from elastic.recipes.grpo.loop import GRPOLoop, StepBatch
 from elastic.recipes.grpo.worker import GRPOStep, Rollout
 
@@ -68,19 +67,6 @@ class GRPOWorkload:
         batch = self.batches[k]
         tasks = {w: GRPOStep(self.loop.shard(batch, layout.data_index(r), layout.data_parallel), batch.batch)
                  for r, w in enumerate(placement.workers)}
-        try:
-            results = group.step(tasks)
-        except WorkerFailure as failure:  # committed before the loss: its ledger counts too
-            if failure.step_results is not None:
-                self._ledger(failure.step_results, placement, batch, iteration)
-            raise
-        self._ledger(results, placement, batch, iteration)
+        results = group.step(tasks)  # each rank reports the completions it trained on (its StepResult.samples)
         self.seconds["train"] += time.perf_counter() - started
         return results
-
-    @staticmethod
-    def _ledger(results: dict, placement, batch: StepBatch, iteration: int) -> None:
-        """Step k's prompts, counted once: on the first worker, in the step's first iteration."""
-        first = placement.workers[0]
-        for w, result in results.items():
-            result.samples = list(batch.prompts) if w == first and iteration == 0 else []
