@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench bench-peers lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/lora.py | tee bench/out/lora.txt
 	$(BIN)/python bench/grpo_phases.py | tee bench/out/grpo_phases.txt
 	$(BIN)/python bench/plan_scale.py --quick | tee bench/out/plan_scale.txt
+	$(BIN)/python bench/to_readme.py
+
+bench-peers: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	mkdir -p bench/out
+	RAY_TRAIN_V2_ENABLED=1 $(BIN)/python bench/peers.py | tee bench/out/peers.txt
 	$(BIN)/python bench/to_readme.py
 
 lint: $(STAMP)

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="GRPO steps")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per GRPO step (8 completions each)")
     args = parser.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     cfg = grpo_config(steps=args.steps, workers=4, prompts_per_step=args.prompts, lora=False)
     cfg = cfg.replace(model=MODEL_PRESETS[args.model])
     runs = {

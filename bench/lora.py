@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     console = Console(width=170)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         full = measure(make_config(args, lora=False), args.steps)
         lora = measure(make_config(args, lora=True), args.steps)

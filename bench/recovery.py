@@ -5,8 +5,9 @@ For a ~25M and a ~100M-parameter model on 4 workers (float32, AdamW), one run ea
   completed after the job recovered onto the 3 survivors, shards taken from the surviving replica;
 - MTTR with no replica (fsdp=4) and an in-memory snapshot every 4 steps: restore and replay;
 - steps lost (replayed) in each case;
-- the checkpoint-restart baseline in the same run: on the failure, stop every worker, start new
-  ones, reload the last disk checkpoint (written every 4 steps) and redo the lost steps.
+- the checkpoint-restart baseline in the same run, as torchrun and Ray Train restart: on the failure,
+  SIGKILL every worker, start new processes (imports only, no warm-up), build empty engines, load the
+  newest DCP checkpoint (written every 4 steps, no checksums) and redo the lost steps.
 
 Usage: python bench/recovery.py [--models 25m,100m] [--batch 4] [--seq 64]
 Never fails on timing.
@@ -31,9 +32,11 @@ from elastic.control.events import Stop
 from elastic.control.states import Running
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
-from elastic.driver.checkpoints import resume_checkpoint, save_checkpoint
+from elastic.driver.connect import connect_ray
 from elastic.driver.group import WorkerFailure
 from elastic.driver.ray_group import RayWorkerGroup
+from elastic.runtime.dcp import DcpLoad, DcpSave
+from elastic.tools.progress import configure_logging
 
 KILL_AT = 6  # the kill lands during this step; snapshots and checkpoints every 4 steps (last at 4)
 
@@ -84,14 +87,17 @@ def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
 
 
 def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
-    """What torchrun / Ray Train do: on a failure restart every worker from the last disk checkpoint."""
-    folder = Path(tempfile.mkdtemp(prefix="elastic-bench-recovery-"))
+    """What torchrun / Ray Train do: on a failure, SIGKILL every worker, start new processes (no warm-up), build
+    empty engines and load the newest DCP checkpoint (written every 4 steps, no checksums), then redo the steps."""
+    root = Path(tempfile.mkdtemp(prefix="elastic-bench-recovery-"))
     group = RayWorkerGroup(cfg)
     try:
-        group.setup(Placement(layout, tuple(group.spawn(layout.world))))
+        group.setup(Placement(layout, tuple(group.spawn(layout.world, warm=False))))
+        saved = 0
         for step in range(KILL_AT + 1):
             if step and step % 4 == 0:
-                save_checkpoint(group, folder)
+                group.run({w: DcpSave(str(root / f"step_{step}")) for w in group.placement.workers})
+                saved = step
             if step == KILL_AT:
                 threading.Timer(0.2, group.kill, args=(group.placement.workers[-1],)).start()
                 killed = time.perf_counter() + 0.2
@@ -99,9 +105,12 @@ def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
                 group.step()
             except WorkerFailure:
                 break
-        group.shutdown()
-        fresh = group.spawn(layout.world)
-        resumed = resume_checkpoint(group, folder, Placement(layout, tuple(fresh)))
+        for w in group.alive():
+            group.kill(w)
+        group.remove(list(group.live()))
+        fresh = group.spawn(layout.world, warm=False)
+        group.setup(Placement(layout, tuple(fresh)), step=saved, empty=True)
+        resumed = min(group.run({w: DcpLoad(str(root / f"step_{saved}")) for w in fresh}).values())
         back = time.perf_counter() - killed
         lost = KILL_AT - resumed
         for _ in range(lost + 1):  # redo the lost steps, then the one that failed
@@ -109,7 +118,7 @@ def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
         return {"mttr": time.perf_counter() - killed, "back": back, "lost": lost}
     finally:
         group.shutdown()
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -119,7 +128,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
     console = Console(width=160)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    configure_logging()
+    connect_ray(num_cpus=4)
     table = Table(title="MTTR after a SIGKILL (4 workers; kill -> the killed step completed after recovery)")
     for col in ("model", "case", "layout", "MTTR s", "x faster", "training again after s", "x faster ",
                 "of which recovery s", "steps lost", "steady step s"):

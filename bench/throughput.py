@@ -85,7 +85,7 @@ def on_workers(cfg: Config, layouts: list[str], steps: int) -> dict[str, float]:
 
     from elastic.driver.ray_group import RayWorkerGroup
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     group = RayWorkerGroup(cfg)
     workers = group.spawn(2)
     out = {}

@@ -23,15 +23,23 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # (file, heading, one line on what to read in it)
 SECTIONS = (
-    ("reshard", "Live reshard against checkpoint-restart",
-     "The stall is what training waits for: decision to every engine ready on the new layout."),
-    ("recovery", "Recovery from a SIGKILL", "MTTR includes the killed step itself; 'training again after' does not."),
+    ("reshard", "Live reshard against a fair checkpoint-restart",
+     "Each row's baseline is that same transition done the way users restart: DCP save, every process restarted at "
+     "the new world size, DCP load. The floors are measured in the same run, with every pair of the transition "
+     "sending at once."),
+    ("peers", "The real peers: torchrun and Ray Train v2",
+     "Same model, batch, machine and kill schedule, one subprocess each."),
+    ("recovery", "Recovery from a SIGKILL", "MTTR includes the killed step itself; 'training again after' does not. "
+     "The baseline restarts every process from a DCP checkpoint."),
     ("lora", "LoRA against full fine-tuning", "Rebuild time grows with the parameter count (FSDP/DTensor set-up)."),
     ("grpo_phases", "GRPO rollout/update phases",
      "Whether a phase relayout pays for itself, decided by the cost model."),
     ("throughput", "Step throughput per layout", "Two processes share 2 cores, so parallel layouts cannot beat one."),
 )
-NOISE = re.compile(r"^(\[step \d+\]|worker \d+ failed to start|.*\(raylet\)|.*it/s\]|\s*\d+%\|)")
+# Log lines (the controller's, Ray's, progress bars), the exit code, and per-run progress lines that the
+# tables repeat ("  dp=4 -> dp=2,tp=2: live ..." and "  torchrun-kill: {...}").
+NOISE = re.compile(r"^(\[step \d+\]|worker \d+ failed to start|.*\(raylet\)|.*it/s\]|\s*\d+%\||EXIT \d+$"
+                   r"|\s+\S.* -> .*: live |\s+[a-z]+-[a-z]+: \{)")
 
 
 def cleaned(text: str) -> str:

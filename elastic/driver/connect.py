@@ -39,5 +39,6 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None) -> No
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+        # "local": a new cluster of our own, never one a previous run left behind on this machine.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)

@@ -93,8 +93,9 @@ class WorkerGroup(Protocol):
     def shutdown(self) -> None: ...
 
     # ---- training ------------------------------------------------------------------------
-    def setup(self, placement: Placement, step: int = 0) -> float:
-        """Form ``placement`` and build every rank's engine from the seed; returns the slowest rank's seconds."""
+    def setup(self, placement: Placement, step: int = 0, empty: bool = False) -> float:
+        """Form ``placement`` and build every rank's engine from the seed (``empty``: unfilled, for a load that
+        follows); returns the slowest rank's seconds."""
     def step(self, tasks: Mapping[int, WorkerTask] | None = None) -> dict[int, StepResult]:
         """One committed optimizer step on every rank (``tasks``: per-worker step tasks, default ``TrainStep``)."""
     def run(self, tasks: Mapping[int, WorkerTask]) -> dict[int, Any]:

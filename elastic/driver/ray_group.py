@@ -64,22 +64,24 @@ class RayWorkerGroup:
         return self._committed
 
     # ---- membership ----------------------------------------------------------------------
-    def spawn(self, n: int, resources: dict | None = None) -> list[int]:
+    def spawn(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
         """Start ``n`` workers and wait until each is warm; returns the ids of those that came up (a worker that
-        dies while starting is dropped and logged: the controller starts another when it plans)."""
-        ids = self.start(n, resources)
+        dies while starting is dropped and logged: the controller starts another when it plans).
+        ``warm=False`` waits only for the processes and their imports, as a restarted torchrun worker would."""
+        ids = self.start(n, resources, warm)
         refs = [self._starting[w] for w in ids]
         ray.wait(refs, num_returns=len(refs), timeout=self.cfg.runtime.store_timeout_s * 4)
         return [w for w in ids if self._warmed(w)]
 
-    def start(self, n: int, resources: dict | None = None) -> list[int]:
+    def start(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         for wid in ids:
             self._actors[wid] = Worker.options(
                 num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0, resources=resources or {},
             ).remote(wid, self.cfg, self.host, self.store.port)
-            self._starting[wid] = self._actors[wid].warmup.remote()
+            actor = self._actors[wid]
+            self._starting[wid] = actor.warmup.remote() if warm else actor.started.remote()
         return ids
 
     def ready(self) -> list[int]:
@@ -158,12 +160,13 @@ class RayWorkerGroup:
         self._generation += 1
         return f"{self.run_id}/g{self._generation}"
 
-    def setup(self, placement: Placement, step: int = 0) -> float:
+    def setup(self, placement: Placement, step: int = 0, empty: bool = False) -> float:
         missing = [w for w in placement.workers if w not in self._actors]
         if missing:
             raise ValueError(f"placement {placement} names workers {missing} that this group does not have")
         name = self.next_group_name()
-        calls = {w: self._actors[w].setup.remote(placement, name, None, step, self.cfg) for w in placement.workers}
+        calls = {w: self._actors[w].setup.remote(placement, name, None, step, self.cfg, empty)
+                 for w in placement.workers}
         times = self._gather(calls, members=placement.workers, forming=name)
         self._placement, self._committed = placement, step
         return max(t["total"] for t in times.values())
@@ -307,12 +310,24 @@ class RayWorkerGroup:
         workers = list(workers)
         return self._gather({w: self._actors[w].memory.remote(reset_peak) for w in workers}, members=workers)
 
-    def probe_bandwidth(self, sender: int, receiver: int, nbytes: int) -> float:
-        """Point-to-point bytes/s from ``sender`` to ``receiver`` over a fresh gloo group."""
-        name, members = self.next_group_name(), (sender, receiver)
-        out = self._gather({w: self._actors[w].probe_bandwidth.remote(name, members, nbytes) for w in members},
-                           members=members)
-        return out[receiver]
+    def probe_flows(self, pairs: Iterable[tuple[int, int]], nbytes: int) -> float:
+        """Bytes/s per worker link when every (sender, receiver) pair sends ``nbytes`` at the same time: the
+        busiest worker's bytes in or out over the probe's duration (gloo over loopback here)."""
+        pairs = sorted(set(pairs))
+        members = tuple(sorted({w for pair in pairs for w in pair}))
+        name = self.next_group_name()
+        calls = {w: self._actors[w].probe_flows.remote(name, members, tuple(d for s, d in pairs if s == w),
+                                                       tuple(s for s, d in pairs if d == w), nbytes)
+                 for w in members}
+        seconds = max(self._gather(calls, members=members, forming=name).values())
+        busiest = max(max(sum(s == w for s, _ in pairs), sum(d == w for _, d in pairs)) for w in members)
+        return busiest * nbytes / seconds
+
+    def memcpy_rate(self, workers: Iterable[int], nbytes: int) -> float:
+        """Bytes/s of a local copy when ``workers`` all copy ``nbytes`` at once (the slowest one's rate)."""
+        workers = list(workers)
+        seconds = self._gather({w: self._actors[w].memcpy_seconds.remote(nbytes) for w in workers}, members=workers)
+        return nbytes / max(seconds.values())
 
     # ---- fail-fast gathering ---------------------------------------------------------------------
     def _abort(self, workers: Iterable[int]) -> None:

@@ -56,7 +56,9 @@ class StepResult:
 
 class Engine:
     def __init__(self, cfg: Config, placement: Placement, rank: int, mesh: DeviceMesh | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None, step: int = 0) -> None:
+                 tensors: dict[str, torch.Tensor] | None = None, step: int = 0, empty: bool = False) -> None:
+        """``tensors``: this rank's training tensors (None: the seed's initial values). ``empty``: leave the
+        parameters unfilled, for a caller that loads them next (a DCP checkpoint)."""
         self.cfg, self.placement, self.rank, self.mesh = cfg, placement, rank, mesh
         self.layout = layout = placement.layout
         self.coord = layout.coord(rank)
@@ -88,7 +90,8 @@ class Engine:
         # the module while a step runs, so after a failed step only these still name the shards.
         self.named_params = list(module.named_parameters())
         self._reader = None
-        self._load_params(tensors)
+        if not empty:
+            self._load_params(tensors)
         self._reader = None
         # (name, parameter, local shard) of every trainable parameter: the optimizer steps the local shards.
         self.trainable = [(n, p, local_tensor(p)) for n, p in self.named_params if p.requires_grad]

@@ -97,6 +97,11 @@ class Worker:
         return {"id": self.id, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
+    @CONTROL
+    def started(self) -> dict:
+        """The process is up and its imports are done (what a restarted torchrun worker has paid)."""
+        return self.info()
+
     @COMPUTE
     def warmup(self) -> dict:
         """Pay one-off costs before this worker is needed (dataset, FSDP/DTensor code paths)."""
@@ -139,7 +144,7 @@ class Worker:
     # ---- groups and engines -------------------------------------------------------------
     @COMPUTE
     def setup(self, placement: Placement, group: str, tensors: dict[str, torch.Tensor] | None = None,
-              step: int = 0, cfg: Config | None = None) -> dict[str, float]:
+              step: int = 0, cfg: Config | None = None, empty: bool = False) -> dict[str, float]:
         """Join ``placement``'s group and build an engine from ``tensors`` (None: from the seed).
 
         ``cfg`` replaces the worker's config (a pool of workers can serve several runs in turn).
@@ -159,7 +164,7 @@ class Worker:
                 mesh = meshlib.form_layout_group(self._store(), group, rank, placement.layout,
                                                  self.cfg.runtime.collective_timeout_s)
             formed = time.perf_counter()
-            self.engine = Engine(self.cfg, placement, rank, mesh, tensors=tensors, step=step)
+            self.engine = Engine(self.cfg, placement, rank, mesh, tensors=tensors, step=step, empty=empty)
             self.placement, self.staged = placement, None
             done = time.perf_counter()
             return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
@@ -336,22 +341,39 @@ class Worker:
         return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
 
     @COMPUTE
-    def probe_bandwidth(self, group: str, members: tuple[int, ...], nbytes: int, repeats: int = 3) -> float:
-        """Point-to-point bandwidth (bytes/s) from members[0] to members[1] over a fresh gloo group."""
+    def probe_flows(self, group: str, members: tuple[int, ...], sends: tuple[int, ...], receives: tuple[int, ...],
+                    nbytes: int, repeats: int = 2) -> float:
+        """Seconds for this worker's part of a probe in which every (sender, receiver) pair sends ``nbytes`` at
+        once, over a fresh gloo group: it sends to each of ``sends`` and receives from each of ``receives``
+        concurrently (best of ``repeats``)."""
         rank = members.index(self.id)
         pg = meshlib.standalone_group(self._store(), group, rank, len(members), self.cfg.runtime.collective_timeout_s)
-        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+        out = [torch.ones(nbytes // 4, dtype=torch.float32) for _ in sends]
+        into = [torch.empty(nbytes // 4, dtype=torch.float32) for _ in receives]
         best = float("inf")
         try:
-            for tag in range(repeats):
+            for r in range(repeats):
                 started = time.perf_counter()
-                work = pg.send([buf], 1, tag) if rank == 0 else pg.recv([buf], 0, tag)
-                work.wait()
+                work = [pg.send([buf], members.index(dst), r) for buf, dst in zip(out, sends, strict=True)]
+                work += [pg.recv([buf], members.index(src), r) for buf, src in zip(into, receives, strict=True)]
+                for w in work:
+                    w.wait()
                 best = min(best, time.perf_counter() - started)
         finally:
             del pg
             meshlib.close_standalone(group)
-        return nbytes / best
+        return best
+
+    @COMPUTE
+    def memcpy_seconds(self, nbytes: int, repeats: int = 3) -> float:
+        """Seconds to copy ``nbytes`` between two fresh buffers in this process (best of ``repeats``)."""
+        src, dst = torch.ones(nbytes // 4, dtype=torch.float32), torch.empty(nbytes // 4, dtype=torch.float32)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - started)
+        return best
 
     @COMPUTE
     def shutdown(self) -> None:

@@ -191,7 +191,7 @@ class FakeWorkerGroup:
             raise WorkerFailure(dead, failed)
 
     # ---- training ------------------------------------------------------------------------
-    def setup(self, placement: Placement, step: int = 0) -> float:
+    def setup(self, placement: Placement, step: int = 0, empty: bool = False) -> float:
         self.calls.append(("setup", placement))
         self._involve(placement.workers, "setup", step)
         for w in placement.workers:
