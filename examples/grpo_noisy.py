@@ -29,7 +29,7 @@ from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, 
 from elastic.core.data import ArithmeticTask
 from elastic.core.layout import Layout
 from elastic.driver.connect import connect_ray
-from elastic.model.hf import save_hf_llama
+from elastic.model.hf import save_hf_model
 from elastic.recipes.grpo.recipe import grpo_config
 from elastic.recipes.grpo.workload import GRPOWorkload
 from elastic.recipes.lora.recipe import heldout_accuracy
@@ -55,7 +55,7 @@ def warm_up(folder: Path, steps: int, workers: int) -> Config:
         return cfg
     print(f"supervised warm-up: {steps} steps on {workers} workers")
     result = train(cfg, Layout(dp=workers))
-    save_hf_llama(folder, cfg.model, {k: v for k, v in result.tensors.items() if "::" not in k})
+    save_hf_model(folder, cfg.model, {k: v for k, v in result.tensors.items() if "::" not in k})
     marker.write_text(json.dumps({"steps": steps, "final_loss": result.history[-1].loss}))
     return cfg
 
@@ -102,9 +102,9 @@ def main() -> None:
     warm_up(base, sft_steps, args.workers)
     probe = grpo_config(base=base, steps=grpo_steps, workers=args.workers, lora=False)
     task = ArithmeticTask(probe.data.seq_len, probe.data.num_samples, probe.train.seed)
-    from elastic.model.hf import load_hf_llama
+    from elastic.model.hf import load_hf_model
 
-    before = heldout_accuracy(load_model(probe, load_hf_llama(base)[1]), task, n=512)
+    before = heldout_accuracy(load_model(probe, load_hf_model(base)[1]), task, n=512)
     print(f"held-out accuracy after the warm-up: {before:.1%}")
 
     curves, final, per_seed, extra = {}, {}, {}, {}

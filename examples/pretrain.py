@@ -15,7 +15,7 @@ from pathlib import Path
 
 from elastic.control.run import train
 from elastic.core.layout import Layout
-from elastic.model.hf import save_hf_llama
+from elastic.model.hf import save_hf_model
 from elastic.recipes.pretrain.recipe import complete, load_model, pretrain_config
 from elastic.tools.progress import configure_logging
 
@@ -40,7 +40,7 @@ def main() -> None:
     for text in complete(model, ["import ", "def __init__(self", "    return ", "class "]):
         print("---\n" + text)
     if args.save:
-        save_hf_llama(args.save, cfg.model, {k: v for k, v in result.tensors.items() if "::" not in k})
+        save_hf_model(args.save, cfg.model, {k: v for k, v in result.tensors.items() if "::" not in k})
         print(f"saved a Hugging Face Llama folder to {args.save}")
 
 

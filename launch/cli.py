@@ -1,7 +1,9 @@
-"""The ``elastic`` command: train a recipe, talk to a running job, plot a run.
+"""The ``elastic`` command: train a recipe, talk to a running job, sample from a model, plot a run.
 
     elastic train --recipe pretrain --workers 4 --layout dp=2,tp=2 --steps 300
     elastic train --recipe lora --base runs/pretrain/base --workers 4 --layout auto
+    elastic train --recipe lora --base MODEL_DIR --data chats.jsonl
+    elastic generate --base MODEL_DIR --adapter runs/NAME/adapter "What is 2 + 3?"
     elastic events --job NAME status | add-workers N | drain WORKER | relayout dp=2,tp=2 | pause | resume | stop
     elastic plot runs/NAME
 
@@ -58,7 +60,8 @@ def build_config(args: argparse.Namespace):
     from launch.args import apply_overrides, flag_overrides, load_toml
 
     recipe = get(args.recipe)
-    cfg = recipe.build(RecipeArgs(model=args.model, steps=args.steps, workers=args.workers, base=args.base))
+    cfg = recipe.build(RecipeArgs(model=args.model, steps=args.steps, workers=args.workers, base=args.base,
+                                  data=args.data))
     if args.config:
         cfg = apply_overrides(cfg, load_toml(Path(args.config)))
     cfg = apply_overrides(cfg, flag_overrides(args))
@@ -151,6 +154,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from elastic.model.inference import complete
+
+    print(complete(args.base, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, chat=not args.raw, seed=args.seed))
+    return 0
+
+
 def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe)."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -173,7 +184,10 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
                        help="'auto' (the cost model decides; default) or degrees like dp=2,tp=2")
     train.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     train.add_argument("--model", help="model preset for pretrain: tiny, mini, small, 25m, 100m")
-    train.add_argument("--base", help="Hugging Face Llama folder to fine-tune (lora, grpo)")
+    train.add_argument("--base", help="Hugging Face model folder to fine-tune: Llama, Qwen2, Qwen3 or Mistral "
+                                      "(lora, grpo)")
+    train.add_argument("--data", help="training data: a .json/.jsonl/.parquet file in a TRL format (text, "
+                                      "prompt+completion, or messages), tokenized by --base's tokenizer (lora)")
     train.add_argument("--config", help="a TOML file with [model], [train], ... sections")
     train.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("--job-name", help="name of the job's control actor (for `elastic events`)")
@@ -200,6 +214,16 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     events.add_argument("--job", required=True, help="the job's name (printed when it started)")
     events.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else this machine's Ray)")
     events.set_defaults(handler=cmd_events)
+
+    gen = sub.add_parser("generate", help="sample from a model folder (and a PEFT adapter) on this machine")
+    gen.add_argument("prompt")
+    gen.add_argument("--base", required=True, help="Hugging Face model folder (with its tokenizer)")
+    gen.add_argument("--adapter", help="a PEFT LoRA adapter folder (e.g. RUN_DIR/adapter)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    gen.set_defaults(handler=cmd_generate)
 
     plot = sub.add_parser("plot", help="write a PNG timeline of a run directory")
     plot.add_argument("run_dir")

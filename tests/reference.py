@@ -3,8 +3,9 @@
 Every equivalence test compares the elastic runs (any layout, live reshards, crashes, checkpoint
 resumes, LoRA, GRPO) against this, never against the engine itself. From ``elastic`` it takes only:
 
-- the model definition (``LlamaStage``, the names and initial values of its tensors); LoRA adapters
-  come from PEFT's ``get_peft_model`` on that model, with our initial A copied in;
+- the model definition (``LlamaStage``, the names and initial values of its tensors; from a Hugging
+  Face folder, the weights as transformers loads them); LoRA adapters come from PEFT's
+  ``get_peft_model`` on that model, with our initial A copied in;
 - the data: the dataset's samples by global index, and the epoch permutation (``GlobalSampler.index_at``).
 
 What a shared bug could hide is written here again, from the config's numbers and DESIGN.md: which
@@ -64,13 +65,29 @@ def our_name(peft_name: str) -> str:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    """The model at step 0: our decoder with its initial weights; with LoRA, wrapped by PEFT."""
+    """The model at step 0; with LoRA, wrapped by PEFT.
+
+    From a Hugging Face folder (``train.init_from``), our decoder holds the weights transformers
+    loads from it (``AutoModelForCausalLM``, not our loader). It is our decoder rather than
+    transformers' model because transformers computes RoPE in float32 whatever the model's dtype,
+    which moves a float64 run by ~1e-4 after a few steps; ``tests/unit/test_families.py`` checks our
+    decoder's logits against transformers' per family. Otherwise our decoder with its seeded
+    initial weights.
+    """
     dtype = DTYPES[cfg.train.dtype]
     model = LlamaStage(cfg.model).to(dtype)
-    specs = {s.name: s for s in tensor_specs(cfg.model)}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(init_tensor(specs[name], cfg.model, cfg.train.seed, dtype))
+    if cfg.train.init_from:
+        import transformers
+
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(cfg.train.init_from, dtype=dtype).state_dict()
+        if cfg.model.tie_embeddings:
+            theirs.pop("lm_head.weight")
+        model.load_state_dict(theirs, strict=True)
+    else:
+        specs = {s.name: s for s in tensor_specs(cfg.model)}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(init_tensor(specs[name], cfg.model, cfg.train.seed, dtype))
     if cfg.lora is None:
         return model
     import peft

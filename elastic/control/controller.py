@@ -47,6 +47,7 @@ from elastic.control.wishes import Wishes
 from elastic.control.workload import LMWorkload, Workload
 from elastic.core import checkpoint as ckpt
 from elastic.core.config import Config
+from elastic.core.data import check_data
 from elastic.core.layout import Layout, Placement
 from elastic.core.records import RecordKind
 from elastic.driver.checkpoints import checkpoint_folder, resume_checkpoint, save_checkpoint
@@ -113,6 +114,7 @@ class Controller:
                  plane: PlaneLink | None = None) -> None:
         self.cfg, self.opt = cfg, options or ControllerOptions()
         self._started = time.perf_counter()
+        check_data(cfg)  # a bad data file, column or tokenizer fails here, before any worker starts
         if self.opt.resume:  # validate the whole checkpoint before any worker starts
             folder = checkpoint_folder(Path(self.opt.resume))
             ckpt.open_checkpoint(folder, cfg, training_specs(cfg), verify=True)

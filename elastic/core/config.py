@@ -32,7 +32,11 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the Llama-style decoder (names follow Hugging Face's LlamaConfig)."""
+    """Shape of the decoder (names follow Hugging Face's LlamaConfig).
+
+    One decoder computes the Llama, Qwen2, Qwen3 and Mistral families; the family flags below say which
+    of their differences are switched on (``elastic.model.families`` maps a ``config.json`` to them).
+    """
 
     vocab_size: int = knob(259, "vocabulary size; the byte tokenizer needs 259 (256 bytes + 3 specials)")
     dim: int = knob(64, "hidden size (HF: hidden_size)")
@@ -44,13 +48,27 @@ class ModelConfig:
     rope_theta: float = knob(10000.0, "RoPE base frequency")
     norm_eps: float = knob(1e-6, "RMSNorm epsilon (HF: rms_norm_eps)")
     init_std: float = knob(0.02, "standard deviation of the normal weight init")
+    family: str = knob("llama", "model family, as HF's model_type: llama, qwen2, qwen3 or mistral")
+    head_size: int = knob(0, "width of one attention head (HF: head_dim); 0: dim / n_heads")
+    qkv_bias: bool = knob(False, "q/k/v projections have biases (Qwen2; HF attention_bias sets it too)")
+    o_bias: bool = knob(False, "the attention output projection has a bias (HF attention_bias)")
+    qk_norm: bool = knob(False, "RMSNorm on each query and key head before RoPE (Qwen3's q_norm/k_norm)")
+    tie_embeddings: bool = knob(False, "the LM head is the embedding matrix (HF tie_word_embeddings)")
+    rope_type: str = knob("default", "RoPE frequencies: default, or llama3 (Llama 3.1's scaled frequencies)")
+    rope_factor: float = knob(8.0, "llama3 RoPE: scaling factor")
+    rope_low_freq_factor: float = knob(1.0, "llama3 RoPE: low_freq_factor")
+    rope_high_freq_factor: float = knob(4.0, "llama3 RoPE: high_freq_factor")
+    rope_original_max_len: int = knob(8192, "llama3 RoPE: original_max_position_embeddings")
+    sliding_window: int = knob(0, "Mistral's attention window (0: none); runs must fit their sequences in it")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"model.{name}={value!r} must be a positive integer")
+        _require(isinstance(self.head_size, int) and self.head_size >= 0,
+                 f"model.head_size={self.head_size!r} must be 0 (dim / n_heads) or a positive integer")
         _require(
-            self.dim % self.n_heads == 0,
+            self.head_size > 0 or self.dim % self.n_heads == 0,
             f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads} "
             f"({self.dim} % {self.n_heads} = {self.dim % self.n_heads}); pick a dim that is a multiple of n_heads",
         )
@@ -59,17 +77,25 @@ class ModelConfig:
             f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
             "grouped-query attention shares each kv head among n_heads/n_kv_heads query heads",
         )
-        _require((self.dim // self.n_heads) % 2 == 0, f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        _require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        _require(self.family in FAMILIES, f"model.family={self.family!r} is not one of {FAMILIES}")
+        _require(self.rope_type in ROPE_TYPES, f"model.rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     def num_params(self) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = self.dim * (2 * q + 2 * kv) + self.qkv_bias * (q + 2 * kv) + self.o_bias * self.dim
+        attn += 2 * self.head_dim * self.qk_norm
         mlp = 3 * self.dim * self.ffn_dim
         per_layer = attn + mlp + 2 * self.dim
-        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+        return self.n_layers * per_layer + (1 + (not self.tie_embeddings)) * self.vocab_size * self.dim + self.dim
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_TYPES = ("default", "llama3")
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -116,8 +142,9 @@ class DataConfig:
     dataset: str = knob(
         "stdlib",
         "'stdlib' (Python's own source files), 'arithmetic' (exact-answer sums), "
-        "or a path to a .txt or .jsonl file",
+        "or a path to a .txt file or a .json/.jsonl/.parquet file in a TRL format (text, prompt+completion, messages)",
     )
+    tokenizer: str = knob("", "model folder whose tokenizer (and chat template) encodes the data; empty: bytes")
     seq_len: int = knob(64, "tokens per training sample (inputs; targets are shifted by one)")
     max_corpus_bytes: int = knob(4_000_000, "cap on the text corpus size read from disk")
     holdout_fraction: float = knob(0.02, "fraction of samples kept out of training for evaluation")
@@ -259,6 +286,13 @@ class Config:
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             "shorten the samples or raise max_seq_len",
+        )
+        window = self.model.sliding_window
+        _require(
+            not window or self.data.seq_len <= window,
+            f"data.seq_len={self.data.seq_len} exceeds the model's sliding_window={window}: our decoder attends to "
+            "every earlier position, which equals sliding-window attention only within the window; "
+            f"use data.seq_len <= {window}",
         )
         for name, value in self.sections.items():
             cls = _RECIPE_SECTIONS.get(name)

@@ -8,7 +8,10 @@ a recovery continues from it and no sample is skipped or repeated.
 Built-in datasets work offline:
 - ``stdlib``: a byte corpus of the Python standard library's own source files;
 - ``arithmetic``: exact-answer sums and differences ("47+38=" -> "85"), for fine-tuning and RL;
-- a user ``.txt`` (cut into windows) or ``.jsonl`` file ({"text": ...} or {"prompt", "completion"}).
+- a user ``.txt`` file (cut into windows);
+- a JSON, JSONL or Parquet file in one of TRL's formats (``sft_data.py``).
+
+``data.tokenizer`` names a model folder whose tokenizer encodes the text (empty: bytes).
 
 Every sample is a pair (input_ids, labels) of ``seq_len`` tokens; labels are -100 where no loss
 is taken (prompt and padding).
@@ -17,7 +20,6 @@ is taken (prompt and padding).
 from __future__ import annotations
 
 import functools
-import json
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -25,34 +27,11 @@ from pathlib import Path
 
 import torch
 
-from elastic.core.config import DataConfig
+from elastic.core.config import Config, DataConfig
+from elastic.core.dataset import IGNORE, Dataset
 from elastic.core.layout import balanced
 from elastic.core.seeds import stable_seed
-from elastic.core.tokenizer import PAD, ByteTokenizer
-
-IGNORE = -100
-
-
-class Dataset:
-    """Indexable samples: ``len(ds)`` training samples and ``ds.holdout`` evaluation ones."""
-
-    seq_len: int
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def sample(self, index: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def holdout_size(self) -> int:
-        raise NotImplementedError
-
-    def batch(self, indices, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        if len(indices) == 0:
-            empty = torch.empty(0, self.seq_len, dtype=torch.long)
-            return empty, empty.clone()
-        pairs = [self.sample(int(i), split) for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+from elastic.core.tokenizer import PAD, ByteTokenizer, check_vocabulary, load_tokenizer
 
 
 class TokenWindows(Dataset):
@@ -114,9 +93,9 @@ class ExactAnswerTask(Dataset):
     ``holdout`` evaluation ones from a disjoint part of the problem space. Subclasses define
     ``problem(index, split)`` and ``prompt_ids``."""
 
-    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512) -> None:
+    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512, tok=None) -> None:
         self.seq_len, self.n, self.seed, self.n_holdout = seq_len, num_samples, seed, holdout
-        self.tok = ByteTokenizer()
+        self.tok = tok or ByteTokenizer()
 
     def __len__(self) -> int:
         return self.n
@@ -132,7 +111,8 @@ class ExactAnswerTask(Dataset):
 
     def sample(self, index: int, split: str = "train"):
         p = self.problem(index, split)
-        return _pack(self.tok.encode(p.prompt, bos=True), self.tok.encode(p.answer, eos=True), self.seq_len)
+        return _pack(self.tok.encode(p.prompt, bos=True), self.tok.encode(p.answer, eos=True), self.seq_len,
+                     pad_id=self.tok.pad_id)
 
 
 class ArithmeticTask(ExactAnswerTask):
@@ -145,10 +125,10 @@ class ArithmeticTask(ExactAnswerTask):
     name = "arithmetic"
     PROMPT_LEN = 7  # BOS + "ab+cd="
 
-    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512) -> None:
+    def __init__(self, seq_len: int, num_samples: int, seed: int = 0, holdout: int = 512, tok=None) -> None:
         if seq_len < self.PROMPT_LEN + 5:
             raise ValueError(f"arithmetic needs seq_len >= {self.PROMPT_LEN + 5}, got {seq_len}")
-        super().__init__(seq_len, num_samples, seed, holdout)
+        super().__init__(seq_len, num_samples, seed, holdout, tok)
 
     @staticmethod
     def _is_holdout(a: int, b: int, op: str) -> bool:
@@ -163,49 +143,14 @@ class ArithmeticTask(ExactAnswerTask):
         return Problem(f"{a}{op}{b}=", str(a + b if op == "+" else a - b))
 
 
-class JsonlTask(Dataset):
-    """Lines of {"prompt": ..., "completion": ...} (loss on the completion) or {"text": ...}."""
-
-    def __init__(self, path: Path, seq_len: int, holdout_fraction: float) -> None:
-        self.seq_len, self.tok = seq_len, ByteTokenizer()
-        self.rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()):
-                raise ValueError(f'{path}:{lineno}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-            self.rows.append(row)
-        if len(self.rows) < 2:
-            raise ValueError(f"{path} has {len(self.rows)} usable rows; need at least 2")
-        self.n_holdout = max(1, int(len(self.rows) * holdout_fraction)) if holdout_fraction > 0 else 0
-        self.n_train = len(self.rows) - self.n_holdout
-
-    def __len__(self) -> int:
-        return self.n_train
-
-    def holdout_size(self) -> int:
-        return self.n_holdout
-
-    def sample(self, index: int, split: str = "train"):
-        row = self.rows[index if split == "train" else self.n_train + index]
-        if "text" in row:
-            return _pack([], self.tok.encode(row["text"], bos=True, eos=True), self.seq_len, shift_all=True)
-        return _pack(self.tok.encode(row["prompt"], bos=True), self.tok.encode(row["completion"], eos=True),
-                     self.seq_len)
-
-
-def _pack(prompt: list[int], completion: list[int], seq_len: int, shift_all: bool = False):
+def _pack(prompt: list[int], completion: list[int], seq_len: int, shift_all: bool = False, pad_id: int = PAD):
     """Inputs and next-token labels for prompt+completion, right-padded/truncated to seq_len.
 
     Loss is taken on completion tokens only (all tokens when ``shift_all``). Right padding is
     harmless to a causal model: padded positions come after every real one.
     """
     ids = (prompt + completion)[: seq_len + 1]
-    ids = ids + [PAD] * (seq_len + 1 - len(ids))
+    ids = ids + [pad_id] * (seq_len + 1 - len(ids))
     tokens = torch.tensor(ids, dtype=torch.long)
     labels = tokens[1:].clone()
     first_target = 0 if shift_all else max(len(prompt) - 1, 0)
@@ -216,21 +161,45 @@ def _pack(prompt: list[int], completion: list[int], seq_len: int, shift_all: boo
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """The dataset named by ``cfg.dataset`` (validated here, before any worker starts)."""
-    if cfg.dataset == "stdlib":
-        data = torch.frombuffer(bytearray(stdlib_bytes(cfg.max_corpus_bytes)), dtype=torch.uint8)
-        return TokenWindows(data, cfg.seq_len, cfg.holdout_fraction)
+    """The dataset named by ``cfg.dataset``, tokenized by ``cfg.tokenizer`` (validated here)."""
+    tok = _tokenizer(cfg.tokenizer)
     if cfg.dataset == "arithmetic":
-        return ArithmeticTask(cfg.seq_len, cfg.num_samples, seed)
-    path = Path(cfg.dataset)
-    if not path.is_file():
-        raise ValueError(
-            f"data.dataset={cfg.dataset!r} is neither a built-in ('stdlib', 'arithmetic') nor an existing file"
-        )
-    if path.suffix == ".jsonl":
-        return JsonlTask(path, cfg.seq_len, cfg.holdout_fraction)
-    text = path.read_bytes()[: cfg.max_corpus_bytes]
-    return TokenWindows(torch.frombuffer(bytearray(text), dtype=torch.uint8), cfg.seq_len, cfg.holdout_fraction)
+        return ArithmeticTask(cfg.seq_len, cfg.num_samples, seed, tok=tok)
+    if cfg.dataset == "stdlib":
+        text = stdlib_bytes(cfg.max_corpus_bytes)
+    else:
+        path = Path(cfg.dataset)
+        if not path.is_file():
+            raise ValueError(
+                f"data.dataset={cfg.dataset!r} is neither a built-in ('stdlib', 'arithmetic') nor an existing file"
+            )
+        if path.suffix in (".json", ".jsonl", ".parquet"):
+            from elastic.core.sft_data import RecordsDataset
+
+            return RecordsDataset(path, tok, cfg.seq_len, cfg.holdout_fraction)
+        text = path.read_bytes()[: cfg.max_corpus_bytes]
+    if isinstance(tok, ByteTokenizer):
+        tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    else:
+        tokens = _token_stream(cfg.tokenizer, text)
+    return TokenWindows(tokens, cfg.seq_len, cfg.holdout_fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: str):
+    return load_tokenizer(folder)
+
+
+@functools.lru_cache(maxsize=4)
+def _token_stream(folder: str, text: bytes) -> torch.Tensor:
+    return torch.tensor(_tokenizer(folder).encode(text.decode("utf-8", errors="replace")), dtype=torch.long)
+
+
+def check_data(cfg: Config) -> None:
+    """Build the run's dataset on the driver and check its tokenizer against the model, so that a bad
+    file, column or tokenizer is one clear error before any worker starts."""
+    check_vocabulary(_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
+    build_dataset(cfg.data, cfg.train.seed)
 
 
 class GlobalSampler:

@@ -217,6 +217,11 @@ class Layout:
                 f"layout {self}: pp={self.pp} exceeds n_layers={model.n_layers}; "
                 "every pipeline stage needs at least one layer"
             )
+        if self.pp > 1 and model.tie_embeddings:
+            raise ValueError(
+                f"layout {self}: the model ties its LM head to its embedding (tie_word_embeddings), which "
+                "needs both in one pipeline stage; use pp=1 (dp, fsdp and tp all work)"
+            )
         need = self.data_parallel * self.microbatches
         if global_batch < need:
             raise ValueError(

@@ -1,5 +1,9 @@
 """A compact Llama-style decoder: RMSNorm, RoPE, SwiGLU and grouped-query attention.
 
+It computes four Hugging Face families exactly (``elastic.model.families`` reads their configs):
+Llama (with Llama 3's scaled RoPE and tied embeddings, as SmolLM2), Qwen2 (q/k/v biases), Qwen3
+(per-head q/k RMSNorm and a ``head_dim`` of its own) and Mistral (without a sliding window).
+
 Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj.weight``
 and so on) so that HF weights load by name. A ``LlamaStage`` holds any contiguous run of layers,
 plus the embedding (first stage) and the final norm and LM head (last stage); the whole model is
@@ -7,12 +11,16 @@ the stage that holds everything. Layers are kept in a ``ModuleDict`` keyed by th
 index, so a stage's parameter names are the same as the full model's.
 
 The attention code infers head counts from tensor shapes, so a tensor-parallel shard that holds
-``n_heads / tp`` heads runs the same code. No distributed code lives here.
+``n_heads / tp`` heads runs the same code. No distributed code lives here: where tensor
+parallelism needs a gradient summed over its ranks (the per-head q/k norms, whose weight every head
+shares), ``RMSNorm.weight_hook`` lets ``runtime/parallel/tensor.py`` wrap the weight.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +49,46 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.weight_hook: Callable[[torch.Tensor], torch.Tensor] | None = None  # see the module docstring
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As HF: normalise in at least float32, then scale in the input dtype.
         dtype = x.dtype
         h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        weight = self.weight if self.weight_hook is None else self.weight_hook(self.weight)
+        return weight * h.to(dtype)
+
+
+def rope_key(cfg: ModelConfig) -> tuple:
+    """What RoPE's frequencies depend on, hashable (the rope table's cache key)."""
+    llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    return (cfg.head_dim, cfg.rope_theta, cfg.rope_type, llama3 if cfg.rope_type == "llama3" else None)
+
+
+def inverse_frequencies(key: tuple) -> torch.Tensor:
+    """RoPE's inverse frequencies, as transformers computes them (``modeling_rope_utils``), in float64.
+
+    ``llama3``: Llama 3.1's rule. Long wavelengths (beyond original_max_len / low_freq_factor) are
+    divided by ``factor``, short ones (below original_max_len / high_freq_factor) kept, and the band
+    between interpolated smoothly.
+    """
+    head_dim, theta, rope_type, llama3 = key
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if rope_type == "default":
+        return inv_freq
+    factor, low, high, original = llama3
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_table(head_dim: int, theta: float, start: int, length: int, dtype: torch.dtype):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def _rope_table(key: tuple, start: int, length: int, dtype: torch.dtype):
+    inv_freq = inverse_frequencies(key)
     pos = torch.arange(start, start + length, dtype=torch.float64)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -90,19 +126,25 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.head_dim, self.theta = layer, cfg.head_dim, cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.layer, self.head_dim, self.rope = layer, cfg.head_dim, rope_key(cfg)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        # Qwen3: one RMSNorm over head_dim, shared by every head, before RoPE.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         # -1: a tensor-parallel shard holds n_heads / tp heads; the shapes tell how many.
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        cos, sin = _rope_table(self.head_dim, self.theta, start, t, q.dtype)
+        cos, sin = _rope_table(self.rope, start, t, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -157,15 +199,21 @@ class LlamaStage(nn.Module):
         self.layer_ids = range(cfg.n_layers) if layers is None else layers
         self.first, self.last = first, last
         self.model = _Body(cfg, self.layer_ids, first, last)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last else None
+        if cfg.tie_embeddings and last and not first:
+            raise ValueError("tied embeddings need the embedding and the LM head in one pipeline stage (pp=1)")
+        # Tied: the head is the embedding matrix itself, one Parameter (HF's tie_word_embeddings).
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         h = self.model.embed_tokens(x) if self.first else x
         for layer in self.model.layers.values():
             h = layer(h, start, cache)
-        if self.last:
-            return self.lm_head(self.model.norm(h))
-        return h
+        if not self.last:
+            return h
+        h = self.model.norm(h)
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -178,9 +226,12 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
             module = local_name.rsplit(".", 1)[0]
             style = TP_PLAN.get(module)
             tp_dim = TP_DIM[style] if style else None
+            if local_name.endswith(".bias") and style == "rowwise":
+                tp_dim = None  # a row-parallel layer adds its bias once, after the all-reduce
             specs.append(TensorSpec(f"model.layers.{i}.{local_name}", tuple(param.shape), tp_dim, "layer", i))
     specs.append(TensorSpec("model.norm.weight", (cfg.dim,), None, "head"))
-    specs.append(TensorSpec("lm_head.weight", (cfg.vocab_size, cfg.dim), None, "head"))
+    if not cfg.tie_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (cfg.vocab_size, cfg.dim), None, "head"))
     return specs
 
 

@@ -24,6 +24,7 @@ class RecipeArgs:
     steps: int | None = None
     workers: int = 4
     base: str | None = None
+    data: str | None = None  # a data file in a TRL format (JSON, JSONL, Parquet)
 
 
 @dataclass(frozen=True)

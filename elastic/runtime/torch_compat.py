@@ -64,13 +64,16 @@ def placed_linear_style(style: type[ParallelStyle], placements: dict[str, object
     B live in child modules and need placements of their own (see ``parallel/tensor.py``). The one
     hook torch calls per (sub)module while partitioning is ``_partition_linear_fn(name, module, mesh)``.
     """
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         if name not in placements:
             return
         for pname, param in list(module.named_parameters(recurse=False)):
-            placed = distribute_tensor(param, device_mesh, [placements[name]], src_data_rank=None)
+            placement = placements[name]
+            if pname == "bias" and getattr(placement, "dim", None) == 1:
+                placement = Replicate()  # a row-parallel bias is added once, after the all-reduce (as torch's style)
+            placed = distribute_tensor(param, device_mesh, [placement], src_data_rank=None)
             module.register_parameter(pname, nn.Parameter(placed, requires_grad=param.requires_grad))
 
     cls = type(f"Placed{style.__name__}", (style,), {"_partition_linear_fn": _partition_linear_fn})

@@ -6,8 +6,6 @@ loads them with no missing or unexpected keys and computes our logits.
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 
 from elastic.core.config import Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
-from elastic.model.hf import export_merged, load_hf_llama, model_config_from_hf
+from elastic.model.hf import export_merged, load_hf_model, model_config_of
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
 from elastic.model.peft_io import ADAPTER_WEIGHTS, save_peft_adapter
@@ -30,7 +28,7 @@ def test_train_lora_on_hf_base_then_load_with_peft(pool, tmp_path):
                                       initializer_range=0.1, tie_word_embeddings=False)
     base_dir = tmp_path / "base"
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(base_dir, safe_serialization=True)
-    model_cfg = model_config_from_hf(json.loads((base_dir / "config.json").read_text()))
+    model_cfg = model_config_of(base_dir)
     lora = LoraConfig(r=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
     cfg = Config(model=model_cfg, lora=lora,
                  data=DataConfig(dataset="arithmetic", seq_len=16, num_samples=500),
@@ -44,7 +42,7 @@ def test_train_lora_on_hf_base_then_load_with_peft(pool, tmp_path):
     _, state = pool.gather_tensors()
     adapters = {k: v for k, v in state.items() if ".lora_" in k and "::" not in k}
     base = {k: v for k, v in state.items() if ".lora_" not in k and "::" not in k}
-    _, hf_state = load_hf_llama(base_dir)
+    _, hf_state = load_hf_model(base_dir)
     assert all(torch.equal(base[k], hf_state[k]) for k in hf_state)  # the base stayed frozen
 
     adapter_dir = save_peft_adapter(tmp_path / "adapter", model_cfg, lora, adapters, str(base_dir))

@@ -88,5 +88,5 @@ def test_bad_datasets_are_named(tmp_path):
         build_dataset(DataConfig(dataset="nope"), 0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: cannot be read as json \(line 2 is not valid JSON"):
         build_dataset(DataConfig(dataset=str(bad)), 0)

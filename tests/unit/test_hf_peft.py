@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from elastic.core.config import ModelConfig  # noqa: E402
-from elastic.model.hf import export_merged, load_hf_llama, save_hf_llama  # noqa: E402
+from elastic.model.hf import export_merged, load_hf_model, save_hf_model  # noqa: E402
 from elastic.model.llama import LlamaStage  # noqa: E402
 from elastic.model.lora import LoraConfig, apply_lora, lora_state_dict  # noqa: E402
 from elastic.model.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter  # noqa: E402
@@ -70,21 +70,20 @@ def test_loaded_model_matches_transformers(tmp_path, variant):
     folder, hf = hf_folder(tmp_path, tied=variant == "tied", sharded=variant == "sharded")
     if variant == "sharded":
         assert len(list(folder.glob("model-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").exists()
-    cfg, state = load_hf_llama(folder)
+    cfg, state = load_hf_model(folder)
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (64, 2, 4, 2, 96)
     assert (cfg.vocab_size, cfg.max_seq_len, cfg.rope_theta, cfg.norm_eps) == (259, 128, 500.0, 1e-5)
-    if variant == "tied":  # untied on load: lm_head is its own copy of the embedding
-        assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
-        assert state["lm_head.weight"].data_ptr() != state["model.embed_tokens.weight"].data_ptr()
+    if variant == "tied":  # stays tied: the head is the embedding, no tensor of its own
+        assert cfg.tie_embeddings and "lm_head.weight" not in state
     x = tokens()
     with torch.no_grad():
         assert_close(our_model(cfg, state)(x), hf(x).logits)
 
 
-def test_save_hf_llama_round_trips_and_transformers_reads_it(tmp_path, base_folder):
-    cfg, state = load_hf_llama(base_folder)
-    save_hf_llama(tmp_path / "out", cfg, state)
-    cfg2, state2 = load_hf_llama(tmp_path / "out")
+def test_save_hf_model_round_trips_and_transformers_reads_it(tmp_path, base_folder):
+    cfg, state = load_hf_model(base_folder)
+    save_hf_model(tmp_path / "out", cfg, state)
+    cfg2, state2 = load_hf_model(tmp_path / "out")
     assert cfg2 == cfg and state2.keys() == state.keys()
     assert all(torch.equal(state2[k], state[k]) for k in state)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -103,7 +102,7 @@ LORA_CASES = {
 @pytest.mark.parametrize("case", list(LORA_CASES))
 def test_peft_loads_our_adapters_and_computes_our_logits(tmp_path, base_folder, case):
     lora_cfg = LORA_CASES[case]
-    cfg, state = load_hf_llama(base_folder)
+    cfg, state = load_hf_model(base_folder)
     ours = lora_model(cfg, state, lora_cfg)
     adapters = lora_state_dict(ours)
     adapter_dir = save_peft_adapter(tmp_path / "adapter", cfg, lora_cfg, adapters, str(base_folder))
@@ -144,7 +143,7 @@ def test_peft_loads_our_adapters_and_computes_our_logits(tmp_path, base_folder, 
 
 def test_merged_export_loads_in_transformers_with_adapter_logits(tmp_path, base_folder):
     lora_cfg = LORA_CASES["rslora-subset"]
-    cfg, state = load_hf_llama(base_folder)
+    cfg, state = load_hf_model(base_folder)
     ours = lora_model(cfg, state, lora_cfg)
     export_merged(tmp_path / "merged", cfg, state, lora_state_dict(ours), lora_cfg)
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -152,7 +151,7 @@ def test_merged_export_loads_in_transformers_with_adapter_logits(tmp_path, base_
     with torch.no_grad():
         assert_close(merged(x).logits, ours(x))
     # Untouched weights are copied bit for bit.
-    _, merged_state = load_hf_llama(tmp_path / "merged")
+    _, merged_state = load_hf_model(tmp_path / "merged")
     assert torch.equal(merged_state["model.layers.0.self_attn.k_proj.weight"],
                        state["model.layers.0.self_attn.k_proj.weight"])
     assert not torch.equal(merged_state["model.layers.0.self_attn.q_proj.weight"],
@@ -161,7 +160,7 @@ def test_merged_export_loads_in_transformers_with_adapter_logits(tmp_path, base_
 
 def test_peft_written_adapters_import(tmp_path, base_folder):
     """The other direction: an adapter PEFT itself trained and saved loads into our model with equal logits."""
-    cfg, state = load_hf_llama(base_folder)
+    cfg, state = load_hf_model(base_folder)
     base = transformers.LlamaForCausalLM.from_pretrained(base_folder)
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["k_proj", "o_proj", "up_proj"], task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(base, config)
@@ -183,20 +182,18 @@ def test_peft_written_adapters_import(tmp_path, base_folder):
 def test_bad_folders_give_clear_errors(tmp_path, base_folder):
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
-    with pytest.raises(ValueError, match=r"gpt2/config.json: architectures=\['GPT2LMHeadModel'\].*only LlamaForCausal"):
-        load_hf_llama(gpt2)
-    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt2)  # no architectures
-    with pytest.raises(ValueError, match=r"gpt2/config.json: model_type='gpt2'.*expected a Llama model"):
-        load_hf_llama(gpt2)
+    with pytest.raises(ValueError, match=r"gpt2/config.json: model_type='gpt2' is unsupported: supported families"):
+        load_hf_model(gpt2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_hf_llama(tmp_path / "nowhere")
+        load_hf_model(tmp_path / "nowhere")
     raw = json.loads((base_folder / "config.json").read_text())
     edits = {
-        "rope": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
-        "rope5": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type='yarn'"),
-        "bias": ({"attention_bias": True}, "attention_bias=True"),
+        "rope": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                 "cannot read this config.*Missing required keys.*'llama3'"),
+        "rope5": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
+        "mlp_bias": ({"mlp_bias": True}, "mlp_bias=True is unsupported"),
         "act": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        "head_dim": ({"head_dim": 32}, "head_dim=32"),
+        "arch": ({"architectures": ["MistralForCausalLM"]}, "a llama causal LM is LlamaForCausalLM"),
         "gqa": ({"num_key_value_heads": 3}, "not a multiple of model.n_kv_heads"),
     }
     for name, (edit, message) in edits.items():
@@ -205,17 +202,17 @@ def test_bad_folders_give_clear_errors(tmp_path, base_folder):
         (folder / "config.json").write_text(json.dumps({**raw, **edit}))
         (folder / "model.safetensors").write_bytes((base_folder / "model.safetensors").read_bytes())
         with pytest.raises(ValueError, match=message):
-            load_hf_llama(folder)
+            load_hf_model(folder)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps(raw))
     (pickled / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pickle"):
-        load_hf_llama(pickled)
+        load_hf_model(pickled)
 
 
 def test_bad_adapters_give_clear_errors(tmp_path, base_folder):
-    cfg, state = load_hf_llama(base_folder)
+    cfg, state = load_hf_model(base_folder)
     lora_cfg = LoraConfig(r=4, targets=("q_proj", "down_proj"))
     adapter_dir = save_peft_adapter(tmp_path / "a", cfg, lora_cfg, lora_state_dict(lora_model(cfg, state, lora_cfg)))
     narrower = ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
@@ -237,4 +234,4 @@ def test_bad_adapters_give_clear_errors(tmp_path, base_folder):
     base_copy = copy.deepcopy(state)
     del base_copy["lm_head.weight"]
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
-        save_hf_llama(tmp_path / "c", cfg, base_copy)
+        save_hf_model(tmp_path / "c", cfg, base_copy)

@@ -6,11 +6,11 @@ The loop runs under the controller with ``GRPOWorkload`` (``workload.py``), e.g.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
-from elastic.model.hf import model_config_from_hf
+from elastic.core.tokenizer import VOCAB_SIZE
+from elastic.model.hf import model_config_of
 from elastic.recipes.grpo.config import GRPOConfig
 
 
@@ -19,7 +19,11 @@ def grpo_config(base: str | Path | None = None, steps: int = 30, workers: int = 
     """GRPO on arithmetic. ``base``: an HF Llama folder (e.g. SFT-warmed); None: a random 'mini' model."""
     g = GRPOConfig(**{"num_generations": 8, "max_new_tokens": 6, "temperature": 1.0, "loss_type": "dapo", **grpo})
     if base is not None:
-        model = model_config_from_hf(json.loads((Path(base) / "config.json").read_text()), str(base))
+        model = model_config_of(base)
+        if model.vocab_size != VOCAB_SIZE:
+            raise ValueError(f"{base}: vocab_size={model.vocab_size}; the grpo recipe samples and scores with the "
+                             f"byte tokenizer ({VOCAB_SIZE} tokens) for now, so it needs one of our byte-level "
+                             "models (examples/pretrain.py --save); use the lora recipe for this folder")
     else:
         model = MODEL_PRESETS["mini"]
     return Config(model=model, sections={"grpo": g}, lora=LoraConfig(r=16, alpha=32.0) if lora else None,

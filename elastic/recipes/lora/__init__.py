@@ -1,5 +1,5 @@
-"""LoRA fine-tuning of a Hugging Face Llama folder, with PEFT adapters out (``recipe.py``) and a
-learning-rate sweep (``sweep.py``)."""
+"""LoRA fine-tuning of a Hugging Face model folder (Llama, Qwen2, Qwen3, Mistral), with PEFT adapters
+out (``recipe.py``) and a learning-rate sweep (``sweep.py``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ def _build(args: RecipeArgs):
 
     base = args.base or os.environ.get("ELASTIC_BASE")
     if not base or not (Path(base) / "config.json").is_file():
-        raise ValueError("the lora recipe needs --base FOLDER, a Hugging Face Llama folder "
+        raise ValueError("the lora recipe needs --base FOLDER, a Hugging Face model folder "
                          "(make one with: python examples/pretrain.py --save runs/pretrain/base)")
-    return lora_config(base, steps=args.steps or 200, workers=args.workers)
+    return lora_config(base, steps=args.steps or 200, workers=args.workers, data=args.data)
 
 
 def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
@@ -28,5 +28,5 @@ def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
     return [f"PEFT adapters: {save_peft_adapter(run_dir / 'adapter', cfg.model, cfg.lora, adapters)}"]
 
 
-RECIPE = Recipe("lora", "LoRA fine-tuning of --base (a Hugging Face Llama folder); writes PEFT adapters",
+RECIPE = Recipe("lora", "LoRA fine-tuning of --base (a Hugging Face folder) on --data; writes PEFT adapters",
                 _build, finish=_finish)

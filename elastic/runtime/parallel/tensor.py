@@ -9,10 +9,17 @@ replicated (small with a byte vocabulary). LoRA adapters follow their base layer
 - row-parallel base: A split on its input (like the base), B replicated. A's partial products are
   summed by the same all-reduce as the base layer's: B (sum_i A_i x_i) = sum_i B A_i x_i, so the
   adapter adds no communication.
+
+The per-head q/k norms (Qwen3) stay whole on every tp rank, but each rank applies them only to
+its own heads, so each rank's weight gradient is a partial sum over heads. ``sum_grad_over`` makes
+the weight's backward an all-reduce over tp (Megatron's "copy to tensor-parallel region"); the
+forward is the identity.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -38,3 +45,33 @@ def apply_tensor_parallel(stage: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
             else:
                 styles[path] = PLAIN[style]()
         parallelize_module(layer, tp_mesh, styles)
+    apply_head_norm_grad_sum(stage, tp_mesh)
+
+
+class _SumGradOver(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_grad_over(group):
+    """A ``RMSNorm.weight_hook`` that sums the weight's gradient over ``group``'s ranks."""
+    return lambda weight: _SumGradOver.apply(weight, group)
+
+
+def apply_head_norm_grad_sum(stage: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Per-head q/k norms: sum their gradient over tp (see the module docstring)."""
+    hook = sum_grad_over(tp_mesh.get_group())
+    for layer in stage.model.layers.values():
+        if layer.self_attn.q_norm is not None:
+            layer.self_attn.q_norm.weight_hook = hook
+            layer.self_attn.k_norm.weight_hook = hook

@@ -1,0 +1,85 @@
+"""A user's LoRA run: a random Qwen2 folder (q/k/v biases, tied embeddings, a padded vocabulary) with
+its own BPE tokenizer and ChatML template, fine-tuned on a JSONL of chats with loss on assistant
+turns only, resharded live, equal to the single-process PEFT reference (float64, 1e-9), and exported
+as an adapter that ``PeftModel.from_pretrained`` loads with the same logits (1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import peft
+import pytest
+import torch
+import transformers
+
+from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.events import Relayout
+from elastic.control.sources import ScriptedEvents
+from elastic.core.config import LoraConfig, RuntimeConfig
+from elastic.core.layout import Layout
+from elastic.recipes.lora import RECIPE
+from elastic.recipes.lora.recipe import lora_config
+from tests.helpers import worst_state_err
+from tests.reference import train_reference
+from tests.tokenizer_folder import write_tokenizer
+from tests.unit.test_families import write_folder
+
+STEPS = 6
+
+
+def write_chats(path, n: int = 40):
+    rng = random.Random(0)
+    with path.open("w") as fh:
+        for _ in range(n):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            messages = [{"role": "system", "content": "You add numbers."},
+                        {"role": "user", "content": f"What is {a} + {b}?"},
+                        {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.mark.timeout(240)
+def test_lora_on_a_qwen2_folder_with_chats(pool, tmp_path):
+    base, _ = write_folder(tmp_path / "qwen2", "qwen2-tied", vocab_size=448)
+    write_tokenizer(base)  # 400 tokens: the model's spare rows are never emitted
+    chats = write_chats(tmp_path / "chats.jsonl")
+    cfg = lora_config(base, steps=STEPS, global_batch=8, dtype="float64", data=str(chats))
+    cfg = cfg.replace(lora=LoraConfig(r=4, alpha=8.0), runtime=RuntimeConfig(workers=4, collective_timeout_s=60))
+    assert cfg.data.tokenizer == str(base) and cfg.model.family == "qwen2"
+    ref = train_reference(cfg)
+    script = ScriptedEvents({3: [Relayout(reason="test", layout=Layout.parse("dp=2,tp=2"))]})
+    options = ControllerOptions(layout=Layout.parse("fsdp=4"), sources=[script], progress=False)
+    controller = Controller(cfg, options, group=pool)
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    assert [h.layout for h in result.history] == ["fsdp=4"] * 3 + ["dp=2,tp=2"] * 3
+    err, name = worst_state_err(result.tensors, ref.tensors)
+    assert err <= 1e-9, f"{name} rel err {err:.2e}"
+    assert ref.losses[-1] < ref.losses[0]
+
+    lines = RECIPE.finish(cfg, result, tmp_path / "run", None)
+    adapter = tmp_path / "run" / "adapter"
+    assert str(adapter) in lines[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    model = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    ours = LlamaStageWithAdapters(cfg, result.tensors)
+    x = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, mine = model(input_ids=x).logits, ours(x)
+        assert ((theirs - mine).abs().max() / theirs.abs().max()).item() <= 1e-4
+    trained = [k for k in result.tensors if k.endswith("lora_B.weight")]
+    assert trained and all(result.tensors[k].abs().max() > 0 for k in trained)  # the adapters do something
+
+
+def LlamaStageWithAdapters(cfg, tensors):  # noqa: N802 (reads as the model it returns)
+    from elastic.model.llama import LlamaStage
+    from elastic.model.lora import apply_lora
+
+    model = apply_lora(LlamaStage(cfg.model).double(), cfg.lora)
+    model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k}, strict=True)
+    return model.eval()
