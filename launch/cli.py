@@ -80,9 +80,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_address(args.address)
     from elastic.control.controller import Controller, ControllerOptions
     from elastic.driver.connect import connect_ray
+    from elastic.tools.storage import persist, run_storage
 
     job = args.job_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(args.run_dir or f"runs/{job}")
+    storage = run_storage(job, args.storage_path, args.run_dir)
+    run_dir = storage.local
     connect_ray(args.address)
     options = ControllerOptions(layout=layout, objective=args.objective, min_workers=args.min_workers,
                                 max_workers=args.max_workers, watch_cluster=args.watch_cluster, job_name=job,
@@ -90,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                                 resume=args.resume, run_dir=str(run_dir))
     print(f"job {job!r}: {args.recipe}, {cfg.model.num_params() / 1e6:.1f}M parameters, "
-          f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; metrics in {run_dir}")
+          f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; outputs in {storage.shown}")
     where = f" --address {args.address}" if args.address else ""
     print(f"talk to it with: elastic events --job {job} status{where}")
     workload = recipe.workload(cfg) if recipe.workload else None
@@ -105,6 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{len(result.recoveries)} recoveries; plot it with: elastic plot {run_dir}")
     for line in recipe.finish(cfg, result, run_dir, workload) if recipe.finish else []:
         print(line)
+    persist(storage)
+    if storage.remote:
+        print(f"outputs copied to {storage.remote}")
     return 0
 
 
@@ -191,7 +196,10 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--config", help="a TOML file with [model], [train], ... sections")
     train.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("--job-name", help="name of the job's control actor (for `elastic events`)")
-    train.add_argument("--run-dir", help="where metrics.jsonl and events.jsonl go (default runs/<job>)")
+    train.add_argument("--storage-path", help="where runs are kept, a folder or a pyarrow.fs URI (s3://, gs://, "
+                                              "...); the run goes to STORAGE_PATH/<job> (default: Ray Train's "
+                                              "~/ray_results, or ELASTIC_STORAGE_PATH)")
+    train.add_argument("--run-dir", help="this run's folder exactly (overrides --storage-path)")
     train.add_argument("--objective", default="cost", choices=("cost", "use_all"),
                        help="cost: run on the layout the cost model predicts fastest; use_all: always use every worker")
     train.add_argument("--min-workers", type=int, default=1, help="pause below this many workers")

@@ -127,6 +127,15 @@ def tensors_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
     return out
 
 
+def update(named, opt: torch.optim.Optimizer, schedule, cfg: Config) -> None:
+    """One optimizer step after the backward pass: clip the global norm, step AdamW and the schedule."""
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
+    opt.step()
+    schedule.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_reference(cfg: Config, steps: int | None = None) -> Reference:
     """``steps`` optimizer steps (default ``cfg.train.steps``) of next-token prediction on the whole batch."""
     torch.manual_seed(0)  # nothing here draws from it; a stray draw would show as a mismatch, not pass silently
@@ -145,11 +154,7 @@ def train_reference(cfg: Config, steps: int | None = None) -> Reference:
                                 reduction="sum")
         loss = total / (y != -100).sum()
         loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
+        update(named, opt, schedule, cfg)
         out.losses.append(float(loss.detach()))
         out.samples.append(sorted(indices))
     out.tensors = tensors_of(model, opt)
@@ -233,11 +238,7 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
         logps = completion_logps(model, full, ids.shape[1])
         loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens)
         loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
+        update(named, opt, schedule, cfg)
         out.losses.append(float(loss.detach()))
     out.tensors = tensors_of(model, opt)
     return out

@@ -10,8 +10,9 @@ The config carries every key PEFT 0.21's ``LoraConfig`` writes, with PEFT's defa
 features we do not use, except ``peft_version`` (PEFT fills in its own on load; we are not PEFT).
 Older PEFT versions drop keys they do not know with a warning. On import, adapters that use
 features our ``LoRALinear`` does not compute (DoRA, biases, per-module rank or alpha patterns,
-layer subsets, regex targets, extra trained modules) are refused with a clear error rather than
-loaded wrongly, and every tensor's shape is checked against the base model config.
+layer subsets, regex targets, extra trained modules, aLoRA's invocation tokens, routed or
+compressed variants) are refused with a clear error rather than loaded wrongly, and every tensor's
+shape is checked against the base model config.
 
 Only safetensors are read or written (no pickle). No distributed code here.
 """
@@ -112,7 +113,25 @@ _MUST_BE_EMPTY = {
     "trainable_token_indices": "trainable token embeddings are not supported",
     "target_parameters": "adapters on raw parameters are not supported",
     "exclude_modules": "excluded modules are not supported",
+    "alora_invocation_tokens": "an aLoRA adapter applies only after its invocation tokens, and our LoRA applies "
+                               "everywhere",
+    "arrow_config": "Arrow routing among several adapters is not supported",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+    "megatron_config": "Megatron-parallel LoRA layers are not supported",
+    "velora_config": "VeLoRA's compressed activations are not supported",
+    "monteclora_config": "MonteCLoRA's sampled adapters are not supported",
+    "kasa_config": "KaSA adapters are not supported",
 }
+# Keys of PEFT's LoraConfig that do not change what a loaded adapter computes: bookkeeping, the
+# initialisation recipe (the saved tensors are what counts), and options that only apply with a
+# feature refused above. ``tests/unit/test_hf_peft.py`` checks that every key of the installed PEFT's
+# LoraConfig is in one of the three tables, so a new PEFT feature cannot load silently.
+_HARMLESS = (
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "layers_pattern", "megatron_core",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+)
 
 
 def lora_config_from_peft(raw: dict[str, Any], where: str) -> LoraConfig:

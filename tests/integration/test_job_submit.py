@@ -85,8 +85,11 @@ def test_a_driver_that_imported_ray_first_still_connects(head_node):
 @pytest.mark.timeout(300)
 def test_submitted_job_trains_and_succeeds(head_node):
     address, env = head_node
+    import shutil
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    shutil.rmtree("/tmp/elastic-submitted-storage", ignore_errors=True)  # no stale run can pass for this one
     client = JobSubmissionClient(address)
     job = None
     for _ in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
@@ -107,13 +110,16 @@ def test_submitted_job_trains_and_succeeds(head_node):
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "done: 6 steps" in logs and "dp=2 on workers [0, 1]" in logs
     assert "elastic events --job submitted status" in logs
+    # Outputs outlive Ray's temporary copy of the working directory: STORAGE_PATH/<job>, printed absolute.
+    assert "outputs in /tmp/elastic-submitted-storage/submitted" in logs
+    assert (Path("/tmp/elastic-submitted-storage/submitted") / "metrics.jsonl").is_file()
 
 
 def submit(client, env) -> str:
     return client.submit_job(
         entrypoint="elastic train --recipe pretrain --model tiny --steps 6 --workers 2 --layout dp=2 "
                    "--no-progress --job-name submitted --runtime.cpus_per_worker 0.25 "
-                   "--data.max_corpus_bytes 200000 --data.seq_len 32 --run-dir /tmp/elastic-submitted-run",
+                   "--data.max_corpus_bytes 200000 --data.seq_len 32 --storage-path /tmp/elastic-submitted-storage",
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "runs", ".git", "bench/out", "*.png"],
                      "env_vars": {"PATH": env["PATH"]}},
     )

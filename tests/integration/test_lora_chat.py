@@ -21,9 +21,9 @@ from elastic.core.config import LoraConfig, RuntimeConfig
 from elastic.core.layout import Layout
 from elastic.recipes.lora import RECIPE
 from elastic.recipes.lora.recipe import lora_config
+from elastic.tools.tiny_hf import write_tokenizer
 from tests.helpers import worst_state_err
 from tests.reference import train_reference
-from tests.tokenizer_folder import write_tokenizer
 from tests.unit.test_families import write_folder
 
 STEPS = 6

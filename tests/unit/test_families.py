@@ -131,3 +131,23 @@ def test_tied_model_refuses_pipeline_layouts():
     with pytest.raises(ValueError, match="ties its LM head to its embedding.*use pp=1"):
         Layout.parse("pp=2,mb=2").validate(cfg, global_batch=8)
     Layout.parse("dp=2,tp=2").validate(cfg, global_batch=8)
+
+
+def test_box_reads_of_a_sharded_bf16_folder_equal_the_full_tensors(tmp_path):
+    """What each rank reads at start-up (``BoxReader``, safetensors slices) from a bf16 folder saved in
+    shards (``model.safetensors.index.json``) is exactly the box of the full tensor."""
+    from elastic.model.hf import BoxReader
+
+    folder, model = write_folder(tmp_path / "in", "qwen2-tied")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="40KB")
+    sharded = tmp_path / "bf16"
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    cfg, full = load_hf_model(sharded)
+    assert all(t.dtype == torch.bfloat16 for t in full.values())
+    reader = BoxReader(sharded, cfg)
+    for name, box in [("model.embed_tokens.weight", ((0, 130), (16, 48))),
+                      ("model.layers.1.self_attn.q_proj.bias", ((32, 64),)),
+                      ("model.layers.0.mlp.down_proj.weight", ((0, 64), (48, 96)))]:
+        got = reader.read(name, box, torch.float32)
+        want = full[name][tuple(slice(lo, hi) for lo, hi in box)].float()
+        assert torch.equal(got, want), name

@@ -235,3 +235,24 @@ def test_bad_adapters_give_clear_errors(tmp_path, base_folder):
     del base_copy["lm_head.weight"]
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
         save_hf_model(tmp_path / "c", cfg, base_copy)
+
+
+def test_every_key_of_pefts_lora_config_is_judged():
+    """A key PEFT adds later must be classified (refused, or harmless) before an adapter using it loads."""
+    import dataclasses
+
+    from elastic.model import peft_io
+
+    judged = set(peft_io._MUST_BE) | set(peft_io._MUST_BE_EMPTY) | set(peft_io._HARMLESS)
+    keys = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert keys <= judged, f"PEFT LoraConfig keys nobody judged: {sorted(keys - judged)}"
+
+
+def test_alora_adapter_is_refused(tmp_path, base_folder):
+    cfg, state = load_hf_model(base_folder)
+    lora_cfg = LoraConfig(r=4, targets=("q_proj",))
+    adapter_dir = save_peft_adapter(tmp_path / "a", cfg, lora_cfg, lora_state_dict(lora_model(cfg, state, lora_cfg)))
+    raw = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps({**raw, "alora_invocation_tokens": [5, 6]}))
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[5, 6\]: an aLoRA adapter applies only after"):
+        load_peft_adapter(adapter_dir, cfg)

@@ -1,7 +1,7 @@
 """A folder's tokenizer and chat template, and TRL's dataset formats from local files.
 
 The tokenizer is a BPE trained here by ``tokenizers`` and saved with a ChatML template
-(``tests/tokenizer_folder.py``). Loss masks are checked against text written out by hand: the
+(``elastic/tools/tiny_hf.py``). Loss masks are checked against text written out by hand: the
 tokens that carry loss must decode to exactly the completion, or the assistant turns.
 """
 
@@ -18,7 +18,7 @@ from elastic.core.config import Config, DataConfig, ModelConfig, TrainConfig
 from elastic.core.data import build_dataset, check_data
 from elastic.core.dataset import IGNORE
 from elastic.core.tokenizer import HFTokenizer, check_vocabulary
-from tests.tokenizer_folder import write_tokenizer
+from elastic.tools.tiny_hf import write_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
         {"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "Bye?"},

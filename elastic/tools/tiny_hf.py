@@ -1,6 +1,10 @@
-"""A Hugging Face tokenizer folder built offline: a byte-level BPE trained by ``tokenizers`` on local
-text, with ChatML special tokens and chat template (as Qwen2's), saved by transformers'
-``save_pretrained``. The loader reads it with the same code that reads a downloaded folder.
+"""Small Hugging Face model folders built offline, for tests and examples (no hub is needed).
+
+``write_tokenizer``: a byte-level BPE trained by ``tokenizers`` on local text (the standard library's
+source), with ChatML special tokens and chat template (as Qwen2's), saved by transformers'
+``save_pretrained``. ``write_model``: a random small model of a family, saved the same way. The
+loaders read these with the same code that reads a downloaded folder. Imports torch and
+transformers only when called.
 """
 
 from __future__ import annotations
@@ -41,4 +45,19 @@ def write_tokenizer(folder: Path, vocab_size: int = 400, chat_template: str | No
     if chat_template:
         tok.chat_template = chat_template
     tok.save_pretrained(folder)
+    return folder
+
+
+def write_model(folder: Path, family: str = "qwen2", seed: int = 0, **config) -> Path:
+    """A random small causal LM of ``family`` (transformers' own classes), saved to ``folder``."""
+    import torch
+    import transformers
+
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}
+    shape = dict(vocab_size=448, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(classes[family](**{**shape, **config}))
+    model.save_pretrained(folder)
     return folder

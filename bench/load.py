@@ -1,0 +1,146 @@
+"""Loading a user's model at size: a Qwen2.5-0.5B-shaped folder (494M parameters, bf16, tied
+embeddings), random weights written once by transformers and cached under runs/bench-load/.
+
+Two ways to get from that folder to a first LoRA training step, measured in the same run:
+- this project: 4 warm workers on fsdp=4, each reading only its own boxes of the safetensors file
+  (memory-mapped slices), then one step;
+- transformers: ``from_pretrained`` of the whole folder in one process, PEFT's LoRA on it, then one
+  step of the same batch.
+
+Both exclude process start-up and imports. Reported: seconds to the first step done, and peak RSS
+per process, absolute and above the process's idle RSS (torch and Ray loaded, no model), against
+its share of the state (base weights + adapters + AdamW moments, divided by the workers).
+Target: peak RSS per worker <= 1.5x its share. Never fails on timing.
+
+Usage: python bench/load.py [--batch 4] [--seq 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "runs" / "bench-load" / "qwen2-0.5b-bf16"
+SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+             num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1000000.0)
+
+
+def write_folder() -> Path:
+    if (FOLDER / "model.safetensors").is_file():
+        return FOLDER
+    import torch
+    import transformers
+
+    print(f"writing {FOLDER} once (random weights, bf16) ...", flush=True)
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**SHAPE, dtype="bfloat16")
+    model = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(FOLDER)
+    return FOLDER
+
+
+def rss_mb() -> dict[str, float]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024 / 1e6
+    return fields
+
+
+def transformers_run(batch: int, seq: int) -> None:
+    """In a fresh process: from_pretrained + PEFT LoRA + one step. Prints RESULT json."""
+    import peft
+    import torch
+    import transformers
+
+    idle = rss_mb()["VmRSS"]
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, 259, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+    loss.backward()
+    opt.step()
+    seconds = time.perf_counter() - started
+    print("RESULT " + json.dumps({"seconds": seconds, "peak": rss_mb()["VmHWM"], "idle": idle}))
+
+
+def elastic_run(batch: int, seq: int) -> dict:
+    import ray
+
+    from elastic.core.layout import Layout, Placement
+    from elastic.driver.ray_group import RayWorkerGroup
+    from elastic.model.specs import training_specs
+    from elastic.recipes.lora.recipe import lora_config
+
+    cfg = lora_config(FOLDER, steps=100, global_batch=batch, seq_len=seq, dtype="bfloat16")
+    cfg = cfg.replace(data=cfg.data.__class__(dataset="stdlib", seq_len=seq, max_corpus_bytes=1_000_000))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    group = RayWorkerGroup(cfg)
+    try:
+        workers = tuple(group.spawn(4))
+        idle = {w: m["rss"] / 1e6 for w, m in group.memory(workers, reset_peak=True).items()}
+        started = time.perf_counter()
+        group.setup(Placement(Layout(fsdp=4), workers))
+        group.step()
+        seconds = time.perf_counter() - started
+        peaks = {w: m["peak"] / 1e6 for w, m in group.memory(workers).items()}
+    finally:
+        group.shutdown()
+        ray.shutdown()
+    state = sum(s.numel for s in training_specs(cfg)) * 2 / 1e6  # every tensor is bf16
+    return {"seconds": seconds, "peak": max(peaks.values()), "idle": max(idle.values()), "state": state}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    write_folder()
+    if args.transformers_only:
+        transformers_run(args.batch, args.seq)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    ours = elastic_run(args.batch, args.seq)
+    proc = subprocess.run([sys.executable, __file__, "--transformers-only", "--batch", str(args.batch),
+                           "--seq", str(args.seq)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise SystemExit(f"transformers run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    theirs = json.loads(lines[-1][7:])
+    share = ours["state"] / 4
+    table = Table(title=f"Load a 494M-parameter Qwen2 folder (bf16, tied) and take one LoRA r=16 step "
+                        f"(batch {args.batch} x {args.seq})")
+    for col in ("run", "processes", "s to first step", "x vs transformers", "peak RSS MB / process",
+                "above idle MB", "above idle / share of state"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    table.add_row("transformers from_pretrained + PEFT (baseline)", "1", f"{theirs['seconds']:.1f}", "1.00",
+                  f"{theirs['peak']:,.0f}", f"{theirs['peak'] - theirs['idle']:,.0f}",
+                  f"{(theirs['peak'] - theirs['idle']) / ours['state']:.2f}")
+    table.add_row("this project, fsdp=4 (box reads)", "4", f"{ours['seconds']:.1f}",
+                  f"{theirs['seconds'] / ours['seconds']:.2f}", f"{ours['peak']:,.0f}",
+                  f"{ours['peak'] - ours['idle']:,.0f}", f"{(ours['peak'] - ours['idle']) / share:.2f}")
+    Console(width=170).print(table)
+    print(f"state: {ours['state']:,.0f} MB (bf16 base + adapters + moments); share per worker {share:,.0f} MB; "
+          f"idle worker RSS {ours['idle']:,.0f} MB; x vs transformers: its seconds / ours (above 1: we are faster); "
+          f"the baseline's share is the whole state (one process)")
+    above, absolute = (ours["peak"] - ours["idle"]) / share, ours["peak"] / share
+    print(f"target peak RSS per worker <= 1.5x its share: absolute {absolute:.2f}x "
+          f"({'met' if absolute <= 1.5 else 'NOT met'}), above idle {above:.2f}x "
+          f"({'met' if above <= 1.5 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
