@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/recovery.py | tee bench/out/recovery.txt
 	$(BIN)/python bench/lora.py | tee bench/out/lora.txt
 	$(BIN)/python bench/grpo_phases.py | tee bench/out/grpo_phases.txt
+	$(BIN)/python bench/load.py | tee bench/out/load.txt
 	$(BIN)/python bench/plan_scale.py --quick | tee bench/out/plan_scale.txt
 	$(BIN)/python bench/to_readme.py
 

@@ -7,17 +7,19 @@ Two ways to get from that folder to a first LoRA training step, measured in the 
 - transformers: ``from_pretrained`` of the whole folder in one process, PEFT's LoRA on it, then one
   step of the same batch.
 
-Both exclude process start-up and imports. Reported: seconds to the first step done, and peak RSS
-per process, absolute and above the process's idle RSS (torch and Ray loaded, no model), against
-its share of the state (base weights + adapters + AdamW moments, divided by the workers).
+Both exclude process start-up and imports. Reported: seconds to loaded and to the first step done,
+and peak RSS per process at both points, above the process's idle RSS (torch and Ray loaded, no
+model), against its share of the state (base weights + adapters + AdamW moments, divided by the
+workers; the whole state for the one-process baseline).
 Target: peak RSS per worker <= 1.5x its share. Never fails on timing.
 
-Usage: python bench/load.py [--batch 4] [--seq 64]
+Usage: python bench/load.py [--batch 4] [--seq 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,6 +33,11 @@ SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hid
 
 
 def write_folder() -> Path:
+    if not (FOLDER / "tokenizer.json").is_file():
+        from elastic.tools.tiny_hf import write_tokenizer
+
+        FOLDER.mkdir(parents=True, exist_ok=True)
+        write_tokenizer(FOLDER)  # a small BPE: a real folder's tokenizer would be larger, the model the same
     if (FOLDER / "model.safetensors").is_file():
         return FOLDER
     import torch
@@ -62,6 +69,7 @@ def transformers_run(batch: int, seq: int) -> None:
     idle = rss_mb()["VmRSS"]
     started = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)
+    loaded, load_peak = time.perf_counter() - started, rss_mb()["VmHWM"]
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -70,7 +78,8 @@ def transformers_run(batch: int, seq: int) -> None:
     loss.backward()
     opt.step()
     seconds = time.perf_counter() - started
-    print("RESULT " + json.dumps({"seconds": seconds, "peak": rss_mb()["VmHWM"], "idle": idle}))
+    print("RESULT " + json.dumps({"seconds": seconds, "peak": rss_mb()["VmHWM"], "idle": idle, "load": loaded,
+                                  "load_peak": load_peak}))
 
 
 def elastic_run(batch: int, seq: int) -> dict:
@@ -82,7 +91,8 @@ def elastic_run(batch: int, seq: int) -> dict:
     from elastic.recipes.lora.recipe import lora_config
 
     cfg = lora_config(FOLDER, steps=100, global_batch=batch, seq_len=seq, dtype="bfloat16")
-    cfg = cfg.replace(data=cfg.data.__class__(dataset="stdlib", seq_len=seq, max_corpus_bytes=1_000_000))
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
+                      runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300))
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     group = RayWorkerGroup(cfg)
     try:
@@ -90,6 +100,8 @@ def elastic_run(batch: int, seq: int) -> dict:
         idle = {w: m["rss"] / 1e6 for w, m in group.memory(workers, reset_peak=True).items()}
         started = time.perf_counter()
         group.setup(Placement(Layout(fsdp=4), workers))
+        loaded = time.perf_counter() - started
+        load_peak = max(m["peak"] / 1e6 for m in group.memory(workers).values())
         group.step()
         seconds = time.perf_counter() - started
         peaks = {w: m["peak"] / 1e6 for w, m in group.memory(workers).items()}
@@ -97,13 +109,14 @@ def elastic_run(batch: int, seq: int) -> dict:
         group.shutdown()
         ray.shutdown()
     state = sum(s.numel for s in training_specs(cfg)) * 2 / 1e6  # every tensor is bf16
-    return {"seconds": seconds, "peak": max(peaks.values()), "idle": max(idle.values()), "state": state}
+    return {"seconds": seconds, "peak": max(peaks.values()), "idle": max(idle.values()), "state": state,
+            "load": loaded, "load_peak": load_peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=16)  # bf16 matmuls are slow on this CPU: a small step
     parser.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     write_folder()
@@ -123,23 +136,25 @@ def main() -> None:
     share = ours["state"] / 4
     table = Table(title=f"Load a 494M-parameter Qwen2 folder (bf16, tied) and take one LoRA r=16 step "
                         f"(batch {args.batch} x {args.seq})")
-    for col in ("run", "processes", "s to first step", "x vs transformers", "peak RSS MB / process",
-                "above idle MB", "above idle / share of state"):
+    for col in ("run", "processes", "s to loaded", "s to first step", "x vs transformers",
+                "peak RSS MB loaded", "peak RSS MB after step", "above idle / share: loaded", "after step"):
         table.add_column(col, justify="right" if col != "run" else "left")
-    table.add_row("transformers from_pretrained + PEFT (baseline)", "1", f"{theirs['seconds']:.1f}", "1.00",
-                  f"{theirs['peak']:,.0f}", f"{theirs['peak'] - theirs['idle']:,.0f}",
-                  f"{(theirs['peak'] - theirs['idle']) / ours['state']:.2f}")
-    table.add_row("this project, fsdp=4 (box reads)", "4", f"{ours['seconds']:.1f}",
-                  f"{theirs['seconds'] / ours['seconds']:.2f}", f"{ours['peak']:,.0f}",
-                  f"{ours['peak'] - ours['idle']:,.0f}", f"{(ours['peak'] - ours['idle']) / share:.2f}")
+    for name, r, n, part in (("transformers from_pretrained + PEFT (baseline)", theirs, 1, ours["state"]),
+                             ("this project, fsdp=4 (box reads)", ours, 4, share)):
+        table.add_row(name, str(n), f"{r['load']:.1f}", f"{r['seconds']:.1f}",
+                      f"{theirs['seconds'] / r['seconds']:.2f}",
+                      f"{r['load_peak']:,.0f}", f"{r['peak']:,.0f}", f"{(r['load_peak'] - r['idle']) / part:.2f}",
+                      f"{(r['peak'] - r['idle']) / part:.2f}")
     Console(width=170).print(table)
     print(f"state: {ours['state']:,.0f} MB (bf16 base + adapters + moments); share per worker {share:,.0f} MB; "
           f"idle worker RSS {ours['idle']:,.0f} MB; x vs transformers: its seconds / ours (above 1: we are faster); "
-          f"the baseline's share is the whole state (one process)")
-    above, absolute = (ours["peak"] - ours["idle"]) / share, ours["peak"] / share
-    print(f"target peak RSS per worker <= 1.5x its share: absolute {absolute:.2f}x "
-          f"({'met' if absolute <= 1.5 else 'NOT met'}), above idle {above:.2f}x "
-          f"({'met' if above <= 1.5 else 'NOT met'})")
+          f"the baseline's share is the whole state (one process); transformers maps the file lazily, so its "
+          f"'loaded' comes before the weights are read")
+    for what, peak in (("loaded", ours["load_peak"]), ("after the first step", ours["peak"])):
+        above, absolute = (peak - ours["idle"]) / share, peak / share
+        print(f"target peak RSS per worker <= 1.5x its share, {what}: absolute {absolute:.2f}x "
+              f"({'met' if absolute <= 1.5 else 'NOT met'}), above idle {above:.2f}x "
+              f"({'met' if above <= 1.5 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,14 @@ SECTIONS = (
     ("grpo_phases", "GRPO rollout/update phases",
      "Whether a phase relayout pays for itself, decided by the cost model."),
     ("throughput", "Step throughput per layout", "Two processes share 2 cores, so parallel layouts cannot beat one."),
+    ("load", "Loading a user's model at size",
+     "A 494M-parameter Qwen2 folder in bf16, to the first LoRA step, against transformers + PEFT in one process. "
+     "transformers maps the file lazily, so its 'loaded' point comes before the weights are read."),
 )
 # Log lines (the controller's, Ray's, progress bars), the exit code, and per-run progress lines that the
 # tables repeat ("  dp=4 -> dp=2,tp=2: live ..." and "  torchrun-kill: {...}").
 NOISE = re.compile(r"^(\[step \d+\]|worker \d+ failed to start|.*\(raylet\)|.*it/s\]|\s*\d+%\||EXIT \d+$"
-                   r"|\s+\S.* -> .*: live |\s+[a-z]+-[a-z]+: \{)")
+                   r"|\s+\S.* -> .*: live |\s+[a-z]+-[a-z]+: \{|writing .* once)")
 
 
 def cleaned(text: str) -> str:
