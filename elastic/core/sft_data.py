@@ -129,9 +129,15 @@ class RecordsDataset(Dataset):
         self.format = detect_format(rows, path)
         self.samples = [tokenize_row(tok, row, self.format, f"{path} row {i}") for i, row in enumerate(rows)]
         self.truncated = sum(len(ids) > seq_len + 1 for ids, _ in self.samples)
+        # A sample whose loss tokens all lie beyond the cut trains nothing; a batch of only such samples
+        # would divide by zero target tokens.
+        self.no_loss = sum(not any(mask[1: seq_len + 1]) for _, mask in self.samples)
+        if self.no_loss == len(rows):
+            raise ValueError(f"{path}: truncated to data.seq_len={seq_len}, no sample keeps a token that carries "
+                             f"loss (the {self.format} format's loss starts later); raise data.seq_len")
         if self.truncated:
-            log.info("%s: %d of %d samples truncated to %d tokens (data.seq_len + 1)", path, self.truncated,
-                     len(rows), seq_len + 1)
+            log.info("%s: %d of %d samples truncated to %d tokens (data.seq_len + 1), %d of them with no loss "
+                     "token left", path, self.truncated, len(rows), seq_len + 1, self.no_loss)
         self.n_holdout = max(1, int(len(rows) * holdout_fraction)) if holdout_fraction > 0 else 0
         self.n_train = len(rows) - self.n_holdout
 

@@ -101,6 +101,8 @@ def test_bad_inputs_are_one_clear_error(tmp_path, tok_dir):
         build_dataset(DataConfig(dataset=str(tmp_path / "c.jsonl")), 0)
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
         HFTokenizer(tmp_path)
+    with pytest.raises(ValueError, match="no sample keeps a token that carries loss.*raise data.seq_len"):
+        dataset(write_jsonl(tmp_path / "long.jsonl", [{"messages": CHAT}] * 2), tok_dir, seq_len=8)
     with pytest.raises(ValueError, match="has no assistant turn"):
         dataset(write_jsonl(tmp_path / "u.jsonl", [{"messages": CHAT[:2]}] * 2), tok_dir)
 
