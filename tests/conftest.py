@@ -20,7 +20,7 @@ from elastic.driver.connect import token_auth_ready
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 token_auth_ready()
 
-DEV_EXTRAS = ("transformers", "datasets", "peft", "hypothesis", "pytest_timeout")  # [dev] and runtime
+DEV_EXTRAS = ("transformers", "datasets", "peft", "trl", "hypothesis", "pytest_timeout")  # [dev] and runtime
 
 
 def pytest_configure(config):

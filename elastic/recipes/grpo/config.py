@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from elastic.core.config import Config, knob, register_section
 from elastic.recipes.grpo.advantage import CORRECTIONS, SCALE_REWARDS
-from elastic.recipes.grpo.loss import LOSS_TYPES
+from elastic.recipes.grpo.loss import LOSS_TYPES, PolicyKnobs
 from elastic.recipes.grpo.noise import FlipRates
 from elastic.recipes.grpo.rewards import TASKS
 
@@ -45,7 +45,16 @@ class GRPOConfig:
                                             "(DAPO's clip-higher uses 0.28)")
     beta: float = knob(0.0, "weight of the k3 KL penalty to the reference model; 0 needs no reference model")
     loss_type: str = knob("dapo", f"loss aggregation, one of {', '.join(LOSS_TYPES)} (see recipes/grpo/loss.py)")
-    scale_rewards: str = knob("group", f"advantage std scaling, one of {', '.join(SCALE_REWARDS)}")
+    scale_rewards: str = knob("group", f"advantage std scaling, one of {', '.join(SCALE_REWARDS)}; TRL's "
+                                       "True/False mean group/none")
+    importance_sampling_level: str = knob("token", "importance ratio per token, or per sequence (GSPO)")
+    delta: float | None = knob(None, "two-sided clipping: cap the ratio at delta inside the PPO min (None: off)")
+    mask_truncated_completions: bool = knob(False, "no loss on completions that hit max_new_tokens without EOS; "
+                                                   "TRL counts num_items_in_batch after this masking")
+    top_entropy_quantile: float = knob(1.0, "train only on the highest-entropy tokens (1.0: all); below 1 is not "
+                                            "supported yet")
+    sapo_temperature_pos: float = knob(1.0, "SAPO's gate temperature for positive advantages")
+    sapo_temperature_neg: float = knob(1.05, "SAPO's gate temperature for non-positive advantages")
     num_iterations: int = knob(1, "gradient steps per generated batch (mu); > 1 reuses stored old log-probs")
     correction: str = knob("none", f"reward-noise correction of the advantages, one of {', '.join(CORRECTIONS)}")
     rho_plus: float = knob(0.0, "false-positive rate P(observed 1 | true 0) of the reward")
@@ -57,6 +66,11 @@ class GRPOConfig:
     calibration_size: int = knob(512, "samples in the calibration set (estimate_rates only)")
 
     def __post_init__(self) -> None:
+        # TRL's aliases: scale_rewards=True is "group", False is "none" (also as the strings of a flag or TOML).
+        alias = {True: "group", False: "none", "true": "group", "false": "none"}
+        key = self.scale_rewards.lower() if isinstance(self.scale_rewards, str) else self.scale_rewards
+        if isinstance(key, bool) or key in ("true", "false"):
+            object.__setattr__(self, "scale_rewards", alias[key])
         _require(self.task in TASKS, f"grpo.task={self.task!r} is not one of {sorted(TASKS)}")
         _require(self.reward_fn == "" or (self.reward_fn.count(":") == 1 and all(self.reward_fn.split(":"))),
                  f"grpo.reward_fn={self.reward_fn!r} must be empty or an import path 'package.module:function'")
@@ -76,6 +90,17 @@ class GRPOConfig:
         _require(self.loss_type in LOSS_TYPES, f"grpo.loss_type={self.loss_type!r} is not one of {LOSS_TYPES}")
         _require(self.scale_rewards in SCALE_REWARDS,
                  f"grpo.scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}")
+        try:
+            _ = self.knobs  # PolicyKnobs validates the level and delta
+        except ValueError as err:
+            raise ValueError(f"grpo.{err}") from None
+        _require(_is_number(self.top_entropy_quantile) and self.top_entropy_quantile == 1.0,
+                 f"grpo.top_entropy_quantile={self.top_entropy_quantile!r}: only 1.0 is supported; a quantile of the "
+                 "token entropies must be taken over the whole global batch to stay layout-independent, which is "
+                 "not built yet")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, f"grpo.{name}={value!r} must be > 0")
         _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
                  f"grpo.num_iterations={self.num_iterations!r} must be an integer >= 1")
         _require(self.correction in CORRECTIONS, f"grpo.correction={self.correction!r} is not one of {CORRECTIONS}")
@@ -97,6 +122,12 @@ class GRPOConfig:
                  "the noise, or set the rates to 0")
         _require(isinstance(self.calibration_size, int) and self.calibration_size >= 2,
                  f"grpo.calibration_size={self.calibration_size!r} must be an integer >= 2 (both labels must appear)")
+
+    @property
+    def knobs(self) -> PolicyKnobs:
+        """The policy term's options, as ``recipes/grpo/loss.py`` takes them."""
+        return PolicyKnobs(self.epsilon, self.epsilon_high, self.beta, self.importance_sampling_level, self.delta,
+                           self.sapo_temperature_pos, self.sapo_temperature_neg)
 
     @property
     def flip_rates(self) -> FlipRates:

@@ -93,6 +93,9 @@ class GRPOLoop:
                                                 self.grpo.scale_rewards)
         width = tokens.shape[1]
         mask = torch.arange(width)[None, :] < lengths[:, None]
+        if self.grpo.mask_truncated_completions:  # TRL: no loss on a completion cut off before its EOS
+            truncated = tokens[torch.arange(len(tokens)), lengths - 1] != self.tok.eos_id
+            mask &= ~truncated[:, None]
         rows = {"input_ids": torch.cat([prompt_ids, tokens], dim=1), "mask": mask, "advantages": advantages}
         for key in ("old", "ref"):
             if key in parts[0]:

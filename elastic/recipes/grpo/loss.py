@@ -20,6 +20,8 @@ of a per-sequence contribution c_i, divided by a normaliser N taken from the GLO
     "bnpo"     sum_t loss_t m_t                 completion tokens sum_i T_i        sum / mask.sum()
     "dr_grpo"  sum_t loss_t m_t                 B * max_completion_length          sum / (B * max_completion_length)
     "dapo"     sum_t loss_t m_t                 num_items_in_batch (see below)     sum / num_items_in_batch
+    "cispo"    sum_t loss_t m_t                 num_items_in_batch                 as dapo
+    "sapo"     sum_t loss_t m_t / max(T_i, 1)   number of sequences B              as grpo
 
 (T_i = tokens in sequence i's completion mask.) A data-parallel rank or micro-batch computes
 ``LossTerms.loss_sum`` over its own sequences and divides by the global N; the ranks' losses, and
@@ -30,16 +32,21 @@ How TRL gets these numbers in a multi-process run (and where we differ):
 - "grpo" and "dr_grpo": each micro-batch divides by its local B (and B * max_completion_length),
   then by the gradient-accumulation steps, and DDP averages over processes. With TRL's equal-sized
   micro-batches this is exactly the global N above.
-- "dapo": TRL computes ``num_items_in_batch = gather(completion_mask.sum(1)).sum()`` over the whole
-  generation batch (all processes and all accumulation micro-batches of the optimizer step), BEFORE
-  ``mask_truncated_completions`` zeroes truncated completions. Each micro-batch's loss is
+- "dapo": TRL 1.x computes ``num_items_in_batch = gather(loss_mask.sum()).sum()`` over the whole
+  generation batch (all processes and all accumulation micro-batches of the optimizer step), AFTER
+  ``mask_truncated_completions`` zeroed truncated completions. Each micro-batch's loss is
   ``sum / (num_items_in_batch / num_processes)`` with no division by accumulation steps, and DDP's
   averaging divides by num_processes again, so the step's gradient is that of sum_all / num_items_in_batch.
-  We do not mask truncated completions, so ``num_items_in_batch`` defaults to the global token count;
-  pass it explicitly to reproduce TRL with truncation masking.
+  (TRL 0.x counted before ``mask_truncated_completions``; TRL 1.x counts after it, as we do.)
 - "bnpo": TRL normalises by the LOCAL token count of each micro-batch (its docs say results vary with
   the local batch size). That cannot be split-invariant, so we use the global token count, which is
   TRL's single-process, no-accumulation value. (It then equals "dapo" whenever no tokens are masked out.)
+
+TRL 1.x's policy-term knobs (``PolicyKnobs``: GSPO's sequence-level ratio, ``delta`` two-sided
+clipping, CISPO's detached clipped ratio times the log-prob, SAPO's sigmoid gate) act per token or per
+sequence, so they keep the split invariance; ``tests/unit/test_trl_knobs.py`` runs TRL's own
+``_compute_loss`` on fixed tensors for each. ``mask_truncated_completions`` is applied to the mask on
+the driver before the global counts are taken, which is TRL 1.x's current rule for num_items_in_batch.
 
 Metrics follow TRL's definitions (low clip: coef_1 < 1 - epsilon and A < 0; high clip: coef_1 > 1 +
 epsilon_high and A > 0; region = either; mean k3 KL over completion tokens), but are kept as global
@@ -53,7 +60,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+PER_SEQUENCE_MEAN = ("grpo", "sapo")  # c_i is a per-sequence mean; N is the number of sequences
 
 
 def _check_loss_type(loss_type: str) -> None:
@@ -97,14 +106,14 @@ class GlobalBatch:
     def normaliser(self, loss_type: str) -> float:
         """N in loss = sum_i c_i / N (see the module docstring)."""
         _check_loss_type(loss_type)
-        if loss_type == "grpo":
+        if loss_type in PER_SEQUENCE_MEAN:
             return float(self.num_sequences)
         if loss_type == "dr_grpo":
             return float(self.num_sequences * self.max_completion_length)
         if loss_type == "bnpo":
             return float(max(self.num_tokens, 1))  # TRL: completion_mask.sum().clamp(min=1.0)
         items = self.num_tokens if self.num_items_in_batch is None else self.num_items_in_batch
-        return float(max(items, 1))  # guards an all-masked batch; TRL divides without a clamp
+        return float(max(items, 1))  # "dapo", "cispo": TRL's num_items_in_batch.clamp(min=1.0)
 
 
 @dataclass
@@ -158,52 +167,110 @@ def _check_shapes(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Ten
             raise ValueError(f"{name} has shape {tuple(tensor.shape)} but logps has {tuple(logps.shape)}")
 
 
+@dataclass(frozen=True)
+class PolicyKnobs:
+    """TRL 1.x's knobs of the policy term, with TRL's names and defaults (``GRPOConfig``).
+
+    - ``importance_sampling_level``: "token" (one ratio per token) or "sequence" (GSPO: the exp of the
+      mean token log-ratio of the sequence, one ratio per sequence);
+    - ``delta``: two-sided clipping, coef_1 = min(coef_1, delta) inside the PPO min (None: off);
+    - ``sapo_temperature_pos`` / ``_neg``: SAPO's soft gate temperatures for A > 0 and A <= 0.
+
+    Every knob acts per token or per sequence, so a shard's terms still sum to the whole batch's.
+    """
+
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    importance_sampling_level: str = "token"
+    delta: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+    def __post_init__(self) -> None:
+        if self.importance_sampling_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r} is not one of "
+                             f"{IMPORTANCE_LEVELS}")
+        if self.delta is not None and not self.delta > 1:
+            raise ValueError(f"delta={self.delta!r} must be > 1 (it caps the ratio from above; None turns it off)")
+
+    @property
+    def high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def importance_weights(logps: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """TRL's coef_1: exp(log-ratio) per token [B, T], or per sequence [B, 1] (GSPO)."""
+    log_ratio = logps - old
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    return torch.exp(log_ratio)
+
+
 def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                    ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, epsilon_high: float | None = None,
-                   beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """TRL's unmasked per-token loss [B, T], the importance ratio coef_1, and the k3 KL (or None)."""
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+                   beta: float = 0.0, *, loss_type: str = "dapo", mask: torch.Tensor | None = None,
+                   knobs: PolicyKnobs | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """TRL's unmasked per-token loss ([B, T], or [B, 1] for a sequence-level policy term without KL), the
+    importance ratio coef_1 as the clip metrics see it, and the k3 KL (or None)."""
+    k = knobs or PolicyKnobs(epsilon, epsilon_high, beta)
     old = logps.detach() if old_logps is None else old_logps
-    coef_1 = torch.exp(logps - old)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+    mask = torch.ones_like(logps) if mask is None else mask.to(logps.dtype)
+    coef_1 = importance_weights(logps, old, mask, k.importance_sampling_level)
     adv = advantages.to(logps.dtype).unsqueeze(1)
-    loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if loss_type == "cispo":  # CISPO: a clipped, detached ratio weighting the plain policy gradient
+        loss = -torch.clamp(coef_1, max=k.high).detach() * adv * logps
+    elif loss_type == "sapo":  # SAPO: a smooth sigmoid gate instead of the hard clip
+        temperature = torch.where(adv > 0, k.sapo_temperature_pos, k.sapo_temperature_neg)
+        loss = -torch.sigmoid(temperature * (coef_1 - 1)) * 4 / temperature * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - k.epsilon, 1 + k.high)
+        if k.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=k.delta)
+        loss = -torch.min(coef_1 * adv, coef_2 * adv)
     kl = None
     if ref_logps is not None:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-    if beta != 0.0:
+        diff = ref_logps - logps
+        kl = torch.exp(diff) - diff - 1
+    if k.beta != 0.0:
         if kl is None:
-            raise ValueError(f"beta={beta} weights a KL penalty to the reference model; pass ref_logps "
+            raise ValueError(f"beta={k.beta} weights a KL penalty to the reference model; pass ref_logps "
                              "(the reference model's per-token log-probs) or set beta=0")
-        loss = loss + beta * kl
+        loss = loss + k.beta * kl
     return loss, coef_1, kl
 
 
 def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor, *,
                     old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
                     epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
-                    loss_type: str = "dapo") -> LossTerms:
+                    loss_type: str = "dapo", knobs: PolicyKnobs | None = None) -> LossTerms:
     """One shard's ``LossTerms``: logps, old_logps, ref_logps and completion_mask are [B, T], advantages [B].
 
     ``logps`` are the current policy's per-token log-probs of the sampled completion tokens (with
-    gradient); ``old_logps=None`` means num_iterations = 1 (old = current, detached).
+    gradient); ``old_logps=None`` means num_iterations = 1 (old = current, detached). ``knobs``
+    (TRL 1.x's policy-term options) replaces epsilon, epsilon_high and beta when given.
     """
     _check_loss_type(loss_type)
     _check_shapes(logps, advantages, completion_mask, {"old_logps": old_logps, "ref_logps": ref_logps})
+    k = knobs or PolicyKnobs(epsilon, epsilon_high, beta)
     mask = completion_mask.to(logps.dtype)
-    loss, coef_1, kl = per_token_loss(logps, advantages, old_logps, ref_logps, epsilon, epsilon_high, beta)
+    loss, coef_1, kl = per_token_loss(logps, advantages, old_logps, ref_logps, loss_type=loss_type, mask=mask,
+                                      knobs=k)
     masked = loss * mask
-    if loss_type == "grpo":
+    if loss_type in PER_SEQUENCE_MEAN:
         loss_sum = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
     else:
         loss_sum = masked.sum()
     with torch.no_grad():
-        epsilon_high = epsilon if epsilon_high is None else epsilon_high
         adv = advantages.unsqueeze(1)
-        low = (coef_1 < 1 - epsilon) & (adv < 0)
-        high = (coef_1 > 1 + epsilon_high) & (adv > 0)
         zero = mask.new_zeros(())
+        if loss_type == "cispo":  # TRL's cispo_clip_ratio, counted as "high"
+            low, high = torch.zeros_like(coef_1, dtype=torch.bool), (coef_1 > k.high) & (adv > 0)
+        elif loss_type == "sapo":  # no hard clip
+            low = high = torch.zeros_like(coef_1, dtype=torch.bool)
+        else:
+            low = (coef_1 < 1 - k.epsilon) & (adv < 0)
+            high = (coef_1 > 1 + k.high) & (adv > 0)
         return LossTerms(
             loss_type=loss_type,
             loss_sum=loss_sum,

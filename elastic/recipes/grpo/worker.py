@@ -112,8 +112,7 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
         raise ValueError(f"rank {engine.rank} got no sequences; use fewer data-parallel ranks than sequences")
     logps = token_logps(engine.module, shard["input_ids"], prompt_len)
     terms = grpo_loss_terms(logps, shard["advantages"].to(logps.dtype), shard["mask"], old_logps=shard.get("old"),
-                            ref_logps=shard.get("ref"), epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high,
-                            beta=grpo.beta, loss_type=grpo.loss_type)
+                            ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs)
     loss = terms.loss_sum / normaliser
     loss.backward()
     loss_total += loss.detach().double()

@@ -1,0 +1,143 @@
+"""TRL 1.x's GRPO knobs against TRL's own ``GRPOTrainer._compute_loss``, on fixed tensors.
+
+TRL's method runs unmodified on a stand-in ``self`` that holds the config values it reads and
+hands it our fixed per-token log-probs (one process, no gradient accumulation). Ours must give the
+same loss and the same gradient, and its shards' losses must still sum to the whole batch's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from trl.trainer import grpo_trainer as trl_grpo
+
+from elastic.recipes.grpo.config import GRPOConfig
+from elastic.recipes.grpo.loss import GlobalBatch, PolicyKnobs, grpo_loss_terms
+
+F64 = torch.float64
+MAX_LEN = 6
+
+
+class _Accelerator:
+    """One process: gathering and reducing return their input."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+
+def trl_loss(knobs: PolicyKnobs, loss_type: str, logps, old, ref, adv, mask, num_items=None):
+    """TRL's ``_compute_loss`` on these tensors (its own code, a stand-in trainer)."""
+    args = SimpleNamespace(delta=knobs.delta, use_bias_correction_kl=False, steps_per_generation=1,
+                           sapo_temperature_pos=knobs.sapo_temperature_pos,
+                           sapo_temperature_neg=knobs.sapo_temperature_neg)
+    trainer = SimpleNamespace(
+        args=args, beta=knobs.beta, loss_type=loss_type, epsilon_low=knobs.epsilon, epsilon_high=knobs.high,
+        importance_sampling_level=knobs.importance_sampling_level, top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
+        aux_loss_enabled=False, _entropy_bonus_enabled=False, max_completion_length=MAX_LEN,
+        current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True), accelerator=_Accelerator(),
+        _metrics={"train": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
+    inputs = {"prompt_ids": torch.zeros(logps.shape[0], 2, dtype=torch.long),
+              "prompt_mask": torch.ones(logps.shape[0], 2, dtype=torch.long),
+              "completion_ids": torch.zeros_like(logps, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum() if num_items is None else torch.tensor(float(num_items))}
+    return trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+def batch(seed: int = 0, n: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([6, 1, 3, 0, 4, 2])[:n]
+    mask = (torch.arange(MAX_LEN) < lengths.unsqueeze(1)).to(F64)
+    old = -torch.rand(n, MAX_LEN, generator=gen, dtype=F64) * 3
+    logps = (old + torch.randn(n, MAX_LEN, generator=gen, dtype=F64) * 0.4).requires_grad_(True)
+    ref = old + torch.randn(n, MAX_LEN, generator=gen, dtype=F64) * 0.2
+    adv = torch.randn(n, generator=gen, dtype=F64)
+    return logps, old, ref, adv, mask
+
+
+CASES = {
+    "gspo (sequence-level ratio)": ("grpo", PolicyKnobs(importance_sampling_level="sequence")),
+    "gspo + dapo + kl": ("dapo", PolicyKnobs(importance_sampling_level="sequence", beta=0.05)),
+    "two-sided clip (delta)": ("dapo", PolicyKnobs(delta=1.3, epsilon_high=0.28)),
+    "delta + bnpo + kl": ("bnpo", PolicyKnobs(delta=1.1, beta=0.04)),
+    "cispo": ("cispo", PolicyKnobs(epsilon_high=1.2)),
+    "cispo, sequence level": ("cispo", PolicyKnobs(epsilon_high=1.1, importance_sampling_level="sequence")),
+    "sapo": ("sapo", PolicyKnobs()),
+    "sapo + kl + other temperatures": ("sapo", PolicyKnobs(beta=0.1, sapo_temperature_pos=2.0,
+                                                           sapo_temperature_neg=0.5)),
+    "dr_grpo with delta": ("dr_grpo", PolicyKnobs(delta=1.2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_knob_equals_trl_and_stays_split_invariant(case):
+    loss_type, knobs = CASES[case]
+    logps, old, ref, adv, mask = batch()
+    theirs = trl_loss(knobs, loss_type, logps, old, ref, adv, mask)
+    (their_grad,) = torch.autograd.grad(theirs, logps)
+    whole = GlobalBatch.of(mask, MAX_LEN)
+    ours = grpo_loss_terms(logps, adv, mask, old_logps=old, ref_logps=ref, loss_type=loss_type, knobs=knobs)
+    torch.testing.assert_close(ours.loss(whole), theirs, atol=1e-12, rtol=0)
+    (our_grad,) = torch.autograd.grad(ours.loss(whole), logps)
+    torch.testing.assert_close(our_grad, their_grad, atol=1e-12, rtol=0)
+    # Three data-parallel shards, each over the global normaliser, sum to the whole.
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    shards = [grpo_loss_terms(logps[s], adv[s], mask[s], old_logps=old[s], ref_logps=ref[s], loss_type=loss_type,
+                              knobs=knobs).loss(whole) for s in parts]
+    torch.testing.assert_close(sum(shards), theirs, atol=1e-12, rtol=0)
+
+
+def test_mask_truncated_completions_uses_trls_count_after_masking():
+    """TRL 1.x zeroes truncated completions' masks, then counts num_items_in_batch from the masked mask."""
+    logps, old, ref, adv, mask = batch()
+    truncated = mask.sum(-1) == MAX_LEN  # no EOS within max_completion_length
+    assert truncated.any()
+    masked = mask * (~truncated).unsqueeze(1)
+    knobs = PolicyKnobs()
+    theirs = trl_loss(knobs, "dapo", logps, old, ref, adv, masked, num_items=int(masked.sum()))
+    ours = grpo_loss_terms(logps, adv, masked, old_logps=old, ref_logps=ref, loss_type="dapo", knobs=knobs)
+    torch.testing.assert_close(ours.loss(GlobalBatch.of(masked, MAX_LEN)), theirs, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("given,expected", [(True, "group"), (False, "none"), ("batch", "batch"),
+                                            ("true", "group"), ("False", "none")])
+def test_scale_rewards_accepts_trls_boolean_aliases(given, expected):
+    assert GRPOConfig(scale_rewards=given).scale_rewards == expected
+
+
+def test_bad_knobs_are_one_clear_error():
+    with pytest.raises(ValueError, match="importance_sampling_level='word' is not one of"):
+        GRPOConfig(importance_sampling_level="word")
+    with pytest.raises(ValueError, match="delta=0.9 must be > 1"):
+        GRPOConfig(delta=0.9)
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        GRPOConfig(top_entropy_quantile=0.2)
+
+
+def test_the_loop_masks_truncated_completions_before_counting():
+    """Driver side: a completion that used every new token without an EOS carries no loss, and the global
+    token count (dapo's num_items_in_batch) is taken after that masking, as TRL 1.x does."""
+    from elastic.core.tokenizer import EOS
+    from elastic.recipes.grpo.loop import GRPOLoop
+    from elastic.recipes.grpo.recipe import grpo_config
+
+    cfg = grpo_config(steps=1, workers=1, prompts_per_step=1, lora=False, num_generations=2, max_new_tokens=3,
+                      mask_truncated_completions=True)
+    loop = GRPOLoop(cfg)
+    (index, _), = loop.prompts(0)
+    tokens = torch.tensor([[ord("4"), ord("2"), ord("1")],  # truncated: 3 tokens, no EOS
+                           [ord("7"), EOS, EOS]])  # stopped: "7" then EOS
+    built = loop.build(0, [{"prompts": [index], "tokens": tokens, "lengths": torch.tensor([3, 2])}])
+    assert built.rows["mask"].tolist() == [[False, False, False], [True, True, False]]
+    assert built.batch.num_tokens == 2
