@@ -191,8 +191,8 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--model", help="model preset for pretrain: tiny, mini, small, 25m, 100m")
     train.add_argument("--base", help="Hugging Face model folder to fine-tune: Llama, Qwen2, Qwen3 or Mistral "
                                       "(lora, grpo)")
-    train.add_argument("--data", help="training data: a .json/.jsonl/.parquet file in a TRL format (text, "
-                                      "prompt+completion, or messages), tokenized by --base's tokenizer (lora)")
+    train.add_argument("--data", help="a .json/.jsonl/.parquet file in a TRL format, tokenized by --base's tokenizer: "
+                                      "text, prompt+completion or messages (lora); prompts (grpo)")
     train.add_argument("--config", help="a TOML file with [model], [train], ... sections")
     train.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("--job-name", help="name of the job's control actor (for `elastic events`)")

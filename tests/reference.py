@@ -197,14 +197,23 @@ def completion_logps(model: torch.nn.Module, ids: torch.Tensor, prompt_len: int)
     return torch.gather(F.log_softmax(logits, dim=-1), -1, ids[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
 
 
+def row_logps(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor) -> torch.Tensor:
+    """Completion log-probs [B, C], each row computed alone on its own unpadded prompt."""
+    return torch.cat([completion_logps(model, torch.cat([torch.tensor([p]), tokens[r : r + 1]], dim=1), len(p))
+                      for r, p in enumerate(prompts)])
+
+
 def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Reference:
     """GRPO as one process would run it: sample each prompt's completions (our sampler, seeded per global
     prompt and sample), score them with ``reward_fn``, TRL's advantages and loss, torch's AdamW. Exact rewards
     (no injected noise), ``beta = 0``, no LoRA."""
+    import importlib
+
     from elastic.core.seeds import stable_seed
-    from elastic.core.tokenizer import EOS, ByteTokenizer
+    from elastic.core.tokenizer import load_tokenizer
     from elastic.model.generate import SamplingConfig, sample
     from elastic.recipes.grpo.config import GRPOConfig
+    from elastic.recipes.grpo.prompts import PromptTask
     from elastic.recipes.grpo.rewards import build_task
 
     g = GRPOConfig.of(cfg)
@@ -213,29 +222,53 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = adamw(named, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    task = build_task(g.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if g.prompts:  # users' prompts: each group sampled and scored at its own length, never padded
+        task = PromptTask(g.prompts, tok, g.max_new_tokens, cfg.model.max_seq_len)
+        prompt_of = task.ids.__getitem__
+    else:
+        task = build_task(g.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
+        prompt_of = task.prompt_ids
     order = GlobalSampler(len(task), cfg.train.global_batch, cfg.train.seed)
-    tok, out = ByteTokenizer(), Reference()
+    out, G = Reference(), g.num_generations
+    sampling = SamplingConfig(g.max_new_tokens, g.temperature, g.top_p, (tok.eos_id,))
     for step in range(cfg.train.steps if steps is None else steps):
         k, iteration = divmod(step, g.num_iterations)
         if iteration == 0:
             prompts = [order.index_at(p) for p in step_positions(k, cfg.train.global_batch)]
-            ids = torch.tensor([task.prompt_ids(i) for i in prompts for _ in range(g.num_generations)])
-            gens = [torch.Generator().manual_seed(stable_seed(cfg.train.seed, "rollout", k, i, s))
-                    for i in prompts for s in range(g.num_generations)]
-            with torch.no_grad():
-                tokens, lengths = sample(model, ids, SamplingConfig(g.max_new_tokens, g.temperature, g.top_p, (EOS,)),
-                                         gens)
-            texts = [task.problem(i).prompt for i in prompts for _ in range(g.num_generations)]
-            rewards = torch.tensor([float(reward_fn(text, tok.decode(tokens[r, : int(lengths[r])])))
-                                    for r, text in enumerate(texts)], dtype=torch.float64)
-            advantages = trl_advantages(rewards, g.num_generations, g.scale_rewards)
-            full = torch.cat([ids, tokens], dim=1)
+            rows, tokens, lengths = [], [], []
+            for i in prompts:  # one group at a time: G copies of one prompt, no padding
+                gens = [torch.Generator().manual_seed(stable_seed(cfg.train.seed, "rollout", k, i, s))
+                        for s in range(G)]
+                with torch.no_grad():
+                    t, n = sample(model, torch.tensor([prompt_of(i)] * G), sampling, gens)
+                rows += [prompt_of(i)] * G
+                tokens.append(t)
+                lengths.append(n)
+            tokens, lengths = torch.cat(tokens), torch.cat(lengths)
+            completions = [tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(rows))]
+            if g.reward_funcs:  # TRL's convention: each function once on the batch, extra columns as keywords
+                indices = [i for i in prompts for _ in range(G)]
+                columns = {c: [task.rows[i][c] for i in indices] for c in task.columns}
+                ids_out = [tokens[r, : int(lengths[r])].tolist() for r in range(len(rows))]
+                per_func = []
+                for spec in g.reward_funcs.split(","):
+                    module, _, name = spec.strip().partition(":")
+                    fn = getattr(importlib.import_module(module), name)
+                    values = fn(prompts=[task.rows[i]["prompt"] for i in indices], completions=completions,
+                                completion_ids=ids_out, **columns)
+                    per_func.append([math.nan if v is None else float(v) for v in values])
+                rewards = torch.tensor(per_func, dtype=torch.float64).nansum(0)  # TRL: None does not count
+            else:
+                texts = [task.problem(i).prompt for i in prompts for _ in range(G)]
+                rewards = torch.tensor([float(reward_fn(text, completions[r])) for r, text in enumerate(texts)],
+                                       dtype=torch.float64)
+            advantages = trl_advantages(rewards, G, g.scale_rewards)
             mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
             with torch.no_grad():
-                old = completion_logps(model, full, ids.shape[1]) if g.num_iterations > 1 else None
+                old = row_logps(model, rows, tokens) if g.num_iterations > 1 else None
             out.samples.append(prompts)
-        logps = completion_logps(model, full, ids.shape[1])
+        logps = row_logps(model, rows, tokens)
         loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens)
         loss.backward()
         update(named, opt, schedule, cfg)

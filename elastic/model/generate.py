@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from elastic.model.llama import KVCache, LlamaStage
+from elastic.model.llama import KVCache, LlamaStage, Padding, padding_for
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,18 @@ def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model: LlamaStage, prompts: torch.Tensor, cfg: SamplingConfig,
-           generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample continuations of ``prompts`` [B, P].
+           generators: list[torch.Generator] | None = None,
+           prompt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations of ``prompts`` [B, P]; ``prompt_mask`` [B, P] marks the real tokens of
+    left-padded prompts (None: every prompt is P real tokens).
 
     Returns (tokens [B, N], lengths [B]): new tokens, padded after each sequence's end with its
     stop token; ``lengths`` counts tokens up to and including the first stop token.
     """
     batch = prompts.shape[0]
     cache = KVCache()
-    logits = model(prompts, 0, cache)[:, -1]
+    pad = None if prompt_mask is None else padding_for(prompt_mask)
+    logits = model(prompts, 0, cache, pad)[:, -1]
     out = torch.zeros(batch, cfg.max_new_tokens, dtype=torch.long)
     lengths = torch.full((batch,), cfg.max_new_tokens, dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
@@ -74,6 +77,9 @@ def sample(model: LlamaStage, prompts: torch.Tensor, cfg: SamplingConfig,
         done |= hit
         if bool(done.all()) or t == cfg.max_new_tokens - 1:
             break
-        logits = model(nxt[:, None], pos, cache)[:, -1]
+        if prompt_mask is not None:  # the new token is real, at its row's next position
+            keys = torch.cat([pad.keys, pad.keys.new_ones(batch, 1)], dim=1)
+            pad = Padding(keys, pad.positions[:, -1:] + 1)
+        logits = model(nxt[:, None], pos, cache, pad)[:, -1]
         pos += 1
     return out, lengths

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elastic.core.config import ModelConfig
-from elastic.core.tokenizer import BOS, EOS, PAD
+from elastic.core.tokenizer import BOS, EOS, PAD, TOKENIZER_FILES, VOCAB_SIZE
 from elastic.model.families import hf_config_dict, model_config_from_hf, read_hf_config
 from elastic.model.llama import tensor_specs
 from elastic.model.lora import LoraConfig, lora_tensor_specs, merge_state_dict
@@ -60,6 +60,17 @@ def model_config_of(folder: str | Path) -> ModelConfig:
         raise FileNotFoundError(f"Hugging Face model folder {folder} does not exist")
     read_json(folder / CONFIG_NAME, "Hugging Face model config")  # a clear error for a broken file
     return model_config_from_hf(read_hf_config(folder), str(folder / CONFIG_NAME))
+
+
+def tokenizer_of_folder(base: str | Path, model: ModelConfig) -> str:
+    """The folder itself when it holds a tokenizer; "" (bytes) for a byte-vocabulary model without one."""
+    if any((Path(base) / name).is_file() for name in TOKENIZER_FILES):
+        return str(base)
+    if model.vocab_size == VOCAB_SIZE:
+        return ""  # one of our own byte-level models (examples/pretrain.py --save)
+    raise ValueError(f"{base} has no tokenizer (none of {list(TOKENIZER_FILES)}) and its vocab_size="
+                     f"{model.vocab_size} is not the byte tokenizer's {VOCAB_SIZE}; save the model's tokenizer "
+                     "into the folder (tokenizer.save_pretrained)")
 
 
 def token_ids_of(folder: str | Path | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,43 @@ class KVCache:
         return k, v
 
 
+@dataclass(frozen=True)
+class Padding:
+    """Left-padded rows: which keys are real, and each new token's position.
+
+    ``keys`` [B, S] is True for the real tokens among all S keys seen so far (cached ones included);
+    ``positions`` [B, T] gives the RoPE position of each of the T new tokens (its index among its row's
+    real tokens). A padded query sees only itself, so no softmax row is empty; real queries see the
+    real keys at or before them. A row then computes what it computes unpadded (``padding_for``).
+    """
+
+    keys: torch.Tensor
+    positions: torch.Tensor
+
+    def rope(self, key: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = self.positions.to(torch.float64)[..., None] * inverse_frequencies(key)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def attention(self, t: int, s: int) -> torch.Tensor:
+        """Boolean mask [B, 1, t, s] for the last t of s keys as queries."""
+        query = torch.arange(s - t, s)[:, None]
+        key = torch.arange(s)[None, :]
+        allowed = (key <= query)[None] & self.keys[:, None, :]
+        allowed = allowed | (key == query)[None]  # a padded query attends to itself only
+        return allowed[:, None]
+
+
+def padding_for(mask: torch.Tensor, total: int | None = None) -> Padding:
+    """The ``Padding`` of a batch of left-padded rows: ``mask`` [B, L] True at real tokens, for a pass over all
+    L tokens; ``total`` extends the real keys with that many following (completion) tokens."""
+    keys = mask.bool()
+    if total is not None and total > keys.shape[1]:
+        keys = torch.cat([keys, keys.new_ones(keys.shape[0], total - keys.shape[1])], dim=1)
+    positions = (keys.long().cumsum(1) - 1).clamp(min=0)
+    return Padding(keys, positions)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -135,7 +173,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                pad: Padding | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         # -1: a tensor-parallel shard holds n_heads / tp heads; the shapes tell how many.
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
@@ -144,15 +183,22 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        cos, sin = _rope_table(self.rope, start, t, q.dtype)
+        if pad is None:
+            cos, sin = _rope_table(self.rope, start, t, q.dtype)
+        else:
+            cos, sin = pad.rope(self.rope, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        gqa = q.shape[1] != k.shape[1]
+        if pad is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.attention(t, k.shape[2]), enable_gqa=gqa)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         # With a cache and one new token, every cached position is visible: no mask needed.
         causal = t > 1
         if causal and k.shape[2] != t:
             raise ValueError("prefill with a non-empty KV cache is not supported; start a fresh cache")
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -175,8 +221,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), start, cache)
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                pad: Padding | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), start, cache, pad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -204,10 +251,12 @@ class LlamaStage(nn.Module):
         # Tied: the head is the embedding matrix itself, one Parameter (HF's tie_word_embeddings).
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
 
-    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                pad: Padding | None = None) -> torch.Tensor:
+        """Logits (last stage) or hidden states; ``pad``: left-padded rows (``Padding``), else every row is real."""
         h = self.model.embed_tokens(x) if self.first else x
         for layer in self.model.layers.values():
-            h = layer(h, start, cache)
+            h = layer(h, start, cache, pad)
         if not self.last:
             return h
         h = self.model.norm(h)

@@ -135,7 +135,7 @@ def test_the_loop_masks_truncated_completions_before_counting():
     cfg = grpo_config(steps=1, workers=1, prompts_per_step=1, lora=False, num_generations=2, max_new_tokens=3,
                       mask_truncated_completions=True)
     loop = GRPOLoop(cfg)
-    (index, _), = loop.prompts(0)
+    (index, _, _), = loop.prompts(0)
     tokens = torch.tensor([[ord("4"), ord("2"), ord("1")],  # truncated: 3 tokens, no EOS
                            [ord("7"), EOS, EOS]])  # stopped: "7" then EOS
     built = loop.build(0, [{"prompts": [index], "tokens": tokens, "lengths": torch.tensor([3, 2])}])

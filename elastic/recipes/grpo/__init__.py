@@ -28,7 +28,7 @@ from elastic.recipes.recipe import Recipe, RecipeArgs
 def _build(args: RecipeArgs):
     from elastic.recipes.grpo.recipe import grpo_config
 
-    return grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers)
+    return grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers, data=args.data)
 
 
 def _workload(cfg):
@@ -42,5 +42,5 @@ def _finish(cfg, result, run_dir, workload) -> list[str]:
             f"in reshards {sum(r.total_seconds for r in result.reshards):.1f} s ({len(result.reshards)} reshards)"]
 
 
-RECIPE = Recipe("grpo", "GRPO with noise-corrected rewards on a built-in task (--base: an HF Llama folder)",
+RECIPE = Recipe("grpo", "GRPO: noise-corrected rewards on a built-in task, or --data prompts with --grpo.reward_funcs",
                 _build, workload=_workload, finish=_finish, sections=(GRPOConfig,))

@@ -36,6 +36,10 @@ class GRPOConfig:
     task: str = knob("arithmetic", f"built-in prompt set with an exact-answer reward: {', '.join(sorted(TASKS))}")
     reward_fn: str = knob("", "optional user reward 'package.module:function' taking (prompt, completion) -> float; "
                               "empty: the task's exact-answer reward")
+    prompts: str = knob("", "a JSON/JSONL/Parquet file of prompts in TRL's prompt-only format ('prompt' as text "
+                            "or messages, plus extra columns); empty: the built-in task's prompts")
+    reward_funcs: str = knob("", "TRL-style reward functions 'pkg.mod:fn[,pkg.mod:fn2]', each called as "
+                                 "fn(prompts, completions, **columns) -> list of floats; they add up")
     num_generations: int = knob(8, "completions sampled per prompt (G); advantages compare within these groups")
     temperature: float = knob(1.0, "sampling temperature of the completions")
     top_p: float = knob(1.0, "nucleus sampling: keep the smallest token set with this much probability")
@@ -74,6 +78,12 @@ class GRPOConfig:
         _require(self.task in TASKS, f"grpo.task={self.task!r} is not one of {sorted(TASKS)}")
         _require(self.reward_fn == "" or (self.reward_fn.count(":") == 1 and all(self.reward_fn.split(":"))),
                  f"grpo.reward_fn={self.reward_fn!r} must be empty or an import path 'package.module:function'")
+        _require(not self.prompts or self.reward_funcs,
+                 f"grpo.prompts={self.prompts!r} has no built-in reward; name reward functions with "
+                 "grpo.reward_funcs='package.module:function'")
+        _require(not (self.reward_funcs and self.reward_fn),
+                 "set grpo.reward_funcs (TRL's batch convention) or grpo.reward_fn (one prompt, one completion), "
+                 "not both")
         _require(isinstance(self.num_generations, int) and self.num_generations >= 2,
                  f"grpo.num_generations={self.num_generations!r} must be an integer >= 2: group advantages compare "
                  "each completion with the others of its prompt")

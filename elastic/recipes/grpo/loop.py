@@ -22,11 +22,12 @@ from elastic.core.config import Config
 from elastic.core.data import GlobalSampler
 from elastic.core.layout import balanced
 from elastic.core.seeds import stable_seed
-from elastic.core.tokenizer import ByteTokenizer
+from elastic.core.tokenizer import load_tokenizer
 from elastic.recipes.grpo.advantage import noise_corrected_advantages
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch
 from elastic.recipes.grpo.noise import FlipRates, RewardNoise, estimate_flip_rates
+from elastic.recipes.grpo.prompts import PromptTask, resolve_reward_funcs, score_batch
 from elastic.recipes.grpo.rewards import build_task, resolve_reward, score
 
 
@@ -43,18 +44,24 @@ class StepBatch:
 class GRPOLoop:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.grpo = cfg, GRPOConfig.of(cfg)
-        self.task = build_task(self.grpo.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
+        self.tok = load_tokenizer(cfg.data.tokenizer)
+        if self.grpo.prompts:
+            self.task = PromptTask(self.grpo.prompts, self.tok, self.grpo.max_new_tokens, cfg.model.max_seq_len)
+        else:
+            self.task = build_task(self.grpo.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
+        self.reward_funcs = resolve_reward_funcs(self.grpo.reward_funcs) if self.grpo.reward_funcs else None
         self.reward_fn = resolve_reward(self.grpo.reward_fn or self.grpo.task)
         self.noise = RewardNoise(self.grpo.flip_rates, cfg.train.seed) if self.grpo.inject_noise else None
         self.sampler = GlobalSampler(len(self.task), cfg.train.global_batch, cfg.train.seed)
-        self.tok = ByteTokenizer()
         self.rates = self.estimated_rates() if self.grpo.estimate_rates else self.grpo.flip_rates
         if self.grpo.beta > 0 and cfg.lora is None:
             raise ValueError("grpo.beta > 0 needs a reference model; use LoRA (its frozen base is the reference) "
                              "or set grpo.beta = 0")
 
-    def prompts(self, k: int) -> list[tuple[int, list[int]]]:
-        return [(i, self.task.prompt_ids(i)) for i in self.sampler.step_indices(k)]
+    def prompts(self, k: int) -> list[tuple[int, list[int], list[bool] | None]]:
+        """(global index, token ids, mask of the real tokens or None when all are) of step ``k``'s prompts."""
+        mask = getattr(self.task, "prompt_mask", None)
+        return [(i, self.task.prompt_ids(i), mask(i) if mask else None) for i in self.sampler.step_indices(k)]
 
     def share(self, items: list, data_index: int, data_parallel: int) -> list:
         lo, hi = balanced(len(items), data_parallel, data_index)
@@ -80,14 +87,21 @@ class GRPOLoop:
         """Score and pack the rollouts of step ``k``; ``parts`` are the data-parallel ranks' rollouts in order."""
         G = self.grpo.num_generations
         prompts = [p for part in parts for p in part["prompts"]]
-        if prompts != [i for i, _ in self.prompts(k)]:
+        if prompts != [i for i, _, _ in self.prompts(k)]:
             raise RuntimeError(f"rollouts of step {k} cover prompts {prompts[:4]}..., expected the step's batch")
         tokens = torch.cat([part["tokens"] for part in parts])
         lengths = torch.cat([part["lengths"] for part in parts])
         prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in prompts for _ in range(G)])
         texts = [self.task.problem(i).prompt for i in prompts for _ in range(G)]
         completions = [self.tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(texts))]
-        clean = score(self.reward_fn, texts, completions)
+        if self.reward_funcs is not None:
+            rows = [i for i in prompts for _ in range(G)]
+            columns = {c: [self.task.column(c, i) for i in rows] for c in getattr(self.task, "columns", [])}
+            clean = score_batch(self.reward_funcs, [self.task.prompt(i) for i in rows] if self.grpo.prompts
+                                else texts, completions, columns,
+                                [tokens[r, : int(lengths[r])].tolist() for r in range(len(rows))])
+        else:
+            clean = score(self.reward_fn, texts, completions)
         observed = clean if self.noise is None else self.noise.observe_groups(clean, prompts, G, step=k)
         advantages = noise_corrected_advantages(observed, G, self.rates, self.grpo.correction,
                                                 self.grpo.scale_rewards)
@@ -97,6 +111,8 @@ class GRPOLoop:
             truncated = tokens[torch.arange(len(tokens)), lengths - 1] != self.tok.eos_id
             mask &= ~truncated[:, None]
         rows = {"input_ids": torch.cat([prompt_ids, tokens], dim=1), "mask": mask, "advantages": advantages}
+        if getattr(self.task, "prompt_mask", None):
+            rows["prompt_mask"] = torch.tensor([self.task.prompt_mask(i) for i in prompts for _ in range(G)])
         for key in ("old", "ref"):
             if key in parts[0]:
                 rows[key] = torch.cat([part[key] for part in parts])

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from elastic.core.seeds import stable_seed
-from elastic.core.tokenizer import EOS
+from elastic.core.tokenizer import load_tokenizer
 from elastic.model.generate import SamplingConfig, sample
-from elastic.model.llama import LlamaStage
+from elastic.model.llama import LlamaStage, Padding, padding_for
 from elastic.model.lora import apply_lora, is_lora_name
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms
@@ -43,8 +43,8 @@ class _Functional:
     def __init__(self, model: LlamaStage, params: dict[str, torch.Tensor]) -> None:
         self.model, self.params = model, params
 
-    def __call__(self, x, start=0, cache=None):
-        return functional_call(self.model, self.params, (x, start, cache))
+    def __call__(self, x, start=0, cache=None, pad=None):
+        return functional_call(self.model, self.params, (x, start, cache, pad))
 
 
 def _plain_model(engine: Engine, scratch: dict) -> LlamaStage:
@@ -58,9 +58,19 @@ def _plain_model(engine: Engine, scratch: dict) -> LlamaStage:
     return scratch["plain"]
 
 
-def token_logps(model, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def padding(prompt_mask: torch.Tensor | None, total: int) -> Padding | None:
+    """The model's ``Padding`` for left-padded prompts followed by completions (None: no padding at all,
+    which keeps the unpadded attention path for prompts of one length)."""
+    if prompt_mask is None or bool(prompt_mask.all()):
+        return None
+    return padding_for(prompt_mask, total)
+
+
+def token_logps(model, input_ids: torch.Tensor, prompt_len: int,
+                prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs [B, C] of the completion tokens input_ids[:, prompt_len:]."""
-    logits = model(input_ids)[:, prompt_len - 1 : -1]
+    pad = padding(prompt_mask, input_ids.shape[1])
+    logits = (model(input_ids) if pad is None else model(input_ids, 0, None, pad))[:, prompt_len - 1 : -1]
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     targets = input_ids[:, prompt_len:]
     return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
@@ -69,7 +79,8 @@ def token_logps(model, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor
 @torch.no_grad()
 def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_step: int,
             scratch: dict | None = None) -> dict:
-    """Sample ``grpo.num_generations`` completions for each (global prompt index, token ids)."""
+    """Sample ``grpo.num_generations`` completions for each (global prompt index, token ids, real-token mask
+    or None) of left-padded prompts."""
     layout = engine.layout
     if (layout.fsdp, layout.tp, layout.pp) != (1, 1, 1):
         raise ValueError(f"rollouts run on data-parallel layouts (every rank holds the full policy), not {layout}; "
@@ -80,21 +91,28 @@ def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_ste
     scratch = {} if scratch is None else scratch
     policy = _Functional(_plain_model(engine, scratch), params)
     groups = grpo.num_generations
-    batch = torch.tensor([ids for _, ids in prompts for _ in range(groups)], dtype=torch.long)
+    batch = torch.tensor([ids for _, ids, _ in prompts for _ in range(groups)], dtype=torch.long)
+    prompt_mask = None
+    if any(mask is not None for _, _, mask in prompts):
+        prompt_mask = torch.tensor([mask for _, _, mask in prompts for _ in range(groups)], dtype=torch.bool)
     generators = [torch.Generator().manual_seed(stable_seed(engine.cfg.train.seed, "rollout", grpo_step, index, g))
-                  for index, _ in prompts for g in range(groups)]
-    cfg = SamplingConfig(grpo.max_new_tokens, grpo.temperature, grpo.top_p, (EOS,))
-    tokens, lengths = sample(policy, batch, cfg, generators)
+                  for index, _, _ in prompts for g in range(groups)]
+    if "eos" not in scratch:
+        scratch["eos"] = load_tokenizer(engine.cfg.data.tokenizer).eos_id
+    cfg = SamplingConfig(grpo.max_new_tokens, grpo.temperature, grpo.top_p, (scratch["eos"],))
+    pad = padding(prompt_mask, batch.shape[1])
+    tokens, lengths = sample(policy, batch, cfg, generators, prompt_mask=None if pad is None else prompt_mask)
     full = torch.cat([batch, tokens], dim=1)
-    out = {"prompts": [index for index, _ in prompts], "tokens": tokens, "lengths": lengths}
+    out = {"prompts": [index for index, _, _ in prompts], "tokens": tokens, "lengths": lengths}
     if grpo.num_iterations > 1:  # the sampling policy's log-probs, reused by later iterations
-        out["old"] = token_logps(policy, full, batch.shape[1])
+        out["old"] = token_logps(policy, full, batch.shape[1], prompt_mask)
     if grpo.beta > 0:
         reference = dict(params)
         for name in params:
             if is_lora_name(name) and ".lora_B." in name:
                 reference[name] = torch.zeros_like(params[name])
-        out["ref"] = token_logps(_Functional(_plain_model(engine, scratch), reference), full, batch.shape[1])
+        out["ref"] = token_logps(_Functional(_plain_model(engine, scratch), reference), full, batch.shape[1],
+                                 prompt_mask)
     return out
 
 
@@ -110,7 +128,7 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
     loss_total = torch.zeros((), dtype=torch.float64)
     if shard["input_ids"].shape[0] == 0:
         raise ValueError(f"rank {engine.rank} got no sequences; use fewer data-parallel ranks than sequences")
-    logps = token_logps(engine.module, shard["input_ids"], prompt_len)
+    logps = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"))
     terms = grpo_loss_terms(logps, shard["advantages"].to(logps.dtype), shard["mask"], old_logps=shard.get("old"),
                             ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs)
     loss = terms.loss_sum / normaliser

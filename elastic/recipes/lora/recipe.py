@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from elastic.core.config import Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
+from elastic.core.config import Config, DataConfig, LoraConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.data import ArithmeticTask
-from elastic.core.tokenizer import TOKENIZER_FILES, VOCAB_SIZE, ByteTokenizer
+from elastic.core.tokenizer import ByteTokenizer
 from elastic.model.generate import SamplingConfig, sample
-from elastic.model.hf import load_hf_model, model_config_of
+from elastic.model.hf import load_hf_model, model_config_of, tokenizer_of_folder
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
 
@@ -27,27 +27,16 @@ def lora_config(base: str | Path, steps: int = 200, lr: float = 3e-3, r: int = 1
     """
     model = model_config_of(base)
     if data:
-        dataset = DataConfig(dataset=str(data), tokenizer=base_tokenizer(base, model),
+        dataset = DataConfig(dataset=str(data), tokenizer=tokenizer_of_folder(base, model),
                              seq_len=min(128, model.max_seq_len))
     else:
         dataset = DataConfig(dataset="arithmetic", seq_len=seq_len, num_samples=50_000,
-                             tokenizer=base_tokenizer(base, model))
+                             tokenizer=tokenizer_of_folder(base, model))
     return Config(model=model, lora=LoraConfig(r=r, alpha=alpha), data=dataset,
                   train=TrainConfig(steps=steps, global_batch=global_batch, dtype=dtype, seed=seed,
                                     init_from=str(base)),
                   optim=OptimConfig(lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.0),
                   runtime=RuntimeConfig(workers=workers))
-
-
-def base_tokenizer(base: str | Path, model: ModelConfig) -> str:
-    """The folder itself when it holds a tokenizer; "" (bytes) for a byte-vocabulary model without one."""
-    if any((Path(base) / name).is_file() for name in TOKENIZER_FILES):
-        return str(base)
-    if model.vocab_size == VOCAB_SIZE:
-        return ""  # one of our own byte-level models (examples/pretrain.py --save)
-    raise ValueError(f"{base} has no tokenizer (none of {list(TOKENIZER_FILES)}) and its vocab_size="
-                     f"{model.vocab_size} is not the byte tokenizer's {VOCAB_SIZE}; save the model's tokenizer "
-                     "into the folder (tokenizer.save_pretrained)")
 
 
 def model_with_adapters(cfg: Config, state: dict[str, torch.Tensor] | None = None) -> LlamaStage:
