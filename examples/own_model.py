@@ -1,5 +1,6 @@
 """Your own model and data, through the command line: a Qwen2 folder with its tokenizer and chat
-template, a JSONL of chats, LoRA fine-tuning, then sampling with the adapter.
+template, a JSONL of chats for LoRA fine-tuning, sampling with the adapter, then GRPO on a JSONL of
+prompts of different lengths with a TRL-style reward function.
 
     .venv/bin/python examples/own_model.py                  # builds a tiny folder offline, then runs
     .venv/bin/python examples/own_model.py --base ~/models/Qwen2.5-0.5B-Instruct --steps 100
@@ -10,9 +11,11 @@ SmolLM2, Qwen2.5, Qwen3, Mistral) works with the same commands, which it prints 
 
     elastic train --recipe lora --base DIR --data chats.jsonl --workers 4 --steps N --storage-path runs
     elastic generate --base DIR --adapter runs/<job>/adapter "What is 12 + 30?"
+    elastic train --recipe grpo --base DIR --data prompts.jsonl \
+        --grpo.reward_funcs elastic.recipes.grpo.rewards:accuracy
 
-Not yet: ``--recipe grpo`` on a folder's own tokenizer and prompts (it needs one of our byte-level
-models for now). About 1 minute on a 2-core machine with the tiny folder.
+A reward function of your own is any importable ``module:function`` with TRL's signature
+``fn(prompts, completions, **columns) -> list[float]``. About 2 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def write_chats(path: Path, n: int = 400) -> Path:
             a, b = rng.randint(1, 50), rng.randint(1, 50)
             fh.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                               {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+    return path
+
+
+def write_prompts(path: Path, n: int = 64) -> Path:
+    rng = random.Random(1)
+    with path.open("w") as fh:
+        for i in range(n):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            prompt = f"{a}+{b}=" if i % 2 else [{"role": "user", "content": f"What is {a} + {b}? Digits only."}]
+            fh.write(json.dumps({"prompt": prompt, "answer": str(a + b)}) + "\n")
     return path
 
 
@@ -62,6 +75,10 @@ def main() -> None:
         "--steps", str(args.steps), "--storage-path", str(out), "--job-name", "own-lora", "--no-progress",
         "--data.seq_len", "32", "--train.global_batch", "16", "--optim.lr", "1e-2")
     run("generate", "--base", str(base), "--adapter", str(out / "own-lora" / "adapter"), "What is 12 + 30?")
+    prompts = write_prompts(out / "prompts.jsonl")
+    run("train", "--recipe", "grpo", "--base", str(base), "--data", str(prompts), "--workers", str(args.workers),
+        "--steps", "4", "--storage-path", str(out), "--job-name", "own-grpo", "--no-progress",
+        "--grpo.reward_funcs", "elastic.recipes.grpo.rewards:accuracy", "--grpo.num_generations", "4")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,28 @@ def test_the_loop_masks_truncated_completions_before_counting():
     built = loop.build(0, [{"prompts": [index], "tokens": tokens, "lengths": torch.tensor([3, 2])}])
     assert built.rows["mask"].tolist() == [[False, False, False], [True, True, False]]
     assert built.batch.num_tokens == 2
+
+
+def test_prompt_file_and_reward_function_errors_come_before_any_worker(tmp_path):
+    import json
+
+    from elastic.core.tokenizer import ByteTokenizer
+    from elastic.recipes.grpo.prompts import PromptTask, resolve_reward_funcs, score_batch
+    from elastic.recipes.grpo.rewards import accuracy
+
+    with pytest.raises(ValueError, match="cannot import reward function 'nosuch.module:f'"):
+        resolve_reward_funcs("nosuch.module:f")
+    with pytest.raises(ValueError, match="grpo.prompts='p.jsonl' has no built-in reward; name reward functions"):
+        GRPOConfig(prompts="p.jsonl")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "1+1="}) + "\n" + json.dumps({"question": "2+2="}) + "\n")
+    with pytest.raises(ValueError, match=r"columns \['question'\] lack 'prompt'"):
+        PromptTask(path, ByteTokenizer(), 4, 64)
+    path.write_text(json.dumps({"prompt": "x" * 70, "answer": "1"}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
+    with pytest.raises(ValueError, match="row 0: its prompt has 71 tokens, and with max_new_tokens=4 that exceeds "
+                                         "the model's max_position_embeddings=64"):
+        PromptTask(path, ByteTokenizer(), 4, 64)
+    assert accuracy(["q", "q"], ["42\nbecause", "41"], ["42", "42"]) == [1.0, 0.0]
+    broken = [("tests:broken", lambda **kw: [1.0])]  # one value for two completions
+    with pytest.raises(ValueError, match="returned 1 for 2 completions"):
+        score_batch(broken, ["a", "b"], ["x", "y"], {}, [[1], [2]])

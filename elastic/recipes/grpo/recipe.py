@@ -20,8 +20,9 @@ def grpo_config(base: str | Path | None = None, steps: int = 30, workers: int = 
     """GRPO. ``base``: a Hugging Face folder (e.g. SFT-warmed), with its own tokenizer if it has one; None: a
     random 'mini' model. ``data``: a prompt file (TRL's prompt-only format; name ``reward_funcs``); None: the
     built-in arithmetic task."""
-    if data:
-        grpo = {"prompts": str(data), "inject_noise": False, **grpo}
+    if data:  # by default the exact-match accuracy on the file's 'answer' column (--grpo.reward_funcs replaces it)
+        grpo = {"prompts": str(data), "inject_noise": False,
+                "reward_funcs": "" if grpo.get("reward_fn") else "elastic.recipes.grpo.rewards:accuracy", **grpo}
     g = GRPOConfig(**{"num_generations": 8, "max_new_tokens": 6, "temperature": 1.0, "loss_type": "dapo", **grpo})
     if base is not None:
         model = model_config_of(base)

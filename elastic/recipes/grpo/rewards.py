@@ -51,6 +51,12 @@ def exact_match(completion: str, answer: str) -> float:
     return 1.0 if extract_answer(completion) == answer.strip() else 0.0
 
 
+def accuracy(prompts, completions, answer, **kwargs) -> list[float]:
+    """A TRL-style reward function (``grpo.reward_funcs``) for prompt files with an ``answer`` column: 1.0
+    when a completion's answer (its first line) equals the row's answer exactly, else 0.0."""
+    return [exact_match(c, str(a)) for c, a in zip(completions, answer, strict=True)]
+
+
 _ARITH = re.compile(r"(\d+)([+-])(\d+)=")
 
 
