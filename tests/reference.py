@@ -174,13 +174,17 @@ def trl_advantages(rewards: torch.Tensor, group: int, scale_rewards: str) -> tor
 
 
 def trl_loss(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
-             epsilon: float, epsilon_high: float | None, loss_type: str, max_completion_length: int) -> torch.Tensor:
-    """TRL's ``_compute_loss`` without KL (beta = 0) for one process and the whole batch."""
+             epsilon: float, epsilon_high: float | None, loss_type: str, max_completion_length: int,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+    """TRL's ``_compute_loss`` without KL (beta = 0) for one process and the whole batch; ``keep``: TRL's
+    high-entropy token mask (``top_entropy_quantile``), None for every token."""
     old = logps.detach() if old is None else old
     coef_1 = torch.exp(logps - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
     adv = advantages.unsqueeze(1).to(logps.dtype)
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if keep is not None:
+        per_token = per_token * keep.to(per_token.dtype)
     mask = mask.to(logps.dtype)
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -201,6 +205,16 @@ def row_logps(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Te
     """Completion log-probs [B, C], each row computed alone on its own unpadded prompt."""
     return torch.cat([completion_logps(model, torch.cat([torch.tensor([p]), tokens[r : r + 1]], dim=1), len(p))
                       for r, p in enumerate(prompts)])
+
+
+def row_entropies(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor) -> torch.Tensor:
+    """Entropy [B, C] of the next-token distribution at each completion position, each row alone."""
+    out = []
+    for r, p in enumerate(prompts):
+        logits = model(torch.cat([torch.tensor([p]), tokens[r : r + 1]], dim=1))[:, len(p) - 1 : -1]
+        logp = F.log_softmax(logits, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
 
 
 def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Reference:
@@ -269,7 +283,14 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
                 old = row_logps(model, rows, tokens) if g.num_iterations > 1 else None
             out.samples.append(prompts)
         logps = row_logps(model, rows, tokens)
-        loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens)
+        keep = None
+        if g.top_entropy_quantile < 1:  # TRL: entropies of the whole batch, threshold at their quantile in float32
+            with torch.no_grad():
+                entropy = row_entropies(model, rows, tokens)
+            threshold = torch.quantile(entropy[mask].float(), 1 - g.top_entropy_quantile)
+            keep = ((entropy * mask) >= threshold) & mask
+        loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens,
+                        keep)
         loss.backward()
         update(named, opt, schedule, cfg)
         out.losses.append(float(loss.detach()))

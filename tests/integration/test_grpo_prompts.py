@@ -1,6 +1,7 @@
 """GRPO on users' prompts: a Qwen2 folder with its own tokenizer and chat template, a JSONL of prompts
 of different lengths (texts and conversations, with an ``answer`` column), and two TRL-style reward
-functions. Rollouts run left-padded on data-parallel layouts, updates on tp=2, and a worker is drained:
+functions, and TRL's top_entropy_quantile. Rollouts run left-padded on data-parallel layouts, updates on
+dp=2 x tp=2 until a worker is drained, then on tp=2:
 the weights equal the single-process reference, which samples and scores every prompt group alone at
 its own length, never padded (float64, 1e-9).
 """
@@ -40,7 +41,8 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
     write_tokenizer(base)
     cfg = grpo_config(base, steps=2, workers=4, prompts_per_step=4, lora=False, dtype="float64", num_iterations=2,
                       data=str(write_prompts(tmp_path / "prompts.jsonl")), num_generations=3, max_new_tokens=5,
-                      loss_type="grpo", reward_funcs="tests.helpers:trl_style_reward,tests.helpers:trl_style_bonus")
+                      loss_type="grpo", reward_funcs="tests.helpers:trl_style_reward,tests.helpers:trl_style_bonus",
+                      top_entropy_quantile=0.6)  # its quantile must come from the whole batch, across ranks
     cfg = cfg.replace(runtime=RuntimeConfig(workers=4, collective_timeout_s=60))
     reference = train_grpo_reference(cfg, None)
     assert any(abs(loss) > 1e-6 for loss in reference.losses)  # iteration 2 reuses the batch: ratios move
@@ -49,13 +51,14 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
     assert len(widths) > 3  # prompts of many lengths share each batch, left-padded to one width
     script = ScriptedEvents({2: [Drain(reason="preempted", worker=fresh_pool.alive()[2])]})
     options = ControllerOptions(objective="use_all", sources=[script], progress=False,
-                                phase_layouts={"train": Layout(tp=2)})
+                                phase_layouts={"train": Layout(dp=2, tp=2)})
     controller = Controller(cfg, options, group=fresh_pool, workload=workload)
     try:
         result = controller.run()
     finally:
         controller.shutdown()
-    assert {h.layout for h in result.history} == {"tp=2"}
+    layouts = [h.layout for h in result.history]
+    assert layouts[:2] == ["dp=2,tp=2"] * 2, layouts  # two data shards: entropies gathered across them
     assert any(e["kind"] == "drained" for e in result.events)
     err, name = worst_state_err(result.tensors, reference.tensors)
     assert err <= 1e-9, f"{name}: {err:.2e}"

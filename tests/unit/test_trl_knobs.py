@@ -15,7 +15,7 @@ import torch
 from trl.trainer import grpo_trainer as trl_grpo
 
 from elastic.recipes.grpo.config import GRPOConfig
-from elastic.recipes.grpo.loss import GlobalBatch, PolicyKnobs, grpo_loss_terms
+from elastic.recipes.grpo.loss import GlobalBatch, PolicyKnobs, grpo_loss_terms, high_entropy_mask
 
 F64 = torch.float64
 MAX_LEN = 6
@@ -33,20 +33,26 @@ class _Accelerator:
     def reduce(self, x, reduction="sum"):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
 
-def trl_loss(knobs: PolicyKnobs, loss_type: str, logps, old, ref, adv, mask, num_items=None):
+
+def trl_loss(knobs: PolicyKnobs, loss_type: str, logps, old, ref, adv, mask, num_items=None, entropies=None,
+             top_entropy_quantile=1.0):
     """TRL's ``_compute_loss`` on these tensors (its own code, a stand-in trainer)."""
+    entropies = torch.zeros_like(logps) if entropies is None else entropies
     args = SimpleNamespace(delta=knobs.delta, use_bias_correction_kl=False, steps_per_generation=1,
                            sapo_temperature_pos=knobs.sapo_temperature_pos,
                            sapo_temperature_neg=knobs.sapo_temperature_neg)
     trainer = SimpleNamespace(
         args=args, beta=knobs.beta, loss_type=loss_type, epsilon_low=knobs.epsilon, epsilon_high=knobs.high,
-        importance_sampling_level=knobs.importance_sampling_level, top_entropy_quantile=1.0,
+        importance_sampling_level=knobs.importance_sampling_level, top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
         aux_loss_enabled=False, _entropy_bonus_enabled=False, max_completion_length=MAX_LEN,
         current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True), accelerator=_Accelerator(),
         _metrics={"train": defaultdict(list)},
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropies, None))
+    trainer.get_high_entropy_mask = lambda *a: trl_grpo.GRPOTrainer.get_high_entropy_mask(trainer, *a)
     inputs = {"prompt_ids": torch.zeros(logps.shape[0], 2, dtype=torch.long),
               "prompt_mask": torch.ones(logps.shape[0], 2, dtype=torch.long),
               "completion_ids": torch.zeros_like(logps, dtype=torch.long), "completion_mask": mask,
@@ -98,6 +104,23 @@ def test_knob_equals_trl_and_stays_split_invariant(case):
     torch.testing.assert_close(sum(shards), theirs, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.9])
+def test_top_entropy_quantile_equals_trl_with_the_global_batchs_quantile(quantile):
+    logps, old, ref, adv, mask = batch()
+    entropies = torch.rand(logps.shape, generator=torch.Generator().manual_seed(7), dtype=F64) * 3
+    knobs = PolicyKnobs(beta=0.05)
+    theirs = trl_loss(knobs, "dapo", logps, old, ref, adv, mask, entropies=entropies, top_entropy_quantile=quantile)
+    everyone = entropies[mask.bool()]  # what every rank gathers: the whole batch's completion tokens
+    whole = GlobalBatch.of(mask, MAX_LEN)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    shards = [grpo_loss_terms(logps[s], adv[s], mask[s], old_logps=old[s], ref_logps=ref[s], loss_type="dapo",
+                              knobs=knobs, entropy_mask=high_entropy_mask(entropies[s], mask[s], quantile, everyone))
+              for s in parts]
+    torch.testing.assert_close(sum(t.loss(whole) for t in shards), theirs, atol=1e-12, rtol=0)
+    kept = high_entropy_mask(entropies, mask, quantile, everyone)
+    assert 0 < int(kept.sum()) < int(mask.sum())  # the mask bites
+
+
 def test_mask_truncated_completions_uses_trls_count_after_masking():
     """TRL 1.x zeroes truncated completions' masks, then counts num_items_in_batch from the masked mask."""
     logps, old, ref, adv, mask = batch()
@@ -121,8 +144,8 @@ def test_bad_knobs_are_one_clear_error():
         GRPOConfig(importance_sampling_level="word")
     with pytest.raises(ValueError, match="delta=0.9 must be > 1"):
         GRPOConfig(delta=0.9)
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        GRPOConfig(top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match=r"top_entropy_quantile=0 must lie in \(0, 1\]"):
+        GRPOConfig(top_entropy_quantile=0)
 
 
 def test_the_loop_masks_truncated_completions_before_counting():

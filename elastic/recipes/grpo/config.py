@@ -55,8 +55,8 @@ class GRPOConfig:
     delta: float | None = knob(None, "two-sided clipping: cap the ratio at delta inside the PPO min (None: off)")
     mask_truncated_completions: bool = knob(False, "no loss on completions that hit max_new_tokens without EOS; "
                                                    "TRL counts num_items_in_batch after this masking")
-    top_entropy_quantile: float = knob(1.0, "train only on the highest-entropy tokens (1.0: all); below 1 is not "
-                                            "supported yet")
+    top_entropy_quantile: float = knob(1.0, "policy loss only on this top fraction of tokens by entropy, the "
+                                            "quantile taken over the whole global batch (1.0: all tokens)")
     sapo_temperature_pos: float = knob(1.0, "SAPO's gate temperature for positive advantages")
     sapo_temperature_neg: float = knob(1.05, "SAPO's gate temperature for non-positive advantages")
     num_iterations: int = knob(1, "gradient steps per generated batch (mu); > 1 reuses stored old log-probs")
@@ -104,10 +104,8 @@ class GRPOConfig:
             _ = self.knobs  # PolicyKnobs validates the level and delta
         except ValueError as err:
             raise ValueError(f"grpo.{err}") from None
-        _require(_is_number(self.top_entropy_quantile) and self.top_entropy_quantile == 1.0,
-                 f"grpo.top_entropy_quantile={self.top_entropy_quantile!r}: only 1.0 is supported; a quantile of the "
-                 "token entropies must be taken over the whole global batch to stay layout-independent, which is "
-                 "not built yet")
+        _require(_is_number(self.top_entropy_quantile) and 0 < self.top_entropy_quantile <= 1,
+                 f"grpo.top_entropy_quantile={self.top_entropy_quantile!r} must lie in (0, 1] (1.0: every token)")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             value = getattr(self, name)
             _require(_is_number(value) and value > 0, f"grpo.{name}={value!r} must be > 0")

@@ -47,6 +47,8 @@ clipping, CISPO's detached clipped ratio times the log-prob, SAPO's sigmoid gate
 sequence, so they keep the split invariance; ``tests/unit/test_trl_knobs.py`` runs TRL's own
 ``_compute_loss`` on fixed tensors for each. ``mask_truncated_completions`` is applied to the mask on
 the driver before the global counts are taken, which is TRL 1.x's current rule for num_items_in_batch.
+``top_entropy_quantile`` keeps the policy term on tokens whose entropy reaches a quantile of the WHOLE
+batch's token entropies (``high_entropy_mask``; the worker gathers them from every rank first).
 
 Metrics follow TRL's definitions (low clip: coef_1 < 1 - epsilon and A < 0; high clip: coef_1 > 1 +
 epsilon_high and A > 0; region = either; mean k3 KL over completion tokens), but are kept as global
@@ -210,9 +212,11 @@ def importance_weights(logps: torch.Tensor, old: torch.Tensor, mask: torch.Tenso
 def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
                    ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, epsilon_high: float | None = None,
                    beta: float = 0.0, *, loss_type: str = "dapo", mask: torch.Tensor | None = None,
-                   knobs: PolicyKnobs | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   knobs: PolicyKnobs | None = None, entropy_mask: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """TRL's unmasked per-token loss ([B, T], or [B, 1] for a sequence-level policy term without KL), the
-    importance ratio coef_1 as the clip metrics see it, and the k3 KL (or None)."""
+    importance ratio coef_1 as the clip metrics see it, and the k3 KL (or None). ``entropy_mask`` (TRL's
+    top_entropy_quantile) keeps the policy term on the high-entropy tokens only; the KL stays everywhere."""
     k = knobs or PolicyKnobs(epsilon, epsilon_high, beta)
     old = logps.detach() if old_logps is None else old_logps
     mask = torch.ones_like(logps) if mask is None else mask.to(logps.dtype)
@@ -228,6 +232,8 @@ def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, old_logps: tor
         if k.delta is not None:
             coef_1 = torch.clamp(coef_1, max=k.delta)
         loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if entropy_mask is not None:
+        loss = loss * entropy_mask.to(loss.dtype)
     kl = None
     if ref_logps is not None:
         diff = ref_logps - logps
@@ -243,7 +249,8 @@ def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, old_logps: tor
 def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor, *,
                     old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
                     epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
-                    loss_type: str = "dapo", knobs: PolicyKnobs | None = None) -> LossTerms:
+                    loss_type: str = "dapo", knobs: PolicyKnobs | None = None,
+                    entropy_mask: torch.Tensor | None = None) -> LossTerms:
     """One shard's ``LossTerms``: logps, old_logps, ref_logps and completion_mask are [B, T], advantages [B].
 
     ``logps`` are the current policy's per-token log-probs of the sampled completion tokens (with
@@ -255,7 +262,7 @@ def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_ma
     k = knobs or PolicyKnobs(epsilon, epsilon_high, beta)
     mask = completion_mask.to(logps.dtype)
     loss, coef_1, kl = per_token_loss(logps, advantages, old_logps, ref_logps, loss_type=loss_type, mask=mask,
-                                      knobs=k)
+                                      knobs=k, entropy_mask=entropy_mask)
     masked = loss * mask
     if loss_type in PER_SEQUENCE_MEAN:
         loss_sum = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
@@ -281,6 +288,23 @@ def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_ma
             region_clipped=((low | high) * mask).sum(),
             has_kl=kl is not None,
         )
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each position's next-token distribution, as TRL's ``entropy_from_logits``."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float,
+                      batch_entropies: torch.Tensor) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask``: tokens whose entropy reaches the (1 - quantile) quantile of
+    ``batch_entropies``, the entropies of every completion token of the GLOBAL batch (TRL gathers them from
+    every process), taken in float32 as TRL does; padding is never kept."""
+    if batch_entropies.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    threshold = torch.quantile(batch_entropies.float(), 1 - quantile)
+    return ((entropies * mask.to(entropies.dtype)) >= threshold) & mask.bool()
 
 
 def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor, *,

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 
@@ -31,7 +32,7 @@ from elastic.model.generate import SamplingConfig, sample
 from elastic.model.llama import LlamaStage, Padding, padding_for
 from elastic.model.lora import apply_lora, is_lora_name
 from elastic.recipes.grpo.config import GRPOConfig
-from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms
+from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms, high_entropy_mask, token_entropy
 from elastic.runtime.engine import Engine, StepResult
 from elastic.runtime.tasks import TaskContext
 from elastic.runtime.torch_compat import local_tensor
@@ -66,14 +67,30 @@ def padding(prompt_mask: torch.Tensor | None, total: int) -> Padding | None:
     return padding_for(prompt_mask, total)
 
 
-def token_logps(model, input_ids: torch.Tensor, prompt_len: int,
-                prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token log-probs [B, C] of the completion tokens input_ids[:, prompt_len:]."""
+def token_logps(model, input_ids: torch.Tensor, prompt_len: int, prompt_mask: torch.Tensor | None = None,
+                with_entropy: bool = False):
+    """Per-token log-probs [B, C] of the completion tokens input_ids[:, prompt_len:] (and, ``with_entropy``,
+    each position's entropy [B, C], detached)."""
     pad = padding(prompt_mask, input_ids.shape[1])
     logits = (model(input_ids) if pad is None else model(input_ids, 0, None, pad))[:, prompt_len - 1 : -1]
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     targets = input_ids[:, prompt_len:]
-    return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    logps = torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        return logps, token_entropy(logits)
+
+
+def batch_entropies(engine: Engine, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The entropies of every completion token of the global batch: each data shard's, once (tp peers hold
+    the same rows), gathered from every rank so that the quantile does not depend on the layout."""
+    mine = entropies[mask.bool()].float()
+    if engine.layout.world == 1:
+        return mine
+    everyone: list = [None] * engine.layout.world
+    dist.all_gather_object(everyone, (engine.layout.data_index(engine.rank), mine))
+    return torch.cat([shard for _, shard in sorted(dict(everyone).items())])
 
 
 @torch.no_grad()
@@ -128,9 +145,17 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
     loss_total = torch.zeros((), dtype=torch.float64)
     if shard["input_ids"].shape[0] == 0:
         raise ValueError(f"rank {engine.rank} got no sequences; use fewer data-parallel ranks than sequences")
-    logps = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"))
+    entropy_mask = None
+    if grpo.top_entropy_quantile < 1:
+        logps, entropies = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
+                                       with_entropy=True)
+        everyone = batch_entropies(engine, entropies, shard["mask"])
+        entropy_mask = high_entropy_mask(entropies, shard["mask"], grpo.top_entropy_quantile, everyone)
+    else:
+        logps = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"))
     terms = grpo_loss_terms(logps, shard["advantages"].to(logps.dtype), shard["mask"], old_logps=shard.get("old"),
-                            ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs)
+                            ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs,
+                            entropy_mask=entropy_mask)
     loss = terms.loss_sum / normaliser
     loss.backward()
     loss_total += loss.detach().double()
