@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 
@@ -34,6 +33,7 @@ from elastic.model.lora import apply_lora, is_lora_name
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms, high_entropy_mask, token_entropy
 from elastic.runtime.engine import Engine, StepResult
+from elastic.runtime.parallel.shards import gather_data_shards
 from elastic.runtime.tasks import TaskContext
 from elastic.runtime.torch_compat import local_tensor
 
@@ -85,12 +85,7 @@ def token_logps(model, input_ids: torch.Tensor, prompt_len: int, prompt_mask: to
 def batch_entropies(engine: Engine, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The entropies of every completion token of the global batch: each data shard's, once (tp peers hold
     the same rows), gathered from every rank so that the quantile does not depend on the layout."""
-    mine = entropies[mask.bool()].float()
-    if engine.layout.world == 1:
-        return mine
-    everyone: list = [None] * engine.layout.world
-    dist.all_gather_object(everyone, (engine.layout.data_index(engine.rank), mine))
-    return torch.cat([shard for _, shard in sorted(dict(everyone).items())])
+    return torch.cat(gather_data_shards(engine.layout, engine.rank, entropies[mask.bool()].float()))
 
 
 @torch.no_grad()

@@ -2,21 +2,18 @@
 
 Plain LoRA with a well-tuned learning rate matches the fancier variants (arXiv:2602.04998), so the
 sweep is a first-class, cheap operation: every trial is a Ray task (one single-process engine,
-fractional CPUs), Ray runs as many at once as the cluster holds, and the table and a PNG plot of
-held-out loss against learning rate come out at the end.
+fractional CPUs; ``driver/trials.py``), Ray runs as many at once as the cluster holds, and the table
+and a PNG plot of held-out loss against learning rate come out at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
-import ray
-from tqdm import tqdm
-
 from elastic.core.config import Config
+from elastic.driver.trials import run_trials
 
 
 def log_grid(low: float, high: float, count: int) -> list[float]:
@@ -26,34 +23,11 @@ def log_grid(low: float, high: float, count: int) -> list[float]:
     return [math.exp(math.log(low) + i * step) for i in range(count)]
 
 
-@ray.remote(max_retries=0)
-def _trial(cfg: Config, eval_samples: int) -> dict:
-    import torch
-
-    from elastic.core.layout import Layout, Placement
-    from elastic.runtime.engine import Engine
-
-    torch.set_num_threads(cfg.runtime.threads_per_worker)
-    started = time.perf_counter()
-    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
-    losses = [engine.train_step().loss for _ in range(cfg.train.steps)]
-    n = min(eval_samples, engine.dataset.holdout_size())
-    total, tokens = engine.eval_loss(list(range(n)), "holdout")
-    return {"lr": cfg.optim.lr, "train_loss": losses[-1], "heldout_loss": total / max(tokens, 1),
-            "diverged": not math.isfinite(losses[-1]), "seconds": time.perf_counter() - started}
-
-
 def lr_sweep(cfg: Config, lrs: list[float], eval_samples: int = 256, progress: bool = True) -> list[dict]:
     """Run one short trial per learning rate (``cfg.train.steps`` steps each); results sorted by LR."""
-    refs = [_trial.options(num_cpus=cfg.runtime.cpus_per_worker).remote(
-        cfg.replace(optim=dataclasses.replace(cfg.optim, lr=lr)), eval_samples) for lr in lrs]
-    results, pending = [], list(refs)
-    with tqdm(total=len(refs), desc="lr sweep", unit="trial", disable=not progress) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            results.append(ray.get(done[0]))
-            bar.set_postfix(lr=f"{results[-1]['lr']:.1e}", heldout=f"{results[-1]['heldout_loss']:.3f}")
-            bar.update(1)
+    cfgs = [cfg.replace(optim=dataclasses.replace(cfg.optim, lr=lr)) for lr in lrs]
+    results = run_trials(cfgs, eval_samples, progress, desc="lr sweep",
+                         postfix=lambda r: {"lr": f"{r['lr']:.1e}", "heldout": f"{r['heldout_loss']:.3f}"})
     return sorted(results, key=lambda r: r["lr"])
 
 
