@@ -150,7 +150,8 @@ def load_hf_model(folder: str | Path, dtype: torch.dtype | None = None) -> tuple
 def save_hf_model(folder: str | Path, model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
                   token_ids: dict[str, Any] | None = None) -> Path:
     """Write ``state_dict`` (full tensors, our names) as a HF folder of ``model_cfg.family``; ``token_ids``:
-    the special-token ids for config.json (default: the byte tokenizer's). Returns the folder."""
+    the special-token ids for config.json (default: the byte tokenizer's; for a model that came from a
+    folder, pass ``token_ids_of(that folder)``). Returns the folder."""
     folder = Path(folder)
     check_state(state_dict, model_cfg, "save_hf_model")
     dtypes = {t.dtype for t in state_dict.values()}

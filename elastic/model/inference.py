@@ -12,23 +12,12 @@ from pathlib import Path
 
 import torch
 
-from elastic.core.tokenizer import TOKENIZER_FILES, VOCAB_SIZE, ByteTokenizer, HFTokenizer, check_vocabulary
+from elastic.core.tokenizer import check_vocabulary, load_tokenizer
 from elastic.model.generate import SamplingConfig, sample
-from elastic.model.hf import load_hf_model
+from elastic.model.hf import load_hf_model, tokenizer_of_folder
 from elastic.model.llama import LlamaStage
 from elastic.model.lora import apply_lora
 from elastic.model.peft_io import load_peft_adapter
-
-
-def folder_tokenizer(base: Path, vocab_size: int):
-    if any((base / name).is_file() for name in TOKENIZER_FILES):
-        tok = HFTokenizer(base)
-        check_vocabulary(tok, vocab_size, f"the model in {base}")
-        return tok
-    if vocab_size == VOCAB_SIZE:
-        return ByteTokenizer()
-    raise FileNotFoundError(f"{base} has no tokenizer (none of {list(TOKENIZER_FILES)}); save the model's "
-                            "tokenizer into the folder with tokenizer.save_pretrained")
 
 
 def complete(base: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 32,
@@ -36,7 +25,8 @@ def complete(base: str | Path, prompt: str, adapter: str | Path | None = None, m
     """The model's continuation of ``prompt`` (greedy when ``temperature`` is 0)."""
     base = Path(base)
     cfg, state = load_hf_model(base, dtype=torch.float32)
-    tok = folder_tokenizer(base, cfg.vocab_size)
+    tok = load_tokenizer(tokenizer_of_folder(base, cfg))
+    check_vocabulary(tok, cfg.vocab_size, f"the model in {base}")
     model = LlamaStage(cfg)
     model.load_state_dict(state, strict=True)
     if adapter is not None:

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from elastic.core.config import Config, DataConfig, ModelConfig
-from elastic.model.hf import load_hf_model, save_hf_model
+from elastic.model.hf import load_hf_model, save_hf_model, token_ids_of
 from elastic.model.llama import KVCache, LlamaStage
 
 SHAPE = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -77,8 +77,9 @@ def test_logits_equal_transformers_and_export_round_trips(tmp_path, family):
         cache = KVCache()
         ours(x[:, :-1], 0, cache)
         assert rel_max(ours(x[:, -1:], x.shape[1] - 1, cache)[:, -1], theirs[:, -1]) <= 1e-5
-    out = save_hf_model(tmp_path / "out", cfg, state)
+    out = save_hf_model(tmp_path / "out", cfg, state, token_ids_of(folder))
     again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (again.config.bos_token_id, again.config.eos_token_id) == (hf.config.bos_token_id, hf.config.eos_token_id)
     assert again.config.tie_word_embeddings == cfg.tie_embeddings
     assert type(again) is type(hf)
     if cfg.tie_embeddings:

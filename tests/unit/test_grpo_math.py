@@ -308,9 +308,10 @@ def trl_reference(logps, old, ref, adv, mask, eps_low, eps_high, beta, loss_type
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)  # bnpo; dapo with num_items = token count
 
 
-def random_batch(seed: int = 0, batch: int = 6, width: int = 5):
+def random_batch(seed: int = 0, batch: int = 6, width: int = 5, lengths: tuple[int, ...] = (5, 1, 3, 0, 4, 2)):
+    """(logps, old, ref, advantages, mask) of ``batch`` completions; the lengths include an empty one."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([5, 1, 3, 0, 4, 2])[:batch]  # includes an empty completion
+    lengths = torch.tensor(lengths)[:batch]
     mask = (torch.arange(width) < lengths.unsqueeze(1)).to(F64)
     old = -torch.rand(batch, width, generator=gen, dtype=F64) * 3
     logps = (old + torch.randn(batch, width, generator=gen, dtype=F64) * 0.3).requires_grad_(True)

@@ -16,6 +16,7 @@ from trl.trainer import grpo_trainer as trl_grpo
 
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch, PolicyKnobs, grpo_loss_terms, high_entropy_mask
+from tests.unit.test_grpo_math import random_batch
 
 F64 = torch.float64
 MAX_LEN = 6
@@ -61,15 +62,9 @@ def trl_loss(knobs: PolicyKnobs, loss_type: str, logps, old, ref, adv, mask, num
     return trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
-def batch(seed: int = 0, n: int = 6):
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([6, 1, 3, 0, 4, 2])[:n]
-    mask = (torch.arange(MAX_LEN) < lengths.unsqueeze(1)).to(F64)
-    old = -torch.rand(n, MAX_LEN, generator=gen, dtype=F64) * 3
-    logps = (old + torch.randn(n, MAX_LEN, generator=gen, dtype=F64) * 0.4).requires_grad_(True)
-    ref = old + torch.randn(n, MAX_LEN, generator=gen, dtype=F64) * 0.2
-    adv = torch.randn(n, generator=gen, dtype=F64)
-    return logps, old, ref, adv, mask
+def batch():
+    """Six completions, one of them empty and one that fills max_completion_length (truncated)."""
+    return random_batch(width=MAX_LEN, lengths=(6, 1, 3, 0, 4, 2))
 
 
 CASES = {
@@ -173,7 +168,7 @@ def test_prompt_file_and_reward_function_errors_come_before_any_worker(tmp_path)
     from elastic.recipes.grpo.prompts import PromptTask, resolve_reward_funcs, score_batch
     from elastic.recipes.grpo.rewards import accuracy
 
-    with pytest.raises(ValueError, match="cannot import reward function 'nosuch.module:f'"):
+    with pytest.raises(ValueError, match="cannot load reward function 'nosuch.module:f'"):
         resolve_reward_funcs("nosuch.module:f")
     with pytest.raises(ValueError, match="grpo.prompts='p.jsonl' has no built-in reward; name reward functions"):
         GRPOConfig(prompts="p.jsonl")

@@ -16,7 +16,6 @@ Python and torch.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import torch
 
 from elastic.core.data import Problem
 from elastic.core.sft_data import read_rows
+from elastic.recipes.grpo.rewards import import_function
 
 RewardFuncs = list[tuple[str, Callable]]
 
@@ -96,14 +96,7 @@ def resolve_reward_funcs(spec: str) -> RewardFuncs:
         module_name, sep, attr = item.partition(":")
         if not sep or not module_name or not attr:
             raise ValueError(f"grpo.reward_funcs entry {item!r} is not an import path 'package.module:function'")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import reward function {item!r}: {err}; check the module is importable "
-                             "on the driver and the workers (e.g. in the job's working directory)") from err
-        if not callable(fn):
-            raise ValueError(f"reward function {item!r} is a {type(fn).__name__}, not a function")
-        funcs.append((item, fn))
+        funcs.append((item, import_function(item)))
     if not funcs:
         raise ValueError("grpo.reward_funcs is empty; name at least one 'package.module:function'")
     return funcs

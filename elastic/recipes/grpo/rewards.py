@@ -143,10 +143,17 @@ def resolve_reward(spec: str | RewardFn) -> RewardFn:
     if not sep or not module_name or not attr:
         raise ValueError(f"reward {spec!r} is neither a built-in task ({', '.join(sorted(TASKS))}) nor an import "
                          "path 'package.module:function'")
+    return import_function(spec)
+
+
+def import_function(spec: str) -> Callable:
+    """The function at import path 'package.module:function', or one ValueError naming it."""
+    module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load reward function {spec!r}: {err}") from err
+        raise ValueError(f"cannot load reward function {spec!r}: {err}; check that the module is importable on "
+                         "the driver and the workers (e.g. in the job's working directory)") from err
     if not callable(fn):
         raise ValueError(f"reward {spec!r} is a {type(fn).__name__}, not a function")
     return fn
