@@ -238,8 +238,8 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     tok = load_tokenizer(cfg.data.tokenizer)
     if g.prompts:  # users' prompts: each group sampled and scored at its own length, never padded
-        task = PromptTask(g.prompts, tok, g.max_new_tokens, cfg.model.max_seq_len)
-        prompt_of = task.ids.__getitem__
+        task = PromptTask.from_file(g.prompts, tok, g.max_new_tokens, cfg.model.max_seq_len)
+        prompt_of = task.ids
     else:
         task = build_task(g.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
         prompt_of = task.prompt_ids

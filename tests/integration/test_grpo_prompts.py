@@ -47,7 +47,7 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
     reference = train_grpo_reference(cfg, None)
     assert any(abs(loss) > 1e-6 for loss in reference.losses)  # iteration 2 reuses the batch: ratios move
     workload = GRPOWorkload(cfg)
-    widths = {len(ids) for ids in workload.loop.task.ids}
+    widths = {len(workload.loop.task.ids(i)) for i in range(len(workload.loop.task))}
     assert len(widths) > 3  # prompts of many lengths share each batch, left-padded to one width
     script = ScriptedEvents({2: [Drain(reason="preempted", worker=fresh_pool.alive()[2])]})
     options = ControllerOptions(objective="use_all", sources=[script], progress=False,

@@ -16,12 +16,12 @@ from elastic.recipes.grpo.advantage import group_advantages, noise_corrected_adv
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss, grpo_loss_terms
 from elastic.recipes.grpo.noise import FlipRates, RewardNoise, corrected_reward, estimate_flip_rates
+from elastic.recipes.grpo.prompts import pairwise, score_batch
 from elastic.recipes.grpo.rewards import (
     SortDigitsTask,
     arithmetic_reward,
     completion_text,
     resolve_reward,
-    score,
     sort_digits_reward,
 )
 
@@ -72,6 +72,11 @@ def test_resolve_reward_accepts_names_callables_and_import_paths():
         resolve_reward("no_such_task")
     with pytest.raises(ValueError, match="cannot load reward function"):
         resolve_reward("elastic.recipes.grpo.rewards:missing")
+
+
+def score(fn, prompts, completions):
+    """A one-pair reward function scored the way GRPO scores it (``grpo.reward_fn``)."""
+    return score_batch([("fn", pairwise(fn))], prompts, completions, {}, [[0]] * len(prompts))
 
 
 def test_bad_reward_functions_name_the_prompt():

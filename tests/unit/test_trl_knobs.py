@@ -7,6 +7,7 @@ same loss and the same gradient, and its shards' losses must still sum to the wh
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -15,7 +16,10 @@ import torch
 from trl.trainer import grpo_trainer as trl_grpo
 
 from elastic.recipes.grpo.config import GRPOConfig
+from elastic.recipes.grpo.loop import GRPOLoop
 from elastic.recipes.grpo.loss import GlobalBatch, PolicyKnobs, grpo_loss_terms, high_entropy_mask
+from elastic.recipes.grpo.prompts import parse_weights, score_batch
+from elastic.recipes.grpo.recipe import grpo_config
 from tests.unit.test_grpo_math import random_batch
 
 F64 = torch.float64
@@ -165,22 +169,67 @@ def test_prompt_file_and_reward_function_errors_come_before_any_worker(tmp_path)
     import json
 
     from elastic.core.tokenizer import ByteTokenizer
-    from elastic.recipes.grpo.prompts import PromptTask, resolve_reward_funcs, score_batch
+    from elastic.recipes.grpo.prompts import PromptTask, resolve_reward_funcs
     from elastic.recipes.grpo.rewards import accuracy
 
     with pytest.raises(ValueError, match="cannot load reward function 'nosuch.module:f'"):
         resolve_reward_funcs("nosuch.module:f")
-    with pytest.raises(ValueError, match="grpo.prompts='p.jsonl' has no built-in reward; name reward functions"):
-        GRPOConfig(prompts="p.jsonl")
+    with pytest.raises(ValueError, match="grpo.reward_weights='1,2' weighs grpo.reward_funcs, which is empty"):
+        GRPOConfig(reward_weights="1,2")
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"question": "1+1="}) + "\n" + json.dumps({"question": "2+2="}) + "\n")
     with pytest.raises(ValueError, match=r"columns \['question'\] lack 'prompt'"):
-        PromptTask(path, ByteTokenizer(), 4, 64)
+        PromptTask.from_file(path, ByteTokenizer(), 4, 64)
     path.write_text(json.dumps({"prompt": "x" * 70, "answer": "1"}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
     with pytest.raises(ValueError, match="row 0: its prompt has 71 tokens, and with max_new_tokens=4 that exceeds "
                                          "the model's max_position_embeddings=64"):
-        PromptTask(path, ByteTokenizer(), 4, 64)
+        PromptTask.from_file(path, ByteTokenizer(), 4, 64)
+    path.write_text(json.dumps({"prompt": "1+1=", "label": "2"}) + "\n" + json.dumps({"prompt": "2+2=", "label": "4"}))
+    with pytest.raises(ValueError, match=r"the default reward \(exact-match accuracy\) compares with an 'answer' "
+                                         r"column, and its columns are \['prompt', 'label'\]"):
+        GRPOLoop(grpo_config(data=str(path), workers=1))
     assert accuracy(["q", "q"], ["42\nbecause", "41"], ["42", "42"]) == [1.0, 0.0]
     broken = [("tests:broken", lambda **kw: [1.0])]  # one value for two completions
     with pytest.raises(ValueError, match="returned 1 for 2 completions"):
         score_batch(broken, ["a", "b"], ["x", "y"], {}, [[1], [2]])
+    with pytest.raises(ValueError, match="grpo.reward_weights='1.0' has 1 finite weights for 2 reward functions"):
+        parse_weights("1.0", 2)
+
+
+def test_reward_weights_combine_as_trl_does():
+    """TRL: rewards_per_func [N, F] times reward_weights, nansum over the functions (None is NaN)."""
+    first = [1.0, None, 0.0, 2.0]
+    second = [0.5, 1.0, None, -1.0]
+    funcs = [("a", lambda **kw: first), ("b", lambda **kw: second)]
+    weights = parse_weights("2.0,-0.5", 2)
+    ours = score_batch(funcs, list("pqrs"), list("wxyz"), {}, [[1]] * 4, weights)
+    per_func = torch.tensor([[math.nan if v is None else v for v in f] for f in (first, second)],
+                            dtype=torch.float64).T
+    trl = (per_func * torch.tensor(weights, dtype=torch.float64)[None, :]).nansum(dim=1)
+    assert torch.equal(ours, trl), (ours, trl)
+
+
+def test_builtin_tasks_are_prompt_sets_on_the_same_path():
+    """A built-in task's rows are its problems with their answers, tokenized as the task itself does, and
+    scored by the default accuracy on the answer column exactly as the task's own exact-answer reward."""
+    from elastic.core.data import ArithmeticTask
+    from elastic.core.tokenizer import ByteTokenizer
+    from elastic.recipes.grpo.prompts import PromptTask, reward_functions
+    from elastic.recipes.grpo.rewards import SortDigitsTask, arithmetic_reward, sort_digits_reward
+
+    tok = ByteTokenizer()
+    for name, cls, exact in (("arithmetic", ArithmeticTask, arithmetic_reward),
+                             ("sort_digits", SortDigitsTask, sort_digits_reward)):
+        prompts = PromptTask.builtin(name, 24, 300, 3, tok, 6, 64)
+        task = cls(24, 300, 3)
+        assert len(prompts) == 300 and prompts.holdout_size() == task.holdout_size()
+        for i in (0, 7, 299):
+            assert prompts.prompt_ids(i) == task.prompt_ids(i) and all(prompts.prompt_mask(i))
+            assert prompts.problem(i, "holdout") == task.problem(i, "holdout")
+        ids = list(range(40))
+        completions = [task.problem(i).answer if i % 3 else task.problem(i).answer + "1" for i in ids]
+        funcs = reward_functions("", "")
+        got = score_batch(funcs, [prompts.prompt(i) for i in ids], completions,
+                          {"answer": [prompts.column("answer", i) for i in ids]}, [[0]] * len(ids))
+        assert got.tolist() == [exact(task.problem(i).prompt, c) for i, c in zip(ids, completions, strict=True)]
+        assert 0 < got.sum() < len(ids)

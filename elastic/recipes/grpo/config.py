@@ -39,7 +39,10 @@ class GRPOConfig:
     prompts: str = knob("", "a JSON/JSONL/Parquet file of prompts in TRL's prompt-only format ('prompt' as text "
                             "or messages, plus extra columns); empty: the built-in task's prompts")
     reward_funcs: str = knob("", "TRL-style reward functions 'pkg.mod:fn[,pkg.mod:fn2]', each called as "
-                                 "fn(prompts, completions, **columns) -> list of floats; they add up")
+                                 "fn(prompts, completions, **columns) -> list of floats; they add up; empty: "
+                                 "exact-match accuracy on the 'answer' column")
+    reward_weights: str = knob("", "TRL's reward_weights: one comma-separated weight per reward function "
+                                   "(empty: all 1.0)")
     num_generations: int = knob(8, "completions sampled per prompt (G); advantages compare within these groups")
     temperature: float = knob(1.0, "sampling temperature of the completions")
     top_p: float = knob(1.0, "nucleus sampling: keep the smallest token set with this much probability")
@@ -78,9 +81,9 @@ class GRPOConfig:
         _require(self.task in TASKS, f"grpo.task={self.task!r} is not one of {sorted(TASKS)}")
         _require(self.reward_fn == "" or (self.reward_fn.count(":") == 1 and all(self.reward_fn.split(":"))),
                  f"grpo.reward_fn={self.reward_fn!r} must be empty or an import path 'package.module:function'")
-        _require(not self.prompts or self.reward_funcs,
-                 f"grpo.prompts={self.prompts!r} has no built-in reward; name reward functions with "
-                 "grpo.reward_funcs='package.module:function'")
+        _require(not self.reward_weights or bool(self.reward_funcs),
+                 f"grpo.reward_weights={self.reward_weights!r} weighs grpo.reward_funcs, which is empty; name the "
+                 "functions too")
         _require(not (self.reward_funcs and self.reward_fn),
                  "set grpo.reward_funcs (TRL's batch convention) or grpo.reward_fn (one prompt, one completion), "
                  "not both")

@@ -1,12 +1,13 @@
 """The GRPO loop's bookkeeping, independent of where the model runs.
 
 GRPO step ``k`` uses prompts ``sampler.step_indices(k)`` (each prompt once per epoch, by global
-index), ``num_generations`` completions each. The rollouts are scored by the task's exact-answer
-reward (the *true* reward r*), passed through the seeded flip channel when noise is injected
-(observed r~), turned into advantages (with the configured noise correction, using the true rates
-or rates estimated once from a calibration set with gold labels), and packed into one global
-batch. Each data-parallel rank then takes a contiguous share of its rows; the loss normaliser
-comes from the whole batch. ``num_iterations`` optimizer steps reuse the batch of step ``k``.
+index), ``num_generations`` completions each. The rollouts are scored by the run's reward functions
+(``prompts.py``; by default exact-match ``accuracy``: the *true* reward r*), passed through the
+seeded flip channel when noise is injected (observed r~), turned into advantages (with the
+configured noise correction, using the true rates or rates estimated once from a calibration set
+with gold labels), and packed into one global batch. Each data-parallel rank then takes a
+contiguous share of its rows; the loss normaliser comes from the whole batch. ``num_iterations``
+optimizer steps reuse the batch of step ``k``.
 
 Pure torch: no processes, no distributed code.
 """
@@ -27,8 +28,7 @@ from elastic.recipes.grpo.advantage import noise_corrected_advantages
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch
 from elastic.recipes.grpo.noise import FlipRates, RewardNoise, estimate_flip_rates
-from elastic.recipes.grpo.prompts import PromptTask, resolve_reward_funcs, score_batch
-from elastic.recipes.grpo.rewards import build_task, resolve_reward, score
+from elastic.recipes.grpo.prompts import PromptTask, parse_weights, reward_functions, score_batch
 
 
 @dataclass
@@ -45,12 +45,18 @@ class GRPOLoop:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.grpo = cfg, GRPOConfig.of(cfg)
         self.tok = load_tokenizer(cfg.data.tokenizer)
-        if self.grpo.prompts:
-            self.task = PromptTask(self.grpo.prompts, self.tok, self.grpo.max_new_tokens, cfg.model.max_seq_len)
-        else:
-            self.task = build_task(self.grpo.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed)
-        self.reward_funcs = resolve_reward_funcs(self.grpo.reward_funcs) if self.grpo.reward_funcs else None
-        self.reward_fn = resolve_reward(self.grpo.reward_fn or self.grpo.task)
+        g = self.grpo
+        if g.prompts:
+            self.task = PromptTask.from_file(g.prompts, self.tok, g.max_new_tokens, cfg.model.max_seq_len)
+        else:  # a built-in task is an ordinary prompt set, scored by the same reward functions
+            self.task = PromptTask.builtin(g.task, cfg.data.seq_len, cfg.data.num_samples, cfg.train.seed, self.tok,
+                                           g.max_new_tokens, cfg.model.max_seq_len)
+        self.reward_funcs = reward_functions(g.reward_funcs, g.reward_fn)
+        self.reward_weights = parse_weights(g.reward_weights, len(self.reward_funcs))
+        if not (g.reward_funcs or g.reward_fn) and "answer" not in self.task.columns:
+            raise ValueError(f"{self.task.where}: the default reward (exact-match accuracy) compares with an 'answer' "
+                             f"column, and its columns are {['prompt', *self.task.columns]}; add one, or name your "
+                             "reward with grpo.reward_funcs='package.module:function'")
         self.noise = RewardNoise(self.grpo.flip_rates, cfg.train.seed) if self.grpo.inject_noise else None
         self.sampler = GlobalSampler(len(self.task), cfg.train.global_batch, cfg.train.seed)
         self.rates = self.estimated_rates() if self.grpo.estimate_rates else self.grpo.flip_rates
@@ -60,8 +66,7 @@ class GRPOLoop:
 
     def prompts(self, k: int) -> list[tuple[int, list[int], list[bool] | None]]:
         """(global index, token ids, mask of the real tokens or None when all are) of step ``k``'s prompts."""
-        mask = getattr(self.task, "prompt_mask", None)
-        return [(i, self.task.prompt_ids(i), mask(i) if mask else None) for i in self.sampler.step_indices(k)]
+        return [(i, self.task.prompt_ids(i), self.task.prompt_mask(i)) for i in self.sampler.step_indices(k)]
 
     def share(self, items: list, data_index: int, data_parallel: int) -> list:
         lo, hi = balanced(len(items), data_parallel, data_index)
@@ -70,17 +75,22 @@ class GRPOLoop:
     def estimated_rates(self) -> FlipRates:
         """Flip rates measured on a calibration set with gold labels: held-out problems with their true
         answer or a wrong one (half each), scored, passed through the same noisy channel."""
-        size, gold, observed = self.grpo.calibration_size, [], []
-        for i in range(size):
-            problem = self.task.problem(i % self.task.holdout_size(), "holdout")
-            right = random.Random(stable_seed(self.cfg.train.seed, "calibration", i)).random() < 0.5
-            answer = problem.answer if right else str(int(problem.answer) + 1)
-            gold.append(float(self.reward_fn(problem.prompt, answer)))
-        gold_t = torch.tensor(gold, dtype=torch.float64)
+        size = self.grpo.calibration_size
+        if not self.task.holdout_size():
+            raise ValueError(f"grpo.estimate_rates needs held-out prompts to calibrate on, and {self.task.where} has "
+                             "none; use a built-in task, or give the rates with grpo.rho_plus/rho_minus")
+        indices = [i % self.task.holdout_size() for i in range(size)]
+        answers = []
+        for n, i in enumerate(indices):
+            answer = self.task.problem(i, "holdout").answer
+            right = random.Random(stable_seed(self.cfg.train.seed, "calibration", n)).random() < 0.5
+            answers.append(answer if right else str(int(answer) + 1))
+        columns = {c: [self.task.column(c, i, "holdout") for i in indices] for c in self.task.columns}
+        gold_t = score_batch(self.reward_funcs, [self.task.prompt(i, "holdout") for i in indices], answers, columns,
+                             [self.tok.encode(a) for a in answers], self.reward_weights)
         if self.noise is None:
             raise ValueError("grpo.estimate_rates needs observed rewards from the noisy channel (inject_noise)")
         observed_t = self.noise.observe(gold_t, list(range(size)), [0] * size, split="calibration")
-        observed.extend(observed_t.tolist())
         return estimate_flip_rates(observed_t, gold_t)
 
     def build(self, k: int, parts: list[dict]) -> StepBatch:
@@ -91,17 +101,12 @@ class GRPOLoop:
             raise RuntimeError(f"rollouts of step {k} cover prompts {prompts[:4]}..., expected the step's batch")
         tokens = torch.cat([part["tokens"] for part in parts])
         lengths = torch.cat([part["lengths"] for part in parts])
-        prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in prompts for _ in range(G)])
-        texts = [self.task.problem(i).prompt for i in prompts for _ in range(G)]
-        completions = [self.tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(texts))]
-        if self.reward_funcs is not None:
-            rows = [i for i in prompts for _ in range(G)]
-            columns = {c: [self.task.column(c, i) for i in rows] for c in getattr(self.task, "columns", [])}
-            clean = score_batch(self.reward_funcs, [self.task.prompt(i) for i in rows] if self.grpo.prompts
-                                else texts, completions, columns,
-                                [tokens[r, : int(lengths[r])].tolist() for r in range(len(rows))])
-        else:
-            clean = score(self.reward_fn, texts, completions)
+        owners = [i for i in prompts for _ in range(G)]  # each completion's prompt index
+        prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in owners])
+        completions = [self.tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(owners))]
+        columns = {c: [self.task.column(c, i) for i in owners] for c in self.task.columns}
+        clean = score_batch(self.reward_funcs, [self.task.prompt(i) for i in owners], completions, columns,
+                            [tokens[r, : int(lengths[r])].tolist() for r in range(len(owners))], self.reward_weights)
         observed = clean if self.noise is None else self.noise.observe_groups(clean, prompts, G, step=k)
         advantages = noise_corrected_advantages(observed, G, self.rates, self.grpo.correction,
                                                 self.grpo.scale_rewards)
@@ -111,8 +116,7 @@ class GRPOLoop:
             truncated = tokens[torch.arange(len(tokens)), lengths - 1] != self.tok.eos_id
             mask &= ~truncated[:, None]
         rows = {"input_ids": torch.cat([prompt_ids, tokens], dim=1), "mask": mask, "advantages": advantages}
-        if getattr(self.task, "prompt_mask", None):
-            rows["prompt_mask"] = torch.tensor([self.task.prompt_mask(i) for i in prompts for _ in range(G)])
+        rows["prompt_mask"] = torch.tensor([self.task.prompt_mask(i) for i in owners])
         for key in ("old", "ref"):
             if key in parts[0]:
                 rows[key] = torch.cat([part[key] for part in parts])

@@ -1,5 +1,5 @@
-"""GRPO on users' prompts: a JSON/JSONL/Parquet file of TRL's prompt-only format, and TRL-style
-reward functions.
+"""GRPO's prompts and rewards: a JSON/JSONL/Parquet file of TRL's prompt-only format, or a built-in
+task as the same kind of rows, scored by TRL-style reward functions.
 
 A row has ``prompt`` (a text, or a conversation: a list of ``{"role", "content"}`` rendered with the
 tokenizer's chat template and its generation prompt), plus any extra columns (``answer``, ...).
@@ -10,7 +10,9 @@ row's tensors never depend on its batch-mates; the mask tells the model which to
 Reward functions follow TRL's ``reward_funcs`` convention:
 ``fn(prompts: list, completions: list[str], **columns) -> list[float | None]``, called once per
 batch with every extra column as a keyword list (and ``completion_ids``). The rewards of several
-functions add up; ``None`` means "does not apply" and is skipped, as TRL's nansum does. Pure
+functions add up, times ``reward_weights``; ``None`` means "does not apply" and is skipped, as TRL's
+nansum does. A built-in task (``arithmetic``, ``sort_digits``) is rows ``{"prompt", "answer"}`` with
+a disjoint holdout, scored by default by ``rewards.accuracy``: the same path as a user's file. Pure
 Python and torch.
 """
 
@@ -25,32 +27,69 @@ import torch
 
 from elastic.core.data import Problem
 from elastic.core.sft_data import read_rows
-from elastic.recipes.grpo.rewards import import_function
+from elastic.core.tokenizer import ByteTokenizer
+from elastic.recipes.grpo.rewards import RewardFn, accuracy, build_task, import_function, resolve_reward, score_one
+
+DEFAULT_REWARD = "elastic.recipes.grpo.rewards:accuracy"
 
 RewardFuncs = list[tuple[str, Callable]]
 
 
 class PromptTask:
-    """The prompts of a file, addressed by global index like any dataset (see the module docstring)."""
+    """A prompt set addressed by global index like any dataset: a file's rows, or a built-in task's.
 
-    def __init__(self, path: str | Path, tok, max_new_tokens: int, max_seq_len: int) -> None:
-        self.path = path = Path(path)
-        rows = read_rows(path)
+    ``rows`` is a sequence of dicts with ``prompt`` and any extra columns; ``holdout`` (possibly empty)
+    holds rows disjoint from them, for evaluation and for calibrating reward-noise rates. ``width`` is
+    the left-padded prompt width; None measures it over every row (a built-in task whose prompts have
+    one known length passes it, so that 50,000 lazily generated rows are not all tokenized up front).
+    """
+
+    def __init__(self, rows: Sequence[dict], tok, max_new_tokens: int, max_seq_len: int, where: str,
+                 holdout: Sequence[dict] = (), width: int | None = None) -> None:
         if len(rows) < 2:
-            raise ValueError(f"{path} has {len(rows)} rows; need at least 2 prompts")
+            raise ValueError(f"{where} has {len(rows)} rows; need at least 2 prompts")
         if "prompt" not in rows[0]:
-            raise ValueError(f"{path}: columns {sorted(rows[0])} lack 'prompt', which TRL's prompt-only format "
+            raise ValueError(f"{where}: columns {sorted(rows[0])} lack 'prompt', which TRL's prompt-only format "
                              "needs (a text, or a list of {role, content} messages)")
-        self.tok, self.rows = tok, rows
-        self.ids = [self._encode(row["prompt"], f"{path} row {i}") for i, row in enumerate(rows)]
-        self.width = max(len(ids) for ids in self.ids)
-        longest = max(range(len(rows)), key=lambda i: len(self.ids[i]))
+        self.tok, self.rows, self.holdout, self.where = tok, rows, holdout, where
+        self._ids: dict[tuple[str, int], list[int]] = {}
+        if width is None:
+            lengths = [len(self.ids(i)) for i in range(len(rows))] + [len(self.ids(i, "holdout"))
+                                                                       for i in range(len(holdout))]
+            width, longest = max(lengths), max(range(len(lengths)), key=lengths.__getitem__)
+        else:
+            longest = 0
+        self.width = width
         if self.width + max_new_tokens > max_seq_len:
-            raise ValueError(f"{path} row {longest}: its prompt has {self.width} tokens, and with max_new_tokens="
+            raise ValueError(f"{where} row {longest}: its prompt has {self.width} tokens, and with max_new_tokens="
                              f"{max_new_tokens} that exceeds the model's max_position_embeddings={max_seq_len}; "
                              "shorten the prompt or lower grpo.max_new_tokens")
         self.columns = [k for k in rows[0] if k != "prompt"]
         self.n = len(rows)
+
+    @classmethod
+    def from_file(cls, path: str | Path, tok, max_new_tokens: int, max_seq_len: int) -> PromptTask:
+        """The rows of a JSON/JSONL/Parquet file of TRL's prompt-only format (no holdout split)."""
+        return cls(read_rows(Path(path)), tok, max_new_tokens, max_seq_len, str(path))
+
+    @classmethod
+    def builtin(cls, name: str, seq_len: int, num_samples: int, seed: int, tok, max_new_tokens: int,
+                max_seq_len: int) -> PromptTask:
+        """A built-in task as an ordinary prompt set: rows ``{"prompt", "answer"}`` and a disjoint holdout,
+        scored by the same reward functions as a file (by default ``rewards.accuracy``)."""
+        task = build_task(name, seq_len, num_samples, seed)
+        # The byte tokenizer turns a fixed-length prompt into BOS + its bytes; any other tokenizer is measured.
+        width = 1 + len(task.problem(0).prompt) if isinstance(tok, ByteTokenizer) else None
+        return cls(TaskRows(task, "train"), tok, max_new_tokens, max_seq_len, f"the built-in task {name!r}",
+                   holdout=TaskRows(task, "holdout"), width=width)
+
+    def ids(self, index: int, split: str = "train") -> list[int]:
+        """The row's prompt tokens, unpadded (cached)."""
+        key = (split, index)
+        if key not in self._ids:
+            row = (self.rows if split == "train" else self.holdout)[index]
+            self._ids[key] = self._encode(row["prompt"], f"{self.where} {split} row {index}")
+        return self._ids[key]
 
     def _encode(self, prompt, where: str) -> list[int]:
         if isinstance(prompt, str):
@@ -67,26 +106,46 @@ class PromptTask:
         return self.n
 
     def holdout_size(self) -> int:
-        return 0
+        return len(self.holdout)
 
     def prompt_ids(self, index: int, split: str = "train") -> list[int]:
-        ids = self.ids[index]
+        ids = self.ids(index, split)
+        if len(ids) > self.width:
+            raise ValueError(f"{self.where} {split} row {index} has {len(ids)} prompt tokens, more than the "
+                             f"built-in task's width {self.width}")
         return [self.tok.pad_id] * (self.width - len(ids)) + ids
 
-    def prompt_mask(self, index: int) -> list[bool]:
-        n = len(self.ids[index])
+    def prompt_mask(self, index: int, split: str = "train") -> list[bool]:
+        n = len(self.ids(index, split))
         return [False] * (self.width - n) + [True] * n
 
     def problem(self, index: int, split: str = "train") -> Problem:
-        prompt = self.rows[index]["prompt"]
-        return Problem(prompt if isinstance(prompt, str) else str(prompt), str(self.rows[index].get("answer", "")))
+        row = (self.rows if split == "train" else self.holdout)[index]
+        prompt = row["prompt"]
+        return Problem(prompt if isinstance(prompt, str) else str(prompt), str(row.get("answer", "")))
 
-    def prompt(self, index: int):
+    def prompt(self, index: int, split: str = "train"):
         """The row's prompt as the file holds it (a text or messages), as TRL hands it to reward functions."""
-        return self.rows[index]["prompt"]
+        return (self.rows if split == "train" else self.holdout)[index]["prompt"]
 
-    def column(self, name: str, index: int):
-        return self.rows[index][name]
+    def column(self, name: str, index: int, split: str = "train"):
+        return (self.rows if split == "train" else self.holdout)[index][name]
+
+
+class TaskRows(Sequence):
+    """A built-in task's problems as rows ``{"prompt", "answer"}``, generated on demand (deterministic)."""
+
+    def __init__(self, task, split: str) -> None:
+        self.task, self.split = task, split
+
+    def __len__(self) -> int:
+        return len(self.task) if self.split == "train" else self.task.holdout_size()
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        problem = self.task.problem(index, self.split)
+        return {"prompt": problem.prompt, "answer": problem.answer}
 
 
 def resolve_reward_funcs(spec: str) -> RewardFuncs:
@@ -102,16 +161,55 @@ def resolve_reward_funcs(spec: str) -> RewardFuncs:
     return funcs
 
 
+def pairwise(fn: RewardFn) -> Callable:
+    """A one-(prompt, completion) reward ``fn(prompt, completion) -> float`` (``grpo.reward_fn``) as a
+    TRL-style batch function, so that every reward goes through ``score_batch``; a failure names the row."""
+
+    def batch(prompts, completions, **columns) -> list[float]:
+        return [score_one(fn, p, c) for p, c in zip(prompts, completions, strict=True)]
+
+    batch.checked = True  # score_one's errors already name the function and the row
+    return batch
+
+
+def reward_functions(reward_funcs: str, reward_fn: str) -> RewardFuncs:
+    """The run's reward functions: ``reward_funcs`` (TRL's batch convention), else the one-pair
+    ``reward_fn``, else exact-match ``accuracy`` on the ``answer`` column (what the built-in tasks use)."""
+    if reward_funcs:
+        return resolve_reward_funcs(reward_funcs)
+    if reward_fn:
+        return [(reward_fn, pairwise(resolve_reward(reward_fn)))]
+    return [(DEFAULT_REWARD, accuracy)]
+
+
+def parse_weights(spec: str, n: int) -> list[float]:
+    """TRL's ``reward_weights``: one weight per reward function, all 1.0 when empty."""
+    if not spec:
+        return [1.0] * n
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"grpo.reward_weights={spec!r} must be comma-separated numbers, e.g. '1.0,0.5'") from None
+    if len(weights) != n or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"grpo.reward_weights={spec!r} has {len(weights)} finite weights for {n} reward "
+                         "functions; give exactly one per function in grpo.reward_funcs")
+    return weights
+
+
 def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str],
-                columns: dict[str, list], completion_ids: list[list[int]]) -> torch.Tensor:
-    """Rewards [N] (float64): each function called once on the whole batch (TRL's convention), summed."""
+                columns: dict[str, list], completion_ids: list[list[int]],
+                weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Rewards [N] (float64): each function called once on the whole batch (TRL's convention); their
+    values times ``weights`` summed, a None skipped (TRL's ``nansum``)."""
     total = torch.zeros(len(completions), dtype=torch.float64)
     seen = torch.zeros(len(completions), dtype=torch.bool)
-    for name, fn in funcs:
+    for (name, fn), weight in zip(funcs, weights or [1.0] * len(funcs), strict=True):
         try:
             values = fn(prompts=list(prompts), completions=list(completions), completion_ids=completion_ids,
                         **columns)
         except Exception as err:  # a user function may raise anything; name it and the batch
+            if getattr(fn, "checked", False):
+                raise
             raise ValueError(f"reward function {name} raised {type(err).__name__}: {err} (first prompt "
                              f"{prompts[0]!r}); fix it so that it returns one float or None per completion") from err
         if not isinstance(values, Sequence) or len(values) != len(completions):
@@ -124,7 +222,7 @@ def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str
             if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 raise ValueError(f"reward function {name} returned {value!r} for completion {i} "
                                  f"({completions[i]!r}); rewards must be finite numbers or None")
-            total[i] += float(value)
+            total[i] += weight * float(value)
             seen[i] = True
     if not seen.all():
         i = int((~seen).nonzero()[0])

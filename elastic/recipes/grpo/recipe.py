@@ -21,8 +21,7 @@ def grpo_config(base: str | Path | None = None, steps: int = 30, workers: int = 
     random 'mini' model. ``data``: a prompt file (TRL's prompt-only format; name ``reward_funcs``); None: the
     built-in arithmetic task."""
     if data:  # by default the exact-match accuracy on the file's 'answer' column (--grpo.reward_funcs replaces it)
-        grpo = {"prompts": str(data), "inject_noise": False,
-                "reward_funcs": "" if grpo.get("reward_fn") else "elastic.recipes.grpo.rewards:accuracy", **grpo}
+        grpo = {"prompts": str(data), "inject_noise": False, **grpo}
     g = GRPOConfig(**{"num_generations": 8, "max_new_tokens": 6, "temperature": 1.0, "loss_type": "dapo", **grpo})
     if base is not None:
         model = model_config_of(base)

@@ -10,8 +10,10 @@ disjoint by a hash of the problem, like ``elastic.core.data.ArithmeticTask``):
 - ``arithmetic``: "47+38=" -> "85" (``elastic.core.data.ArithmeticTask``);
 - ``sort_digits``: "sort 83152=" -> "12358" (``SortDigitsTask`` below).
 
-``score`` runs any reward function over a batch and turns a crash, a non-number or a NaN into a
+``score_one`` runs a one-pair reward function and turns a crash, a non-number or a NaN into a
 ValueError naming the prompt, so a bad user function fails on its first sample with a clear message.
+The built-in tasks reach GRPO as ordinary prompt rows (``prompts.PromptTask.builtin``), scored by
+``accuracy`` against their ``answer`` column.
 """
 
 from __future__ import annotations
@@ -179,11 +181,3 @@ def score_one(fn: RewardFn, prompt: str, completion: str) -> float:
         raise ValueError(f"reward function {_name(fn)} returned {value!r} for prompt {prompt!r} "
                          f"(completion {completion!r}); rewards must be finite numbers")
     return value
-
-
-def score(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-    """Rewards [N] (float64) for N (prompt, completion) pairs; the same prompt may repeat (GRPO groups)."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per "
-                         "completion (repeat each prompt num_generations times)")
-    return torch.tensor([score_one(fn, p, c) for p, c in zip(prompts, completions, strict=True)], dtype=torch.float64)
