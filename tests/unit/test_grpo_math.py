@@ -15,8 +15,9 @@ from elastic.core.tokenizer import ByteTokenizer
 from elastic.recipes.grpo.advantage import group_advantages, noise_corrected_advantages
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss, grpo_loss_terms
-from elastic.recipes.grpo.noise import FlipRates, RewardNoise, corrected_reward, estimate_flip_rates
+from elastic.recipes.grpo.noise import FlipRates, RewardNoise, corrected_reward
 from elastic.recipes.grpo.prompts import pairwise, score_batch
+from elastic.recipes.grpo.rates import RateTable, estimate_rates
 from elastic.recipes.grpo.rewards import (
     SortDigitsTask,
     arithmetic_reward,
@@ -135,20 +136,29 @@ def test_noise_does_not_depend_on_the_split_into_workers():
 
 def test_flip_rate_estimation():
     # gold 0 x4, one observed 1 -> rho_plus = 1/4; gold 1 x3, one observed 0 -> rho_minus = 1/3
-    rates = estimate_flip_rates(t([1, 0, 0, 0, 0, 1, 1]), t([0, 0, 0, 0, 1, 1, 1]))
-    assert (rates.rho_plus, rates.rho_minus) == (0.25, 1 / 3)
-    with pytest.raises(ValueError, match="no sample with gold label 0"):
-        estimate_flip_rates(t([1, 0]), t([1, 1]))
-    with pytest.raises(ValueError, match="no sample with gold label 1"):
-        estimate_flip_rates(t([1, 0]), t([0, 0]))
-    with pytest.raises(ValueError, match=">= 1"):  # 1/2 + 1/2 = 1: uninformative
-        estimate_flip_rates(t([1, 0, 0, 1]), t([0, 0, 1, 1]))
-    # From the simulated channel: estimates within 5 standard errors of the truth.
-    n, truth = 20_000, FlipRates(0.15, 0.25)
+    table, (est,) = estimate_rates(t([0, 0, 0, 0, 1, 1, 1]), t([1, 0, 0, 0, 0, 1, 1]), [""] * 7, min_per_class=1)
+    assert (est.rates.rho_plus, est.rates.rho_minus) == (0.25, 1 / 3) and table.of("") == est.rates
+    with pytest.raises(ValueError, match="rate group '\\(all\\)' has 0 calibration samples with gold label 0"):
+        estimate_rates(t([1, 1]), t([1, 0]), ["", ""], min_per_class=1)
+    with pytest.raises(ValueError, match="group .b. has 1 calibration samples with gold label 1, fewer than the 2"):
+        estimate_rates(t([0, 0, 1, 1, 0, 0, 1]), t([0, 0, 1, 1, 0, 0, 1]), list("aaaabbb"), min_per_class=2)
+    with pytest.raises(ValueError, match="J = 0.000 <= 0: the verifier carries no signal"):  # 1/2 + 1/2 = 1
+        estimate_rates(t([0, 0, 1, 1]), t([1, 0, 0, 1]), ["x"] * 4, min_per_class=1)
+    # From the simulated channel, two groups: estimates within 5 standard errors, inside their 95% intervals.
+    n = 20_000
     gold = (torch.arange(n) % 2).to(F64)
-    est = estimate_flip_rates(RewardNoise(truth, seed=2).observe(gold, range(n), [0] * n, split="calib"), gold)
-    assert abs(est.rho_plus - 0.15) < 5 * math.sqrt(0.15 * 0.85 / (n / 2))
-    assert abs(est.rho_minus - 0.25) < 5 * math.sqrt(0.25 * 0.75 / (n / 2))
+    groups = ["easy" if i % 4 < 2 else "hard" for i in range(n)]
+    truth = RateTable({"easy": FlipRates(0.05, 0.1), "hard": FlipRates(0.3, 0.25)})
+    observed = RewardNoise(FlipRates(), seed=2).observe(gold, range(n), [0] * n, split="calib",
+                                                         rates=truth.rows(groups))
+    table, estimates = estimate_rates(gold, observed, groups)
+    for e in estimates:
+        true = truth.of(e.group)
+        assert abs(e.rates.rho_plus - true.rho_plus) < 5 * math.sqrt(true.rho_plus * (1 - true.rho_plus) / (n / 4))
+        assert abs(e.rates.rho_minus - true.rho_minus) < 5 * math.sqrt(true.rho_minus * (1 - true.rho_minus) / (n / 4))
+        assert e.rho_plus_ci[0] < e.rates.rho_plus < e.rho_plus_ci[1] and e.negatives == n // 4
+    with pytest.raises(ValueError, match="prompt group 'other' has no flip rates"):
+        table.of("other")
 
 
 # ---------------------------------------------------------------- advantages

@@ -17,6 +17,7 @@ from elastic.core.config import Config, knob, register_section
 from elastic.recipes.grpo.advantage import CORRECTIONS, SCALE_REWARDS
 from elastic.recipes.grpo.loss import LOSS_TYPES, PolicyKnobs
 from elastic.recipes.grpo.noise import FlipRates
+from elastic.recipes.grpo.rates import RateTable
 from elastic.recipes.grpo.rewards import TASKS
 
 
@@ -33,7 +34,8 @@ def _is_number(value: object) -> bool:
 class GRPOConfig:
     """Group sampling, the clipped policy loss, and the noisy-reward model with its correction."""
 
-    task: str = knob("arithmetic", f"built-in prompt set with an exact-answer reward: {', '.join(sorted(TASKS))}")
+    task: str = knob("arithmetic", f"built-in prompt set with an exact-answer reward: {', '.join(sorted(TASKS))}, "
+                                   "or 'mixed' (both, interleaved; its rows' 'task' column names each)")
     reward_fn: str = knob("", "optional user reward 'package.module:function' taking (prompt, completion) -> float; "
                               "empty: the task's exact-answer reward")
     prompts: str = knob("", "a JSON/JSONL/Parquet file of prompts in TRL's prompt-only format ('prompt' as text "
@@ -69,8 +71,17 @@ class GRPOConfig:
     inject_noise: bool = knob(True, "flip the verifiable reward with rho_plus/rho_minus (a simulated noisy verifier); "
                                     "False when the reward function is itself noisy and the rates only describe it")
     estimate_rates: bool = knob(False, "estimate the rates the correction uses from a calibration set with gold "
-                                       "labels, instead of assuming rho_plus/rho_minus are known")
-    calibration_size: int = knob(512, "samples in the calibration set (estimate_rates only)")
+                                       "labels, per rate group, instead of assuming rho_plus/rho_minus are known")
+    calibration_size: int = knob(512, "samples in the synthetic calibration set drawn from held-out prompts "
+                                      "(estimate_rates without grpo.calibration)")
+    calibration: str = knob("", "a gold-labelled calibration file (JSON/JSONL/Parquet: prompt, completion, label "
+                                "0/1, plus the rate-group column); the verifier scores each completion and the "
+                                "rates are its disagreements with the labels (estimate_rates)")
+    min_calibration: int = knob(20, "fewest calibration samples of each gold label a rate group needs")
+    rate_group: str = knob("", "what puts prompts in rate groups: a dataset column (e.g. 'task') or "
+                               "'pkg.mod:fn' taking a row and returning a group name; empty: one group")
+    group_rates: str = knob("", "flip rates per rate group 'group=rho_plus:rho_minus,...' (of the injected noise, "
+                                "and assumed by the correction unless estimated); other groups take rho_plus/rho_minus")
 
     def __post_init__(self) -> None:
         # TRL's aliases: scale_rewards=True is "group", False is "none" (also as the strings of a flag or TOML).
@@ -78,7 +89,7 @@ class GRPOConfig:
         key = self.scale_rewards.lower() if isinstance(self.scale_rewards, str) else self.scale_rewards
         if isinstance(key, bool) or key in ("true", "false"):
             object.__setattr__(self, "scale_rewards", alias[key])
-        _require(self.task in TASKS, f"grpo.task={self.task!r} is not one of {sorted(TASKS)}")
+        _require(self.task in (*TASKS, "mixed"), f"grpo.task={self.task!r} is not one of {sorted(TASKS)} or 'mixed'")
         _require(self.reward_fn == "" or (self.reward_fn.count(":") == 1 and all(self.reward_fn.split(":"))),
                  f"grpo.reward_fn={self.reward_fn!r} must be empty or an import path 'package.module:function'")
         _require(not self.reward_weights or bool(self.reward_funcs),
@@ -127,10 +138,25 @@ class GRPOConfig:
         _require(self.rho_plus + self.rho_minus < 1,
                  f"grpo.rho_plus + grpo.rho_minus = {self.rho_plus + self.rho_minus:g} must be < 1: at 1 the observed "
                  "reward says nothing about the true one; lower the rates")
-        _require(self.inject_noise or self.reward_fn or (self.rho_plus == 0 and self.rho_minus == 0),
+        given = self.rho_plus > 0 or self.rho_minus > 0 or bool(self.group_rates)
+        _require(self.inject_noise or self.reward_fn or self.reward_funcs or not given,
                  f"grpo.rho_plus={self.rho_plus}, grpo.rho_minus={self.rho_minus} describe reward noise, but "
                  f"inject_noise=False and the {self.task!r} reward is exact; set inject_noise=True to simulate "
                  "the noise, or set the rates to 0")
+        _require(self.correction == "none" or given or self.estimate_rates,
+                 f"grpo.correction={self.correction!r} needs flip rates, and the config gives none (rho_plus = "
+                 "rho_minus = 0, no group_rates); set them, or estimate them with estimate_rates=True")
+        _require(self.correction != "forward" or self.rho_minus > 0 or bool(self.group_rates) or self.estimate_rates,
+                 "grpo.correction='forward' needs the false-negative rate rho_minus, and the config gives "
+                 f"rho_minus={self.rho_minus}; set it (or group_rates), or estimate it with estimate_rates=True")
+        _require(not self.calibration or self.estimate_rates,
+                 f"grpo.calibration={self.calibration!r} is only read to estimate rates; set estimate_rates=True")
+        _require(isinstance(self.min_calibration, int) and self.min_calibration >= 1,
+                 f"grpo.min_calibration={self.min_calibration!r} must be an integer >= 1")
+        try:
+            _ = self.rate_table
+        except ValueError as err:
+            raise ValueError(str(err)) from None
         _require(isinstance(self.calibration_size, int) and self.calibration_size >= 2,
                  f"grpo.calibration_size={self.calibration_size!r} must be an integer >= 2 (both labels must appear)")
 
@@ -144,6 +170,11 @@ class GRPOConfig:
     def flip_rates(self) -> FlipRates:
         """The configured rates (of the injected noise, and assumed by the correction unless estimated)."""
         return FlipRates(self.rho_plus, self.rho_minus)
+
+    @property
+    def rate_table(self) -> RateTable:
+        """The configured rates per rate group; groups not named take rho_plus/rho_minus."""
+        return RateTable.parse(self.group_rates, self.flip_rates)
 
     @staticmethod
     def of(cfg: Config) -> GRPOConfig:

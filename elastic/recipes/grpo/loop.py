@@ -14,7 +14,8 @@ Pure torch: no processes, no distributed code.
 
 from __future__ import annotations
 
-import random
+import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +23,35 @@ import torch
 from elastic.core.config import Config
 from elastic.core.data import GlobalSampler
 from elastic.core.layout import balanced
-from elastic.core.seeds import stable_seed
 from elastic.core.tokenizer import load_tokenizer
 from elastic.recipes.grpo.advantage import noise_corrected_advantages
+from elastic.recipes.grpo.calibration import calibrate, file_set, group_function, synthetic_set
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch
-from elastic.recipes.grpo.noise import FlipRates, RewardNoise, estimate_flip_rates
+from elastic.recipes.grpo.noise import RewardNoise
 from elastic.recipes.grpo.prompts import PromptTask, parse_weights, reward_functions, score_batch
+from elastic.recipes.grpo.rates import RateTable, RowRates
+
+log = logging.getLogger("elastic")
+
+
+class NoOpCorrectionWarning(UserWarning):
+    """The configured noise correction cannot change training (``docs/grpo_noise.md``)."""
+
+
+def warn_if_no_op(g: GRPOConfig, rates: RateTable, grad_clip: float) -> None:
+    """Warn once, at start-up, when the correction only rescales every gradient by one constant 1/J: AdamW
+    (the engine's optimizer) divides that out, so only its eps and gradient clipping see it."""
+    if g.correction != "dr_grpo" or not rates.constant or g.beta > 0:
+        return
+    scale = next(iter(rates.groups.values()), rates.default).scale
+    clip = (f"gradient clipping at {grad_clip} sees the scale, so it can change only the clipped steps"
+            if grad_clip > 0 else "gradient clipping is off")
+    warnings.warn(f"grpo.correction='dr_grpo' with one set of flip rates (J = {scale:.3f}), beta = 0 and AdamW "
+                  f"multiplies every gradient by 1/J = {1 / scale:.3f}, which AdamW's normalisation removes: training "
+                  f"changes only through AdamW's eps ({clip}). The correction matters with rates that differ "
+                  "between rate groups (grpo.rate_group, grpo.group_rates), with beta > 0, or under SGD; see "
+                  "docs/grpo_noise.md", NoOpCorrectionWarning, stacklevel=2)
 
 
 @dataclass
@@ -57,12 +80,17 @@ class GRPOLoop:
             raise ValueError(f"{self.task.where}: the default reward (exact-match accuracy) compares with an 'answer' "
                              f"column, and its columns are {['prompt', *self.task.columns]}; add one, or name your "
                              "reward with grpo.reward_funcs='package.module:function'")
-        self.noise = RewardNoise(self.grpo.flip_rates, cfg.train.seed) if self.grpo.inject_noise else None
+        self.group_of = group_function(g.rate_group, ["prompt", *self.task.columns], self.task.where)
+        # The configured rates: of the injected channel, and the correction's unless estimated.
+        self.true_rates = g.rate_table
+        self.noise = RewardNoise(g.flip_rates, cfg.train.seed) if g.inject_noise else None
         self.sampler = GlobalSampler(len(self.task), cfg.train.global_batch, cfg.train.seed)
-        self.rates = self.estimated_rates() if self.grpo.estimate_rates else self.grpo.flip_rates
+        self.estimates = []
+        self.rates = self.estimated_rates() if g.estimate_rates else self.true_rates
         if self.grpo.beta > 0 and cfg.lora is None:
             raise ValueError("grpo.beta > 0 needs a reference model; use LoRA (its frozen base is the reference) "
                              "or set grpo.beta = 0")
+        warn_if_no_op(g, self.rates, cfg.optim.grad_clip)
 
     def prompts(self, k: int) -> list[tuple[int, list[int], list[bool] | None]]:
         """(global index, token ids, mask of the real tokens or None when all are) of step ``k``'s prompts."""
@@ -72,26 +100,21 @@ class GRPOLoop:
         lo, hi = balanced(len(items), data_parallel, data_index)
         return items[lo:hi]
 
-    def estimated_rates(self) -> FlipRates:
-        """Flip rates measured on a calibration set with gold labels: held-out problems with their true
-        answer or a wrong one (half each), scored, passed through the same noisy channel."""
-        size = self.grpo.calibration_size
-        if not self.task.holdout_size():
-            raise ValueError(f"grpo.estimate_rates needs held-out prompts to calibrate on, and {self.task.where} has "
-                             "none; use a built-in task, or give the rates with grpo.rho_plus/rho_minus")
-        indices = [i % self.task.holdout_size() for i in range(size)]
-        answers = []
-        for n, i in enumerate(indices):
-            answer = self.task.problem(i, "holdout").answer
-            right = random.Random(stable_seed(self.cfg.train.seed, "calibration", n)).random() < 0.5
-            answers.append(answer if right else str(int(answer) + 1))
-        columns = {c: [self.task.column(c, i, "holdout") for i in indices] for c in self.task.columns}
-        gold_t = score_batch(self.reward_funcs, [self.task.prompt(i, "holdout") for i in indices], answers, columns,
-                             [self.tok.encode(a) for a in answers], self.reward_weights)
-        if self.noise is None:
-            raise ValueError("grpo.estimate_rates needs observed rewards from the noisy channel (inject_noise)")
-        observed_t = self.noise.observe(gold_t, list(range(size)), [0] * size, split="calibration")
-        return estimate_flip_rates(observed_t, gold_t)
+    def estimated_rates(self) -> RateTable:
+        """Per-group flip rates from the gold-labelled calibration set (``calibration.py``), logged with
+        their 95% intervals."""
+        g = self.grpo
+        rows = file_set(g.calibration) if g.calibration else synthetic_set(self.task, g.calibration_size,
+                                                                             self.cfg.train.seed)
+        table, self.estimates = calibrate(rows, self.group_of, self.reward_funcs, self.reward_weights, self.noise,
+                                          self.true_rates, self.tok, g.min_calibration)
+        source = g.calibration or f"{len(rows)} synthetic candidates for held-out prompts"
+        log.info("flip rates estimated from %s (95%% Wilson intervals):\n%s", source,
+                 "\n".join(e.line() for e in self.estimates))
+        return table
+
+    def prompt_rates(self, table: RateTable, prompts: list[int]) -> RowRates:
+        return table.rows([self.group_of(self.task.rows[i]) for i in prompts])
 
     def build(self, k: int, parts: list[dict]) -> StepBatch:
         """Score and pack the rollouts of step ``k``; ``parts`` are the data-parallel ranks' rollouts in order."""
@@ -107,9 +130,10 @@ class GRPOLoop:
         columns = {c: [self.task.column(c, i) for i in owners] for c in self.task.columns}
         clean = score_batch(self.reward_funcs, [self.task.prompt(i) for i in owners], completions, columns,
                             [tokens[r, : int(lengths[r])].tolist() for r in range(len(owners))], self.reward_weights)
-        observed = clean if self.noise is None else self.noise.observe_groups(clean, prompts, G, step=k)
-        advantages = noise_corrected_advantages(observed, G, self.rates, self.grpo.correction,
-                                                self.grpo.scale_rewards)
+        observed = clean if self.noise is None else self.noise.observe_groups(
+            clean, prompts, G, step=k, rates=self.prompt_rates(self.true_rates, prompts))
+        advantages = noise_corrected_advantages(observed, G, self.prompt_rates(self.rates, prompts),
+                                                self.grpo.correction, self.grpo.scale_rewards)
         width = tokens.shape[1]
         mask = torch.arange(width)[None, :] < lengths[:, None]
         if self.grpo.mask_truncated_completions:  # TRL: no loss on a completion cut off before its EOS

@@ -1,4 +1,4 @@
-"""A noisy-reward channel, flip-rate estimation, and the unbiased corrected reward.
+"""A noisy-reward channel and the unbiased corrected reward (rates per group, and their estimation: ``rates.py``).
 
 Model (arXiv:2510.18924): the true reward r* is 0 or 1, and the observed reward r~ flips it with
 class-conditional rates
@@ -87,10 +87,12 @@ class RewardNoise:
         return stable_seed(self.seed, "reward-noise", split, step, prompt_index, sample_index) / _TWO_63
 
     def observe(self, clean: torch.Tensor, prompt_indices: Sequence[int], sample_indices: Sequence[int],
-                step: int = 0, split: str = "train") -> torch.Tensor:
+                step: int = 0, split: str = "train", rates=None) -> torch.Tensor:
         """Observed rewards r~ for true 0/1 rewards ``clean`` [N] at the given (prompt, sample) keys.
 
         r* = 0 becomes 1 when u < rho_plus; r* = 1 becomes 0 when u < rho_minus (one u per sample).
+        ``rates``: per-sample rates (``rates.RowRates`` [N], e.g. of each prompt's rate group); None:
+        the channel's own.
         """
         clean = clean.reshape(-1)
         if not len(prompt_indices) == len(sample_indices) == clean.numel():
@@ -99,41 +101,15 @@ class RewardNoise:
         _check_binary(clean, "clean reward")
         keys = zip(prompt_indices, sample_indices, strict=True)
         u = torch.tensor([self.uniform(int(p), int(s), step, split) for p, s in keys], dtype=torch.float64)
-        flip = torch.where(clean == 1, u < self.rates.rho_minus, u < self.rates.rho_plus)
+        rates = rates or self.rates
+        flip = torch.where(clean == 1, u < rates.rho_minus, u < rates.rho_plus)
         return torch.where(flip, 1 - clean, clean)
 
     def observe_groups(self, clean: torch.Tensor, prompt_indices: Sequence[int], num_generations: int,
-                       step: int = 0, split: str = "train") -> torch.Tensor:
-        """``observe`` for the GRPO layout: rewards [P * G], prompt p's G samples consecutive."""
+                       step: int = 0, split: str = "train", rates=None) -> torch.Tensor:
+        """``observe`` for the GRPO layout: rewards [P * G], prompt p's G samples consecutive; ``rates``
+        per prompt (``RowRates`` [P]) or None."""
         prompts = [int(p) for p in prompt_indices for _ in range(num_generations)]
         samples = [s for _ in prompt_indices for s in range(num_generations)]
-        return self.observe(clean, prompts, samples, step, split)
-
-
-def estimate_flip_rates(observed: torch.Tensor, gold: torch.Tensor) -> FlipRates:
-    """Flip rates from a calibration set whose true labels are known.
-
-    rho_plus^ = #(r~=1, r*=0) / #(r*=0) and rho_minus^ = #(r~=0, r*=1) / #(r*=1). Raises ValueError
-    when a class is absent (its rate is then undefined) or the estimates reach rho_plus + rho_minus >= 1.
-    """
-    observed, gold = observed.reshape(-1), gold.reshape(-1)
-    if observed.numel() != gold.numel():
-        raise ValueError(f"calibration set has {observed.numel()} observed rewards but {gold.numel()} gold labels")
-    _check_binary(observed, "observed reward")
-    _check_binary(gold, "gold label")
-    negatives, positives = int((gold == 0).sum()), int((gold == 1).sum())
-    for count, label, rate in ((negatives, 0, "rho_plus"), (positives, 1, "rho_minus")):
-        if count == 0:
-            raise ValueError(
-                f"the calibration set of {gold.numel()} samples has no sample with gold label {label}, so {rate} "
-                "cannot be estimated; use a larger or more varied calibration set (or give the rates explicitly)"
-            )
-    rho_plus = int(((observed == 1) & (gold == 0)).sum()) / negatives
-    rho_minus = int(((observed == 0) & (gold == 1)).sum()) / positives
-    if rho_plus + rho_minus >= 1.0:
-        raise ValueError(
-            f"estimated rho_plus + rho_minus = {rho_plus:.4f} + {rho_minus:.4f} >= 1 (from {negatives} negatives and "
-            f"{positives} positives): the observed reward looks uninformative or inverted, so it cannot be "
-            "corrected; check the reward function, or use a larger calibration set"
-        )
-    return FlipRates(rho_plus, rho_minus)
+        return self.observe(clean, prompts, samples, step, split,
+                            None if rates is None else rates.repeat(num_generations))

@@ -31,6 +31,7 @@ from elastic.core.tokenizer import ByteTokenizer
 from elastic.recipes.grpo.rewards import RewardFn, accuracy, build_task, import_function, resolve_reward, score_one
 
 DEFAULT_REWARD = "elastic.recipes.grpo.rewards:accuracy"
+MIXED = ("arithmetic", "sort_digits")  # the built-in task "mixed" interleaves these
 
 RewardFuncs = list[tuple[str, Callable]]
 
@@ -75,13 +76,15 @@ class PromptTask:
     @classmethod
     def builtin(cls, name: str, seq_len: int, num_samples: int, seed: int, tok, max_new_tokens: int,
                 max_seq_len: int) -> PromptTask:
-        """A built-in task as an ordinary prompt set: rows ``{"prompt", "answer"}`` and a disjoint holdout,
-        scored by the same reward functions as a file (by default ``rewards.accuracy``)."""
-        task = build_task(name, seq_len, num_samples, seed)
+        """A built-in task as an ordinary prompt set: rows ``{"prompt", "answer", "task"}`` and a disjoint
+        holdout, scored by the same reward functions as a file (by default ``rewards.accuracy``).
+        ``"mixed"`` interleaves the built-in tasks (row i is task i mod 2), e.g. for per-task rate groups."""
+        names = MIXED if name == "mixed" else (name,)
+        tasks = [build_task(n, seq_len, num_samples, seed) for n in names]
         # The byte tokenizer turns a fixed-length prompt into BOS + its bytes; any other tokenizer is measured.
-        width = 1 + len(task.problem(0).prompt) if isinstance(tok, ByteTokenizer) else None
-        return cls(TaskRows(task, "train"), tok, max_new_tokens, max_seq_len, f"the built-in task {name!r}",
-                   holdout=TaskRows(task, "holdout"), width=width)
+        width = (max(1 + len(t.problem(0).prompt) for t in tasks) if isinstance(tok, ByteTokenizer) else None)
+        return cls(TaskRows(tasks, names, "train"), tok, max_new_tokens, max_seq_len, f"the built-in task {name!r}",
+                   holdout=TaskRows(tasks, names, "holdout"), width=width)
 
     def ids(self, index: int, split: str = "train") -> list[int]:
         """The row's prompt tokens, unpadded (cached)."""
@@ -133,19 +136,21 @@ class PromptTask:
 
 
 class TaskRows(Sequence):
-    """A built-in task's problems as rows ``{"prompt", "answer"}``, generated on demand (deterministic)."""
+    """Built-in tasks' problems as rows ``{"prompt", "answer", "task"}``, generated on demand
+    (deterministic); with several tasks, row i is task ``i % len(tasks)``'s problem ``i // len(tasks)``."""
 
-    def __init__(self, task, split: str) -> None:
-        self.task, self.split = task, split
+    def __init__(self, tasks: list, names: tuple[str, ...], split: str) -> None:
+        self.tasks, self.names, self.split = tasks, names, split
 
     def __len__(self) -> int:
-        return len(self.task) if self.split == "train" else self.task.holdout_size()
+        return min(len(t) if self.split == "train" else t.holdout_size() for t in self.tasks) * len(self.tasks)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        problem = self.task.problem(index, self.split)
-        return {"prompt": problem.prompt, "answer": problem.answer}
+        which, local = index % len(self.tasks), index // len(self.tasks)
+        problem = self.tasks[which].problem(local, self.split)
+        return {"prompt": problem.prompt, "answer": problem.answer, "task": self.names[which]}
 
 
 def resolve_reward_funcs(spec: str) -> RewardFuncs:

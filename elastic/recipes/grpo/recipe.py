@@ -29,7 +29,7 @@ def grpo_config(base: str | Path | None = None, steps: int = 30, workers: int = 
     else:
         model, tokenizer = MODEL_PRESETS["mini"], ""
     return Config(model=model, sections={"grpo": g}, lora=LoraConfig(r=16, alpha=32.0) if lora else None,
-                  data=DataConfig(dataset="arithmetic", seq_len=max(12, 7 + g.max_new_tokens), num_samples=50_000,
+                  data=DataConfig(dataset="arithmetic", seq_len=max(17, 12 + g.max_new_tokens), num_samples=50_000,
                                   tokenizer=tokenizer),
                   train=TrainConfig(steps=steps * g.num_iterations, global_batch=prompts_per_step, dtype=dtype,
                                     seed=seed, init_from=str(base) if base else ""),

@@ -59,6 +59,23 @@ def accuracy(prompts, completions, answer, **kwargs) -> list[float]:
     return [exact_match(c, str(a)) for c, a in zip(completions, answer, strict=True)]
 
 
+def lenient_accuracy(prompts, completions, answer, **kwargs) -> list[float]:
+    """A verifier whose false positives fall on near misses, as a lenient grader's do: it also accepts an
+    answer of the right length that matches in all but its last character ("85" for "86")."""
+    out = []
+    for c, a in zip(completions, answer, strict=True):
+        got, want = extract_answer(c), str(a).strip()
+        out.append(1.0 if got == want or (len(got) == len(want) > 1 and got[:-1] == want[:-1]) else 0.0)
+    return out
+
+
+def strict_accuracy(prompts, completions, answer, **kwargs) -> list[float]:
+    """A verifier whose false negatives fall on well-formed variants, as a brittle parser's do: it rejects a
+    correct answer with surrounding whitespace or text after it ("85 ", " 85", "85\n..."), which exact-match
+    ``accuracy`` (the gold grader) accepts."""
+    return [1.0 if c == str(a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
 _ARITH = re.compile(r"(\d+)([+-])(\d+)=")
 
 
