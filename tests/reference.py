@@ -6,12 +6,14 @@ resumes, LoRA, GRPO) against this, never against the engine itself. From ``elast
 - the model definition (``LlamaStage``, the names and initial values of its tensors; from a Hugging
   Face folder, the weights as transformers loads them); LoRA adapters come from PEFT's
   ``get_peft_model`` on that model, with our initial A copied in;
-- the data: the dataset's samples by global index, and the epoch permutation (``GlobalSampler.index_at``).
+- the data: the dataset's samples by global index, and the epoch permutation (``GlobalSampler.index_at``);
+- the seed function (``core/seeds.stable_seed``), which defines every random draw.
 
 What a shared bug could hide is written here again, from the config's numbers and DESIGN.md: which
 positions a step consumes, the loss normaliser (cross-entropy summed over the global batch divided by
 its target tokens), the AdamW parameter groups, the warmup + cosine schedule (``LambdaLR``),
-``torch.optim.AdamW`` (its reference implementation, ``foreach=False``) and ``clip_grad_norm_``.
+``torch.optim.AdamW`` (its reference implementation, ``foreach=False``) and ``clip_grad_norm_``, and
+LoRA dropout's seeded masks (``SeededDropout`` in place of PEFT's ``nn.Dropout``).
 GRPO's group advantages and clipped loss are TRL's formulas, written here and checked by hand in
 ``tests/unit/test_reference.py``.
 """
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from elastic.core.config import Config
 from elastic.core.data import GlobalSampler, build_dataset
+from elastic.core.seeds import stable_seed
 from elastic.model.init import init_tensor
 from elastic.model.llama import LlamaStage, tensor_specs
 from elastic.model.lora import init_lora_tensor, lora_tensor_specs
@@ -64,6 +67,32 @@ def our_name(peft_name: str) -> str:
     return peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".").replace(".default.", ".")
 
 
+class SeededDropout(torch.nn.Module):
+    """LoRA dropout by the rule in ``docs/design.md`` (no RNG state), in place of PEFT's ``nn.Dropout``.
+
+    In a training forward of step ``s`` whose rows are the global samples ``samples``, row ``i`` of the
+    adapter input of module ``m`` is multiplied by ``(torch.rand(row shape) >= p) / (1 - p)``, drawn in float32
+    from a generator seeded by ``stable_seed(seed, "lora_dropout", s, samples[i], m)``. ``rows`` (class-wide)
+    is (step, samples) while the training loop runs a forward, else None (no dropout).
+    """
+
+    rows: tuple[int, list[int]] | None = None
+
+    def __init__(self, p: float, seed: int, module: str) -> None:
+        super().__init__()
+        self.p, self.seed, self.module = p, seed, module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if SeededDropout.rows is None:
+            return x
+        step, samples = SeededDropout.rows
+        masks = []
+        for sample in samples:
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, "lora_dropout", step, sample, self.module))
+            masks.append(torch.rand(tuple(x.shape[1:]), generator=gen, dtype=torch.float32) >= self.p)
+        return x * (torch.stack(masks).to(x.dtype) / (1 - self.p))
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
     """The model at step 0; with LoRA, wrapped by PEFT.
 
@@ -95,6 +124,10 @@ def build_model(cfg: Config) -> torch.nn.Module:
     lora = cfg.lora
     model = peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                        target_modules=list(lora.targets), use_rslora=lora.use_rslora))
+    if lora.dropout > 0:
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_dropout"):  # a PEFT LoRA layer: its ModuleDict of adapter dropouts
+                module.lora_dropout["default"] = SeededDropout(lora.dropout, cfg.train.seed, our_name(name))
     initial = {s.name: s for s in lora_tensor_specs(cfg.model, lora)}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -149,7 +182,11 @@ def train_reference(cfg: Config, steps: int | None = None) -> Reference:
     for step in range(cfg.train.steps if steps is None else steps):
         indices = [order.index_at(p) for p in step_positions(step, cfg.train.global_batch)]
         x, y = dataset.batch(indices)
-        logits = model(x)
+        SeededDropout.rows = (step, indices)
+        try:
+            logits = model(x)
+        finally:
+            SeededDropout.rows = None
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
                                 reduction="sum")
         loss = total / (y != -100).sum()

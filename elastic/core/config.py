@@ -211,7 +211,9 @@ class LoraConfig:
 
     r: int = knob(8, "adapter rank: A is [r, in_features], B is [out_features, r] (PEFT: r)")
     alpha: float = knob(16.0, "scaling numerator: the update is (alpha / r) * B @ A (PEFT: lora_alpha)")
-    dropout: float = knob(0.0, "dropout on the adapter's input during training, in [0, 1) (PEFT: lora_dropout)")
+    dropout: float = knob(0.0, "dropout on the adapter's input in training steps, in [0, 1) (PEFT: lora_dropout); "
+                               "masks are seeded by (seed, step, sample, module), so every layout and every replay "
+                               "draws the same ones; evaluation, sampling and GRPO's old/reference log-probs have none")
     targets: tuple[str, ...] = knob(
         DEFAULT_LORA_TARGETS,
         "linear layers that get adapters, matched by module name suffix, e.g. q_proj or self_attn.q_proj "

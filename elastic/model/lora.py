@@ -13,14 +13,28 @@ A split on its input, B replicated), so that ``x @ A.T @ B.T`` needs no extra co
 beyond the base layer's own. ``init_lora_tensor`` draws each adapter from its own seeded
 generator, so any rank can rebuild exactly the slice it holds.
 
+Dropout (``lora.dropout``) keeps no RNG state either. A training forward names its rows
+(``dropout_rows``: the run's seed, the optimizer step and each row's global sample index), and each
+adapter draws its mask for a row from a generator seeded by (seed, step, sample, module name): a
+[tokens, in_features] keep-mask, the whole row's, so the mask of a sample does not depend on its
+batch-mates, on the layout or on which rank computes it, and a replay after a reshard or a recovery
+draws it again. A forward that names no rows (evaluation, sampling, log-prob passes) has no dropout,
+nor has one in eval mode. Under tensor parallelism the adapter's input may be split on its features
+(row-parallel base): the full mask is drawn and ``mask_hook`` (set by ``runtime/parallel/tensor.py``)
+places it like the input, so each rank keeps exactly its slice.
+
 No distributed code: the forward uses ``F.linear`` and module calls only, so it runs unchanged
 when the weights are DTensors placed by the parallel layer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +57,40 @@ def matches_target(module_name: str, targets: tuple[str, ...]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
+@dataclass(frozen=True)
+class DropoutRows:
+    """The rows of one training forward, for LoRA dropout: ``samples[i]`` is row i's global sample index."""
+
+    seed: int
+    step: int
+    samples: tuple[int, ...]
+
+    def mask(self, module: str, row_shape: Sequence[int], p: float, dtype: torch.dtype) -> torch.Tensor:
+        """The scaled keep-mask [rows, *row_shape] of adapter ``module``: 1 / (1 - p) where kept, else 0.
+
+        Row i's mask is ``torch.rand(row_shape) >= p`` (float32) from a generator seeded by
+        ``stable_seed(seed, "lora_dropout", step, samples[i], module)``.
+        """
+        keep = torch.stack([
+            torch.rand(tuple(row_shape), generator=torch.Generator().manual_seed(
+                stable_seed(self.seed, "lora_dropout", self.step, sample, module)), dtype=torch.float32) >= p
+            for sample in self.samples])
+        return keep.to(dtype) / (1 - p)
+
+
+_ROWS: contextvars.ContextVar[DropoutRows | None] = contextvars.ContextVar("lora_dropout_rows", default=None)
+
+
+@contextlib.contextmanager
+def dropout_rows(seed: int, step: int, samples: Sequence[int]) -> Iterator[None]:
+    """Within the block, LoRA forwards in training mode apply dropout to rows ``samples`` of step ``step``."""
+    token = _ROWS.set(DropoutRows(seed, step, tuple(int(s) for s in samples)))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
 class _Linear(nn.Linear):
     """``nn.Linear`` that skips its random init on the meta device, where there are no values to fill
     (engines are built on meta, once per reshard; the init's Python is a tenth of a LoRA rebuild)."""
@@ -57,7 +105,8 @@ class LoRALinear(_Linear):
 
     The base ``weight`` (and ``bias``) stay frozen; only ``lora_A.weight`` and ``lora_B.weight``
     train. ``merge()`` folds the update into ``weight`` for inference or export and sets
-    ``merged``; ``unmerge()`` takes it out again (exact up to float rounding).
+    ``merged``; ``unmerge()`` takes it out again (exact up to float rounding). ``name`` is the
+    module's name in the model (``apply_lora`` sets it): it seeds the dropout masks.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
@@ -65,7 +114,10 @@ class LoRALinear(_Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        self.name = ""
+        # Places the full dropout mask like the input (a DTensor under tp); None: the input is a plain tensor.
+        self.mask_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.lora_A = _Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = _Linear(r, out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
@@ -103,7 +155,18 @@ class LoRALinear(_Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        return out + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+        return out + self.scaling * self.lora_B(self.lora_A(self._dropout(x)))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _ROWS.get()
+        # Meta inputs carry no values (shape passes); only a named training forward drops anything.
+        if self.dropout == 0 or rows is None or not self.training or x.device.type == "meta":
+            return x
+        if len(rows.samples) != x.shape[0]:
+            raise RuntimeError(f"{self.name}: LoRA dropout was given {len(rows.samples)} sample indices for a "
+                               f"batch of {x.shape[0]} rows")
+        mask = rows.mask(self.name, x.shape[1:], self.dropout, x.dtype)  # x.shape is global for a DTensor
+        return x * (mask if self.mask_hook is None else self.mask_hook(mask, x))
 
     def delta_weight(self) -> torch.Tensor:
         """The update scaling * B @ A, shaped like ``weight`` ([out, in])."""
@@ -124,7 +187,8 @@ class LoRALinear(_Linear):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, rslora={self.use_rslora}, merged={self.merged}"
+        return (f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, "
+                f"rslora={self.use_rslora}, merged={self.merged}")
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = None) -> nn.Module:
@@ -155,6 +219,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int | None = None) -> nn
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         lora = LoRALinear.from_linear(base, cfg)
+        lora.name = name
         setattr(parent, child, lora)
         if seed is not None and lora.weight.device.type != "meta":
             with torch.no_grad():

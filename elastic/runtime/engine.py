@@ -6,11 +6,16 @@ steps on the global batch's slice that belongs to its data-parallel index, and h
 tensors back for a reshard, a snapshot or a checkpoint. The same code runs the single-process
 reference (world 1: no process group, no DTensors).
 
+Every training forward names its rows for LoRA dropout (``dropout_rows``: the step and each row's
+global sample index), per micro-batch, and under pipelining per chunk of the schedule, so the masks
+are those of the single-process run whatever the layout.
+
 Assumes the caller has joined the placement's default process group and built its mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +30,7 @@ from elastic.core.layout import Placement, balanced, box_shape
 from elastic.model.hf import BoxReader
 from elastic.model.init import init_box
 from elastic.model.llama import LlamaStage, causal_lm_loss_sum
-from elastic.model.lora import apply_lora, init_lora_tensor, is_lora_name
+from elastic.model.lora import apply_lora, dropout_rows, init_lora_tensor, is_lora_name
 from elastic.model.specs import OPT_KEYS, param_specs
 from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
@@ -102,10 +107,11 @@ class Engine:
         self.sampler = GlobalSampler(len(self.dataset), cfg.train.global_batch, cfg.train.seed)
         self._targets: dict[int, int] = {}
         self._n_targets = 1
+        self._chunks: list[list[int]] = []  # the global sample indices of each pipeline chunk of this step
         self.schedule = None
         if layout.pp > 1:
             self.schedule = build_schedule(module, self.coord.pp, layout.pp, mesh["pp"], layout.microbatches,
-                                           self._pipeline_loss)
+                                           self._pipeline_loss, self._chunk_rows)
 
     # ---- tensors in and out -------------------------------------------------------------
     def _box(self, name: str):
@@ -164,6 +170,16 @@ class Engine:
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss_sum(output, target) / self._n_targets
 
+    def dropout_rows(self, samples: list[int]) -> contextlib.AbstractContextManager:
+        """A block whose forwards are this step's training forwards of the rows ``samples`` (global sample
+        indices, one per row, in row order): LoRA dropout applies there (and is a no-op without it)."""
+        if self.cfg.lora is None or self.cfg.lora.dropout == 0:
+            return contextlib.nullcontext()
+        return dropout_rows(self.cfg.train.seed, self.step, samples)
+
+    def _chunk_rows(self, chunk: int) -> contextlib.AbstractContextManager:
+        return self.dropout_rows(self._chunks[chunk])
+
     def compute(self) -> StepResult:
         """Forward, backward and gradient clipping for step ``self.step``; the update stays pending.
 
@@ -183,11 +199,16 @@ class Engine:
                 if self.fsdp:
                     self.module.set_requires_gradient_sync(i == len(micro) - 1)
                 x, y = self.dataset.batch(indices)
-                loss = causal_lm_loss_sum(self.module(x), y) / n_targets
+                with self.dropout_rows(indices):
+                    logits = self.module(x)
+                loss = causal_lm_loss_sum(logits, y) / n_targets
                 loss.backward()
                 loss_total += loss.detach().double()
         else:
             x, y = self.dataset.batch(mine)
+            # The schedule cuts the rows into chunks with torch.tensor_split; name each chunk's samples alike.
+            self._chunks = [[mine[i] for i in part.tolist()]
+                            for part in torch.tensor_split(torch.arange(len(mine)), layout.microbatches)]
             losses: list[torch.Tensor] = []
             if self.first:
                 self.schedule.step(x, target=y if self.last else None, losses=losses)

@@ -2,7 +2,10 @@
 
 Adapters shard with their base layer (column-parallel base: A replicated, B split on its output;
 row-parallel: A split on its input, B replicated); the frozen base moves as parameters with no
-optimizer state.
+optimizer state. With ``lora.dropout`` the masks are seeded per (step, sample, module), so tp (the
+row-parallel adapters' inputs split on their features), fsdp (the batch split) and pp (the batch cut
+into chunks) draw exactly the single-process run's masks; the reference draws them by the same rule,
+written again (``tests/reference.SeededDropout``).
 """
 
 from __future__ import annotations
@@ -20,22 +23,34 @@ from tests.reference import train_reference
 STEPS = 8
 
 
-def lora_config(steps=STEPS, **kw):
-    return tiny_config(steps=steps, **kw).replace(lora=LoraConfig(r=4, alpha=8.0))
+def lora_config(steps=STEPS, dropout=0.0, **kw):
+    return tiny_config(steps=steps, **kw).replace(lora=LoraConfig(r=4, alpha=8.0, dropout=dropout))
 
 
 @pytest.fixture(scope="module")
-def lora_reference():
-    cfg = lora_config()
-    ref = train_reference(cfg)
-    losses, state = ref.losses, ref.tensors
-    return cfg, losses, state
+def lora_references():
+    """The reference run per dropout rate, computed once for the module."""
+    runs = {}
+
+    def get(dropout: float):
+        if dropout not in runs:
+            cfg = lora_config(dropout=dropout)
+            ref = train_reference(cfg)
+            runs[dropout] = cfg, ref.losses, ref.tensors
+        return runs[dropout]
+
+    return get
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("layout_text", ["dp=2", "tp=2", "fsdp=2", "pp=2,mb=2", "fsdp=2,tp=2"])
-def test_lora_layout_matches_single_process(pool, lora_reference, layout_text):
-    cfg, _, ref = lora_reference
+@pytest.mark.parametrize(("layout_text", "dropout"), [
+    ("dp=2", 0.0), ("tp=2", 0.0), ("fsdp=2", 0.0), ("pp=2,mb=2", 0.0), ("fsdp=2,tp=2", 0.0),
+    ("tp=2", 0.3), ("fsdp=2", 0.3), ("pp=2,mb=2", 0.3)])
+def test_lora_layout_matches_single_process(pool, lora_references, layout_text, dropout):
+    cfg, _, ref = lora_references(dropout)
+    if dropout:  # the masks change the run: a dropout that did nothing would pass without this
+        err, name = worst_state_err(lora_references(0.0)[2], ref)
+        assert err > 1e-3, f"dropout {dropout} left the run unchanged ({name} {err:.2e})"
     pool.cfg = cfg
     layout = Layout.parse(layout_text)
     pool.setup(Placement(layout, tuple(pool.alive()[: layout.world])))

@@ -15,9 +15,11 @@ from elastic.model.init import init_tensor
 from elastic.model.llama import LlamaStage, tensor_specs
 from elastic.model.lora import (
     DEFAULT_TARGETS,
+    DropoutRows,
     LoraConfig,
     LoRALinear,
     apply_lora,
+    dropout_rows,
     frozen_base_specs,
     init_lora_tensor,
     lora_model_specs,
@@ -223,15 +225,39 @@ def test_tp_split_of_adapters_reproduces_the_full_layer(module):
     assert torch.allclose(combined, layer(x), atol=1e-12)
 
 
-def test_dropout_applies_to_the_adapter_input_only_in_training():
+def test_dropout_applies_only_to_named_rows_in_training():
     layer = LoRALinear(8, 8, r=2, alpha=2.0, dropout=0.5).double()
+    layer.name = "model.layers.0.self_attn.q_proj"
     nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(4, 8, dtype=torch.float64)
-    layer.eval()
-    assert torch.equal(layer(x), layer(x))
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    plain = layer.eval()(x)
     layer.train()
-    torch.manual_seed(0)
-    assert not torch.allclose(layer(x), layer.eval()(x))
+    assert torch.equal(layer(x), plain)  # no rows named (evaluation, sampling, log-prob passes): no dropout
+    with dropout_rows(seed=1, step=4, samples=[10, 11]):
+        dropped = layer(x)
+        assert torch.equal(layer(x), dropped)  # no RNG state: the same rows give the same masks
+        assert torch.equal(layer.eval()(x), plain)  # eval mode: no dropout
+        layer.train()
+    assert not torch.allclose(dropped, plain)
+    # A row's mask is its sample's, whatever its batch-mates: sample 11 alone gives row 1's output.
+    with dropout_rows(seed=1, step=4, samples=[11]):
+        assert torch.equal(layer(x[1:]), dropped[1:])
+    with dropout_rows(seed=1, step=4, samples=[10]), pytest.raises(RuntimeError, match="1 sample indices for a batch"):
+        layer(x)
+
+
+def test_dropout_masks_are_replayable_and_differ_across_samples_steps_and_modules():
+    p, shape = 0.25, (16, 64)
+    mask = DropoutRows(seed=7, step=3, samples=(5, 9, 5)).mask("m.q_proj", shape, p, torch.float64)
+    assert mask.shape == (3, *shape) and set(mask.unique().tolist()) == {0.0, 1 / (1 - p)}
+    assert torch.equal(mask, DropoutRows(7, 3, (5, 9, 5)).mask("m.q_proj", shape, p, torch.float64))  # replayable
+    assert torch.equal(mask[0], mask[2]) and not torch.equal(mask[0], mask[1])  # per sample
+    assert torch.equal(mask[1], DropoutRows(7, 3, (9,)).mask("m.q_proj", shape, p, torch.float64)[0])
+    for other in (DropoutRows(7, 4, (5,)), DropoutRows(8, 3, (5,))):  # another step, another seed
+        assert not torch.equal(other.mask("m.q_proj", shape, p, torch.float64)[0], mask[0])
+    assert not torch.equal(DropoutRows(7, 3, (5,)).mask("m.k_proj", shape, p, torch.float64)[0], mask[0])
+    kept = float((mask > 0).double().mean())
+    assert abs(kept - (1 - p)) < 0.03, kept
 
 
 def test_bad_input_gives_clear_errors():

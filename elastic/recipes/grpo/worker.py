@@ -9,7 +9,9 @@ plain, unwrapped copy of the model evaluated with the engine's own tensors
 (``torch.func.functional_call``: no copies, no FSDP hooks) and one random generator per
 completion, seeded by (seed, GRPO step, global prompt index, sample index): a completion does not
 depend on which worker draws it or on its batch-mates. With LoRA the frozen base is the
-reference model: its log-probs are the same forward with the adapters' B set to zero.
+reference model: its log-probs are the same forward with the adapters' B set to zero. LoRA dropout
+acts in the policy step only (masks seeded per optimizer step and global completion index); sampling
+and the old and reference log-probs name no rows, so they have none.
 
 The policy step runs in whatever layout the training phase uses (fsdp, tp, dp); its loss is a
 sum over this rank's sequences divided by a normaliser of the global batch, so the summed
@@ -142,12 +144,14 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
         raise ValueError(f"rank {engine.rank} got no sequences; use fewer data-parallel ranks than sequences")
     entropy_mask = None
     if grpo.top_entropy_quantile < 1:
-        logps, entropies = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
-                                       with_entropy=True)
+        with engine.dropout_rows(shard["completion"].tolist()):  # LoRA dropout's masks, per global completion
+            logps, entropies = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
+                                           with_entropy=True)
         everyone = batch_entropies(engine, entropies, shard["mask"])
         entropy_mask = high_entropy_mask(entropies, shard["mask"], grpo.top_entropy_quantile, everyone)
     else:
-        logps = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"))
+        with engine.dropout_rows(shard["completion"].tolist()):
+            logps = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"))
     terms = grpo_loss_terms(logps, shard["advantages"].to(logps.dtype), shard["mask"], old_logps=shard.get("old"),
                             ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs,
                             entropy_mask=entropy_mask)

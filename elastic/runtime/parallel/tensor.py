@@ -10,6 +10,10 @@ replicated (small with a byte vocabulary). LoRA adapters follow their base layer
   summed by the same all-reduce as the base layer's: B (sum_i A_i x_i) = sum_i B A_i x_i, so the
   adapter adds no communication.
 
+LoRA dropout draws each row's full mask; ``mask_like_input`` places it like the adapter's input (a
+DTensor here: replicated before a column-parallel layer, split on its features before a row-parallel
+one), locally, with no communication, so every rank multiplies its slice by its slice of the mask.
+
 The per-head q/k norms (Qwen3) stay whole on every tp rank, but each rank applies them only to
 its own heads, so each rank's weight gradient is a partial sum over heads. ``sum_grad_over`` makes
 the weight's backward an all-reduce over tp (Megatron's "copy to tensor-parallel region"); the
@@ -22,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from elastic.model.llama import TP_PLAN
@@ -36,11 +40,20 @@ LORA_PLACEMENTS = {  # "" is the base weight; lora_A / lora_B the adapter's chil
 }
 
 
+def mask_like_input(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The full dropout ``mask`` placed as the input ``x`` is: this rank's slice of it (no communication)."""
+    if not isinstance(x, DTensor):
+        return mask
+    return distribute_tensor(mask, x.device_mesh, x.placements, src_data_rank=None)
+
+
 def apply_tensor_parallel(stage: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str] = TP_PLAN) -> None:
     for layer in stage.model.layers.values():
         styles = {}
         for path, style in plan.items():
-            if isinstance(layer.get_submodule(path), LoRALinear):
+            module = layer.get_submodule(path)
+            if isinstance(module, LoRALinear):
+                module.mask_hook = mask_like_input
                 styles[path] = placed_linear_style(PLAIN[style], LORA_PLACEMENTS[style])
             else:
                 styles[path] = PLAIN[style]()
