@@ -5,7 +5,7 @@ many at once as the cluster holds, with a progress bar. A learning-rate sweep is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import ray
 from tqdm import tqdm
@@ -14,16 +14,17 @@ from elastic.core.config import Config
 
 
 @ray.remote(max_retries=0)
-def _trial(cfg: Config, eval_samples: int) -> dict:
+def _trial(cfg: Config, evals: Mapping[str, Sequence[int]]) -> dict:
     from elastic.runtime.trial import train_and_evaluate
 
-    return train_and_evaluate(cfg, eval_samples)
+    return train_and_evaluate(cfg, evals)
 
 
-def run_trials(cfgs: list[Config], eval_samples: int, progress: bool = True, desc: str = "trials",
+def run_trials(cfgs: list[Config], evals: Mapping[str, Sequence[int]], progress: bool = True, desc: str = "trials",
                postfix: Callable[[dict], dict] | None = None) -> list[dict]:
-    """One trial per config (Ray must be connected); results in the order they finish."""
-    refs = [_trial.options(num_cpus=cfg.runtime.cpus_per_worker).remote(cfg, eval_samples) for cfg in cfgs]
+    """One trial per config (Ray must be connected), each scored on every held-out index set of ``evals``
+    (name -> indices); results in the order they finish."""
+    refs = [_trial.options(num_cpus=cfg.runtime.cpus_per_worker).remote(cfg, evals) for cfg in cfgs]
     results, pending = [], list(refs)
     with tqdm(total=len(refs), desc=desc, unit="trial", disable=not progress) as bar:
         while pending:

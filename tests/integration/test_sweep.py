@@ -1,4 +1,5 @@
-"""The learning-rate sweep: trials as Ray tasks, a table sorted by LR, the best by held-out loss, a plot."""
+"""The learning-rate sweep: trials as Ray tasks, a table sorted by LR, the best by validation loss with the
+test loss (a disjoint held-out split) reported, a plot."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 
 from elastic.core.config import LoraConfig
-from elastic.recipes.lora.sweep import best, log_grid, lr_sweep, plot_sweep
+from elastic.recipes.lora.sweep import best, log_grid, lr_sweep, plot_sweep, report
 from tests.helpers import tiny_config
 
 
@@ -25,7 +26,12 @@ def test_sweep_runs_trials_and_picks_the_best(ray_session, tmp_path):
     results = lr_sweep(cfg, log_grid(1e-4, 3e-1, 4), eval_samples=32, progress=False)
     assert [r["lr"] for r in results] == sorted(r["lr"] for r in results) and len(results) == 4
     top = best(results)
-    assert top["heldout_loss"] == min(r["heldout_loss"] for r in results if math.isfinite(r["heldout_loss"]))
-    assert results[0]["heldout_loss"] > top["heldout_loss"]  # 1e-4 for 6 steps barely moves the adapters
+    assert top["validation_loss"] == min(r["validation_loss"] for r in results if math.isfinite(r["validation_loss"]))
+    assert results[0]["validation_loss"] > top["validation_loss"]  # 1e-4 for 6 steps barely moves the adapters
+    split = top["split"]  # the trials scored two disjoint halves of the held-out problems
+    assert len(split.validation) == len(split.test) == 32 and not set(split.validation) & set(split.test)
+    assert all(math.isfinite(r["test_loss"]) and r["test_loss"] != r["validation_loss"] for r in results
+               if math.isfinite(r["validation_loss"]))
+    assert f"chosen lr {top['lr']:.2e}: test loss {top['test_loss']:.4f}" in report(results)
     png = plot_sweep(results, tmp_path / "sweep.png")
     assert png.stat().st_size > 10_000

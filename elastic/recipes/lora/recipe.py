@@ -1,9 +1,11 @@
 """LoRA fine-tuning recipe: a base model from a Hugging Face Llama folder, adapters on the
-built-in arithmetic task, and held-out accuracy by greedy decoding (exact answers).
+built-in arithmetic task, and held-out accuracy by greedy decoding (exact answers) on chosen
+held-out problems (after a sweep: its test split, ``sweep.heldout_split``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,11 +53,15 @@ def model_with_adapters(cfg: Config, state: dict[str, torch.Tensor] | None = Non
 
 
 @torch.no_grad()
-def heldout_accuracy(model: LlamaStage, task: ArithmeticTask, n: int = 256, batch: int = 64) -> float:
-    """Exact-match accuracy of greedy answers on the first ``n`` held-out problems."""
+def heldout_accuracy(model: LlamaStage, task: ArithmeticTask, n: int = 256, batch: int = 64,
+                     indices: Sequence[int] | None = None) -> float:
+    """Exact-match accuracy of greedy answers on the held-out problems ``indices`` (default: the first ``n``);
+    after a learning-rate sweep, pass its test split (``sweep.heldout_split``), never the validation one."""
     tok, correct = ByteTokenizer(), 0
+    indices = list(range(n)) if indices is None else list(indices)
+    n = len(indices)
     for start in range(0, n, batch):
-        ids = list(range(start, min(n, start + batch)))
+        ids = indices[start : start + batch]
         prompts = torch.tensor([task.prompt_ids(i, "holdout") for i in ids])
         out, lengths = sample(model, prompts, SamplingConfig(max_new_tokens=5, temperature=0, stop_ids=(tok.eos_id,)))
         for row, i in enumerate(ids):

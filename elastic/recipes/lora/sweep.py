@@ -1,19 +1,52 @@
-"""Learning-rate sweeps: a log-spaced grid of short trials spread over the cluster, best by held-out loss.
+"""Learning-rate sweeps: a log-spaced grid of short trials spread over the cluster, the best chosen on a
+validation split and reported on a disjoint test split.
 
 Plain LoRA with a well-tuned learning rate matches the fancier variants (arXiv:2602.04998), so the
 sweep is a first-class, cheap operation: every trial is a Ray task (one single-process engine,
 fractional CPUs; ``driver/trials.py``), Ray runs as many at once as the cluster holds, and the table
-and a PNG plot of held-out loss against learning rate come out at the end.
+and a PNG plot of the losses against learning rate come out at the end.
+
+The dataset's held-out samples are cut in two (``heldout_split``): the first half is the *validation*
+split, on which ``best`` picks the learning rate, and the second half the *test* split, whose loss is
+reported and never looked at by the selection. A loss on the data that picked the winner is biased
+low (the best of several noisy estimates), so the test loss is the honest estimate of the chosen rate.
+Assumes the held-out indices ``0 .. holdout_size - 1`` are interchangeable samples (true of every
+built-in dataset and of data files' held-out rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from elastic.core.config import Config
+from elastic.core.data import build_dataset
 from elastic.driver.trials import run_trials
+
+SELECT_ON = "validation_loss"  # the one key ``best`` reads
+REPORTED = "test_loss"
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """Held-out sample indices: ``validation`` selects the learning rate, ``test`` is reported."""
+
+    validation: tuple[int, ...]
+    test: tuple[int, ...]
+
+
+def heldout_split(holdout_size: int, eval_samples: int) -> HeldoutSplit:
+    """Up to ``eval_samples`` indices from each half of ``range(holdout_size)``: validation from the first
+    half, test from the second, so the two are disjoint by construction."""
+    half = holdout_size // 2
+    if half < 1 or eval_samples < 1:
+        raise ValueError(f"a learning-rate sweep needs at least 2 held-out samples to split into validation and "
+                         f"test, and eval_samples >= 1 (got {holdout_size} held-out, eval_samples={eval_samples}); "
+                         "raise data.holdout_fraction or use a bigger dataset")
+    return HeldoutSplit(tuple(range(min(half, eval_samples))),
+                        tuple(range(half, half + min(holdout_size - half, eval_samples))))
 
 
 def log_grid(low: float, high: float, count: int) -> list[float]:
@@ -24,18 +57,42 @@ def log_grid(low: float, high: float, count: int) -> list[float]:
 
 
 def lr_sweep(cfg: Config, lrs: list[float], eval_samples: int = 256, progress: bool = True) -> list[dict]:
-    """Run one short trial per learning rate (``cfg.train.steps`` steps each); results sorted by LR."""
+    """Run one short trial per learning rate (``cfg.train.steps`` steps each); results sorted by LR.
+
+    Each result has ``validation_loss`` (selects) and ``test_loss`` (reported), on ``heldout_split``'s
+    halves of ``eval_samples`` samples each at most, and the split itself under ``split``.
+    """
+    split = heldout_split(build_dataset(cfg.data, cfg.train.seed).holdout_size(), eval_samples)
     cfgs = [cfg.replace(optim=dataclasses.replace(cfg.optim, lr=lr)) for lr in lrs]
-    results = run_trials(cfgs, eval_samples, progress, desc="lr sweep",
-                         postfix=lambda r: {"lr": f"{r['lr']:.1e}", "heldout": f"{r['heldout_loss']:.3f}"})
+    results = run_trials(cfgs, {"validation": split.validation, "test": split.test}, progress, desc="lr sweep",
+                         postfix=lambda r: {"lr": f"{r['lr']:.1e}", "validation": f"{r['validation_loss']:.3f}"})
+    for r in results:
+        r["split"] = split
     return sorted(results, key=lambda r: r["lr"])
 
 
 def best(results: list[dict]) -> dict:
-    finite = [r for r in results if math.isfinite(r["heldout_loss"])]
+    """The trial with the lowest validation loss (the test loss plays no part)."""
+    finite = [r for r in results if math.isfinite(r[SELECT_ON])]
     if not finite:
         raise ValueError("every trial diverged; lower the learning-rate range")
-    return min(finite, key=lambda r: r["heldout_loss"])
+    return min(finite, key=lambda r: r[SELECT_ON])
+
+
+def report(results: list[dict]) -> str:
+    """The sweep's table, saying which loss selected and which is reported."""
+    top = best(results)
+    split = results[0].get("split")
+    sizes = f" ({len(split.validation)} validation / {len(split.test)} test samples, disjoint)" if split else ""
+    lines = [f"learning-rate sweep{sizes}: chosen on validation loss, test loss reported",
+             f"  {'lr':>9}  {'validation (selects)':>20}  {'test (reported)':>15}  {'seconds':>7}"]
+    for r in results:
+        mark = "  <- best" if r is top else ""
+        lines.append(f"  {r['lr']:9.2e}  {r['validation_loss']:20.4f}  {r['test_loss']:15.4f}  "
+                     f"{r['seconds']:7.0f}{mark}")
+    lines.append(f"chosen lr {top['lr']:.2e}: test loss {top['test_loss']:.4f} "
+                 f"(validation {top['validation_loss']:.4f}, which chose it)")
+    return "\n".join(lines)
 
 
 def plot_sweep(results: list[dict], out: str | Path, title: str = "learning-rate sweep") -> Path:
@@ -47,9 +104,10 @@ def plot_sweep(results: list[dict], out: str | Path, title: str = "learning-rate
     top = best(results)
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r["lr"] for r in results]
-    ax.plot(xs, [r["heldout_loss"] for r in results], "o-", label="held-out loss")
+    ax.plot(xs, [r["validation_loss"] for r in results], "o-", label="validation loss (selects)")
+    ax.plot(xs, [r["test_loss"] for r in results], "^-", label="test loss (reported)")
     ax.plot(xs, [r["train_loss"] for r in results], "s--", alpha=0.6, label="last training loss")
-    ax.axvline(top["lr"], color="tab:green", ls=":", label=f"best lr {top['lr']:.1e}")
+    ax.axvline(top["lr"], color="tab:green", ls=":", label=f"chosen lr {top['lr']:.1e} (on validation)")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
