@@ -205,10 +205,15 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--min-workers", type=int, default=1, help="pause below this many workers")
     train.add_argument("--max-workers", type=int, default=64, help="never use more than this many workers")
     train.add_argument("--watch-cluster", action="store_true", help="scale with Ray's cluster capacity")
-    train.add_argument("--snapshot-every", type=int, default=0, help="in-memory snapshot every k steps (0: off)")
+    train.add_argument("--snapshot-every", type=int, default=0,
+                       help="in-memory snapshot every k steps (0: off); grpo: rounded up to a multiple of "
+                            "grpo.num_iterations, since snapshots are taken only at GRPO step boundaries")
     train.add_argument("--checkpoint-dir", help="write on-disk checkpoints here")
-    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every k steps (0: off)")
-    train.add_argument("--resume", help="a checkpoint folder, or a checkpoint dir to resume its latest")
+    train.add_argument("--checkpoint-every", type=int, default=0,
+                       help="checkpoint every k steps (0: off); grpo: rounded up to a multiple of grpo.num_iterations "
+                            "(checkpoints only at GRPO step boundaries)")
+    train.add_argument("--resume", help="a checkpoint folder, or a checkpoint dir to resume its latest (grpo: one at a "
+                                        "GRPO step boundary)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     if config_flags:
         from launch.args import add_config_flags

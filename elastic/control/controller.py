@@ -9,6 +9,10 @@ Events are acted on only between steps. New workers start and warm up in the bac
 training continues; training stalls only for the state transfer itself. Every decision is logged
 with its reason and the cost model's figures.
 
+Snapshots and checkpoints are taken only at the workload's restart points (multiples of its
+``restart_every``; GRPO: its step boundaries), so ``snapshot_every`` and ``checkpoint_every`` are
+rounded up to multiples of it, and a resume folder must sit at one (``restart_interval``).
+
 Collaborators: the worker group (``driver/group.py``), the policy and cost model (``plan/``), the
 inbox (events in, answers out), the wishes (budget, drains, phase, pause), recovery, the snapshotter
 and the journal. The controller talks to workers only through the ``WorkerGroup`` protocol, so the
@@ -91,7 +95,9 @@ class ControllerOptions:
     job_name: str | None = None  # registers the named control-plane actor when set
     progress: bool = True
     gather_tensors: bool = True  # assemble the final full tensors on the driver
-    snapshot_every: int = 0  # in-memory snapshot every k steps (0: none; then only replicas protect state)
+    # In-memory snapshot every k steps (0: none; then only replicas protect state). Both intervals are rounded up
+    # to a multiple of the workload's restart_every (GRPO: grpo.num_iterations), see the module docstring.
+    snapshot_every: int = 0
     require_replica: bool = False  # only layouts with dp >= 2, so any single loss recovers without replay
     checkpoint_dir: str | None = None  # where on-disk checkpoints go (only for restarting a whole job)
     checkpoint_every: int = 0  # write a checkpoint every k steps (0: never)
@@ -108,6 +114,11 @@ class Refusal:
     text: str
 
 
+def restart_interval(every: int, restart_every: int) -> int:
+    """``every`` rounded up to a multiple of ``restart_every`` (0 stays 0: off)."""
+    return -(-every // restart_every) * restart_every if every > 0 else 0
+
+
 class Controller:
     def __init__(self, cfg: Config, options: ControllerOptions | None = None, group: WorkerGroup | None = None,
                  workload: Workload | None = None, policy: Policy | None = None,
@@ -115,13 +126,21 @@ class Controller:
         self.cfg, self.opt = cfg, options or ControllerOptions()
         self._started = time.perf_counter()
         check_data(cfg)  # a bad data file, column or tokenizer fails here, before any worker starts
+        self.workload = workload or LMWorkload()
+        # Steps between the workload's restart points; snapshots and checkpoints are taken only there.
+        self.restart_every = max(1, int(getattr(self.workload, "restart_every", 1)))
+        self.snapshot_every = restart_interval(self.opt.snapshot_every, self.restart_every)
+        self.checkpoint_every = restart_interval(self.opt.checkpoint_every, self.restart_every)
         if self.opt.resume:  # validate the whole checkpoint before any worker starts
             folder = checkpoint_folder(Path(self.opt.resume))
-            ckpt.open_checkpoint(folder, cfg, training_specs(cfg), verify=True)
+            step = ckpt.open_checkpoint(folder, cfg, training_specs(cfg), verify=True).step
+            if step % self.restart_every and step < cfg.train.steps:
+                raise ValueError(f"{folder} holds step {step}, which is not a restart point of the "
+                                 f"{self.workload.name} workload (a multiple of {self.restart_every} steps): the state "
+                                 "it needs between those points is not in a checkpoint; resume from an earlier one")
             self._resume_folder: Path | None = folder
         else:
             self._resume_folder = None
-        self.workload = workload or LMWorkload()
         self._owns_group = group is None  # a group passed in (a pool of warm workers) outlives this controller
         if group is None:
             from elastic.driver.ray_group import RayWorkerGroup
@@ -135,7 +154,7 @@ class Controller:
         self.policy = policy or Policy(cfg, self.cost, self.opt.objective, self.opt.min_workers,
                                        require_replica=self.opt.require_replica)
         self.policy.phase_filter.update(self.workload.phase_filters())
-        self.snapshots = Snapshotter(group, self.opt.snapshot_every)
+        self.snapshots = Snapshotter(group, self.snapshot_every)
         self.recovery = Recovery(group, self.policy, self.snapshots, self.opt.checkpoint_dir, self._resume_folder)
         self.wishes = Wishes(cfg.runtime.workers, self.opt.phase_layouts)
         sources = list(self.opt.sources)
@@ -424,7 +443,7 @@ class Controller:
 
     def _after_step(self) -> WorkerFailure | None:
         """A checkpoint and a snapshot when due; the failure, if a worker died during either."""
-        every, steps = self.opt.checkpoint_every, self.cfg.train.steps
+        every, steps = self.checkpoint_every, self.cfg.train.steps  # multiples of the workload's restart points
         if self.opt.checkpoint_dir and every and (self.step % every == 0 or self.step == steps):
             try:
                 folder, seconds = save_checkpoint(self.group, Path(self.opt.checkpoint_dir))
@@ -449,8 +468,15 @@ class Controller:
         if missing > 0:
             self.group.spawn(missing)
         self.record(RecordKind.WORKERS, text=f"started workers {self.group.alive()}")
-        self.record(RecordKind.REDUNDANCY, text=redundancy_report(self.policy, self.cost, self.wishes.budget,
-                                                                  self.opt.snapshot_every, self.opt.require_replica))
+        text = redundancy_report(self.policy, self.cost, self.wishes.budget, self.snapshot_every,
+                                 self.opt.require_replica)
+        rounded = [f"{what} {asked} -> {used}" for what, asked, used in (
+            ("snapshot_every", self.opt.snapshot_every, self.snapshot_every),
+            ("checkpoint_every", self.opt.checkpoint_every, self.checkpoint_every)) if asked != used]
+        if rounded:
+            text += (f"; snapshots and checkpoints only at the {self.workload.name} workload's restart points "
+                     f"(every {self.restart_every} steps): {', '.join(rounded)}")
+        self.record(RecordKind.REDUNDANCY, text=text)
 
     def run(self) -> RunResult:
         self.start()

@@ -1,8 +1,12 @@
 """GRPO under live reconfiguration equals the single-process GRPO run (float64).
 
 Rollouts run on data-parallel layouts and updates on fsdp (phase relayouts at every boundary),
-while a worker is drained and another added. Sampling is seeded per global prompt index, so the
-completions do not depend on which worker draws them.
+while a worker is drained and another added, and a worker is killed between the two optimizer steps
+(num_iterations = 2) of GRPO step 2, on a layout with no replica. Snapshots are asked for every 3
+steps and taken at GRPO step boundaries only (every 4), so the recovery restores step 4, where GRPO
+step 2's rollout batch is the one the driver holds; a snapshot of step 3 would make the driver sample
+GRPO step 1 again from a policy one iteration later, with the wrong old log-probs. Sampling is seeded
+per global prompt index, so the completions do not depend on which worker draws them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import pytest
 from elastic.control.controller import Controller, ControllerOptions
 from elastic.control.events import AddWorkers, Drain
 from elastic.control.sources import ScriptedEvents
+from elastic.control.states import Running
 from elastic.core.layout import Layout
 from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.workload import GRPOWorkload
@@ -36,17 +41,31 @@ def test_grpo_with_drain_add_and_phase_relayouts_equals_single_process(fresh_poo
                              4: [AddWorkers(reason="back", count=1)]})
     group = fresh_pool
     options = ControllerOptions(objective="use_all", sources=[script, WaitForWorkers(group)], progress=False,
-                                phase_layouts={"train": Layout(fsdp=2)})
+                                phase_layouts={"train": Layout(fsdp=2)}, snapshot_every=3)
     workload = GRPOWorkload(cfg)
     controller = Controller(cfg, options, group=group, workload=workload)
+    killed = []
+
+    def kill_between_iterations(transition):  # step 4 (GRPO step 2, iteration 0) is done, step 5 is next
+        placement = controller.group.placement
+        if not killed and controller.step == 5 and isinstance(transition.next, Running) and placement is not None \
+                and controller.phase == "train":
+            killed.append(placement.workers[1])
+            controller.group.kill(killed[0])
+
+    controller.listeners.append(kill_between_iterations)
     try:
         result = controller.run()
     finally:
         controller.shutdown()
     relayouts = [r for r in result.reshards if r.reason.endswith("phase")]
     assert len(relayouts) >= 3, [r.line() for r in result.reshards]  # into the train layout at every GRPO step
-    assert {h.layout for h in result.history} == {"fsdp=2"}
+    # The operator's train layout until the kill; recovery then picks the policy's best train layout.
+    assert {h.layout for h in result.history if h.step < 4} == {"fsdp=2"}
     assert any(e["kind"] == "drained" for e in result.events)
+    redundancy = next(e["text"] for e in result.events if e["kind"] == "redundancy")
+    assert "snapshot_every 3 -> 4" in redundancy, redundancy
+    assert killed and [(r["how"], r["steps_lost"]) for r in result.recoveries] == [("snapshot of step 4", 1)]
     err, name = worst_state_err(result.tensors, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     # The ledger, from the ranks: every iteration of GRPO step k trains each completion of k's 6 prompts once

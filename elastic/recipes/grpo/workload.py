@@ -6,6 +6,15 @@ whatever layout the policy picks for it). Phase changes go through the controlle
 can reshard at each phase boundary when the cost model (or the operator's ``phase_layouts``) says so.
 The worker side is ``worker.py`` (the ``Rollout`` and ``GRPOStep`` tasks); the bookkeeping is
 ``loop.py``.
+
+Restart points are GRPO step boundaries (``restart_every = num_iterations``). The rollout batch of
+GRPO step ``k`` (completions, rewards, advantages and the *old* log-probs of the policy that sampled
+them) lives here, on the driver, while its ``num_iterations`` optimizer steps run; snapshots and
+checkpoints hold the workers' tensors only. The controller therefore takes them only at optimizer
+steps ``k * num_iterations``, where the batch is not yet made: a restore there samples it again from
+the restored policy, which is the policy that sampled it the first time, so the replay is exact. A
+recovery from replicas keeps the committed step and this batch. (A restore inside the iterations would
+resample from a later iteration's policy and take its log-probs as the old ones.)
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ class GRPOWorkload:
 
     def __init__(self, cfg: Config) -> None:
         self.loop = GRPOLoop(cfg)
+        self.restart_every = self.loop.grpo.num_iterations  # see the module docstring
         self.batches: dict[int, StepBatch] = {}
         self.seconds = {"rollout": 0.0, "train": 0.0}
         self.stats: dict[int, dict] = {}
