@@ -64,7 +64,8 @@ class GRPOConfig:
                                             "quantile taken over the whole global batch (1.0: all tokens)")
     sapo_temperature_pos: float = knob(1.0, "SAPO's gate temperature for positive advantages")
     sapo_temperature_neg: float = knob(1.05, "SAPO's gate temperature for non-positive advantages")
-    num_iterations: int = knob(1, "gradient steps per generated batch (mu); > 1 reuses stored old log-probs")
+    num_iterations: int = knob(1, "gradient steps per generated batch (mu); > 1 reuses stored old log-probs, and "
+                                  "snapshots and checkpoints then fall on multiples of it")
     correction: str = knob("none", f"reward-noise correction of the advantages, one of {', '.join(CORRECTIONS)}")
     rho_plus: float = knob(0.0, "false-positive rate P(observed 1 | true 0) of the reward")
     rho_minus: float = knob(0.0, "false-negative rate P(observed 0 | true 1) of the reward")
