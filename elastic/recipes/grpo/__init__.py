@@ -4,8 +4,12 @@ RL from verifiable rewards that are sometimes wrong (arXiv:2510.18924, "Noise-co
 The observed reward r~ is the true 0/1 reward r* sent through a flip channel with
 rho_plus = P(r~=1 | r*=0) and rho_minus = P(r~=0 | r*=1); the corrections below undo its bias.
 
-- ``rewards``:   verifiable 0/1 rewards (arithmetic, sort-digits task, user callables) with checks;
-- ``noise``:     the seeded, layout-independent flip channel, flip-rate estimation, corrected reward;
+- ``rewards``:   verifiable 0/1 rewards (arithmetic, sort-digits task, lenient and strict verifiers,
+                 user callables) with checks;
+- ``prompts``:   prompt sets (a user's file, or a built-in task as rows) and TRL-style reward functions;
+- ``noise``:     the seeded, layout-independent flip channel and the corrected reward;
+- ``rates``:     flip rates per rate group, and their estimation with confidence intervals;
+- ``calibration``: rate groups and the gold-labelled calibration set the rates are estimated from;
 - ``advantage``: group advantages in TRL's GRPOTrainer conventions, plus the noise corrections;
 - ``loss``:      TRL's clipped surrogate + k3 KL, written as a sum of per-sequence terms over a
                  normaliser taken from the global batch, so data-parallel shards add up exactly;
