@@ -10,6 +10,10 @@ plus the embedding (first stage) and the final norm and LM head (last stage); th
 the stage that holds everything. Layers are kept in a ``ModuleDict`` keyed by their *global*
 index, so a stage's parameter names are the same as the full model's.
 
+``KVCache`` holds past keys and values for sampling: one token at a time, or several after cached
+ones (a prompt's remainder after a shared prefix: a causal mask aligned bottom-right), and its rows
+can be re-indexed so that rows with the same past share one prefill (``model/generate.py``).
+
 The attention code infers head counts from tensor shapes, so a tensor-parallel shard that holds
 ``n_heads / tp`` heads runs the same code. No distributed code lives here: where tensor
 parallelism needs a gradient summed over its ranks (the per-head q/k norms, whose weight every head
@@ -107,7 +111,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of past positions for incremental decoding, one slot per layer."""
+    """Keys and values of past positions for incremental decoding, one slot per layer: [B, kv_heads, S, head_dim].
+
+    A pass over new tokens appends their keys and values (``update``). ``select_rows`` re-indexes the batch,
+    so that rows whose past is the same can share one prefill: a prompt's cache is copied to each of its
+    completions, a common prefix's cache (batch 1) to every prompt (``model/generate.py``).
+    """
 
     def __init__(self) -> None:
         self.keys: dict[int, torch.Tensor] = {}
@@ -122,6 +131,12 @@ class KVCache:
             v = torch.cat((self.values[layer], v), dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Row ``i`` of the batch becomes old row ``index[i]``, in every layer (copies: rows may repeat)."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, index)
+            self.values[layer] = self.values[layer].index_select(0, index)
 
 
 @dataclass(frozen=True)
@@ -194,11 +209,15 @@ class Attention(nn.Module):
         if pad is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.attention(t, k.shape[2]), enable_gqa=gqa)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        # With a cache and one new token, every cached position is visible: no mask needed.
-        causal = t > 1
-        if causal and k.shape[2] != t:
-            raise ValueError("prefill with a non-empty KV cache is not supported; start a fresh cache")
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        s = k.shape[2]
+        if t > 1 and s > t:
+            # Several new tokens after cached ones (a prompt's remainder after a shared prefix): query i,
+            # at position s - t + i, sees the keys at or before it (a causal mask aligned bottom-right).
+            mask = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            # A fresh prefill is plainly causal; one new token after a cache sees every cached position.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

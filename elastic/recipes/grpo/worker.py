@@ -8,10 +8,12 @@ rank holds full parameters; the controller relayouts for the rollout phase). Sam
 plain, unwrapped copy of the model evaluated with the engine's own tensors
 (``torch.func.functional_call``: no copies, no FSDP hooks) and one random generator per
 completion, seeded by (seed, GRPO step, global prompt index, sample index): a completion does not
-depend on which worker draws it or on its batch-mates. With LoRA the frozen base is the
-reference model: its log-probs are the same forward with the adapters' B set to zero. LoRA dropout
-acts in the policy step only (masks seeded per optimizer step and global completion index); sampling
-and the old and reference log-probs name no rows, so they have none.
+depend on which worker draws it or on its batch-mates. The batch holds each prompt G times; the
+sampler prefills each prompt once (and a long prefix common to all once) and copies its KV cache to
+its G rows (``model/generate.py``). With LoRA the frozen base is the reference model: its
+log-probs are the same forward with the adapters' B set to zero. LoRA dropout acts in the policy
+step only (masks seeded per optimizer step and global completion index); sampling and the old and
+reference log-probs name no rows, so they have none.
 
 The policy step runs in whatever layout the training phase uses (fsdp, tp, dp); its loss is a
 sum over this rank's sequences divided by a normaliser of the global batch, so the summed
@@ -90,6 +92,22 @@ def batch_entropies(engine: Engine, entropies: torch.Tensor, mask: torch.Tensor)
     return torch.cat(gather_data_shards(engine.layout, engine.rank, entropies[mask.bool()].float()))
 
 
+def rollout_batch(prompts: list[tuple[int, list[int], list[bool] | None]], groups: int, seed: int,
+                  grpo_step: int) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator]]:
+    """The sampler's inputs for (global prompt index, token ids, real-token mask or None) prompts: each prompt
+    ``groups`` times in a row [B = P * G, width], their mask (None when no row is padded: the unpadded
+    attention path), and one generator per completion, seeded by (seed, GRPO step, prompt index, sample)."""
+    batch = torch.tensor([ids for _, ids, _ in prompts for _ in range(groups)], dtype=torch.long)
+    prompt_mask = None
+    if any(mask is not None for _, _, mask in prompts):
+        prompt_mask = torch.tensor([mask for _, _, mask in prompts for _ in range(groups)], dtype=torch.bool)
+    if padding(prompt_mask, batch.shape[1]) is None:
+        prompt_mask = None
+    generators = [torch.Generator().manual_seed(stable_seed(seed, "rollout", grpo_step, index, g))
+                  for index, _, _ in prompts for g in range(groups)]
+    return batch, prompt_mask, generators
+
+
 @torch.no_grad()
 def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_step: int,
             scratch: dict | None = None) -> dict:
@@ -104,18 +122,12 @@ def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_ste
     params = {name: local_tensor(p) for name, p in engine.named_params}
     scratch = {} if scratch is None else scratch
     policy = _Functional(_plain_model(engine, scratch), params)
-    groups = grpo.num_generations
-    batch = torch.tensor([ids for _, ids, _ in prompts for _ in range(groups)], dtype=torch.long)
-    prompt_mask = None
-    if any(mask is not None for _, _, mask in prompts):
-        prompt_mask = torch.tensor([mask for _, _, mask in prompts for _ in range(groups)], dtype=torch.bool)
-    generators = [torch.Generator().manual_seed(stable_seed(engine.cfg.train.seed, "rollout", grpo_step, index, g))
-                  for index, _, _ in prompts for g in range(groups)]
+    batch, prompt_mask, generators = rollout_batch(prompts, grpo.num_generations, engine.cfg.train.seed, grpo_step)
     if "eos" not in scratch:
         scratch["eos"] = load_tokenizer(engine.cfg.data.tokenizer).eos_id
     cfg = SamplingConfig(grpo.max_new_tokens, grpo.temperature, grpo.top_p, (scratch["eos"],))
-    pad = padding(prompt_mask, batch.shape[1])
-    tokens, lengths = sample(policy, batch, cfg, generators, prompt_mask=None if pad is None else prompt_mask)
+    # Each prompt is prefilled once and its KV cache shared by its G rows (``sample``'s share_prefill).
+    tokens, lengths = sample(policy, batch, cfg, generators, prompt_mask=prompt_mask)
     full = torch.cat([batch, tokens], dim=1)
     out = {"prompts": [index for index, _, _ in prompts], "tokens": tokens, "lengths": lengths}
     if grpo.num_iterations > 1:  # the sampling policy's log-probs, reused by later iterations
