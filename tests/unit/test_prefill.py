@@ -7,20 +7,24 @@ CPU build a row's rounding depends on its batch-mates (MKL rounds the last M % 4
 differently, and float64 attention differs by the thread that computes a row), so even the old path
 gives the G identical copies of one prompt ulp-different logits, while the shared path gives them the
 same cache. The logit checks below bound that difference; the token checks are exact.
+
+Also here: GRPO's plain rollout model is in eval mode, so LoRA dropout cannot reach sampling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from elastic.core.config import MODEL_PRESETS
+from elastic.core.config import MODEL_PRESETS, LoraConfig
 from elastic.model import generate
 from elastic.model.generate import SamplingConfig, prefill, sample
 from elastic.model.llama import LlamaStage, padding_for
-from elastic.recipes.grpo.worker import rollout_batch
+from elastic.model.lora import apply_lora, dropout_rows
+from elastic.recipes.grpo.worker import _Functional, _plain_model, rollout_batch, token_logps
 
 CFG = dataclasses.replace(MODEL_PRESETS["tiny"], qk_norm=True, qkv_bias=True)
 STOP = 258
@@ -151,3 +155,32 @@ def test_mini_model_with_a_64_token_header():
     assert torch.equal(tokens, old_tokens) and torch.equal(lengths, old_lengths) and states
     ids = grpo_batch(rows, 8)[0]
     torch.testing.assert_close(prefill(m, ids)[1], prefill(m, ids, share=False)[1], rtol=0, atol=ATOL[torch.float32])
+
+
+@pytest.mark.timeout(30)
+def test_the_plain_rollout_model_is_in_eval_mode():
+    """LoRA dropout (p = 0.5) must not reach rollouts or old/reference log-probs, even inside a block that
+    names dropout rows; in train mode it would (the plain model used to be left in train mode)."""
+    lora = LoraConfig(r=4, alpha=8.0, dropout=0.5)
+    engine = SimpleNamespace(cfg=SimpleNamespace(model=CFG, lora=lora), dtype=torch.float64)
+    plain = _plain_model(engine, {})
+    assert not any(module.training for module in plain.modules())
+    real = apply_lora(model(), lora)
+    with torch.no_grad():
+        for name, p in real.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # B = 0 would hide any dropout
+    policy = _Functional(plain, dict(real.named_parameters()))
+    ids, _, _ = grpo_batch(prompts("header"), 2)
+    full = torch.cat([ids, torch.randint(3, 250, (ids.shape[0], 4))], dim=1)
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, stop_ids=(STOP,))
+
+    def rollout():
+        gens = grpo_batch(prompts("header"), 2)[2]
+        return token_logps(policy, full, ids.shape[1]), sample(policy, ids, cfg, gens)[0]
+
+    with torch.no_grad():
+        quiet = rollout()
+        with dropout_rows(seed=0, step=0, samples=range(ids.shape[0])):
+            named = rollout()
+    assert torch.equal(quiet[0], named[0]) and torch.equal(quiet[1], named[1])

@@ -5,8 +5,8 @@ engine; Ray ships them by reference to this module, so the worker module never i
 
 Rollouts need the whole policy on each worker, so they run on a data-parallel layout (every
 rank holds full parameters; the controller relayouts for the rollout phase). Sampling uses a
-plain, unwrapped copy of the model evaluated with the engine's own tensors
-(``torch.func.functional_call``: no copies, no FSDP hooks) and one random generator per
+plain, unwrapped copy of the model in eval mode, evaluated with the engine's own tensors
+(``torch.func.functional_call``: no copies, no FSDP hooks), and one random generator per
 completion, seeded by (seed, GRPO step, global prompt index, sample index): a completion does not
 depend on which worker draws it or on its batch-mates. The batch holds each prompt G times; the
 sampler prefills each prompt once (and a long prefix common to all once) and copies its KV cache to
@@ -53,13 +53,16 @@ class _Functional:
 
 
 def _plain_model(engine: Engine, scratch: dict) -> LlamaStage:
-    """An unwrapped copy of the policy on the meta device (no storage), cached for the engine's life."""
+    """An unwrapped copy of the policy on the meta device (no storage), cached for the engine's life.
+
+    In eval mode: it only samples and scores (rollouts, old and reference log-probs), so nothing that
+    acts in training mode (LoRA dropout) may touch it, whatever context it is called in."""
     if "plain" not in scratch:
         with torch.device("meta"):
             model = LlamaStage(engine.cfg.model)
             if engine.cfg.lora is not None:
                 apply_lora(model, engine.cfg.lora)
-        scratch["plain"] = model.to(engine.dtype)
+        scratch["plain"] = model.to(engine.dtype).eval()
     return scratch["plain"]
 
 
