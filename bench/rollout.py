@@ -123,7 +123,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = build_model(), load_tokenizer("")
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1.0, stop_ids=(tok.eos_id,))
-    console = Console(width=190)
+    console = Console(width=200)
     table = Table(title=f"GRPO rollout throughput, 'mini' ({MODEL_PRESETS['mini'].num_params() / 1e6:.1f}M parameters, "
                         f"float32, {args.threads} thread), max_new_tokens 6: shared prefill against repeat-G prefill "
                         f"(median of {args.repeats})")
