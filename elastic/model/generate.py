@@ -91,6 +91,7 @@ def _common_prefix(prompts: torch.Tensor, mask: torch.Tensor | None) -> int:
     return int(same.long().cumprod(0).sum())
 
 
+@torch.no_grad()
 def prefill(model: LlamaStage, prompts: torch.Tensor, pad: Padding | None = None,
             share: bool = True) -> tuple[KVCache, torch.Tensor]:
     """Run ``prompts`` [B, P] through the model: the KV cache of every row, and each row's last logits [B, V].
