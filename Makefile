@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-peers lint clean
+.PHONY: setup test demo bench bench-peers bench-noise lint clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/recovery.py | tee bench/out/recovery.txt
 	$(BIN)/python bench/lora.py | tee bench/out/lora.txt
 	$(BIN)/python bench/grpo_phases.py | tee bench/out/grpo_phases.txt
+	$(BIN)/python bench/rollout.py | tee bench/out/rollout.txt
 	$(BIN)/python bench/load.py | tee bench/out/load.txt
 	$(BIN)/python bench/plan_scale.py --quick | tee bench/out/plan_scale.txt
 	$(BIN)/python bench/to_readme.py
@@ -40,6 +41,11 @@ bench-peers: $(STAMP)
 	mkdir -p bench/out
 	RAY_TRAIN_V2_ENABLED=1 $(BIN)/python bench/peers.py | tee bench/out/peers.txt
 	$(BIN)/python bench/to_readme.py
+
+# About an hour on 2 cores; `--quick` (one LM seed) about 10 to 15 minutes. Prints verdicts, never fails.
+bench-noise: $(STAMP)
+	mkdir -p bench/out
+	$(BIN)/python bench/grpo_noise.py | tee bench/out/grpo_noise.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check elastic launch examples bench tests
