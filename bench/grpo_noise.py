@@ -36,15 +36,16 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
-    sections = {"gradient": lambda: noise_gradient.run(args.quick),
-                "bandit": lambda: noise_bandit.run(args.quick),
-                "lm": lambda: noise_lm.run(args.quick, plot_path=out / "grpo_noise_lm.png")}
-    for name, run in sections.items():
+    # (run, whether it prints its own tables as it goes: the bandit does, setting by setting)
+    sections = {"gradient": (lambda: noise_gradient.run(args.quick), False),
+                "bandit": (lambda: noise_bandit.run(args.quick), True),
+                "lm": (lambda: noise_lm.run(args.quick, plot_path=out / "grpo_noise_lm.png"), False)}
+    for name, (run, printed) in sections.items():
         if args.only and name != args.only:
             continue
         started = time.perf_counter()
         report = run()
-        print(f"\n=== {name} ({time.perf_counter() - started:.0f} s)\n{report}", flush=True)
+        print(f"\n=== {name} ({time.perf_counter() - started:.0f} s)" + ("" if printed else f"\n{report}"), flush=True)
 
 
 if __name__ == "__main__":
