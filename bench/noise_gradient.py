@@ -166,9 +166,11 @@ def verdict(name: str, diff: torch.Tensor, cost: float, bias_recovered: float) -
     if "uncorrected" in name:
         return "baseline"
     if "pooled" in name and name.startswith("dr"):  # one constant 1/J: cosine cannot change
-        # A constant scale leaves each cosine unchanged; float32 dot products over ~1M weights round at ~1e-5.
+        # A constant scale leaves each cosine unchanged in exact arithmetic. Here g(A / J) and g(A) / J are
+        # float32 sums over ~1M weights of terms that mostly cancel (advantages are centred within groups), which
+        # makes their cosines differ by up to ~1e-4; the exact statement is tested in tests/unit/test_grpo_noise.py.
         worst = float(diff.abs().max())
-        equal = worst < 1e-4 or lo <= 0 <= hi
+        equal = worst < 5e-4 or lo <= 0 <= hi
         said = "PASS no-op predicted, equal" if equal else "FAIL no-op predicted, differs"
         return f"{said} (max |diff| {worst:.0e})"
     if "per-task" in name and "forward" not in name:
