@@ -34,6 +34,8 @@ SECTIONS = (
     ("lora", "LoRA against full fine-tuning", "Rebuild time grows with the parameter count (FSDP/DTensor set-up)."),
     ("grpo_phases", "GRPO rollout/update phases",
      "Whether a phase relayout pays for itself, decided by the cost model."),
+    ("rollout", "GRPO rollouts: each prompt prefilled once per group",
+     "Against the repeat-G prefill in the same run, on the same batches; the completions are the same tokens."),
     ("throughput", "Step throughput per layout", "Two processes share 2 cores, so parallel layouts cannot beat one."),
     ("load", "Loading a user's model at size",
      "A 494M-parameter Qwen2 folder in bf16, to the first LoRA step, against transformers + PEFT in one process. "
@@ -60,6 +62,9 @@ def section(out: Path) -> str:
             continue
         table = cleaned(path.read_text())
         parts.append(f"### {heading}\n\n{note} Source: `bench/{name}.py`.\n\n```text\n{table}\n```\n")
+    parts.append("When a reward-noise correction helps GRPO (gradient, bandit and language-model experiments, "
+                 "an hour: `make bench-noise`): the results and their verdicts are summarised in "
+                 "[docs/grpo_noise.md](docs/grpo_noise.md).\n")
     parts.append("Planning at cluster scale (8B/70B/405B, up to 4,096 simulated workers): "
                  "[docs/scale.md](docs/scale.md), from `bench/plan_scale.py`.\n")
     return "\n".join(parts)

@@ -32,7 +32,7 @@ def test_only_the_marked_part_of_the_readme_changes(tmp_path):
                     str(tmp_path / "out")], check=True, capture_output=True)
     text = readme.read_text()
     assert text.startswith("# title\n<!-- bench:start -->") and text.endswith("<!-- bench:end -->\n## after\n")
-    assert "│ dp=4 -> fsdp=4 │ 0.81 │" in text and "old table" not in text and "noise" not in text
+    assert "│ dp=4 -> fsdp=4 │ 0.81 │" in text and "old table" not in text and "[step 1]" not in text
 
     readme.write_text("# no markers\n")
     failed = subprocess.run([sys.executable, str(ROOT / "bench/to_readme.py"), "--readme", str(readme), "--out",
