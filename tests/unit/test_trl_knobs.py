@@ -229,7 +229,7 @@ def test_builtin_tasks_are_prompt_sets_on_the_same_path():
         ids = list(range(40))
         completions = [task.problem(i).answer if i % 3 else task.problem(i).answer + "1" for i in ids]
         funcs = reward_functions("", "")
-        got = score_batch(funcs, [prompts.prompt(i) for i in ids], completions,
-                          {"answer": [prompts.column("answer", i) for i in ids]}, [[0]] * len(ids))
+        got = score_batch(funcs, [prompts.row(i)["prompt"] for i in ids], completions,
+                          {"answer": [prompts.row(i)["answer"] for i in ids]}, [[0]] * len(ids))
         assert got.tolist() == [exact(task.problem(i).prompt, c) for i, c in zip(ids, completions, strict=True)]
         assert 0 < got.sum() < len(ids)

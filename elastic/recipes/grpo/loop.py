@@ -30,7 +30,7 @@ from elastic.recipes.grpo.config import GRPOConfig
 from elastic.recipes.grpo.loss import GlobalBatch
 from elastic.recipes.grpo.noise import RewardNoise
 from elastic.recipes.grpo.prompts import PromptTask, parse_weights, reward_functions, score_batch
-from elastic.recipes.grpo.rates import RateTable, RowRates
+from elastic.recipes.grpo.rates import RateTable
 
 log = logging.getLogger("elastic")
 
@@ -113,34 +113,33 @@ class GRPOLoop:
                  "\n".join(e.line() for e in self.estimates))
         return table
 
-    def prompt_rates(self, table: RateTable, prompts: list[int]) -> RowRates:
-        return table.rows([self.group_of(self.task.rows[i]) for i in prompts])
-
     def build(self, k: int, parts: list[dict]) -> StepBatch:
         """Score and pack the rollouts of step ``k``; ``parts`` are the data-parallel ranks' rollouts in order."""
         G = self.grpo.num_generations
         prompts = [p for part in parts for p in part["prompts"]]
-        if prompts != [i for i, _, _ in self.prompts(k)]:
+        if prompts != self.sampler.step_indices(k):
             raise RuntimeError(f"rollouts of step {k} cover prompts {prompts[:4]}..., expected the step's batch")
         tokens = torch.cat([part["tokens"] for part in parts])
         lengths = torch.cat([part["lengths"] for part in parts])
-        owners = [i for i in prompts for _ in range(G)]  # each completion's prompt index
-        prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in owners])
+        rows_of = [self.task.row(i) for i in prompts]  # once per prompt: a built-in row is generated per call
+        groups = [self.group_of(row) for row in rows_of]
+        owners = [row for row in rows_of for _ in range(G)]  # each completion's prompt row
         completions = [self.tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(owners))]
-        columns = {c: [self.task.column(c, i) for i in owners] for c in self.task.columns}
-        clean = score_batch(self.reward_funcs, [self.task.prompt(i) for i in owners], completions, columns,
+        columns = {c: [row[c] for row in owners] for c in self.task.columns}
+        clean = score_batch(self.reward_funcs, [row["prompt"] for row in owners], completions, columns,
                             [tokens[r, : int(lengths[r])].tolist() for r in range(len(owners))], self.reward_weights)
         observed = clean if self.noise is None else self.noise.observe_groups(
-            clean, prompts, G, step=k, rates=self.prompt_rates(self.true_rates, prompts))
-        advantages = noise_corrected_advantages(observed, G, self.prompt_rates(self.rates, prompts),
-                                                self.grpo.correction, self.grpo.scale_rewards)
+            clean, prompts, G, step=k, rates=self.true_rates.rows(groups))
+        advantages = noise_corrected_advantages(observed, G, self.rates.rows(groups), self.grpo.correction,
+                                                self.grpo.scale_rewards)
         width = tokens.shape[1]
         mask = torch.arange(width)[None, :] < lengths[:, None]
         if self.grpo.mask_truncated_completions:  # TRL: no loss on a completion cut off before its EOS
             truncated = tokens[torch.arange(len(tokens)), lengths - 1] != self.tok.eos_id
             mask &= ~truncated[:, None]
+        prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in prompts]).repeat_interleave(G, dim=0)
         rows = {"input_ids": torch.cat([prompt_ids, tokens], dim=1), "mask": mask, "advantages": advantages}
-        rows["prompt_mask"] = torch.tensor([self.task.prompt_mask(i) for i in owners])
+        rows["prompt_mask"] = torch.tensor([self.task.prompt_mask(i) for i in prompts]).repeat_interleave(G, dim=0)
         for key in ("old", "ref"):
             if key in parts[0]:
                 rows[key] = torch.cat([part[key] for part in parts])

@@ -90,8 +90,7 @@ class PromptTask:
         """The row's prompt tokens, unpadded (cached)."""
         key = (split, index)
         if key not in self._ids:
-            row = (self.rows if split == "train" else self.holdout)[index]
-            self._ids[key] = self._encode(row["prompt"], f"{self.where} {split} row {index}")
+            self._ids[key] = self._encode(self.row(index, split)["prompt"], f"{self.where} {split} row {index}")
         return self._ids[key]
 
     def _encode(self, prompt, where: str) -> list[int]:
@@ -122,17 +121,15 @@ class PromptTask:
         n = len(self.ids(index, split))
         return [False] * (self.width - n) + [True] * n
 
+    def row(self, index: int, split: str = "train") -> dict:
+        """The row as the file holds it: ``prompt`` (a text or messages, as TRL hands it to reward functions)
+        and the extra columns. A built-in task's row is generated on each call."""
+        return (self.rows if split == "train" else self.holdout)[index]
+
     def problem(self, index: int, split: str = "train") -> Problem:
-        row = (self.rows if split == "train" else self.holdout)[index]
+        row = self.row(index, split)
         prompt = row["prompt"]
         return Problem(prompt if isinstance(prompt, str) else str(prompt), str(row.get("answer", "")))
-
-    def prompt(self, index: int, split: str = "train"):
-        """The row's prompt as the file holds it (a text or messages), as TRL hands it to reward functions."""
-        return (self.rows if split == "train" else self.holdout)[index]["prompt"]
-
-    def column(self, name: str, index: int, split: str = "train"):
-        return (self.rows if split == "train" else self.holdout)[index][name]
 
 
 class TaskRows(Sequence):
