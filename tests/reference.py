@@ -291,8 +291,8 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
             for i in prompts:  # one group at a time: G copies of one prompt, no padding
                 gens = [torch.Generator().manual_seed(stable_seed(cfg.train.seed, "rollout", k, i, s))
                         for s in range(G)]
-                with torch.no_grad():
-                    t, n = sample(model, torch.tensor([prompt_of(i)] * G), sampling, gens)
+                with torch.no_grad():  # G copies prefilled as they are, not the workers' shared prefill
+                    t, n = sample(model, torch.tensor([prompt_of(i)] * G), sampling, gens, share_prefill=False)
                 rows += [prompt_of(i)] * G
                 tokens.append(t)
                 lengths.append(n)
