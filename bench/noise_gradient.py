@@ -56,13 +56,12 @@ def sft_policy(steps: int, log) -> LlamaStage:
     """The 'mini' model after ``steps`` supervised steps on both tasks (cached as a HF folder)."""
     folder = ROOT / "runs" / "bench_grpo_noise" / f"sft-{steps}"
     cfg = MODEL_PRESETS["mini"]
+    torch.manual_seed(0)
     model = LlamaStage(cfg)
     if (folder / "config.json").is_file():
         model.load_state_dict(load_hf_model(folder)[1], strict=False)
         log(f"reusing the warmed-up policy in {folder}")
         return model.eval()
-    torch.manual_seed(0)
-    model = LlamaStage(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     data, started = tasks(), time.perf_counter()
     for step in range(steps):
