@@ -157,16 +157,14 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
     loss_total = torch.zeros((), dtype=torch.float64)
     if shard["input_ids"].shape[0] == 0:
         raise ValueError(f"rank {engine.rank} got no sequences; use fewer data-parallel ranks than sequences")
-    entropy_mask = None
-    if grpo.top_entropy_quantile < 1:
-        with engine.dropout_rows(shard["completion"].tolist()):  # LoRA dropout's masks, per global completion
-            logps, entropies = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
-                                           with_entropy=True)
-        everyone = batch_entropies(engine, entropies, shard["mask"])
-        entropy_mask = high_entropy_mask(entropies, shard["mask"], grpo.top_entropy_quantile, everyone)
-    else:
-        with engine.dropout_rows(shard["completion"].tolist()):
-            logps = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"))
+    entropy_mask, want_entropy = None, grpo.top_entropy_quantile < 1
+    with engine.dropout_rows(shard["completion"].tolist()):  # LoRA dropout's masks, per global completion
+        out = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
+                          with_entropy=want_entropy)
+    logps = out[0] if want_entropy else out
+    if want_entropy:
+        everyone = batch_entropies(engine, out[1], shard["mask"])
+        entropy_mask = high_entropy_mask(out[1], shard["mask"], grpo.top_entropy_quantile, everyone)
     terms = grpo_loss_terms(logps, shard["advantages"].to(logps.dtype), shard["mask"], old_logps=shard.get("old"),
                             ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs,
                             entropy_mask=entropy_mask)
