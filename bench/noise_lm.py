@@ -29,14 +29,13 @@ import time
 import torch
 from noise_gradient import TASKS, TRUE_RATES, sft_policy, tasks  # bench/ is on sys.path
 
-from elastic.core.seeds import stable_seed
 from elastic.core.tokenizer import EOS, ByteTokenizer
 from elastic.model.generate import SamplingConfig, sample
 from elastic.model.lora import apply_lora
 from elastic.recipes.grpo.loop import GRPOLoop
 from elastic.recipes.grpo.loss import grpo_loss
 from elastic.recipes.grpo.recipe import grpo_config
-from elastic.recipes.grpo.worker import token_logps
+from elastic.recipes.grpo.worker import rollout_batch, token_logps
 
 GROUP_RATES = ",".join(f"{n}={r.rho_plus}:{r.rho_minus}" for n, r in TRUE_RATES.groups.items())
 MEAN_J = sum(r.scale for r in TRUE_RATES.groups.values()) / len(TRUE_RATES.groups)
@@ -94,10 +93,7 @@ def run_arm(policy, knobs: dict, lr: float, seed: int, steps: int, problems, cur
         if k % every == 0:
             curve.append((k, accuracy(model, curve_problems)))
         prompts = loop.prompts(k)
-        ids = torch.tensor([p for _, p, _ in prompts]).repeat_interleave(8, dim=0)
-        mask = torch.tensor([m for _, _, m in prompts]).repeat_interleave(8, dim=0)
-        gens = [torch.Generator().manual_seed(stable_seed(seed, "rollout", k, i, s)) for i, _, _ in prompts
-                for s in range(8)]
+        ids, mask, gens = rollout_batch(prompts, 8, seed, k)  # the workers' own batch and generators
         model.eval()
         tokens, lengths = sample(model, ids, sampling, gens, prompt_mask=mask)
         part = {"prompts": [i for i, _, _ in prompts], "tokens": tokens, "lengths": lengths}
