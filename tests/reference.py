@@ -7,7 +7,10 @@ resumes, LoRA, GRPO) against this, never against the engine itself. From ``elast
   Face folder, the weights as transformers loads them); LoRA adapters come from PEFT's
   ``get_peft_model`` on that model, with our initial A copied in;
 - the data: the dataset's samples by global index, and the epoch permutation (``GlobalSampler.index_at``);
-- the seed function (``core/seeds.stable_seed``), which defines every random draw.
+- the seed function (``core/seeds.stable_seed``), which defines every random draw;
+- for GRPO: the prompt sets and the tokenizer (``PromptTask``, ``load_tokenizer``), and the sampler's
+  decode loop (``model/generate.sample``), called with ``share_prefill=False`` so that the workers'
+  shared prefill is compared with the plain one, each prompt group sampled alone and unpadded.
 
 What a shared bug could hide is written here again, from the config's numbers and DESIGN.md: which
 positions a step consumes, the loss normaliser (cross-entropy summed over the global batch divided by
@@ -260,7 +263,6 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
     (no injected noise), ``beta = 0``, no LoRA."""
     import importlib
 
-    from elastic.core.seeds import stable_seed
     from elastic.core.tokenizer import load_tokenizer
     from elastic.model.generate import SamplingConfig, sample
     from elastic.recipes.grpo.config import GRPOConfig
