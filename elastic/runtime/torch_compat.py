@@ -11,15 +11,23 @@ The shims:
 - ``is_strided_shard``: FSDP-over-tensor-parallel placements (``_StridedShard``);
 - ``placed_linear_style``: tensor-parallel styles that place a LoRA adapter's tensors too
   (overrides ``ParallelStyle._partition_linear_fn``);
-- ``clear_dtensor_caches``: DTensor's sharding-propagation caches (``torch._C`` and ``_op_dispatcher``);
-- ``reset_group_registry``: c10d's group tables, after a failed ``destroy_process_group``;
 - ``shared_mesh_slices``: one DeviceMesh per slice during an engine build (``DeviceMesh.__getitem__`` and
-  ``DeviceMesh._concatenate``, patched for the duration of a block).
+  ``DeviceMesh._concatenate``, patched for the duration of a block);
+- ``new_gloo_group``, ``set_default_group``, ``destroy_group``: gloo groups formed without a default group,
+  so that the next placement's groups form while the current one trains (``_new_process_group_helper``,
+  ``_world.pg_group_ranks``, ``_update_default_pg``);
+- ``default_group_on_this_thread``: a thread's own view of the default group (``_World.default_pg``), so that
+  a skeleton built in the background sees the ranks of its own placement;
+- ``mesh_over_groups``: a DeviceMesh over given groups at a given rank (``DeviceMesh(_init_backend=False,
+  _rank=...)``, ``_dim_group_names``, ``_pg_registry``);
+- ``meshes_differ_by_group``: DeviceMesh equality that includes the mesh's process groups (``_hash_key``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -80,42 +88,6 @@ def placed_linear_style(style: type[ParallelStyle], placements: dict[str, object
     return cls()
 
 
-def clear_dtensor_caches() -> None:
-    """Forget DTensor's cached sharding decisions: they hold DeviceMesh objects of the old world.
-
-    Why private: a new mesh of the same shape compares equal to an old one, so without this a cache hit
-    hands DTensor a mesh whose process groups were destroyed ("Could not resolve the process group").
-    Torch has no public call that empties these caches. Call on the thread that runs the model (the
-    Python-level cache is thread-local).
-    """
-    torch._C._clear_DTensor_sharding_propagator_cache()
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.propagate_op_sharding.cache_clear()
-    propagator._propagate_tensor_meta_cached.cache_clear()
-
-
-# ---- c10d internals --------------------------------------------------------------------------
-
-_GROUP_TABLES = ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_to_tag", "tags_to_pg",
-                 "pg_coalesce_state")
-
-
-def reset_group_registry() -> None:
-    """Leave c10d as ``destroy_process_group`` would have: no default group, no names, group count 0.
-
-    Why private: a group whose peer died can fail to tear down, and then c10d keeps its tables. The
-    next world's groups would get names that collide with the stale ones. Torch offers no public reset.
-    """
-    from torch.distributed import distributed_c10d as c10d
-
-    world = c10d._world
-    c10d._update_default_pg(None)
-    for table in _GROUP_TABLES:
-        getattr(world, table).clear()
-    c10d._unregister_all_process_groups()
-    world.group_count = 0
-
-
 # ---- DeviceMesh slicing ----------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -160,3 +132,134 @@ def shared_mesh_slices() -> Iterator[None]:
     finally:
         DeviceMesh.__getitem__ = getitem
         DeviceMesh._concatenate = concatenate
+
+
+# ---- groups that outlive the default group -------------------------------------------------------
+
+def new_gloo_group(store, rank: int, size: int, name: str, global_ranks: list[int],
+                   timeout: datetime.timedelta):
+    """A registered gloo ProcessGroup over ``store`` (``rank`` of ``size``), created whether or not a default
+    group exists. ``global_ranks[i]`` is group rank i's rank in its placement's world.
+
+    Why private: ``dist.new_group`` makes subgroups of the *current* default group and is collective over it.
+    The next placement's world (other members, other ranks) must form while the current one still trains on
+    the default group, so each group is made the way ``init_process_group`` makes the default one
+    (``_new_process_group_helper`` with no parent ranks), then told its members' world ranks.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    pg, _ = c10d._new_process_group_helper(size, rank, [], c10d.Backend.GLOO, store, name, timeout=timeout,
+                                           group_desc=name)
+    c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(global_ranks)}
+    return pg
+
+
+def set_default_group(pg) -> None:
+    """Make ``pg`` (a world group from ``new_gloo_group``, or None) the process's default group.
+
+    Why private: there is no public way to switch the default group between two live worlds. Everything that
+    asks c10d for "the" world (``get_rank()``, ``all_gather_object`` without a group) then sees the placement
+    that trains.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d._update_default_pg(pg)
+
+
+def destroy_group(pg) -> None:
+    """Shut ``pg`` down and drop it from c10d's tables, leaving every other group (and the default) alone."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if c10d._world.default_pg is pg:
+        c10d._update_default_pg(None)
+    try:
+        dist.destroy_process_group(pg)
+    except Exception:  # a group whose peer died can fail to shut down: forget it by hand
+        for table in ("pg_map", "pg_names", "pg_group_ranks", "pg_backend_config", "pg_coalesce_state"):
+            getattr(c10d._world, table).pop(pg, None)
+        with contextlib.suppress(Exception):
+            c10d._unregister_process_group(pg.group_name)
+
+
+_THREAD_WORLD = threading.local()
+_WORLD_PATCHED = False
+
+
+def _patch_default_pg() -> None:
+    global _WORLD_PATCHED
+    if _WORLD_PATCHED:
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    prop = c10d._World.__dict__["default_pg"]
+
+    def getter(self):
+        override = getattr(_THREAD_WORLD, "pg", None)
+        return override if override is not None else prop.fget(self)
+
+    c10d._World.default_pg = property(getter, prop.fset)
+    _WORLD_PATCHED = True
+
+
+@contextlib.contextmanager
+def default_group_on_this_thread(pg) -> Iterator[None]:
+    """Within the block, on this thread only, c10d's default group is ``pg``.
+
+    Why private: a skeleton for the next placement is built on a background thread while the compute thread
+    trains on the current default group. DeviceMesh slicing, FSDP and the pipeline stages ask c10d for the
+    global rank (``get_rank()``); on the build thread it must be the rank in the *next* placement. c10d keeps
+    the default group in ``_World.default_pg``; the patch (installed once) lets a thread-local value shadow it.
+    Other threads see the real default throughout.
+    """
+    _patch_default_pg()
+    previous = getattr(_THREAD_WORLD, "pg", None)
+    _THREAD_WORLD.pg = pg
+    try:
+        yield
+    finally:
+        _THREAD_WORLD.pg = previous
+
+
+def mesh_over_groups(groups: list, mesh: torch.Tensor, names: tuple[str, ...], rank: int) -> DeviceMesh:
+    """A DeviceMesh over ``groups`` (one per dimension, each containing ``rank``), ``rank`` being this process's
+    rank in ``mesh``.
+
+    Why private: ``DeviceMesh.from_group`` takes the rank from the current default group, which during a
+    background build is the *previous* placement's.
+    """
+    out = DeviceMesh("cpu", mesh, mesh_dim_names=names, _init_backend=False, _rank=rank)
+    out._dim_group_names = [g.group_name for g in groups]
+    for g in groups:
+        out._pg_registry[g.group_name] = g
+    return out
+
+
+_TORCH_MESH_EQ = None  # torch's DeviceMesh.__eq__ and _hash_key once patched
+
+
+def meshes_differ_by_group() -> None:
+    """From now on, two DeviceMeshes are equal only if they also use the same process groups (installed once).
+
+    Why private: DeviceMesh equality is the ranks, shape and names only, and DTensor's sharding caches are keyed
+    by it. With several live worlds of the same shape (this placement, a cached one, the fallback for a lost
+    worker) a cache hit would hand a DTensor another world's mesh, and its collectives would run on the wrong
+    group. Including ``_dim_group_names`` (unique per group) in ``_hash_key`` and ``__eq__`` keeps them apart,
+    so the caches need not be emptied on every switch.
+    """
+    global _TORCH_MESH_EQ
+    if _TORCH_MESH_EQ is not None:
+        return
+    hash_key = DeviceMesh.__dict__["_hash_key"]
+    eq = DeviceMesh.__dict__["__eq__"]
+    _TORCH_MESH_EQ = (eq, hash_key)  # torch's own, for the shim's test
+
+    def _hash_key(self):
+        return (*hash_key(self), tuple(getattr(self, "_dim_group_names", ())))
+
+    def __eq__(self, other):  # noqa: N807
+        return eq(self, other) and (self is other or tuple(getattr(self, "_dim_group_names", ())) ==
+                                    tuple(getattr(other, "_dim_group_names", ())))
+
+    DeviceMesh._hash_key = _hash_key
+    DeviceMesh.__eq__ = __eq__

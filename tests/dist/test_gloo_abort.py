@@ -29,8 +29,11 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
     from elastic.runtime.parallel import mesh as meshlib
 
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=30))
-    mesh = meshlib.form_layout_group(store, "g", rank, Layout(dp=world), timeout_s=60)
-    group = mesh["dp"].get_group()
+    from elastic.runtime.parallel.groups import LayoutGroups
+
+    groups = LayoutGroups(store, "g", rank, Layout(dp=world), 60, meshlib.SOCKETS)
+    groups.activate()
+    group = groups.mesh["dp"].get_group()
     dist.barrier(group=group)
     started = time.monotonic()
     try:

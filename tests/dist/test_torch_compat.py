@@ -74,32 +74,6 @@ def test_placed_linear_style_places_the_module_and_its_children(mesh):
                    "down.weight": (Shard(1),), "down.lora_A.weight": (Shard(1),), "down.lora_B.weight": (Replicate(),)}
 
 
-def test_dtensor_caches_clear(mesh):
-    a = distribute_tensor(torch.ones(4, 4), mesh["tp"], [Shard(0)])
-    (a + a).sum()
-    # torch 2.13 dispatches through a C++ cache (the Python LRU caches are the slow path's).
-    assert sum(torch._C._get_DTensor_sharding_propagator_cache_stats()) > 0, "DTensor no longer caches decisions"
-    tc.clear_dtensor_caches()
-    assert torch._C._get_DTensor_sharding_propagator_cache_stats() == (0, 0)
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    assert propagator.propagate_op_sharding.cache_info().currsize == 0
-    assert propagator._propagate_tensor_meta_cached.cache_info().currsize == 0
-
-
-def test_group_registry_resets_to_a_clean_slate(mesh):
-    from torch.distributed import distributed_c10d as c10d
-
-    extra = dist.new_group([0])  # a subgroup: the registry now holds two groups
-    assert c10d._world.group_count >= 1 and len(c10d._world.pg_map) >= 2 and extra is not None
-    tc.reset_group_registry()
-    assert not dist.is_initialized()
-    assert all(not getattr(c10d._world, table) for table in tc._GROUP_TABLES) and c10d._world.group_count == 0
-    # A fresh world forms normally after the reset (and the fixture's teardown destroys it).
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    assert dist.get_world_size() == 1
-
-
 def test_mesh_slices_are_shared_inside_and_torch_is_restored_after(mesh):
     mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp", "fsdp", "tp"))
     getitem, concatenate = DeviceMesh.__dict__["__getitem__"], DeviceMesh.__dict__["_concatenate"]
@@ -115,3 +89,87 @@ def test_mesh_slices_are_shared_inside_and_torch_is_restored_after(mesh):
     with pytest.raises(KeyError), tc.shared_mesh_slices():
         raise KeyError("boom")
     assert DeviceMesh.__dict__["__getitem__"] is getitem  # restored on errors too
+
+
+def _pair_of_groups(tag: str):
+    """Two one-rank gloo groups made without touching the default group, told they are global ranks 5 and 7."""
+    timeout = datetime.timedelta(seconds=30)
+    return [tc.new_gloo_group(dist.HashStore(), 0, 1, f"{tag}/{g}", [g], timeout) for g in (5, 7)]
+
+
+def test_groups_form_switch_and_go_without_a_default_group():
+    from torch.distributed import distributed_c10d as c10d
+
+    before = c10d._world.default_pg
+    a, b = _pair_of_groups("compat-switch")
+    try:
+        assert dist.get_process_group_ranks(a) == [5] and dist.get_process_group_ranks(b) == [7]
+        assert c10d._world.pg_names[a] == "compat-switch/5" and c10d._resolve_process_group("compat-switch/7") is b
+        tc.set_default_group(a)
+        assert c10d._get_default_group() is a and dist.get_world_size() == 1
+        tc.destroy_group(a)  # the default one: no default is left, b stays registered
+        assert c10d._world.default_pg is None and a not in c10d._world.pg_map and b in c10d._world.pg_map
+        tc.destroy_group(b)
+        assert b not in c10d._world.pg_map
+    finally:
+        tc.set_default_group(before)
+
+
+def test_a_thread_sees_its_own_default_group():
+    import threading
+
+    from torch.distributed import distributed_c10d as c10d
+
+    before = c10d._world.default_pg
+    a, b = _pair_of_groups("compat-thread")
+    seen = {}
+    try:
+        tc.set_default_group(a)
+
+        def build():
+            with tc.default_group_on_this_thread(b):
+                seen["inside"] = c10d._get_default_group()
+                seen["main meanwhile"] = main_view.wait(5) and c10d._world.default_pg
+            seen["after"] = c10d._get_default_group()
+
+        main_view = threading.Event()
+        thread = threading.Thread(target=build)
+        thread.start()
+        seen["main"] = c10d._get_default_group()  # the main thread sees the real default throughout
+        main_view.set()
+        thread.join(10)
+        assert seen == {"inside": b, "main meanwhile": b, "after": a, "main": a}
+    finally:
+        tc.set_default_group(before)
+        for pg in (a, b):
+            tc.destroy_group(pg)
+
+
+def test_a_mesh_over_given_groups_takes_the_rank_it_is_told():
+    a, b = _pair_of_groups("compat-mesh")
+    try:
+        grid = torch.arange(2, dtype=torch.int).reshape(1, 2)  # this process is rank 1 of a 1 x 2 world
+        mesh = tc.mesh_over_groups([a, b], grid, ("dp", "tp"), rank=1)
+        assert mesh.get_coordinate() == [0, 1] and mesh.get_local_rank("tp") == 1
+        assert mesh.get_group("dp") is a and mesh.get_group("tp") is b
+    finally:
+        for pg in (a, b):
+            tc.destroy_group(pg)
+
+
+def test_meshes_over_other_groups_differ():
+    a, b = _pair_of_groups("compat-eq")
+    c, d = _pair_of_groups("compat-eq2")
+    try:
+        grid = torch.zeros(1, 1, dtype=torch.int)
+        one, same, other = (tc.mesh_over_groups(g, grid, ("dp", "tp"), rank=0) for g in ([a, b], [a, b], [c, d]))
+        tc.meshes_differ_by_group()  # installed for the rest of this process, as in every worker
+        assert one == same and hash(one) == hash(same)
+        assert one != other and hash(one) != hash(other)
+        assert one["tp"] != other["tp"], "slices of two worlds compare equal"
+        torch_eq, torch_key = tc._TORCH_MESH_EQ
+        assert torch_eq(one, other) and torch_key(one) == torch_key(other), (
+            "torch's DeviceMesh now tells groups apart: meshes_differ_by_group may be dropped")
+    finally:
+        for pg in (a, b, c, d):
+            tc.destroy_group(pg)

@@ -93,10 +93,11 @@ class GlooSockets:
             mine |= created
             peers |= theirs
 
-    def cut(self, label: str | None = None) -> int:
-        """Shut down the established connections of group ``label`` (all groups: None). Returns how many."""
+    def cut(self, label: str | None = None, exclude: set[str] = frozenset()) -> int:
+        """Shut down the established connections of group ``label`` (all groups but ``exclude``: None).
+        Returns how many."""
         with self._lock:
-            chosen = [v for k, v in self.groups.items() if label is None or k == label]
+            chosen = [v for k, v in self.groups.items() if (label is None and k not in exclude) or k == label]
             mine = set().union(*(m for m, _ in chosen)) if chosen else set()
             peers = set().union(*(p for _, p in chosen)) if chosen else set()
         cut = 0

@@ -1,10 +1,10 @@
-"""Process groups for a placement: the default gloo group, its DeviceMesh, and abort.
+"""Process-wide group plumbing: the driver's store, the default group, standalone groups and abort.
 
-A worker joins one default group per placement (destroyed and re-created on every reshard; the
-process itself keeps running). Groups rendezvous through a TCPStore hosted by the driver, under
-a fresh key prefix per group, so old and new groups never collide, and through an
-``AbortableStore`` so the driver can call off a rendezvous whose member died. Every gloo socket a group
-opens is tracked (``abort.GlooSockets``) so that ``abort_groups`` can release blocked peers at once.
+A placement's groups are a ``groups.LayoutGroups`` (several may be alive at once; the one that trains is the
+default group). Groups rendezvous through a TCPStore hosted by the driver, under a fresh key prefix per
+group, so old and new groups never collide, and through an ``AbortableStore`` so the driver can call off a
+rendezvous whose member died. Every gloo socket a group opens is tracked (``abort.GlooSockets``) so that
+``abort_groups`` can release blocked peers at once.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import datetime
 import logging
 
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from elastic.core.layout import DIMS, Layout
 from elastic.runtime.parallel.abort import GlooSockets
 from elastic.runtime.parallel.store import AbortableStore
-from elastic.runtime.torch_compat import clear_dtensor_caches, reset_group_registry
+from elastic.runtime.torch_compat import set_default_group as _set_default
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +33,9 @@ def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return _STORES[key]
 
 
-def form_layout_group(store: dist.Store, name: str, rank: int, layout: Layout, timeout_s: float) -> DeviceMesh:
-    """Join the default gloo group ``name`` as ``rank`` and build the (pp, dp, fsdp, tp) CPU mesh."""
-    leave_default_group()
-    prefixed = AbortableStore(dist.PrefixStore(name, store), timeout_s)
-    with SOCKETS.track(prefixed, "layout", rank, layout.world, timeout_s):
-        dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=layout.world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        return build_mesh(layout)
-
-
-def build_mesh(layout: Layout) -> DeviceMesh:
-    """The 4-D CPU mesh (pp, dp, fsdp, tp) over the default group; rank order as in layout.py."""
-    return init_device_mesh("cpu", layout.shape, mesh_dim_names=DIMS)
+def set_default_group(world) -> None:
+    """Make a placement's world (``LayoutGroups.world``) the default group; None: no default group."""
+    _set_default(world)
 
 
 def standalone_group(store: dist.Store, name: str, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:
@@ -61,21 +49,9 @@ def close_standalone(name: str) -> None:
     SOCKETS.forget(name)
 
 
-def abort_groups(name: str | None = None) -> int:
-    """Cut the gloo connections of group ``name`` (None: every group of this process).
+def abort_groups(name: str | None = None, keep: set[str] = frozenset()) -> int:
+    """Cut the gloo connections of group ``name`` (None: every group of this process but those in ``keep``).
 
     Blocked operations on them fail at once, here and on the peers.
     """
-    return SOCKETS.cut(name)
-
-
-def leave_default_group() -> None:
-    """Destroy the default group and its subgroups, and the caches that refer to them."""
-    clear_dtensor_caches()
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as err:  # a broken group can fail to tear down; then reset the registry by hand
-            log.warning("destroy_process_group failed (%s); resetting the group registry", err)
-            reset_group_registry()
-    SOCKETS.forget("layout")
+    return SOCKETS.cut(name, exclude=keep)

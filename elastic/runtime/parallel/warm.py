@@ -2,14 +2,13 @@
 
 A new Ray actor spends seconds importing torch, then more on its first FSDP/DTensor build and
 its first step (lazy imports, dispatcher caches, dataset loading). Doing that here, on a private
-one-rank gloo group and a tiny model, while the job keeps training, means that when the worker
+one-rank gloo group set and a tiny model, while the job keeps training, means that when the worker
 joins a reshard only the state transfer stalls training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,10 @@ import torch.distributed as dist
 from elastic.core.config import Config, ModelConfig
 from elastic.core.data import build_dataset
 from elastic.core.layout import Layout
+from elastic.runtime.parallel.abort import GlooSockets
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
+from elastic.runtime.parallel.groups import LayoutGroups
+from elastic.runtime.parallel.mesh import set_default_group
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
 
 TINY = ModelConfig(vocab_size=259, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=16)
@@ -28,18 +30,17 @@ def warm_up(cfg: Config) -> None:
     if dist.is_initialized():
         return  # already part of a group: nothing left to warm
     from elastic.model.llama import LlamaStage, causal_lm_loss_sum
-    from elastic.runtime.parallel.mesh import build_mesh
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
+    groups = LayoutGroups(dist.HashStore(), "warm-up", 0, Layout(), 30.0, GlooSockets())
+    groups.activate()
     try:
-        mesh = build_mesh(Layout())
         model = LlamaStage(dataclasses.replace(TINY)).to(torch.float32)
-        apply_tensor_parallel(model, mesh["tp"])
-        apply_fsdp(model, data_mesh(mesh))
+        apply_tensor_parallel(model, groups.mesh["tp"])
+        apply_fsdp(model, data_mesh(groups.mesh))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 256, (1, 8))
         causal_lm_loss_sum(model(x), x).backward()
         opt.step()
     finally:
-        dist.destroy_process_group()
+        set_default_group(None)
+        groups.close()
