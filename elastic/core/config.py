@@ -186,6 +186,14 @@ class RuntimeConfig:
     reshard_round_bytes: int = knob(256 << 20, "bytes a worker may send plus receive in one reshard round")
     reshard_pack_bytes: int = knob(1 << 20, "reshard pieces smaller than this travel packed, one message per "
                                    "peer and round (0: every piece alone)")
+    skeletons: int = knob(6, "placements whose engine skeletons (structure and groups, no storage) a worker keeps "
+                          "for reuse: the next one, the fallback for a lost worker, recent ones (0: none)")
+    prepare_ahead: bool = knob(True, "build the next placement's skeleton in the background and reshard once it "
+                               "is ready (training goes on meanwhile), and keep a fallback for a lost worker")
+    prepare_wait_steps: int = knob(3, "steps a planned move waits for its skeleton at most; then it moves and "
+                                   "waits for the build on the stall")
+    base_from: str = knob("auto", "where a reshard takes a LoRA run's frozen base pieces from when train.init_from "
+                          "names its folder: auto (the cost model's faster of the two), peer, or disk")
     memory_per_worker_gb: float = knob(
         0.0, "policy: skip layouts whose training state per worker (weights, gradients, AdamW moments, "
         "and a reshard's staged copy) would exceed this many GB; 0: no limit")
@@ -198,6 +206,10 @@ class RuntimeConfig:
         _require(self.store_timeout_s > 0, "runtime.store_timeout_s must be > 0")
         _require(self.reshard_chunk_bytes > 0 and self.reshard_round_bytes > 0, "reshard byte budgets must be > 0")
         _require(self.reshard_pack_bytes >= 0, "runtime.reshard_pack_bytes must be >= 0 (0: no packing)")
+        _require(self.base_from in ("auto", "peer", "disk"),
+                 f"runtime.base_from={self.base_from!r} must be one of auto, peer, disk")
+        _require(self.skeletons >= 0, f"runtime.skeletons={self.skeletons} must be >= 0 (0: keep none)")
+        _require(self.prepare_wait_steps >= 0, f"runtime.prepare_wait_steps={self.prepare_wait_steps} must be >= 0")
         _require(self.memory_per_worker_gb >= 0, f"runtime.memory_per_worker_gb={self.memory_per_worker_gb} "
                  "must be >= 0 (0: no limit)")
 

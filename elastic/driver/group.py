@@ -103,6 +103,12 @@ class WorkerGroup(Protocol):
     def settle(self, workers: Iterable[int]) -> None:
         """Bring ``workers`` to the committed step (apply or drop a pending update): after a failure."""
 
+    # ---- skeletons built ahead --------------------------------------------------------------
+    def prepare(self, placements: Iterable[Placement]) -> None:
+        """Build these placements' engine skeletons and groups in the background (returns at once)."""
+    def prepared(self, placement: Placement) -> bool:
+        """Whether no background build of ``placement`` is still running."""
+
     # ---- live reshard: transfer, then commit ----------------------------------------------
     def transfer(self, new: Placement, work: TransferWork, step: int) -> dict[int, dict]:
         """Phase 1: build ``new``'s shards from the current ones (the current engines stay intact)."""

@@ -53,6 +53,9 @@ class RayWorkerGroup:
         self._next_id = 0
         self._generation = 0
         self._starting: dict[int, ray.ObjectRef] = {}
+        self._preparing: dict[str, tuple[Placement, dict[int, ray.ObjectRef]]] = {}  # group name -> skeleton builds
+        self._queued: list[Placement] = []  # builds waiting for the one in flight
+        self._commit_skeleton: str | None = None  # the skeleton every member of the transfer's target holds
 
     @property
     def placement(self) -> Placement | None:
@@ -164,6 +167,7 @@ class RayWorkerGroup:
         missing = [w for w in placement.workers if w not in self._actors]
         if missing:
             raise ValueError(f"placement {placement} names workers {missing} that this group does not have")
+        self._settle_prepares()
         name = self.next_group_name()
         calls = {w: self._actors[w].setup.remote(placement, name, None, step, self.cfg, empty)
                  for w in placement.workers}
@@ -185,6 +189,7 @@ class RayWorkerGroup:
                  for w in placement.workers}
         results = self._gather(calls, members=placement.workers)
         self._committed += 1
+        self._pump()
         try:
             self._gather({w: self._actors[w].sync.remote(self._committed) for w in placement.workers},
                          members=placement.workers)
@@ -206,15 +211,102 @@ class RayWorkerGroup:
             raise RuntimeError("no placement formed yet; call setup() first")
         return self._placement
 
+    # ---- skeletons built ahead (see runtime/skeletons.py) ----------------------------------------
+    def prepare(self, placements: Iterable[Placement]) -> None:
+        """Have each placement's workers build its engine skeleton and form its groups in the background, while
+        training goes on; returns at once. Placements already asked for are not built twice.
+
+        One build runs at a time, the next sent when the driver next looks (``prepared``, a step): Ray does not
+        keep the order of calls to a threaded actor, and two builds whose members started them in different
+        orders would wait on each other's rendezvous."""
+        fresh = [p for p in dict.fromkeys(placements)
+                 if p not in self._queued and not any(p == q for q, _ in self._preparing.values())]
+        self._queued[0:0] = fresh  # the newest ask first: a planned move goes before the fallbacks asked earlier
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the next queued build once the one in flight (if any) has finished."""
+        for name, (_, refs) in self._preparing.items():
+            done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+            if len(done) < len(refs):
+                if any(w not in self._actors for w in refs):  # a member is gone: call the rendezvous off
+                    self.store.set(f"{name}/abort", "1")
+                return
+        while self._queued:
+            placement = self._queued.pop(0)
+            if any(w not in self._actors or w in self._starting for w in placement.workers):
+                continue
+            name = self.next_group_name()
+            self._preparing[name] = (placement, {w: self._actors[w].prepare.remote(placement, name)
+                                                 for w in placement.workers})
+            return
+
+    def prepared(self, placement: Placement) -> bool:
+        """Whether no skeleton build of ``placement`` is queued or still running (done, failed or never asked)."""
+        self._pump()
+        if placement in self._queued:
+            return False
+        for p, refs in self._preparing.values():
+            if p == placement:
+                done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+                return len(done) == len(refs)
+        return True
+
+    def skeletons(self, workers: Iterable[int]) -> dict[int, list[Placement]]:
+        """The placements each worker holds engine skeletons of."""
+        workers = list(workers)
+        return self._gather({w: self._actors[w].skeleton_placements.remote() for w in workers}, members=workers)
+
+    def drop_skeletons(self, workers: Iterable[int]) -> None:
+        """Have ``workers`` drop every skeleton they hold (a benchmark's rebuild-on-the-stall baseline)."""
+        self._settle_prepares()
+        workers = list(workers)
+        self._gather({w: self._actors[w].drop_skeletons.remote() for w in workers}, members=workers)
+
+    def _settle_prepares(self) -> dict[str, dict]:
+        """Wait for the skeleton builds still running (a group-forming call must not overlap them: a worker forms
+        one group set at a time). A build whose member died is called off; a failed one only means that its
+        placement will be built when it is used. Returns the builds' timings by group name."""
+        timings, lost = {}, {}
+        self._queued.clear()  # builds not started yet are dropped: the placement they were for may not happen
+        for name, (placement, refs) in list(self._preparing.items()):
+            if any(w not in self._actors for w in placement.workers):
+                self.store.set(f"{name}/abort", "1")
+            present = {w: ref for w, ref in refs.items() if w in self._actors}  # not the ones removed on purpose
+            try:
+                timings[name] = self._gather(present, members=list(present), abort=False)
+            except WorkerFailure as failure:
+                log.info("skeleton of %s not built: %s", placement.layout, failure)
+                lost.update(failure.dead)
+            del self._preparing[name]
+        if lost:  # a worker died meanwhile: the caller must hear of it (a failed build alone is no loss)
+            raise WorkerFailure(lost, {})
+        return timings
+
+    def _forget_lost(self, dead: Iterable[int]) -> None:
+        """Call off skeleton builds that need a lost worker, and have the others drop skeletons naming it."""
+        dead = set(dead)
+        for name, (placement, _) in self._preparing.items():
+            if dead & set(placement.workers):
+                self.store.set(f"{name}/abort", "1")
+        for w in self._actors:
+            if w not in dead:
+                self._actors[w].forget_workers.remote(sorted(dead))
+
     # ---- live reshard ----------------------------------------------------------------------
     def transfer(self, new: Placement, work: TransferWork, step: int) -> dict[int, dict]:
+        self._settle_prepares()
         old = self._placement
         participants = sorted(set(new.workers) | set(work.movers))
         name = self.next_group_name()
         calls = {w: self._actors[w].transfer.remote(old, new, work.of(w), work.movers if w in work.movers else (),
                                                     name, step) for w in participants}
         # On a failure only the transfer group is cut: the old engines and their groups stay intact.
-        return self._gather(calls, members=participants, cut_group=name, forming=name)
+        stats = self._gather(calls, members=participants, cut_group=name, forming=name)
+        # The commit binds skeletons only if every member of ``new`` holds the same group set's.
+        names = {stats[w].get("skeleton") for w in new.workers}
+        self._commit_skeleton = names.pop() if len(names) == 1 else None
+        return stats
 
     def cancel_transfer(self, workers: Iterable[int]) -> None:
         for w in workers:
@@ -226,8 +318,9 @@ class RayWorkerGroup:
         # job recovers from the new placement, not the old one.
         self._placement = new
         name = self.next_group_name()
-        return self._gather({w: self._actors[w].commit.remote(name) for w in new.workers}, members=new.workers,
-                            forming=name)
+        skeleton, self._commit_skeleton = self._commit_skeleton, None
+        return self._gather({w: self._actors[w].commit.remote(name, skeleton) for w in new.workers},
+                            members=new.workers, forming=name)
 
     def release(self, workers: Iterable[int], wait: bool = True) -> None:
         workers = list(workers)
@@ -263,6 +356,7 @@ class RayWorkerGroup:
         return True
 
     def restore(self, snap: Snapshot, new: Placement) -> None:
+        self._settle_prepares()
         name = self.next_group_name()
         sources = {w: [ref] for w, ref in snap.parts.items()}
         self._gather({w: self._actors[w].restore.remote(new, name, snap.placement, sources, snap.step, self.cfg)
@@ -276,6 +370,7 @@ class RayWorkerGroup:
         return self._gather(calls, members=list(calls))
 
     def load_checkpoint(self, folder: Path, placement: Placement, step: int) -> None:
+        self._settle_prepares()
         name = self.next_group_name()
         self._gather({w: self._actors[w].load_checkpoint.remote(placement, name, str(folder), self.cfg)
                       for w in placement.workers}, members=placement.workers, forming=name)
@@ -315,6 +410,7 @@ class RayWorkerGroup:
         busiest worker's bytes in or out over the probe's duration (gloo over loopback here)."""
         pairs = sorted(set(pairs))
         members = tuple(sorted({w for pair in pairs for w in pair}))
+        self._settle_prepares()
         name = self.next_group_name()
         calls = {w: self._actors[w].probe_flows.remote(name, members, tuple(d for s, d in pairs if s == w),
                                                        tuple(s for s, d in pairs if d == w), nbytes)
@@ -389,6 +485,8 @@ class RayWorkerGroup:
                 self._cut([w for w in members if w not in dead and w in self._actors], cut_group)
         for wid in dead:
             self._actors.pop(wid, None)
+        if dead:
+            self._forget_lost(dead)
         if dead or failed:
             raise WorkerFailure(dead, failed, details)
         return results

@@ -10,7 +10,14 @@ Every training forward names its rows for LoRA dropout (``dropout_rows``: the st
 global sample index), per micro-batch, and under pipelining per chunk of the schedule, so the masks
 are those of the single-process run whatever the layout.
 
-Assumes the caller has joined the placement's default process group and built its mesh.
+A *skeleton* (``skeleton=True``) is an engine with no storage: the module with its tensor-parallel and FSDP
+wrapping, the mesh, the optimizer's structure and the data sampler, but parameters resized to zero bytes and
+no optimizer state. It is built off the stall (in the background, for the next placement or for the one a
+lost worker would leave), ``bind`` fills it with a rank's tensors when its placement begins, and ``park``
+returns an engine to a skeleton when the job moves on, so that coming back costs only a bind.
+
+Assumes the caller built the placement's mesh; a step (and ``bind``, which builds the pipeline schedule) runs
+with the placement's world as the default process group.
 """
 
 from __future__ import annotations
@@ -61,9 +68,11 @@ class StepResult:
 
 class Engine:
     def __init__(self, cfg: Config, placement: Placement, rank: int, mesh: DeviceMesh | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None, step: int = 0, empty: bool = False) -> None:
+                 tensors: dict[str, torch.Tensor] | None = None, step: int = 0, empty: bool = False,
+                 skeleton: bool = False) -> None:
         """``tensors``: this rank's training tensors (None: the seed's initial values). ``empty``: leave the
-        parameters unfilled, for a caller that loads them next (a DCP checkpoint)."""
+        parameters unfilled, for a caller that loads them next (a DCP checkpoint). ``skeleton``: build the
+        structure only and hold no storage until ``bind``."""
         self.cfg, self.placement, self.rank, self.mesh = cfg, placement, rank, mesh
         self.layout = layout = placement.layout
         self.coord = layout.coord(rank)
@@ -94,14 +103,18 @@ class Engine:
         # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on
         # the module while a step runs, so after a failed step only these still name the shards.
         self.named_params = list(module.named_parameters())
+        # Each parameter's storage and its size: a skeleton holds them at zero bytes (see park and bind).
+        self._storages = [(s, s.nbytes()) for s in {id(st): st for st in
+                          (local_tensor(p).untyped_storage() for _, p in self.named_params)}.values()]
         self._reader = None
-        if not empty:
+        if not (empty or skeleton):
             self._load_params(tensors)
         self._reader = None
         # (name, parameter, local shard) of every trainable parameter: the optimizer steps the local shards.
         self.trainable = [(n, p, local_tensor(p)) for n, p in self.named_params if p.requires_grad]
         self.optimizer = build_adamw([(n, local) for n, _, local in self.trainable], cfg.optim)
-        self._load_optimizer(tensors)
+        if not skeleton:
+            self._load_optimizer(tensors)
 
         self.dataset = build_dataset(cfg.data, cfg.train.seed)
         self.sampler = GlobalSampler(len(self.dataset), cfg.train.global_batch, cfg.train.seed)
@@ -109,9 +122,45 @@ class Engine:
         self._n_targets = 1
         self._chunks: list[list[int]] = []  # the global sample indices of each pipeline chunk of this step
         self.schedule = None
-        if layout.pp > 1:
-            self.schedule = build_schedule(module, self.coord.pp, layout.pp, mesh["pp"], layout.microbatches,
-                                           self._pipeline_loss, self._chunk_rows)
+        self.parked = skeleton
+        if skeleton:
+            self._free_storage()
+        else:
+            self._build_schedule()
+
+    def _build_schedule(self) -> None:
+        # The pipeline stage asks c10d for its rank, so it is built with the placement's world as the default.
+        layout = self.layout
+        if layout.pp > 1 and self.schedule is None:
+            self.schedule = build_schedule(self.module, self.coord.pp, layout.pp, self.mesh["pp"],
+                                           layout.microbatches, self._pipeline_loss, self._chunk_rows)
+
+    # ---- skeletons ----------------------------------------------------------------------
+    def _free_storage(self) -> None:
+        for storage, _ in self._storages:
+            storage.resize_(0)
+
+    @torch.no_grad()
+    def bind(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Fill a skeleton with this rank's ``tensors`` at optimizer step ``step``: parameters are copied into
+        the skeleton's storage, optimizer state is adopted as given (no copy)."""
+        if not self.parked:
+            raise RuntimeError(f"rank {self.rank} of {self.layout}: bind on an engine that is not a skeleton")
+        for storage, nbytes in self._storages:
+            storage.resize_(nbytes)
+        self._load_params(tensors)
+        self.step, self.pending, self.parked = step, None, False
+        self._load_optimizer(tensors)
+        self._build_schedule()
+
+    def park(self) -> None:
+        """Return to a skeleton: drop the parameters' storage, the optimizer state and any pending step."""
+        self._zero_grad()
+        self.optimizer.state.clear()
+        self._free_storage()
+        self.schedule = None  # its stage holds activation buffers; bind builds it again
+        self.pending, self.parked = None, True
+        self._targets = {}
 
     # ---- tensors in and out -------------------------------------------------------------
     def _box(self, name: str):

@@ -10,7 +10,10 @@ What the worker holds, for the placement the driver last told it about:
   once the driver commits it (``Engine.sync``), so all survivors of a failure agree on the step;
 - ``staged``: shards received for a new placement, kept until the commit builds an engine.
 Either can serve as the source of a reshard or a recovery, so a failure at any point leaves
-every survivor's shards usable.
+every survivor's shards usable;
+- ``skeletons``: engine skeletons of placements it may train on next (``runtime/skeletons.py``), built on
+  a background thread (``prepare``) while training goes on. A commit onto a placement with a skeleton only
+  switches the default group and binds the tensors; the engine it leaves is parked there in turn.
 
 Training code reaches the worker as typed tasks (``runtime/tasks.py``): ``run_task`` settles the engine
 at the job's committed step and runs the task. Only ``driver/ray_group.py`` calls these methods.
@@ -38,10 +41,13 @@ import torch
 from elastic.core import checkpoint as ckpt
 from elastic.core.config import Config
 from elastic.core.layout import Box, Placement, intersect, relative
+from elastic.model.hf import BoxReader
 from elastic.model.specs import training_specs
 from elastic.runtime import transfer
 from elastic.runtime.engine import DTYPE, Engine, StepResult
 from elastic.runtime.parallel import mesh as meshlib
+from elastic.runtime.parallel.groups import LayoutGroups
+from elastic.runtime.skeletons import Skeleton, SkeletonCache
 from elastic.runtime.tasks import TaskContext, WorkerTask
 
 log = logging.getLogger(__name__)
@@ -74,9 +80,11 @@ def _failure(worker: int, what: str, err: BaseException) -> StepFailed:
 # they are served while a step is blocked in a collective.
 COMPUTE = ray.method(concurrency_group="compute")
 CONTROL = ray.method(concurrency_group="control")
+# Skeletons are built on a thread of their own, one at a time, in the order the driver sent them.
+PREPARE = ray.method(concurrency_group="prepare")
 
 
-@ray.remote(concurrency_groups={"compute": 1, "control": 4})
+@ray.remote(concurrency_groups={"compute": 1, "control": 4, "prepare": 1})
 class Worker:
     def __init__(self, worker_id: int, cfg: Config, store_host: str, store_port: int) -> None:
         self.id, self.cfg = worker_id, cfg
@@ -85,7 +93,10 @@ class Worker:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format=f"[worker {worker_id}] %(levelname)s %(name)s: %(message)s")
         self.engine: Engine | None = None
+        self.groups: LayoutGroups | None = None  # the engine's groups (None for a one-rank placement)
         self.placement: Placement | None = None
+        self.skeletons = SkeletonCache(cfg.runtime.skeletons)
+        self._broken = False  # the engine's groups were cut by a failure: close them rather than park them
         self.staged: tuple[Placement, dict[str, torch.Tensor], int] | None = None
         self.scratch: dict = {}  # tasks' per-engine caches (see runtime/tasks.py), emptied with each new engine
         self._snapshot = None
@@ -134,40 +145,103 @@ class Worker:
             return self.engine.local_tensors()
         raise StepFailed(self.id, f"holds no shards of placement {placement}")
 
-    def _drop_engine(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-        self.engine = None
+    def _leave_engine(self, keep: bool = True) -> None:
+        """Leave the current placement: park its engine as a skeleton (``keep``, and its groups unbroken), else
+        destroy it and its groups. Either way no default group is left."""
+        engine, groups, placement = self.engine, self.groups, self.placement
+        self.engine = self.groups = None
         self.scratch = {}
-        meshlib.leave_default_group()
+        meshlib.set_default_group(None)
+        if engine is None:
+            return
+        if keep and not self._broken and self.skeletons.limit > 0 and engine.cfg is self.cfg:
+            engine.park()
+            self.skeletons.put(Skeleton(placement, groups, engine))
+        else:
+            engine.close()
+            if groups is not None:
+                groups.close()
+        self._broken = False
+
+    def _use_config(self, cfg: Config) -> None:
+        if cfg != self.cfg:
+            self.cfg = cfg
+            self.skeletons.clear()  # skeletons of another run's config do not fit
+
+    def _form_groups(self, placement: Placement, name: str) -> LayoutGroups:
+        return LayoutGroups(self._store(), name, placement.rank_of(self.id), placement.layout,
+                            self.cfg.runtime.store_timeout_s, meshlib.SOCKETS)
 
     # ---- groups and engines -------------------------------------------------------------
+    @PREPARE
+    def prepare(self, placement: Placement, group: str) -> dict:
+        """Build ``placement``'s engine skeleton and form its groups, in the background (training goes on)."""
+        rank = placement.rank_of(self.id)
+        if rank is None:
+            raise ValueError(f"worker {self.id} is not part of placement {placement}")
+        try:
+            return self.skeletons.prepare(self.cfg, placement, rank, group,
+                                          lambda: self._form_groups(placement, group))
+        except Exception as err:
+            raise _failure(self.id, f"preparing {placement.layout}", err) from None
+
+    @CONTROL
+    def skeleton_placements(self) -> list[Placement]:
+        """The placements this worker holds skeletons of (tests and benchmarks)."""
+        return self.skeletons.placements()
+
+    @COMPUTE
+    def drop_skeletons(self) -> int:
+        """Drop every skeleton (benchmarks measure the rebuild path this way); returns how many there were."""
+        n = len(self.skeletons.placements())
+        self.skeletons.clear()
+        return n
+
+    @CONTROL
+    def forget_workers(self, workers: list[int]) -> int:
+        """Drop the skeletons of placements that name a lost worker; returns how many."""
+        return len(self.skeletons.forget_workers(set(workers)))
+
     @COMPUTE
     def setup(self, placement: Placement, group: str, tensors: dict[str, torch.Tensor] | None = None,
-              step: int = 0, cfg: Config | None = None, empty: bool = False) -> dict[str, float]:
+              step: int = 0, cfg: Config | None = None, empty: bool = False,
+              skeleton: str | None = None) -> dict[str, float]:
         """Join ``placement``'s group and build an engine from ``tensors`` (None: from the seed).
 
+        ``skeleton``: the group-set name of the skeleton every member holds for ``placement`` (the driver checked).
+        Then its groups are made the default and the tensors bound into it; otherwise the groups are formed now
+        under the name ``group`` and an engine built.
         ``cfg`` replaces the worker's config (a pool of workers can serve several runs in turn).
-        Returns the seconds spent leaving the old group, forming the new one and building the engine.
+        Returns the seconds spent leaving the old placement, forming groups, building the engine, and whether
+        a skeleton was used.
         """
         with self._lock:
             started = time.perf_counter()
-            self._drop_engine()
-            left = time.perf_counter()
-            if cfg is not None:
-                self.cfg = cfg
             rank = placement.rank_of(self.id)
             if rank is None:
                 raise ValueError(f"worker {self.id} is not part of placement {placement}")
-            mesh = None
-            if placement.layout.world > 1:
-                mesh = meshlib.form_layout_group(self._store(), group, rank, placement.layout,
-                                                 self.cfg.runtime.collective_timeout_s)
-            formed = time.perf_counter()
-            self.engine = Engine(self.cfg, placement, rank, mesh, tensors=tensors, step=step, empty=empty)
+            self._leave_engine(keep=cfg is None or cfg == self.cfg)
+            if cfg is not None:
+                self._use_config(cfg)
+            left = time.perf_counter()
+            held = self.skeletons.take(placement, skeleton if tensors is not None and not empty else None)
+            if held is not None:
+                self.groups, self.engine = held.groups, held.engine
+                if self.groups is not None:
+                    self.groups.activate()
+                formed = time.perf_counter()
+                self.engine.bind(tensors, step)
+            else:
+                self.groups = self._form_groups(placement, group) if placement.layout.world > 1 else None
+                if self.groups is not None:
+                    self.groups.activate()
+                formed = time.perf_counter()
+                mesh = self.groups.mesh if self.groups is not None else None
+                self.engine = Engine(self.cfg, placement, rank, mesh, tensors=tensors, step=step, empty=empty)
             self.placement, self.staged = placement, None
             done = time.perf_counter()
-            return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started}
+            return {"leave": left - started, "group": formed - left, "engine": done - formed, "total": done - started,
+                    "skeleton": held is not None}
 
     @COMPUTE
     def run_task(self, committed: int, task: WorkerTask):
@@ -188,7 +262,7 @@ class Worker:
             except Exception as err:  # a dead peer, an abort, or a real bug: fail fast with the reason
                 failure = _failure(self.id, f"{type(task).__name__} at step {engine.step}", err)
                 err.__traceback__ = None
-            meshlib.abort_groups()  # peers blocked on us fail now, not after a timeout
+            self._abort_busy()  # peers blocked on us fail now, not after a timeout
             raise failure
 
     @COMPUTE
@@ -199,10 +273,15 @@ class Worker:
                 self.engine.sync(committed)
             return committed
 
+    def _abort_busy(self) -> int:
+        self._broken = True
+        return meshlib.abort_groups(keep=self.skeletons.group_names())
+
     @CONTROL
     def abort(self) -> int:
-        """Cut this worker's gloo connections; its tensors stay (they may serve a recovery)."""
-        return meshlib.abort_groups()
+        """Cut this worker's gloo connections, but those of idle skeletons; its tensors stay (they may serve a
+        recovery), and so does the skeleton of the placement it may recover onto."""
+        return self._abort_busy()
 
     @CONTROL
     def cut_group(self, name: str) -> int:
@@ -226,10 +305,13 @@ class Worker:
             pg = meshlib.standalone_group(self._store(), group, movers.index(self.id), len(movers),
                                           self.cfg.runtime.collective_timeout_s)
         joined = time.perf_counter()
+        dtype = DTYPE[self.cfg.train.dtype]
+        reader = BoxReader(self.cfg.train.init_from, self.cfg.model) if self.cfg.train.init_from else None
         try:
             new_tensors, stats = transfer.execute(work, self.id, old_tensors, self._boxes(old), self._boxes(new),
-                                       DTYPE[self.cfg.train.dtype], pg, {w: i for i, w in enumerate(movers)},
-                                       self.cfg.runtime.reshard_pack_bytes)
+                                       dtype, pg, {w: i for i, w in enumerate(movers)},
+                                       self.cfg.runtime.reshard_pack_bytes,
+                                       None if reader is None else lambda name, box: reader.read(name, box, dtype))
         except Exception as err:
             meshlib.abort_groups(group)
             raise _failure(self.id, "reshard transfer", err) from None
@@ -240,16 +322,18 @@ class Worker:
             if new.rank_of(self.id) is not None:
                 self.staged = (new, new_tensors, step)
         out = dataclasses.asdict(stats)
-        out.update(group_seconds=joined - started, wall_seconds=time.perf_counter() - started)
+        out.update(group_seconds=joined - started, wall_seconds=time.perf_counter() - started,
+                   skeleton=self.skeletons.name_of(new) if new.rank_of(self.id) is not None else None)
         return out
 
     @COMPUTE
-    def commit(self, group: str) -> dict[str, float]:
-        """Phase 2: leave the old group, join the new placement's group and build the engine."""
+    def commit(self, group: str, skeleton: str | None = None) -> dict[str, float]:
+        """Phase 2: leave the old group; bind the skeleton ``skeleton`` that every member holds (see ``setup``), or
+        join the new placement's group ``group`` and build the engine."""
         if self.staged is None:
             raise StepFailed(self.id, "has no transferred shards to commit")
         new, tensors, step = self.staged
-        return self.setup(new, group, tensors=tensors, step=step)
+        return self.setup(new, group, tensors=tensors, step=step, skeleton=skeleton)
 
     @CONTROL
     def cancel_transfer(self) -> None:
@@ -258,9 +342,10 @@ class Worker:
 
     @COMPUTE
     def release(self) -> None:
-        """Leave training (drained or idle): drop the engine, the staged shards and the groups."""
+        """Leave training (drained or idle): drop the engine, the staged shards, the skeletons and the groups."""
         with self._lock:
-            self._drop_engine()
+            self._leave_engine(keep=False)
+            self.skeletons.clear()
             self.staged = None
 
     # ---- snapshots, checkpoints, inspection -----------------------------------------------
@@ -284,7 +369,7 @@ class Worker:
     def restore(self, new: Placement, group: str, old: Placement, sources: dict[int, list], step: int,
                 cfg: Config) -> dict:
         """Build this worker's shards of ``new`` from snapshot objects (old worker -> [ref]), then an engine."""
-        self.cfg = cfg
+        self._use_config(cfg)
         wanted = self._boxes(new)
         old_boxes = {w: {s.name: b for s in training_specs(self.cfg)
                          if (b := old.box(s, old.rank_of(w), self.cfg.model.n_layers)) is not None}
@@ -320,7 +405,7 @@ class Worker:
 
     @COMPUTE
     def load_checkpoint(self, placement: Placement, group: str, folder: str, cfg: Config) -> dict:
-        self.cfg = cfg
+        self._use_config(cfg)
         checkpoint = ckpt.open_checkpoint(ckpt.Path(folder), self.cfg, training_specs(self.cfg), verify=False)
         tensors = ckpt.read_boxes(checkpoint, self._boxes(placement), DTYPE[self.cfg.train.dtype])
         return self.setup(placement, group, tensors=tensors, step=checkpoint.step)
