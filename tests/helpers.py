@@ -28,7 +28,9 @@ def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, 
         train=TrainConfig(steps=steps, global_batch=global_batch, dtype=dtype, seed=1234),
         # A high LR and a clip that binds make the runs sensitive to any mistake.
         optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
-        runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60),
+        # Moves happen at the step their event arrives, so tests can say which layout ran which step; skeletons
+        # are still built ahead (fallbacks) and waited for on the stall (the next placement).
+        runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60, prepare_wait_steps=0),
     )
 
 

@@ -56,7 +56,7 @@ from elastic.core.layout import Layout, Placement
 from elastic.core.records import RecordKind
 from elastic.driver.checkpoints import checkpoint_folder, resume_checkpoint, save_checkpoint
 from elastic.driver.group import WorkerFailure, WorkerGroup
-from elastic.driver.resharder import ReshardFailed, ReshardReport, reshard
+from elastic.driver.resharder import ReshardFailed, ReshardReport, frozen_from_disk, reshard
 from elastic.driver.snapshots import Snapshotter
 from elastic.driver.summary import StepSummary, summarize
 from elastic.model.specs import training_specs
@@ -174,6 +174,8 @@ class Controller:
         self.recoveries: list[dict] = []
         self.listeners: list[Callable[[Transition], None]] = []  # called after every transition
         self._bar = None
+        self._ahead: Resharding | None = None  # a move waiting for its skeleton, built while training goes on
+        self._ahead_since = 0  # the step it was decided at
         self._handlers = {Planning: self._planning, Launching: self._launching, Resuming: self._resuming,
                           Resharding: self._resharding, Running: self._running, Recovering: self._recovering,
                           Paused: self._paused, Finishing: self._finishing}
@@ -226,6 +228,10 @@ class Controller:
         self.inbox.publish(self.status())
 
     def _running(self, state: Running):
+        if self._ahead is not None and (self.group.prepared(self._ahead.decision.placement) or
+                                        self.step - self._ahead_since >= self.cfg.runtime.prepare_wait_steps):
+            move, self._ahead = self._ahead, None
+            return move
         ready = self.group.ready()
         if ready:
             self.record(RecordKind.WORKERS_READY, text=f"workers {ready} warmed up", workers=ready)
@@ -245,10 +251,13 @@ class Controller:
         if results is None:  # the workload did other work (a rollout) or asked for a phase change
             return state
         self._count_step(results, placement, started, state.fresh)
+        if state.fresh and self.cfg.runtime.prepare_ahead:  # a new placement: get ready to lose any one worker
+            self.group.prepare(self.recovery.fallbacks(self.cfg.train.steps - self.step, self._usable(), self.phase))
         failure = self._after_step()
         return Recovering(failure) if failure is not None else Running(fresh=False)
 
     def _planning(self, state: Planning):
+        self._ahead = None  # a move still waiting for its skeleton is decided again
         events, group = list(state.events), self.group
         folded = self.wishes.fold(events, group.live(), len(self._usable()), len(group.starting),
                                   self.policy.validate_request)
@@ -299,7 +308,14 @@ class Controller:
         self.record(RecordKind.DECISION, text=outcome.describe(), layout=str(outcome.placement.layout),
                     workers=list(wanted))
         if current is not None:
-            return Resharding(outcome, tuple(events))
+            if not self.cfg.runtime.prepare_ahead:
+                return Resharding(outcome, tuple(events))
+            # Build the next placement's skeleton while training goes on; move once it is ready.
+            group.prepare([outcome.placement])
+            if group.prepared(outcome.placement):
+                return Resharding(outcome, tuple(events))
+            self._ahead, self._ahead_since = Resharding(outcome, tuple(events)), self.step
+            return Running()
         if self._resume_folder is not None:
             return Resuming(outcome, self._resume_folder, tuple(events))
         return Launching(outcome, tuple(events))
@@ -351,7 +367,8 @@ class Controller:
     def _resharding(self, state: Resharding):
         decision = state.decision
         try:
-            report = reshard(self.group, decision.plan, self.step, decision.reason)
+            report = reshard(self.group, decision.plan, self.step, decision.reason,
+                             frozen_from_disk(self.cfg, self.cost))
         except ReshardFailed as err:
             self.inbox.answer(state.requests, f"reshard to {decision.placement.layout} failed: {err}")
             self.record(RecordKind.RESHARD_FAILED, text=str(err))
@@ -362,6 +379,9 @@ class Controller:
         self.reshards.append(report)
         self.cost.observe_reshard(report.max_worker_bytes, report.transfer_seconds,
                                   report.plan_seconds + report.commit_seconds)
+        disk = [(w.get("disk_bytes", 0), w.get("disk_seconds", 0.0)) for w in report.workers.values()]
+        if disk:
+            self.cost.observe_disk(*max(disk))
         self.record(RecordKind.RESHARD, text=report.line(), seconds=report.total_seconds, bytes=report.bytes_moved,
                     old=report.old, new=report.new, reason=report.reason)
         self.inbox.answer(state.requests, f"moved to {decision.describe()}; {report.line()}")
@@ -381,6 +401,7 @@ class Controller:
 
     def _recovering(self, state: Recovering):
         started = time.perf_counter()
+        self._ahead = None
         self.wishes.forget(state.failure.dead)
         outcome = self.recovery.recover(state.failure, self.step, self.cfg.train.steps - self.step, self._usable(),
                                         self.phase)

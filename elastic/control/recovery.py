@@ -25,7 +25,7 @@ from pathlib import Path
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Placement
 from elastic.driver.group import WorkerFailure, WorkerGroup
-from elastic.driver.resharder import ReshardFailed, ReshardReport, reshard
+from elastic.driver.resharder import ReshardFailed, ReshardReport, frozen_from_disk, reshard
 from elastic.driver.snapshots import Snapshotter
 from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
@@ -52,6 +52,27 @@ class Recovery:
         self.group, self.policy, self.snapshots = group, policy, snapshots
         self.checkpoint_dir, self.started_from = checkpoint_dir, started_from
 
+    def _decide(self, current: Placement, usable: list[int], remaining: int, dead: list[int], phase: str,
+                alive: frozenset[int]):
+        return self.policy.decide(current, usable, remaining, must_move=True,
+                                  reason=f"recover from the loss of workers {dead}", phase=phase, alive=alive)
+
+    def fallbacks(self, remaining: int, usable: list[int], phase: str) -> list[Placement]:
+        """The placement recovery would move to (from replicas) after losing each one worker of the current
+        placement: the skeletons worth building ahead. Same decision as ``recover`` makes, one worker short."""
+        current, live, out = self.group.placement, self.group.live(), []
+        for lost in current.workers if current is not None else ():
+            try:
+                decision = self._decide(current, [w for w in usable if w != lost], remaining, [lost], phase,
+                                        live - {lost})
+            except ValueError:
+                continue
+            if decision is None or decision.placement is None or decision.from_snapshot:
+                continue
+            if decision.placement not in out:
+                out.append(decision.placement)
+        return out
+
     def recover(self, failure: WorkerFailure, step: int, remaining: int, usable: list[int],
                 phase: str) -> RecoveryOutcome:
         """Settle the survivors of ``failure`` and move to the best placement of ``usable`` workers."""
@@ -65,15 +86,15 @@ class Recovery:
         try:
             if survivors:
                 group.settle(survivors)
-            decision = self.policy.decide(current, usable, remaining, must_move=True,
-                                          reason=f"recover from the loss of workers {dead}", phase=phase, alive=live)
+            decision = self._decide(current, usable, remaining, dead, phase, live)
             if decision.placement is None:
                 return RecoveryOutcome(pause=decision.describe())
             report, how, at = None, "replicas", step
             if decision.from_snapshot:
                 how, at = self._rebuild(decision.placement)
             else:
-                report = reshard(group, decision.plan, group.committed, decision.reason)
+                report = reshard(group, decision.plan, group.committed, decision.reason,
+                                 frozen_from_disk(self.policy.cfg, self.policy.cost))
         except WorkerFailure as again:  # another loss while recovering: start over
             return RecoveryOutcome(again=again)
         except ReshardFailed as again:

@@ -10,6 +10,7 @@
     Launching, Resuming --------> Running(fresh=True)      the placement is formed
         \\----------------------> Planning()               a worker died meanwhile: plan without it
     Running(fresh) -------------> Running(fresh=False)     one optimizer step
+        |   |   |   \\----------> Resharding(decision)     the next placement's skeleton is ready
         |   |   \\--------------> Planning(events)         events arrived, or new workers are warm
         |   \\------------------> Recovering(failure)      a worker died (step, snapshot, checkpoint)
         \\----------------------> Finishing(reason)        every step is done
@@ -112,7 +113,7 @@ TRANSITIONS: dict[type, frozenset[type]] = {
     Planning: frozenset({Launching, Resuming, Resharding, Running, Paused, Recovering, Finishing}),
     Launching: frozenset({Running, Planning}),
     Resuming: frozenset({Running, Planning}),
-    Running: frozenset({Running, Planning, Recovering, Finishing}),
+    Running: frozenset({Running, Planning, Recovering, Finishing, Resharding}),
     Resharding: frozenset({Running, Recovering}),
     Recovering: frozenset({Running, Recovering, Paused}),
     Paused: frozenset({Planning, Paused}),

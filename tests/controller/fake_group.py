@@ -91,6 +91,8 @@ class FakeWorkerGroup:
         self._placement: Placement | None = None
         self._committed = 0
         self._next_id = 0
+        self.prepared_placements: list[Placement] = []  # what the controller asked to build ahead, in order
+        self.prepare_polls = 0  # prepared() answers False this many times first
         self.sampler = GlobalSampler(cfg.data.num_samples, cfg.train.global_batch, cfg.train.seed)
 
     # ---- what tests look at ----------------------------------------------------------------
@@ -259,6 +261,14 @@ class FakeWorkerGroup:
                 self.workers[w].step = self._settled(w)
 
     # ---- reshard -----------------------------------------------------------------------------
+    def prepare(self, placements: Iterable[Placement]) -> None:
+        self.prepared_placements.extend(placements)
+
+    def prepared(self, placement: Placement) -> bool:
+        """Ready after ``prepare_polls`` calls (0: at once), as a background build would be after a while."""
+        self._prepare_asks = getattr(self, "_prepare_asks", 0) + 1
+        return self._prepare_asks > self.prepare_polls
+
     def transfer(self, new: Placement, work: TransferWork, step: int) -> dict[int, dict]:
         self.calls.append(("transfer", new))
         participants = sorted(set(new.workers) | set(work.movers))

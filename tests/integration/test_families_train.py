@@ -35,7 +35,8 @@ def test_family_trains_and_reshards_like_transformers(pool, tmp_path, family):
                  data=DataConfig(dataset="stdlib", seq_len=16, max_corpus_bytes=200_000),
                  train=TrainConfig(steps=STEPS, global_batch=8, dtype="float64", seed=1234, init_from=str(folder)),
                  optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
-                 runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60))
+                 runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60,
+                                       prepare_wait_steps=0))
     ref = train_reference(cfg)
     script = ScriptedEvents({step: [Relayout(reason="test", layout=Layout.parse(text))]
                              for step, text in SCRIPT.items()})

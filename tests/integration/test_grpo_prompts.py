@@ -43,7 +43,7 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
                       data=str(write_prompts(tmp_path / "prompts.jsonl")), num_generations=3, max_new_tokens=5,
                       loss_type="grpo", reward_funcs="tests.helpers:trl_style_reward,tests.helpers:trl_style_bonus",
                       top_entropy_quantile=0.6)  # its quantile must come from the whole batch, across ranks
-    cfg = cfg.replace(runtime=RuntimeConfig(workers=4, collective_timeout_s=60))
+    cfg = cfg.replace(runtime=RuntimeConfig(workers=4, collective_timeout_s=60, prepare_wait_steps=0))
     reference = train_grpo_reference(cfg, None)
     assert any(abs(loss) > 1e-6 for loss in reference.losses)  # iteration 2 reuses the batch: ratios move
     workload = GRPOWorkload(cfg)

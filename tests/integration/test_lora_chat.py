@@ -47,7 +47,8 @@ def test_lora_on_a_qwen2_folder_with_chats(pool, tmp_path):
     write_tokenizer(base)  # 400 tokens: the model's spare rows are never emitted
     chats = write_chats(tmp_path / "chats.jsonl")
     cfg = lora_config(base, steps=STEPS, global_batch=8, dtype="float64", data=str(chats))
-    cfg = cfg.replace(lora=LoraConfig(r=4, alpha=8.0), runtime=RuntimeConfig(workers=4, collective_timeout_s=60))
+    cfg = cfg.replace(lora=LoraConfig(r=4, alpha=8.0),
+                      runtime=RuntimeConfig(workers=4, collective_timeout_s=60, prepare_wait_steps=0))
     assert cfg.data.tokenizer == str(base) and cfg.model.family == "qwen2"
     ref = train_reference(cfg)
     script = ScriptedEvents({3: [Relayout(reason="test", layout=Layout.parse("dp=2,tp=2"))]})
