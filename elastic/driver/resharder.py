@@ -21,7 +21,7 @@ import torch
 
 from elastic.core.layout import Placement
 from elastic.driver.group import WorkerFailure, WorkerGroup
-from elastic.model.specs import training_specs
+from elastic.model.specs import param_specs, training_specs
 from elastic.plan.memory_rounds import transfer_work
 from elastic.plan.planner import Plan, cached_plan
 from elastic.runtime.engine import DTYPE
@@ -47,10 +47,11 @@ class ReshardReport:
     transfer_seconds: float
     commit_seconds: float
     total_seconds: float
-    bytes_moved: int
+    bytes_moved: int  # between processes (pieces read from the base folder are not counted)
     bytes_copied: int
     max_worker_bytes: int
     peak_buffer_bytes: int
+    bytes_read: int = 0  # frozen base pieces read from the base folder
     workers: dict = field(default_factory=dict)
 
     def line(self) -> str:
@@ -68,8 +69,21 @@ def plan_move(group: WorkerGroup, new: Placement, alive: frozenset[int] | None =
                        cfg.runtime.reshard_chunk_bytes)
 
 
-def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str) -> ReshardReport:
-    """Move the job from ``plan.old`` (the group's placement) to ``plan.new`` at optimizer step ``step``.
+def frozen_from_disk(cfg, cost=None) -> frozenset[str]:
+    """The frozen tensors a reshard reads from the base folder instead of a peer: a LoRA run's base weights
+    when ``train.init_from`` names the folder they were loaded from (they never change), and
+    ``runtime.base_from`` (or, on auto, the cost model) prefers the disk."""
+    if not cfg.train.init_from or cfg.runtime.base_from == "peer":
+        return frozenset()
+    if cfg.runtime.base_from == "auto" and cost is not None and not cost.base_from_disk():
+        return frozenset()
+    return frozenset(s.name for s in param_specs(cfg) if not s.trainable)
+
+
+def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str,
+            from_disk: frozenset[str] = frozenset()) -> ReshardReport:
+    """Move the job from ``plan.old`` (the group's placement) to ``plan.new`` at optimizer step ``step``;
+    remote pieces of the tensors in ``from_disk`` are read from the base folder (``frozen_from_disk``).
 
     Raises ReshardFailed if a transfer fails (``old_intact`` says whether the old placement still
     trains), and WorkerFailure if a worker dies while committing (the job must then recover).
@@ -78,7 +92,7 @@ def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str) -> ReshardRe
     old, new = group.placement, plan.new
     if plan.old != old:
         raise ValueError(f"the plan moves from {plan.old}, but the job is on {old}; plan again")
-    work = transfer_work(plan, group.cfg.runtime.reshard_round_bytes)
+    work = transfer_work(plan, group.cfg.runtime.reshard_round_bytes, from_disk)
     planned = time.perf_counter()
     try:
         stats = group.transfer(new, work, step)
@@ -97,11 +111,17 @@ def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str) -> ReshardRe
         group.release(drained)
     done = time.perf_counter()
 
-    by_worker = plan.bytes_by_worker()
+    by_worker: dict[int, list[int]] = {}
+    for t in plan.remote:
+        if t.tensor not in from_disk:
+            by_worker.setdefault(t.src, [0, 0])[0] += t.nbytes
+            by_worker.setdefault(t.dst, [0, 0])[1] += t.nbytes
     report = ReshardReport(
         old=str(old.layout) if old else "-", new=str(new.layout), reason=reason, step=step,
         plan_seconds=planned - started, transfer_seconds=transferred - planned, commit_seconds=done - transferred,
-        total_seconds=done - started, bytes_moved=plan.bytes_moved(),
+        total_seconds=done - started,
+        bytes_moved=plan.bytes_moved() - sum(t.nbytes for t in plan.remote if t.tensor in from_disk),
+        bytes_read=sum(s.get("disk_bytes", 0) for s in stats.values()),
         bytes_copied=sum(t.nbytes for t in plan.transfers if t.local),
         max_worker_bytes=max((s + r for s, r in by_worker.values()), default=0),
         peak_buffer_bytes=max((s.get("peak_buffer_bytes", 0) for s in stats.values()), default=0),

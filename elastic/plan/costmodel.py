@@ -33,6 +33,7 @@ class CostModel:
     cores: float = 2.0  # CPU cores the workers share (the cluster's CPUs)
     flop_rate: float = 3e9  # FLOP/s of one core, calibrated
     bandwidth: float = 1e9  # bytes/s between two processes, calibrated
+    disk_bandwidth: float = 2e9  # bytes/s a worker reads a base folder's tensors (page-cached safetensors), calibrated
     latency: float = 3e-4  # seconds per collective call
     reshard_overhead: float = 0.4  # seconds of fixed reshard cost, calibrated
     tp_penalty: float = 0.1  # compute stretch per extra tp rank (smaller matmuls)
@@ -93,6 +94,15 @@ class CostModel:
         implied = self.compute_seconds(layout) * self.flop_rate / compute
         self.flop_rate = self._blend(self.flop_rate, implied)
         self.observed_steps += 1
+
+    def base_from_disk(self) -> bool:
+        """Whether reading a frozen base's pieces from its folder is predicted faster than receiving them: the
+        same bytes either way, so it is the faster of the two calibrated rates."""
+        return self.disk_bandwidth > self.bandwidth
+
+    def observe_disk(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 1 << 20 and seconds > 0:
+            self.disk_bandwidth = 0.5 * self.disk_bandwidth + 0.5 * (nbytes / seconds)
 
     def observe_reshard(self, bytes_moved: int, transfer_seconds: float, other_seconds: float) -> None:
         if bytes_moved > 1 << 20 and transfer_seconds > 0:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from elastic.plan.planner import Plan, Transfer
 
 WorkItem = tuple[int, int, Transfer]  # (round, message tag, transfer); round -1 for a local copy
+DISK = -2  # the round of a piece its destination reads from the base folder instead of receiving it
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,16 @@ class TransferWork:
         return self.per_worker.get(worker, [])
 
 
-def memory_bounded_rounds(transfers: list[Transfer], max_bytes_per_worker: int) -> list[list[int]]:
+def memory_bounded_rounds(transfers: list[Transfer], max_bytes_per_worker: int,
+                          skip: frozenset[str] = frozenset()) -> list[list[int]]:
     """Group remote transfers (by index) into rounds where each worker sends plus receives at most
-    ``max_bytes_per_worker`` (a single larger message gets a round of its own). Local copies are left out.
+    ``max_bytes_per_worker`` (a single larger message gets a round of its own). Local copies, and pieces of
+    the tensors in ``skip``, are left out.
     """
     rounds: list[list[int]] = []
     used: list[dict[int, int]] = []
     for index, t in enumerate(transfers):
-        if t.local:
+        if t.local or t.tensor in skip:
             continue
         r = next((r for r, load in enumerate(used)
                   if load.get(t.src, 0) + t.nbytes <= max_bytes_per_worker
@@ -53,16 +56,23 @@ def memory_bounded_rounds(transfers: list[Transfer], max_bytes_per_worker: int) 
     return rounds
 
 
-def transfer_work(plan: Plan, round_bytes: int) -> TransferWork:
+def transfer_work(plan: Plan, round_bytes: int, from_disk: frozenset[str] = frozenset()) -> TransferWork:
     """What every worker of ``plan`` does: its transfers with their round and message tag (the index in
-    ``plan.transfers``), plus the sorted ids of the workers that send or receive remote pieces."""
-    round_of = {index: r for r, indices in enumerate(memory_bounded_rounds(plan.transfers, round_bytes))
+    ``plan.transfers``), plus the sorted ids of the workers that send or receive remote pieces.
+
+    Remote pieces of the tensors in ``from_disk`` (a LoRA run's frozen base, which the base folder holds
+    unchanged) go to their destination alone, in round ``DISK``: it reads them from the folder."""
+    round_of = {index: r for r, indices in enumerate(memory_bounded_rounds(plan.transfers, round_bytes, from_disk))
                 for index in indices}
     work: dict[int, list[WorkItem]] = defaultdict(list)
+    remote = []
     for index, t in enumerate(plan.transfers):
-        entry = (round_of.get(index, -1), index, t)
-        work[t.dst].append(entry)
+        if not t.local and t.tensor in from_disk:
+            work[t.dst].append((DISK, index, t))
+            continue
+        work[t.dst].append((round_of.get(index, -1), index, t))
         if t.src != t.dst:
-            work[t.src].append(entry)
-    movers = tuple(sorted({t.src for t in plan.remote} | {t.dst for t in plan.remote}))
+            work[t.src].append((round_of.get(index, -1), index, t))
+            remote.append(t)
+    movers = tuple(sorted({t.src for t in remote} | {t.dst for t in remote}))
     return TransferWork(dict(work), movers)

@@ -15,12 +15,14 @@ reshard that fails midway leaves the old placement able to continue.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from elastic.core.layout import Box, box_numel, box_shape, relative
+from elastic.plan.memory_rounds import DISK
 from elastic.plan.planner import Transfer
 
 
@@ -29,6 +31,8 @@ class ExecStats:
     sent_bytes: int = 0
     received_bytes: int = 0
     copied_bytes: int = 0
+    disk_bytes: int = 0  # pieces read from the base folder instead of received
+    disk_seconds: float = 0.0
     peak_buffer_bytes: int = 0
     seconds: float = 0.0
 
@@ -40,11 +44,12 @@ def _slices(box: Box) -> tuple[slice, ...]:
 def execute(work: list[tuple[int, int, Transfer]], me: int, old_tensors: dict[str, torch.Tensor],
             old_boxes: dict[str, Box], new_boxes: dict[str, Box], dtype: torch.dtype,
             group: dist.ProcessGroup | None, rank_of: dict[int, int],
-            pack_below: int = 1 << 20) -> tuple[dict[str, torch.Tensor], ExecStats]:
+            pack_below: int = 1 << 20,
+            read_box: Callable[[str, Box], torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], ExecStats]:
     """Build this worker's new local tensors.
 
-    ``work`` lists (round, tag, transfer) for every transfer this worker sends, receives or copies;
-    ``rank_of`` maps worker ids to ranks in ``group``.
+    ``work`` lists (round, tag, transfer) for every transfer this worker sends, receives, copies or (round
+    ``DISK``) reads with ``read_box(tensor, global box)``; ``rank_of`` maps worker ids to ranks in ``group``.
     """
     started = time.perf_counter()
     stats = ExecStats()
@@ -59,7 +64,12 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_tensors: dict[st
         return new_tensors[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
 
     for rnd, tag, t in work:
-        if t.local:
+        if rnd == DISK:
+            read_started = time.perf_counter()
+            target(t).copy_(read_box(t.tensor, t.box))
+            stats.disk_bytes += t.nbytes
+            stats.disk_seconds += time.perf_counter() - read_started
+        elif t.local:
             target(t).copy_(source(t))
             stats.copied_bytes += t.nbytes
         else:

@@ -10,6 +10,8 @@ written again (``tests/reference.SeededDropout``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from elastic.control.controller import Controller, ControllerOptions
@@ -88,4 +90,34 @@ def test_lora_across_live_reshards(fresh_pool):
         controller.shutdown()
     assert len(result.reshards) == 3
     err, name = worst_state_err(result.tensors, ref)
+    assert err <= 1e-9, f"{name}: {err:.2e}"
+
+
+@pytest.mark.timeout(180)
+def test_lora_reshard_reads_the_frozen_base_from_its_folder(pool, tmp_path):
+    """The base's pieces come from the --base folder instead of a peer; the run still equals the reference."""
+    from elastic.driver.resharder import frozen_from_disk, plan_move, reshard
+    from elastic.model.hf import save_hf_model
+
+    plain = lora_config(steps=4)
+    start = train_reference(plain, steps=0).tensors
+    folder = save_hf_model(tmp_path / "base", plain.model, {k: v for k, v in start.items()
+                                                            if "::" not in k and "lora_" not in k})
+    cfg = plain.replace(train=dataclasses.replace(plain.train, init_from=str(folder)),
+                        runtime=dataclasses.replace(plain.runtime, base_from="disk"))
+    ref = train_reference(cfg).tensors
+    pool.cfg = cfg
+    workers = tuple(pool.alive()[:4])
+    pool.setup(Placement(Layout(dp=2, tp=2), workers))
+    pool.step()
+    disk = frozen_from_disk(cfg)
+    plan = plan_move(pool, Placement(Layout(fsdp=2, pp=2, microbatches=2), workers[::-1]))
+    assert disk and any(t.tensor in disk for t in plan.remote), "the move sends no base piece: nothing to read"
+    report = reshard(pool, plan, pool.committed, "base from disk", disk)
+    base_bytes = sum(t.nbytes for t in plan.remote if t.tensor in disk)
+    assert report.bytes_read == base_bytes and report.bytes_moved == plan.bytes_moved() - base_bytes
+    while pool.committed < cfg.train.steps:
+        pool.step()
+    _, state = pool.gather_tensors()
+    err, name = worst_state_err(state, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"

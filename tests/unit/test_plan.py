@@ -104,3 +104,26 @@ def test_rounds_deliver_every_remote_transfer_once_within_budget(old, new, budge
                 count[w] = count.get(w, 0) + 1
         # within budget, unless the worker's only message this round is one bigger than the budget
         assert all(load[w] <= budget or count[w] == 1 for w in load)
+
+
+
+def test_frozen_pieces_read_from_disk_leave_the_rounds_and_the_movers():
+    from elastic.core.config import LoraConfig
+    from elastic.model.specs import param_specs, training_specs
+    from elastic.plan.memory_rounds import DISK, transfer_work
+    from elastic.plan.planner import cached_plan
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config().replace(lora=LoraConfig(r=4, alpha=8.0))
+    frozen = frozenset(s.name for s in param_specs(cfg) if not s.trainable)
+    old = Placement(Layout(tp=2), (0, 1))
+    new = Placement(Layout(tp=2), (1, 0))  # the ranks swap workers: every piece travels
+    plan = cached_plan(old, new, tuple(training_specs(cfg)), cfg.model.n_layers, 8)
+    work = transfer_work(plan, 1 << 20, frozen)
+    for w in (0, 1):
+        disk = [t for r, _, t in work.of(w) if r == DISK]
+        assert disk and all(t.tensor in frozen and t.dst == w for t in disk)  # read by the destination only
+        assert all(t.tensor not in frozen for r, _, t in work.of(w) if r >= 0)  # no frozen piece in a round
+    assert sum(t.nbytes for w in (0, 1) for r, _, t in work.of(w) if r == DISK) == sum(
+        t.nbytes for t in plan.remote if t.tensor in frozen)
+    assert transfer_work(plan, 1 << 20).movers == (0, 1) == work.movers  # the adapters still travel
