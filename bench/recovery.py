@@ -16,6 +16,7 @@ Never fails on timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -81,9 +82,14 @@ def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
     first = min((h for h in result.history if h.ended > recovered_at), key=lambda h: h.ended)
     redone = next(h for h in result.history if h.step == KILL_AT)
     steady = statistics.median(h.seconds for h in result.history if h.ended < killed["at"] and h.step > 0)
+    moves = [r for r in result.reshards if r.reason.startswith("recover")]
+    commits = [w["commit"] for r in moves for w in r.workers.values() if "commit" in w]
+    # The killed step is redone whole (every rank's micro-batches), and so is every replayed step.
+    per_step = layout.data_parallel * layout.microbatches
     return {"mttr": redone.ended - killed["at"], "back": first.ended - first.seconds - killed["at"],
             "recover": recovered["seconds"], "lost": recovered["steps_lost"], "how": recovered["how"],
-            "steady": steady}
+            "steady": steady, "redone": (recovered["steps_lost"] + 1) * per_step,
+            "skeleton": "yes" if commits and all(c.get("skeleton") for c in commits) else "no" if commits else "-"}
 
 
 def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
@@ -132,26 +138,34 @@ def main() -> None:
     connect_ray(num_cpus=4)
     table = Table(title="MTTR after a SIGKILL (4 workers; kill -> the killed step completed after recovery)")
     for col in ("model", "case", "layout", "MTTR s", "x faster", "training again after s", "x faster ",
-                "of which recovery s", "steps lost", "steady step s"):
+                "of which recovery s", "fallback skeleton", "steps lost", "micro-batches redone", "steady step s"):
         table.add_column(col, justify="left" if col in ("model", "case", "layout") else "right")
     for model in args.models.split(","):
         cfg = make_config(model, args.batch, args.seq)
+        cold = cfg.replace(runtime=dataclasses.replace(cfg.runtime, prepare_ahead=False))
         replica = live(cfg, Layout(dp=2, fsdp=2), snapshot_every=4)
+        rebuilt = live(cold, Layout(dp=2, fsdp=2), snapshot_every=4)
         snapshot = live(cfg, Layout(fsdp=4), snapshot_every=4)
         base = checkpoint_restart(cfg, Layout(fsdp=4))
-        for case, r, layout in (("replica", replica, "dp=2,fsdp=2"), ("snapshot + replay", snapshot, "fsdp=4")):
+        for case, r, layout in (("replica", replica, "dp=2,fsdp=2"),
+                                ("replica, no skeleton ahead", rebuilt, "dp=2,fsdp=2"),
+                                ("snapshot + replay", snapshot, "fsdp=4")):
             table.add_row(model, case, layout, f"{r['mttr']:.2f}", f"{base['mttr'] / r['mttr']:.1f}",
                           f"{r['back']:.2f}", f"{base['back'] / r['back']:.1f}", f"{r['recover']:.2f}",
-                          str(r["lost"]), f"{r['steady']:.2f}")
+                          r["skeleton"], str(r["lost"]), str(r["redone"]), f"{r['steady']:.2f}")
         table.add_row(model, "checkpoint-restart", "fsdp=4", f"{base['mttr']:.2f}", "1.0", f"{base['back']:.2f}",
-                      "1.0", "-", str(base["lost"]), "-")
+                      "1.0", "-", "-", str(base["lost"]), str((base["lost"] + 1) * 4), "-")
     console.print(table)
     console.print(f"kill during step {KILL_AT}; in-memory snapshots and disk checkpoints every 4 steps.\n"
                   "MTTR: SIGKILL -> the killed step completed after recovery (lost steps replayed first). "
                   "Training again after: SIGKILL -> that first step (or the replay) starting, i.e. MTTR without "
                   "the steps themselves.\n"
                   "steady step: median step before the kill. A replacement worker starts in the background "
-                  "meanwhile (importing torch competes for the 2 cores).")
+                  "meanwhile (importing torch competes for the 2 cores).\n"
+                  "fallback skeleton: the recovery bound the skeleton built ahead for losing that worker (no skeleton "
+                  "ahead: runtime.prepare_ahead off, the engines are built on the stall, as before). micro-batches "
+                  "redone: the killed step is redone whole, plus every replayed step (the survivors' gradients "
+                  "of the killed step are not kept).")
     ray.shutdown()
 
 

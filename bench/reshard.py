@@ -88,18 +88,42 @@ def floors(group: RayWorkerGroup, target: Placement) -> dict:
     return {"p2p": busiest / link, "memcpy": copied / memcpy, "link": link, "memcpy_rate": memcpy}
 
 
-def measure(group: RayWorkerGroup, target: Placement, reason: str) -> dict:
-    """One live reshard plus the first step after it, with memory and byte figures."""
+def step_seconds(group: RayWorkerGroup) -> float:
+    started = time.perf_counter()
+    group.step()
+    return time.perf_counter() - started
+
+
+def measure(group: RayWorkerGroup, target: Placement, reason: str, ahead: bool) -> dict:
+    """One live reshard plus the first steps after it, with memory and byte figures.
+
+    ``ahead``: the target's skeleton is built in the background first, while the job trains (the controller's
+    way); else every skeleton is dropped first, so the commit forms the groups and builds the engines on the
+    stall (the way every reshard went before skeletons)."""
     involved = sorted(set(group.placement.workers) | set(target.workers))
+    group.drop_skeletons(group.alive())
+    build = {"steps": 0, "seconds": 0.0, "step": 0.0, "rss": 0}
+    if ahead:
+        before = group.memory(involved)
+        started = time.perf_counter()
+        group.prepare([target])
+        times = []
+        while not group.prepared(target):
+            times.append(step_seconds(group))
+        build = {"steps": len(times), "seconds": time.perf_counter() - started,
+                 "step": max(times, default=0.0), "rss": max(group.memory(involved)[w]["rss"] - before[w]["rss"]
+                                                             for w in target.workers)}
     before = group.memory(involved, reset_peak=True)
     started = time.perf_counter()
     report = reshard(group, plan_move(group, target), group.committed, reason)
     ready = time.perf_counter() - started
     after = group.memory(involved)
-    group.step()
-    first = time.perf_counter() - started
+    first = step_seconds(group)
+    steady = sorted(step_seconds(group) for _ in range(3))[1]
     commits = [w["commit"] for w in report.workers.values() if "commit" in w]
-    return {"old": report.old, "new": report.new, "reason": reason, "ready": ready, "first_step": first,
+    return {"old": report.old, "new": report.new, "reason": reason, "ready": ready, "first_step": ready + first,
+            "first": first, "steady": steady, "build": build,
+            "skeleton": all(c.get("skeleton") for c in commits),
             "bytes": report.bytes_moved, "peak_extra": max(after[w]["peak"] - before[w]["rss"] for w in involved),
             "transfer": report.transfer_seconds, "commit": report.commit_seconds, "plan": report.plan_seconds,
             "execute": max(w["seconds"] for w in report.workers.values()),
@@ -159,13 +183,16 @@ def main() -> None:
                        "add": current.workers + tuple(spare[:1])}[who]
             target = Placement(new, tuple(workers))
             bound = floors(group, target)
-            live = measure(group, target, reason)
+            live = measure(group, target, reason, ahead=False)
+            move_to(group, old)  # the built-ahead reshard starts from the same layout
+            fast = measure(group, target, reason, ahead=True)
             if who == "drain":
                 group.remove([current.workers[-1]])  # the drained worker leaves (its heap would stay otherwise)
             move_to(group, old)  # the baseline starts from the same layout as the live reshard
             base = checkpoint_restart(group, new)
-            rows.append({**live, **{f"floor_{k}": v for k, v in bound.items()}, "base": base})
-            console.print(f"  {old} -> {new}: live {live['ready']:.2f} s, checkpoint-restart {base['stall']:.2f} s")
+            rows.append({**live, **{f"floor_{k}": v for k, v in bound.items()}, "base": base, "ahead": fast})
+            console.print(f"  {old} -> {new}: live {live['ready']:.2f} s (built ahead {fast['ready']:.2f} s), "
+                          f"checkpoint-restart {base['stall']:.2f} s")
     finally:
         group.shutdown()
 
@@ -199,6 +226,30 @@ def main() -> None:
         base.add_row(f"{r['old']} -> {r['new']}", f"{b['save']:.2f}", f"{b['restart']:.2f}", f"{b['build']:.2f}",
                      f"{b['load']:.2f}", f"{b['stall']:.2f}", f"{b['first_step']:.2f}", f"{b['bytes'] / 1e9:.2f}")
     console.print(base)
+    ahead = Table(title="Built ahead: the target's skeleton built while training goes on, then the reshard "
+                        "(same run; 'rebuild' is the live reshard above, building on the stall)")
+    for col in ("transition", "stall rebuild s", "stall ahead s", "ahead / rebuild", "engine in stall rebuild s",
+                "engine in stall ahead s", "transfer ahead s", "floor s", "ahead / floor", "target 1.3 x floor + 0.1",
+                "background build s", "steps during it", "slowest step then s", "first step s", "steady step s",
+                "first / steady", "peak extra MB", "skeleton RSS MB"):
+        ahead.add_column(col, justify="left" if col == "transition" else "right")
+    for r in rows:
+        a, floor = r["ahead"], max(r["floor_p2p"], r["floor_memcpy"])
+        target = 1.3 * floor + 0.1
+        ahead.add_row(f"{r['old']} -> {r['new']}", f"{r['ready']:.2f}", f"{a['ready']:.2f}",
+                      f"{a['ready'] / r['ready']:.2f}", f"{r['engine']:.3f}",
+                      f"{a['engine']:.3f}" + ("" if a["skeleton"] else " (rebuilt)"), f"{a['transfer']:.2f}",
+                      f"{floor:.2f}", f"{a['ready'] / floor:.1f}" if floor > 0.01 else "-",
+                      f"{target:.2f} ({'met' if a['ready'] <= target else 'NOT met'})",
+                      f"{a['build']['seconds']:.2f}", f"{a['build']['steps']}", f"{a['build']['step']:.2f}",
+                      f"{a['first']:.2f}", f"{a['steady']:.2f}", f"{a['first'] / a['steady']:.2f}",
+                      f"{a['peak_extra'] / 1e6:,.0f}", f"{a['build']['rss'] / 1e6:,.0f}")
+    console.print(ahead)
+    console.print("floor: max(p2p floor, memcpy floor) of the first table. background build: from asking for the "
+                  "skeleton to every worker having it, training meanwhile (steps during it, and the slowest of "
+                  "them). first / steady: the first step on the new layout over the median of the next three. "
+                  "skeleton RSS: the largest growth of a target worker's resident memory while its skeleton was "
+                  "built (storage-free: metadata, groups and their buffers).")
     console.print("stall: decision to every engine ready (live) / DCP save to loaded on the new processes "
                   "(checkpoint-restart). x floor: live stall / max(p2p floor, memcpy floor). x faster: "
                   "checkpoint-restart / live, for the same transition, without and with each side's first step.")
