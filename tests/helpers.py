@@ -16,7 +16,10 @@ from elastic.core.config import (
 
 
 def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, seq_len: int = 16,
-                dataset: str = "stdlib", **model_overrides) -> Config:
+                dataset: str = "stdlib", ahead: bool = False, **model_overrides) -> Config:
+    """A tiny model's run. ``ahead``: the controller builds next and fallback skeletons in the background
+    (``runtime.prepare_ahead``); off by default, since a tiny model's step is shorter than a build and the
+    extra processes' work would slow every test. The tests of that path turn it on."""
     model = MODEL_PRESETS["tiny"]
     if model_overrides:
         import dataclasses
@@ -28,9 +31,10 @@ def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, 
         train=TrainConfig(steps=steps, global_batch=global_batch, dtype=dtype, seed=1234),
         # A high LR and a clip that binds make the runs sensitive to any mistake.
         optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
-        # Moves happen at the step their event arrives, so tests can say which layout ran which step; skeletons
-        # are still built ahead (fallbacks) and waited for on the stall (the next placement).
-        runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60, prepare_wait_steps=0),
+        # With ``ahead``, moves still happen at the step their event arrives (the commit waits for the build),
+        # so tests can say which layout ran which step.
+        runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60, prepare_ahead=ahead,
+                              prepare_wait_steps=0),
     )
 
 

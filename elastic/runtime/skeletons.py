@@ -21,6 +21,8 @@ still being built.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import threading
 import time
@@ -33,6 +35,14 @@ from elastic.runtime.engine import Engine
 from elastic.runtime.parallel.groups import LayoutGroups
 
 log = logging.getLogger(__name__)
+
+
+def _return_freed_memory() -> None:
+    """Hand the build's freed heap back to the OS. Building allocates every local shard once (FSDP's set-up
+    needs real storage) before the skeleton drops it; glibc keeps such freed memory in the build thread's
+    arena, so without this a storage-free skeleton would still show as resident memory."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -106,6 +116,7 @@ class SkeletonCache:
             else:
                 with groups.as_default_here():
                     engine = Engine(cfg, placement, rank, groups.mesh, skeleton=True)
+            _return_freed_memory()
             seconds = {"group": formed - started, "build": time.perf_counter() - formed, "cached": False}
             self.put(Skeleton(placement, groups, engine, seconds))
             return seconds

@@ -25,7 +25,7 @@ from tests.reference import train_grpo_reference
 
 
 def grpo_cfg():
-    cfg = tiny_config(steps=6, dtype="float64", dataset="arithmetic", seq_len=12, global_batch=6)
+    cfg = tiny_config(steps=6, dtype="float64", dataset="arithmetic", seq_len=12, global_batch=6, ahead=True)
     return cfg.replace(grpo=GRPOConfig(num_generations=4, max_new_tokens=4, num_iterations=2, loss_type="grpo",
                                        reward_fn="tests.helpers:digit_reward", inject_noise=False))
 

@@ -75,7 +75,7 @@ def test_lora_layout_matches_single_process(pool, lora_references, layout_text, 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_lora_across_live_reshards(fresh_pool):
-    cfg = lora_config(steps=12)
+    cfg = lora_config(steps=12, ahead=True)
     ref = train_reference(cfg).tensors
     script = ScriptedEvents({3: [Drain(reason="preempted", worker=fresh_pool.alive()[0])],
                              6: [AddWorkers(reason="back", count=1)],

@@ -32,7 +32,7 @@ def assert_exactly_once(cfg, history):
 @pytest.mark.timeout(300)
 def test_drain_add_relayout_and_back_equals_single_process(fresh_pool, tmp_path):
     # 45 training windows and 8 per step: the run crosses two epoch boundaries, both inside a step.
-    cfg = tiny_config(steps=15)
+    cfg = tiny_config(steps=15, ahead=True)
     cfg = cfg.replace(data=dataclasses.replace(cfg.data, max_corpus_bytes=46 * 16 + 1),
                       # events come every 3 steps, and a tiny model's step is shorter than a skeleton build
                       runtime=dataclasses.replace(cfg.runtime, prepare_wait_steps=1))
