@@ -224,11 +224,15 @@ class RayWorkerGroup:
         self._queued[0:0] = fresh  # the newest ask first: a planned move goes before the fallbacks asked earlier
         self._pump()
 
+    @staticmethod
+    def _finished(refs: dict[int, ray.ObjectRef]) -> bool:
+        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+        return len(done) == len(refs)
+
     def _pump(self) -> None:
         """Send the next queued build once the one in flight (if any) has finished."""
         for name, (_, refs) in self._preparing.items():
-            done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
-            if len(done) < len(refs):
+            if not self._finished(refs):
                 if any(w not in self._actors for w in refs):  # a member is gone: call the rendezvous off
                     self.store.set(f"{name}/abort", "1")
                 return
@@ -246,11 +250,7 @@ class RayWorkerGroup:
         self._pump()
         if placement in self._queued:
             return False
-        for p, refs in self._preparing.values():
-            if p == placement:
-                done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
-                return len(done) == len(refs)
-        return True
+        return all(self._finished(refs) for p, refs in self._preparing.values() if p == placement)
 
     def skeletons(self, workers: Iterable[int]) -> dict[int, list[Placement]]:
         """The placements each worker holds engine skeletons of."""
@@ -263,25 +263,24 @@ class RayWorkerGroup:
         workers = list(workers)
         self._gather({w: self._actors[w].drop_skeletons.remote() for w in workers}, members=workers)
 
-    def _settle_prepares(self) -> dict[str, dict]:
+    def _settle_prepares(self) -> None:
         """Wait for the skeleton builds still running (a group-forming call must not overlap them: a worker forms
         one group set at a time). A build whose member died is called off; a failed one only means that its
-        placement will be built when it is used. Returns the builds' timings by group name."""
-        timings, lost = {}, {}
+        placement will be built when it is used."""
+        lost = {}
         self._queued.clear()  # builds not started yet are dropped: the placement they were for may not happen
         for name, (placement, refs) in list(self._preparing.items()):
             if any(w not in self._actors for w in placement.workers):
                 self.store.set(f"{name}/abort", "1")
             present = {w: ref for w, ref in refs.items() if w in self._actors}  # not the ones removed on purpose
             try:
-                timings[name] = self._gather(present, members=list(present), abort=False)
+                self._gather(present, members=list(present), abort=False)
             except WorkerFailure as failure:
                 log.info("skeleton of %s not built: %s", placement.layout, failure)
                 lost.update(failure.dead)
             del self._preparing[name]
         if lost:  # a worker died meanwhile: the caller must hear of it (a failed build alone is no loss)
             raise WorkerFailure(lost, {})
-        return timings
 
     def _forget_lost(self, dead: Iterable[int]) -> None:
         """Call off skeleton builds that need a lost worker, and have the others drop skeletons naming it."""

@@ -43,6 +43,7 @@ from elastic.core.config import Config
 from elastic.core.layout import Box, Placement, intersect, relative
 from elastic.model.hf import BoxReader
 from elastic.model.specs import training_specs
+from elastic.plan.memory_rounds import DISK
 from elastic.runtime import transfer
 from elastic.runtime.engine import DTYPE, Engine, StepResult
 from elastic.runtime.parallel import mesh as meshlib
@@ -169,8 +170,9 @@ class Worker:
             self.skeletons.clear()  # skeletons of another run's config do not fit
 
     def _form_groups(self, placement: Placement, name: str) -> LayoutGroups:
+        runtime = self.cfg.runtime
         return LayoutGroups(self._store(), name, placement.rank_of(self.id), placement.layout,
-                            self.cfg.runtime.store_timeout_s, meshlib.SOCKETS)
+                            runtime.store_timeout_s, meshlib.SOCKETS, runtime.collective_timeout_s)
 
     # ---- groups and engines -------------------------------------------------------------
     @PREPARE
@@ -226,16 +228,16 @@ class Worker:
             left = time.perf_counter()
             held = self.skeletons.take(placement, skeleton if tensors is not None and not empty else None)
             if held is not None:
-                self.groups, self.engine = held.groups, held.engine
-                if self.groups is not None:
-                    self.groups.activate()
-                formed = time.perf_counter()
-                self.engine.bind(tensors, step)
+                self.groups = held.groups
             else:
                 self.groups = self._form_groups(placement, group) if placement.layout.world > 1 else None
-                if self.groups is not None:
-                    self.groups.activate()
-                formed = time.perf_counter()
+            if self.groups is not None:
+                self.groups.activate()
+            formed = time.perf_counter()
+            if held is not None:
+                self.engine = held.engine
+                self.engine.bind(tensors, step)
+            else:
                 mesh = self.groups.mesh if self.groups is not None else None
                 self.engine = Engine(self.cfg, placement, rank, mesh, tensors=tensors, step=step, empty=empty)
             self.placement, self.staged = placement, None
@@ -306,7 +308,8 @@ class Worker:
                                           self.cfg.runtime.collective_timeout_s)
         joined = time.perf_counter()
         dtype = DTYPE[self.cfg.train.dtype]
-        reader = BoxReader(self.cfg.train.init_from, self.cfg.model) if self.cfg.train.init_from else None
+        # The base folder is opened only when the plan reads pieces from it (not on every reshard's stall).
+        reader = BoxReader(self.cfg.train.init_from, self.cfg.model) if any(r == DISK for r, _, _ in work) else None
         try:
             new_tensors, stats = transfer.execute(work, self.id, old_tensors, self._boxes(old), self._boxes(new),
                                        dtype, pg, {w: i for i, w in enumerate(movers)},

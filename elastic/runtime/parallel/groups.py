@@ -48,10 +48,11 @@ def _rows(layout: Layout, dim: int) -> list[list[int]]:
 
 class LayoutGroups:
     def __init__(self, store: dist.Store, name: str, rank: int, layout: Layout, timeout_s: float,
-                 sockets: GlooSockets) -> None:
-        """Form (blocking until every member arrives) the world and this rank's dimension groups."""
+                 sockets: GlooSockets, collective_timeout_s: float | None = None) -> None:
+        """Form (blocking until every member arrives, at most ``timeout_s``) the world and this rank's dimension
+        groups; their collectives time out after ``collective_timeout_s`` (default: ``timeout_s``)."""
         self.name, self.rank, self.layout, self._sockets = name, rank, layout, sockets
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=collective_timeout_s or timeout_s)
         prefixed = AbortableStore(dist.PrefixStore(name, store), timeout_s)
         self.world = self.dims = None
         self._groups: list = []
