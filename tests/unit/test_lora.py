@@ -241,7 +241,7 @@ def test_dropout_applies_only_to_named_rows_in_training():
     assert not torch.allclose(dropped, plain)
     # A row's mask is its sample's, whatever its batch-mates: sample 11 alone gives row 1's output.
     with dropout_rows(seed=1, step=4, samples=[11]):
-        assert torch.equal(layer(x[1:]), dropped[1:])
+        assert torch.allclose(layer(x[1:]), dropped[1:], rtol=0, atol=1e-12)  # BLAS may block 1 row differently
     with dropout_rows(seed=1, step=4, samples=[10]), pytest.raises(RuntimeError, match="1 sample indices for a batch"):
         layer(x)
 
