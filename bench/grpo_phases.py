@@ -20,8 +20,7 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.control.controller import ControllerOptions
-from elastic.control.run import run_job
+from elastic.control.run import run_job, with_control
 from elastic.core.config import MODEL_PRESETS
 from elastic.core.layout import Layout
 from elastic.recipes.grpo.recipe import grpo_config
@@ -38,21 +37,19 @@ def main() -> None:
     cfg = grpo_config(steps=args.steps, workers=4, prompts_per_step=args.prompts, lora=False)
     cfg = cfg.replace(model=MODEL_PRESETS[args.model])
     runs = {
-        "fixed dp=4 (baseline)": ControllerOptions(layout=Layout(dp=4), progress=False, gather_tensors=False,
-                                                   phase_layouts={"train": Layout(dp=4)}),
-        "pinned: rollout dp=4, update fsdp=4": ControllerOptions(
-            layout=Layout(dp=4), progress=False, gather_tensors=False,
-            phase_layouts={"rollout": Layout(dp=4), "train": Layout(fsdp=4)}),
-        "cost model decides": ControllerOptions(layout=Layout(dp=4), progress=False, gather_tensors=False),
+        "fixed dp=4 (baseline)": with_control(cfg, layout=Layout(dp=4), phase_layouts={"train": Layout(dp=4)}),
+        "pinned: rollout dp=4, update fsdp=4": with_control(
+            cfg, layout=Layout(dp=4), phase_layouts={"rollout": Layout(dp=4), "train": Layout(fsdp=4)}),
+        "cost model decides": with_control(cfg, layout=Layout(dp=4)),
     }
     table = Table(title=f"GRPO phases ({args.model}, {args.steps} steps x {args.prompts} prompts x 8 completions, "
                         "4 workers)")
     for col in ("run", "rollouts s", "updates s", "reshards s", "relayouts", "total s", "vs baseline"):
         table.add_column(col, justify="left" if col == "run" else "right")
     baseline = None
-    for name, options in runs.items():
-        workload = GRPOWorkload(cfg)
-        result, _ = run_job(cfg, options, workload)
+    for name, run_cfg in runs.items():
+        workload = GRPOWorkload(run_cfg)
+        result, _ = run_job(run_cfg, workload, progress=False, gather_tensors=False)
         reshard_s = sum(r.total_seconds for r in result.reshards)
         total = workload.seconds["rollout"] + workload.seconds["train"] + reshard_s
         baseline = baseline or total

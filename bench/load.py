@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from probes import memory
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "runs" / "bench-load" / "qwen2-0.5b-bf16"
 SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -97,14 +99,14 @@ def elastic_run(batch: int, seq: int) -> dict:
     group = RayWorkerGroup(cfg)
     try:
         workers = tuple(group.spawn(4))
-        idle = {w: m["rss"] / 1e6 for w, m in group.memory(workers, reset_peak=True).items()}
+        idle = {w: m["rss"] / 1e6 for w, m in memory(group, workers, reset_peak=True).items()}
         started = time.perf_counter()
         group.setup(Placement(Layout(fsdp=4), workers))
         loaded = time.perf_counter() - started
-        load_peak = max(m["peak"] / 1e6 for m in group.memory(workers).values())
+        load_peak = max(m["peak"] / 1e6 for m in memory(group, workers).values())
         group.step()
         seconds = time.perf_counter() - started
-        peaks = {w: m["peak"] / 1e6 for w, m in group.memory(workers).items()}
+        peaks = {w: m["peak"] / 1e6 for w, m in memory(group, workers).items()}
     finally:
         group.shutdown()
         ray.shutdown()

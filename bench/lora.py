@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ray
 import torch
+from probes import drop_skeletons, memory
 from rich.console import Console
 from rich.table import Table
 
@@ -66,23 +67,23 @@ def _measure(group: RayWorkerGroup, cfg: Config, steps: int) -> dict:
     workers = tuple(group.spawn(4))
     group.setup(Placement(Layout(fsdp=4), workers))
     group.step()  # warm up
-    group.memory(workers, reset_peak=True)
+    memory(group, workers, reset_peak=True)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         group.step()
         times.append(time.perf_counter() - started)
-    peak = max(m["peak"] for m in group.memory(workers).values())
+    peak = max(m["peak"] for m in memory(group, workers).values())
     a, b = Placement(Layout(fsdp=4), workers), Placement(Layout(dp=2, tp=2), workers)
-    group.drop_skeletons(workers)  # the first move builds on the stall, as every reshard did before skeletons
+    drop_skeletons(group, workers)  # the first move builds on the stall, as every reshard did before skeletons
     disk = frozen_from_disk(cfg)  # the frozen base's tensors when the config reads them from disk, else none
     there = reshard(group, plan_move(group, b), group.committed, "bench", disk)
     group.step()
     back = reshard(group, plan_move(group, a), group.committed, "bench", disk)  # binds the skeleton parked on a
     group.step()
-    group.drop_skeletons(workers)
+    drop_skeletons(group, workers)
     group.prepare([b])  # built in the background while the job trains
-    while not group.prepared(b):
+    while not group.build_done(b):
         group.step()
     ahead = reshard(group, plan_move(group, b), group.committed, "bench", disk)
     trainable = sum(s.numel for s in param_specs(cfg) if s.trainable)

@@ -193,15 +193,16 @@ def elastic_config(workers: int):
 def run_elastic_kill(tmp: Path) -> dict:
     import threading
 
-    from elastic.control.controller import Controller, ControllerOptions
+    from elastic.control.controller import Controller
     from elastic.control.events import Stop
+    from elastic.control.run import with_control
     from elastic.control.states import Running
     from elastic.core.layout import Layout
     from elastic.driver.connect import connect_ray
 
     connect_ray(num_cpus=4)
-    controller = Controller(elastic_config(4), ControllerOptions(layout=Layout(dp=4), objective="use_all",
-                                                                 progress=False, gather_tensors=False))
+    controller = Controller(with_control(elastic_config(4), layout=Layout(dp=4), objective="use_all"),
+                            progress=False, gather_tensors=False)
     killed = {}
 
     def chaos():
@@ -234,16 +235,16 @@ def run_elastic_scale(tmp: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from elastic.control.controller import Controller, ControllerOptions
+    from elastic.control.controller import Controller
     from elastic.control.events import Stop
+    from elastic.control.run import with_control
     from elastic.core.layout import Layout
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_agent_listen_port": free_port()})
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    controller = Controller(elastic_config(2), ControllerOptions(layout=Layout(dp=2), objective="use_all",
-                                                                 watch_cluster=True, max_workers=4,
-                                                                 poll_interval_s=0.2, progress=False,
-                                                                 gather_tensors=False))
+    cfg = with_control(elastic_config(2), layout=Layout(dp=2), objective="use_all", watch_cluster=True,
+                       max_workers=4, poll_interval_s=0.2)
+    controller = Controller(cfg, progress=False, gather_tensors=False)
     out = {}
 
     def train():

@@ -24,9 +24,9 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from elastic.core.boxes import balanced
 from elastic.core.config import MODEL_PRESETS, DataConfig
 from elastic.core.data import GlobalSampler, build_dataset
-from elastic.core.layout import balanced
 from elastic.model.init import init_tensor
 from elastic.model.llama import LlamaStage, tensor_specs
 

@@ -16,7 +16,6 @@ Never fails on timing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -28,8 +27,9 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import Stop
+from elastic.control.run import with_control
 from elastic.control.states import Running
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
@@ -55,8 +55,8 @@ def make_config(model: str, batch: int, seq: int) -> Config:
 
 def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
     """Run under the controller, SIGKILL one worker mid-step, time until a step completes after recovery."""
-    controller = Controller(cfg, ControllerOptions(layout=layout, objective="use_all", snapshot_every=snapshot_every,
-                                                   progress=False, gather_tensors=False))
+    controller = Controller(with_control(cfg, layout=layout, objective="use_all", snapshot_every=snapshot_every),
+                            progress=False, gather_tensors=False)
     killed = {}
 
     def chaos():
@@ -89,7 +89,7 @@ def live(cfg: Config, layout: Layout, snapshot_every: int) -> dict:
     return {"mttr": redone.ended - killed["at"], "back": first.ended - first.seconds - killed["at"],
             "recover": recovered["seconds"], "lost": recovered["steps_lost"], "how": recovered["how"],
             "steady": steady, "redone": (recovered["steps_lost"] + 1) * per_step,
-            "skeleton": "yes" if commits and all(c.get("skeleton") for c in commits) else "no" if commits else "-"}
+            "skeleton": "yes" if commits and all(c.get("bound") for c in commits) else "no" if commits else "-"}
 
 
 def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
@@ -111,7 +111,7 @@ def checkpoint_restart(cfg: Config, layout: Layout) -> dict:
                 group.step()
             except WorkerFailure:
                 break
-        for w in group.alive():
+        for w in group.warm():
             group.kill(w)
         group.remove(list(group.live()))
         fresh = group.spawn(layout.world, warm=False)
@@ -142,7 +142,7 @@ def main() -> None:
         table.add_column(col, justify="left" if col in ("model", "case", "layout") else "right")
     for model in args.models.split(","):
         cfg = make_config(model, args.batch, args.seq)
-        cold = cfg.replace(runtime=dataclasses.replace(cfg.runtime, prepare_ahead=False))
+        cold = with_control(cfg, prepare_ahead=False)
         replica = live(cfg, Layout(dp=2, fsdp=2), snapshot_every=4)
         rebuilt = live(cold, Layout(dp=2, fsdp=2), snapshot_every=4)
         snapshot = live(cfg, Layout(fsdp=4), snapshot_every=4)
@@ -163,7 +163,7 @@ def main() -> None:
                   "steady step: median step before the kill. A replacement worker starts in the background "
                   "meanwhile (importing torch competes for the 2 cores).\n"
                   "fallback skeleton: the recovery bound the skeleton built ahead for losing that worker (no skeleton "
-                  "ahead: runtime.prepare_ahead off, the engines are built on the stall, as before). micro-batches "
+                  "ahead: control.prepare_ahead off, the engines are built on the stall, as before). micro-batches "
                   "redone: the killed step is redone whole, plus every replayed step (the survivors' gradients "
                   "of the killed step are not kept).")
     ray.shutdown()

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from probes import drop_skeletons, memcpy_rate, memory, probe_flows
 from rich.console import Console
 from rich.table import Table
 
@@ -60,11 +61,11 @@ def make_config(args) -> Config:
 def move_to(group: RayWorkerGroup, layout: Layout, spares: int = 0) -> Placement:
     """Put the job on ``layout`` (a live reshard, not measured), keeping ``spares`` warm idle workers."""
     need = layout.world + spares
-    if len(group.alive()) < need:
-        group.spawn(need - len(group.alive()))
+    if len(group.warm()) < need:
+        group.spawn(need - len(group.warm()))
     current = group.placement
-    workers = [w for w in (current.workers if current else ()) if w in group.alive()]
-    workers += [w for w in group.alive() if w not in workers]
+    workers = [w for w in (current.workers if current else ()) if w in group.warm()]
+    workers += [w for w in group.warm() if w not in workers]
     target = Placement(layout, tuple(workers[: layout.world]))
     if current is None:
         group.setup(target)
@@ -82,9 +83,9 @@ def floors(group: RayWorkerGroup, target: Placement) -> dict:
     sent, received = plan.load_arrays()
     busiest = int(max(sent.max(initial=0), received.max(initial=0)))
     copied = int(plan.copied_array().max(initial=0))
-    link = group.probe_flows(pairs, PROBE_BYTES) if pairs else float("inf")
+    link = probe_flows(group, pairs, PROBE_BYTES) if pairs else float("inf")
     involved = sorted(set(group.placement.workers) | set(target.workers))
-    memcpy = group.memcpy_rate(involved, PROBE_BYTES)
+    memcpy = memcpy_rate(group, involved, PROBE_BYTES)
     return {"p2p": busiest / link, "memcpy": copied / memcpy, "link": link, "memcpy_rate": memcpy}
 
 
@@ -101,29 +102,29 @@ def measure(group: RayWorkerGroup, target: Placement, reason: str, ahead: bool) 
     way); else every skeleton is dropped first, so the commit forms the groups and builds the engines on the
     stall (the way every reshard went before skeletons)."""
     involved = sorted(set(group.placement.workers) | set(target.workers))
-    group.drop_skeletons(group.alive())
+    drop_skeletons(group, group.warm())
     build = {"steps": 0, "seconds": 0.0, "step": 0.0, "rss": 0}
     if ahead:
-        before = group.memory(involved)
+        before = memory(group, involved)
         started = time.perf_counter()
         group.prepare([target])
         times = []
-        while not group.prepared(target):
+        while not group.build_done(target):
             times.append(step_seconds(group))
         build = {"steps": len(times), "seconds": time.perf_counter() - started,
-                 "step": max(times, default=0.0), "rss": max(group.memory(involved)[w]["rss"] - before[w]["rss"]
+                 "step": max(times, default=0.0), "rss": max(memory(group, involved)[w]["rss"] - before[w]["rss"]
                                                              for w in target.workers)}
-    before = group.memory(involved, reset_peak=True)
+    before = memory(group, involved, reset_peak=True)
     started = time.perf_counter()
     report = reshard(group, plan_move(group, target), group.committed, reason)
     ready = time.perf_counter() - started
-    after = group.memory(involved)
+    after = memory(group, involved)
     first = step_seconds(group)
     steady = sorted(step_seconds(group) for _ in range(3))[1]
     commits = [w["commit"] for w in report.workers.values() if "commit" in w]
     return {"old": report.old, "new": report.new, "reason": reason, "ready": ready, "first_step": ready + first,
             "first": first, "steady": steady, "build": build,
-            "skeleton": all(c.get("skeleton") for c in commits),
+            "skeleton": all(c.get("bound") for c in commits),
             "bytes": report.bytes_moved, "peak_extra": max(after[w]["peak"] - before[w]["rss"] for w in involved),
             "transfer": report.transfer_seconds, "commit": report.commit_seconds, "plan": report.plan_seconds,
             "execute": max(w["seconds"] for w in report.workers.values()),
@@ -140,7 +141,7 @@ def checkpoint_restart(group: RayWorkerGroup, layout: Layout) -> dict:
         started = time.perf_counter()
         group.run({w: DcpSave(str(folder)) for w in group.placement.workers})
         saved = time.perf_counter()
-        for w in group.alive():
+        for w in group.warm():
             group.kill(w)
         group.remove(list(group.live()))
         fresh = group.spawn(layout.world, warm=False)
@@ -178,7 +179,7 @@ def main() -> None:
         for old_text, new_text, reason, who in TRANSITIONS:
             old, new = Layout.parse(old_text), Layout.parse(new_text)
             current = move_to(group, old, spares=1 if who == "add" else 0)
-            spare = [w for w in group.alive() if w not in current.workers]
+            spare = [w for w in group.warm() if w not in current.workers]
             workers = {"same": current.workers, "drain": current.workers[:-1],
                        "add": current.workers + tuple(spare[:1])}[who]
             target = Placement(new, tuple(workers))

@@ -22,8 +22,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.control.states import Done, Running
 from elastic.core.layout import Layout
@@ -65,8 +66,8 @@ def main() -> None:
                              3 * third: [AddWorkers(reason="two workers came back", count=2)]})
     configure_logging()
     connect_ray()
-    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all", sources=[script],
-                                                   snapshot_every=10, run_dir=str(args.out), job_name="demo"))
+    cfg = with_control(cfg, layout=Layout(dp=2, tp=2), objective="use_all", snapshot_every=10)
+    controller = Controller(cfg, sources=[script], run_dir=str(args.out), job_name="demo")
     print(f"training a {cfg.model.num_params() / 1e6:.1f}M-parameter model on 4 workers; "
           "talk to it meanwhile with: elastic events --job demo status")
     crashes: list = []

@@ -23,8 +23,7 @@ import json
 import statistics
 from pathlib import Path
 
-from elastic.control.controller import ControllerOptions
-from elastic.control.run import run_job, train
+from elastic.control.run import run_job, train, with_control
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.data import ArithmeticTask
 from elastic.core.layout import Layout
@@ -115,10 +114,10 @@ def main() -> None:
             cfg = grpo_config(base=base, steps=grpo_steps, workers=args.workers, prompts_per_step=32, lr=1e-4,
                               lora=False, num_generations=8, max_new_tokens=4, temperature=1.0, seed=seed, **knobs)
             run_dir = args.out / (folder if seed == 0 else f"{folder}_seed{seed}")
-            options = ControllerOptions(layout=Layout(dp=args.workers), run_dir=str(run_dir))
+            cfg = with_control(cfg, layout=Layout(dp=args.workers))
             print(f"\n== GRPO, {name}, seed {seed}")
             workload = GRPOWorkload(cfg)
-            result, _ = run_job(cfg, options, workload)
+            result, _ = run_job(cfg, workload, run_dir=str(run_dir))
             if seed == 0:
                 curves[name] = [workload.stats[k]["reward_true"] for k in sorted(workload.stats)]
             per_seed[name].append(heldout_accuracy(load_model(cfg, result.tensors), task, n=512))

@@ -24,8 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.core.data import ArithmeticTask
 from elastic.core.layout import Layout
@@ -70,8 +71,8 @@ def main() -> None:
     third = args.steps // 3
     script = ScriptedEvents({third: [Drain(reason="spot preemption of worker 1", worker=1)],
                              2 * third: [AddWorkers(reason="replacement node", count=1)]})
-    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all",
-                                                   sources=[script], run_dir=str(args.out / "run")))
+    cfg = with_control(cfg, layout=Layout(dp=2, tp=2), objective="use_all")
+    controller = Controller(cfg, sources=[script], run_dir=str(args.out / "run"))
     try:
         result = controller.run()
     finally:

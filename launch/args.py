@@ -17,8 +17,13 @@ from typing import Any
 
 from elastic.core.config import CORE_SECTIONS, Config, section_types
 
+# Sections whose fields also get a short flag, ``--<field>`` with dashes (``--snapshot-every``): the job-level
+# choices people type most.
+SHORT_FLAGS = ("control",)
+
 
 def _sections() -> dict[str, type]:
+    import elastic.control.config  # noqa: F401 (registers the [control] section)
     import elastic.recipes.registry  # noqa: F401 (registers the recipes' config sections)
 
     return section_types()
@@ -39,15 +44,20 @@ def _converter(kind: Any):
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """``--section.field`` for every field, grouped by section, with the field's help text."""
+    """``--section.field`` for every field, grouped by section, with the field's help text (and ``--field`` for the
+    sections in ``SHORT_FLAGS``). A boolean flag given alone means true."""
     for section, cls in _sections().items():
         group = parser.add_argument_group(f"[{section}] ({cls.__doc__.strip().splitlines()[0]})")
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             kind = hints[field.name]
-            group.add_argument(f"--{section}.{field.name}", dest=f"cfg__{section}__{field.name}", default=None,
+            names = [f"--{section}.{field.name}"]
+            if section in SHORT_FLAGS:
+                names.append(f"--{field.name.replace('_', '-')}")
+            extra = {"nargs": "?", "const": True} if kind is bool else {}
+            group.add_argument(*names, dest=f"cfg__{section}__{field.name}", default=None,
                                type=_converter(kind), metavar=getattr(kind, "__name__", "VALUE").upper(),
-                               help=f"{field.metadata.get('help', '')} (field default: {field.default!r})")
+                               help=f"{field.metadata.get('help', '')} (field default: {field.default!r})", **extra)
 
 
 def load_toml(path: Path) -> dict[str, dict[str, Any]]:

@@ -54,7 +54,7 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
 
 def build_config(args: argparse.Namespace):
     """(config, layout or None, recipe) from the recipe's defaults, ``--config`` and the flags."""
-    from elastic.core.layout import Layout
+    from elastic.control.config import ControlConfig
     from elastic.recipes.recipe import RecipeArgs
     from elastic.recipes.registry import get
     from launch.args import apply_overrides, flag_overrides, load_toml
@@ -65,9 +65,8 @@ def build_config(args: argparse.Namespace):
     if args.config:
         cfg = apply_overrides(cfg, load_toml(Path(args.config)))
     cfg = apply_overrides(cfg, flag_overrides(args))
-    layout = None
-    if args.layout != "auto":
-        layout = Layout.parse(args.layout)
+    layout = ControlConfig.of(cfg).first_layout()
+    if layout is not None:
         layout.validate(cfg.model, cfg.train.global_batch)
         if layout.world > cfg.runtime.workers:
             raise UsageError(f"--layout {layout} needs {layout.world} workers but --workers is {cfg.runtime.workers}")
@@ -78,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, layout, recipe = build_config(args)
     if args.address:
         check_address(args.address)
-    from elastic.control.controller import Controller, ControllerOptions
+    from elastic.control.controller import Controller
     from elastic.driver.connect import connect_ray
     from elastic.tools.storage import persist, run_storage
 
@@ -86,17 +85,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     storage = run_storage(job, args.storage_path, args.run_dir)
     run_dir = storage.local
     connect_ray(args.address)
-    options = ControllerOptions(layout=layout, objective=args.objective, min_workers=args.min_workers,
-                                max_workers=args.max_workers, watch_cluster=args.watch_cluster, job_name=job,
-                                progress=not args.no_progress, snapshot_every=args.snapshot_every,
-                                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                                resume=args.resume, run_dir=str(run_dir))
     print(f"job {job!r}: {args.recipe}, {cfg.model.num_params() / 1e6:.1f}M parameters, "
           f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; outputs in {storage.shown}")
     where = f" --address {args.address}" if args.address else ""
     print(f"talk to it with: elastic events --job {job} status{where}")
     workload = recipe.workload(cfg) if recipe.workload else None
-    controller = Controller(cfg, options, workload=workload)
+    controller = Controller(cfg, workload=workload, job_name=job, run_dir=str(run_dir),
+                            progress=not args.no_progress)
     try:
         result = controller.run()
     finally:
@@ -185,8 +180,6 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
         recipes = ", ".join(RECIPE_NAMES)
     train.add_argument("--recipe", default="pretrain", help=f"{recipes} (default: pretrain)")
     train.add_argument("--workers", type=int, default=4, help="worker processes (Ray actors) to start (default: 4)")
-    train.add_argument("--layout", default="auto",
-                       help="'auto' (the cost model decides; default) or degrees like dp=2,tp=2")
     train.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     train.add_argument("--model", help="model preset for pretrain: tiny, mini, small, 25m, 100m")
     train.add_argument("--base", help="Hugging Face model folder to fine-tune: Llama, Qwen2, Qwen3 or Mistral "
@@ -200,20 +193,6 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
                                               "...); the run goes to STORAGE_PATH/<job> (default: Ray Train's "
                                               "~/ray_results, or ELASTIC_STORAGE_PATH)")
     train.add_argument("--run-dir", help="this run's folder exactly (overrides --storage-path)")
-    train.add_argument("--objective", default="cost", choices=("cost", "use_all"),
-                       help="cost: run on the layout the cost model predicts fastest; use_all: always use every worker")
-    train.add_argument("--min-workers", type=int, default=1, help="pause below this many workers")
-    train.add_argument("--max-workers", type=int, default=64, help="never use more than this many workers")
-    train.add_argument("--watch-cluster", action="store_true", help="scale with Ray's cluster capacity")
-    train.add_argument("--snapshot-every", type=int, default=0,
-                       help="in-memory snapshot every k steps (0: off); grpo: rounded up to a multiple of "
-                            "grpo.num_iterations, since snapshots are taken only at GRPO step boundaries")
-    train.add_argument("--checkpoint-dir", help="write on-disk checkpoints here")
-    train.add_argument("--checkpoint-every", type=int, default=0,
-                       help="checkpoint every k steps (0: off); grpo: rounded up to a multiple of grpo.num_iterations "
-                            "(checkpoints only at GRPO step boundaries)")
-    train.add_argument("--resume", help="a checkpoint folder, or a checkpoint dir to resume its latest (grpo: one at a "
-                                        "GRPO step boundary)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     if config_flags:
         from launch.args import add_config_flags

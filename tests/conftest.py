@@ -55,10 +55,10 @@ def pool(ray_session):
 @pytest.fixture
 def fresh_pool(pool):
     """The shared pool, topped back up to 4 live workers after tests that kill some."""
-    missing = 4 - len(pool.alive())
+    missing = 4 - len(pool.warm())
     if missing > 0:
         pool.spawn(missing)
     yield pool
-    missing = 4 - len(pool.alive())
+    missing = 4 - len(pool.warm())
     if missing > 0:
         pool.spawn(missing)

@@ -18,13 +18,15 @@ from elastic.core.config import (
 def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, seq_len: int = 16,
                 dataset: str = "stdlib", ahead: bool = False, **model_overrides) -> Config:
     """A tiny model's run. ``ahead``: the controller builds next and fallback skeletons in the background
-    (``runtime.prepare_ahead``); off by default, since a tiny model's step is shorter than a build and the
+    (``control.prepare_ahead``); off by default, since a tiny model's step is shorter than a build and the
     extra processes' work would slow every test. The tests of that path turn it on."""
     model = MODEL_PRESETS["tiny"]
     if model_overrides:
         import dataclasses
 
         model = dataclasses.replace(model, **model_overrides)
+    from elastic.control.config import ControlConfig
+
     return Config(
         model=model,
         data=DataConfig(dataset=dataset, seq_len=seq_len, max_corpus_bytes=200_000, num_samples=2000),
@@ -33,9 +35,8 @@ def tiny_config(dtype: str = "float64", steps: int = 10, global_batch: int = 8, 
         optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
         # With ``ahead``, moves still happen at the step their event arrives (the commit waits for the build),
         # so tests can say which layout ran which step.
-        runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60, prepare_ahead=ahead,
-                              prepare_wait_steps=0),
-    )
+        runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60),
+    ).replace(control=ControlConfig(prepare_ahead=ahead, prepare_wait_steps=0))
 
 
 class WaitForWorkers:
@@ -49,7 +50,7 @@ class WaitForWorkers:
         self.group, self.timeout_s = group, timeout_s
 
     def poll(self, step: int) -> list:
-        self.group.wait_ready(self.timeout_s)
+        self.group.wait_warm(self.timeout_s)
         return []
 
 

@@ -2,8 +2,13 @@
 
 The controller loop runs in the job's driver; this small actor is how anything else reaches it.
 ``JobClient`` (``client.py``, and the ``elastic events`` CLI) submits an event and waits for the
-controller's decision; the controller drains the mailbox between steps, answers each request once,
-and publishes its status (state, layout, workers, step, last reshard) after every tick.
+controller's decision; the controller answers each request once and publishes its status (state,
+layout, workers, step, last reshard) when it changes state, and at most every poll interval otherwise.
+
+The driver does not poll the mailbox with a round trip: it keeps one ``next_requests`` call outstanding,
+which the actor answers as soon as a request arrives, and looks at it between steps with a local
+``ray.wait(timeout=0)``. A request is therefore picked up at the next step boundary, and a quiet job
+sends the actor nothing but its status.
 
 Actor name: ``elastic:<job name>`` in the ``elastic`` namespace.
 """
@@ -11,6 +16,7 @@ Actor name: ``elastic:<job name>`` in the ``elastic`` namespace.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 
@@ -29,6 +35,7 @@ def actor_name(job: str) -> str:
 class ControlPlane:
     def __init__(self) -> None:
         self.inbox: list[Event] = []
+        self.arrived = asyncio.Event()
         self.decisions: dict[int, str] = {}
         self.waiters: dict[int, asyncio.Event] = {}
         self.status: dict = {"state": "starting"}
@@ -37,9 +44,10 @@ class ControlPlane:
     async def request(self, event: Event, timeout_s: float = 120.0) -> str:
         """Queue ``event`` and wait for the controller's answer."""
         event_id = next(self.ids)
-        object.__setattr__(event, "id", event_id)
+        event = dataclasses.replace(event, id=event_id)
         self.waiters[event_id] = asyncio.Event()
         self.inbox.append(event)
+        self.arrived.set()
         try:
             await asyncio.wait_for(self.waiters[event_id].wait(), timeout_s)
         except TimeoutError:
@@ -48,7 +56,10 @@ class ControlPlane:
             self.waiters.pop(event_id, None)
         return self.decisions.pop(event_id)
 
-    async def take_inbox(self) -> list[Event]:
+    async def next_requests(self) -> list[Event]:
+        """The requests queued since the last call, once there is at least one (the driver's long poll)."""
+        await self.arrived.wait()
+        self.arrived.clear()
         events, self.inbox = self.inbox, []
         return events
 
@@ -69,9 +80,15 @@ class RayPlaneLink:
 
     def __init__(self, job: str) -> None:
         self.actor = ControlPlane.options(name=actor_name(job), namespace=NAMESPACE).remote()
+        self._next = self.actor.next_requests.remote()
 
     def take(self) -> list[Event]:
-        return ray.get(self.actor.take_inbox.remote())
+        """Requests that arrived, without a round trip when there are none."""
+        ready, _ = ray.wait([self._next], timeout=0)
+        if not ready:
+            return []
+        events, self._next = ray.get(self._next), self.actor.next_requests.remote()
+        return events
 
     def answer(self, event_id: int, text: str) -> None:
         self.actor.decide.remote(event_id, text)

@@ -1,10 +1,11 @@
 """How events reach the controller, and how operator requests get their one answer.
 
 Events come from polled sources (scripted, the cluster watcher), from the control plane's mailbox
-(operator requests, polled at most every ``poll_interval_s``) and from inside the driver
-(``submit``: a workload's phase change). ``answer`` replies to requests that carry an id. Each
-request is answered exactly once: a request refused while folding keeps that answer, and the planning
-outcome later sent to the whole batch skips it.
+(operator requests; looking costs nothing when none is waiting, see ``control_plane.py``) and from
+inside the driver (``submit``: a workload's phase change). The status goes to the control plane when
+the state changes, and at most every ``poll_interval_s`` otherwise. ``answer`` replies to requests that
+carry an id. Each request is answered exactly once: a request refused while folding keeps that answer,
+and the planning outcome later sent to the whole batch skips it.
 
 ``PlaneLink`` is the controller's side of the control plane: ``RayPlaneLink`` (``control_plane.py``)
 for a named Ray actor, or an in-memory one in tests.
@@ -34,20 +35,18 @@ class Inbox:
         self.sources, self.plane, self.poll_interval_s = list(sources), plane, poll_interval_s
         self._submitted: list[Event] = []
         self._answered: set[int] = set()
-        self._next_poll = 0.0
+        self._next_publish, self._published_state = 0.0, None
 
     def submit(self, event: Event) -> None:
         """Deliver an event from inside the driver (e.g. a training loop's phase change)."""
         self._submitted.append(event)
 
-    def poll(self, step: int, force: bool = False) -> list[Event]:
+    def poll(self, step: int) -> list[Event]:
         """Everything that arrived: submitted events, then the sources', then the operator's requests."""
         events, self._submitted = self._submitted, []
         for source in self.sources:
             events.extend(source.poll(step))
-        now = time.monotonic()
-        if self.plane is not None and (force or now >= self._next_poll):
-            self._next_poll = now + self.poll_interval_s
+        if self.plane is not None:
             events.extend(self.plane.take())
         return events
 
@@ -59,9 +58,13 @@ class Inbox:
                 if self.plane is not None:
                     self.plane.answer(event.id, text)
 
-    def publish(self, status: dict) -> None:
-        if self.plane is not None:
-            self.plane.publish(status)
+    def publish(self, status: dict, force: bool = False) -> None:
+        """Send the job's status to the control plane if the state changed or a poll interval has passed."""
+        now = time.monotonic()
+        if self.plane is None or not (force or status["state"] != self._published_state or now >= self._next_publish):
+            return
+        self._next_publish, self._published_state = now + self.poll_interval_s, status["state"]
+        self.plane.publish(status)
 
     def close(self) -> None:
         if self.plane is not None:

@@ -8,21 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 
-from elastic.control.controller import Controller, ControllerOptions, RunResult
+from elastic.control.config import ControlConfig
+from elastic.control.controller import Controller
+from elastic.control.result import RunResult
 from elastic.control.workload import Workload
 from elastic.core.config import Config
 from elastic.core.layout import Layout
 
 
-def run_job(cfg: Config, options: ControllerOptions | None = None,
-            workload: Workload | None = None) -> tuple[RunResult, Controller]:
-    """Run ``cfg`` to the end under a controller (Ray must be connected). Returns (result, controller)."""
-    controller = Controller(cfg, options or ControllerOptions(), workload=workload)
+def run_job(cfg: Config, workload: Workload | None = None, **wiring) -> tuple[RunResult, Controller]:
+    """Run ``cfg`` to the end under a controller (Ray must be connected); ``wiring``: the Controller's keyword
+    arguments (sources, run_dir, progress, ...). Returns (result, controller)."""
+    controller = Controller(cfg, workload=workload, **wiring)
     try:
         result = controller.run()
     finally:
         controller.shutdown()
     return result, controller
+
+
+def with_control(cfg: Config, **fields) -> Config:
+    """``cfg`` with ``[control]`` fields set (the rest keep their values, or the defaults); a ``Layout`` may be
+    given for ``layout``, and a {phase: Layout} dict for ``phase_layouts``."""
+    if isinstance(fields.get("layout"), Layout):
+        fields["layout"] = str(fields["layout"])
+    if isinstance(fields.get("phase_layouts"), dict):
+        fields["phase_layouts"] = "; ".join(f"{phase}:{layout}" for phase, layout in fields["phase_layouts"].items())
+    return cfg.replace(control=dataclasses.replace(ControlConfig.of(cfg), **fields))
 
 
 def train(cfg: Config, layout: Layout, progress: bool = True, gather: bool = True) -> RunResult:
@@ -32,5 +44,5 @@ def train(cfg: Config, layout: Layout, progress: bool = True, gather: bool = Tru
     layout.validate(cfg.model, cfg.train.global_batch)
     connect_ray()
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=layout.world))
-    options = ControllerOptions(layout=layout, objective="use_all", progress=progress, gather_tensors=gather)
-    return run_job(cfg, options)[0]
+    cfg = with_control(cfg, layout=layout, objective="use_all")
+    return run_job(cfg, progress=progress, gather_tensors=gather)[0]

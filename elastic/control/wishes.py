@@ -1,6 +1,7 @@
 """What the job wants beyond its next step, and how events change it.
 
-``Wishes`` holds the goals that outlive any one state: the worker budget, the workers to drain,
+``Wishes`` holds the goals that outlive any one state: the worker budget (never above ``max_workers``,
+whoever asks), the workers to drain,
 the training phase (and the layouts the operator pinned per phase), and an operator pause.
 ``fold`` applies a batch of events and returns what the Planning state must act on: whether it must
 move, why, a layout the operator asked for, a stop, the events it refuses (with the reason), and how
@@ -30,12 +31,16 @@ class Folded:
 
 
 class Wishes:
-    def __init__(self, budget: int, phase_layouts: dict[str, Layout] | None = None) -> None:
-        self.budget = budget
+    def __init__(self, budget: int, max_workers: int, phase_layouts: dict[str, Layout] | None = None) -> None:
+        self.budget, self.max_workers = min(budget, max_workers), max_workers
         self.draining: set[int] = set()
         self.phase = "train"
         self.paused = False
         self.phase_layouts = dict(phase_layouts or {})
+
+    def usable(self, warm: Iterable[int]) -> list[int]:
+        """The warm workers the job may still use: those not being drained."""
+        return [w for w in warm if w not in self.draining]
 
     def forget(self, workers: Iterable[int]) -> None:
         """Workers that died are no longer being drained."""
@@ -50,11 +55,11 @@ class Wishes:
         for event in events:
             reasons.append(event.describe())
             if isinstance(event, SetBudget):
-                self.budget = event.workers
+                self.budget = min(event.workers, self.max_workers)
                 surplus = usable + starting - self.budget
                 out.cancel_starting = max(out.cancel_starting, min(surplus, starting))
             elif isinstance(event, AddWorkers):
-                self.budget = usable + starting + event.count
+                self.budget = min(usable + starting + event.count, self.max_workers)
             elif isinstance(event, Drain):
                 if event.worker not in live:
                     out.refused.append((event, f"worker {event.worker} is not part of this job"))

@@ -29,8 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from elastic.core.boxes import Box, box_numel, copy_overlap, intersect, local_slices
 from elastic.core.config import Config
-from elastic.core.layout import Box, Placement, TensorSpec, box_numel, intersect, relative
+from elastic.core.layout import Placement, TensorSpec
 
 FORMAT = "elastic-checkpoint/1"
 
@@ -68,7 +69,7 @@ def write_shard(folder: Path, worker: int, tensors: dict[str, torch.Tensor],
     """Write this worker's share (run inside the worker). Returns the manifest entry for the file."""
     data = {}
     for name, box in entries:
-        local = tensors[name][tuple(slice(lo, hi) for lo, hi in relative(box, boxes[name]))]
+        local = tensors[name][local_slices(box, boxes[name])]
         data[_key(name, box)] = local.contiguous()
     path = folder / f"shard-{worker:05d}.safetensors"
     save_file(data, str(path))
@@ -172,19 +173,16 @@ def open_checkpoint(folder: Path, cfg: Config, specs: list[TensorSpec], verify: 
 def read_boxes(ckpt: Checkpoint, wanted: dict[str, Box], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors ``wanted`` (name -> box) assembled from the shards, reading only the slices needed."""
     out = {name: torch.empty(tuple(hi - lo for lo, hi in box), dtype=dtype) for name, box in wanted.items()}
-    by_file: dict[Path, list[tuple[str, str, Box, Box]]] = {}
+    by_file: dict[Path, list[tuple[str, str, Box]]] = {}
     for name, box in wanted.items():
         for file, key, piece_box in ckpt.pieces[name]:
-            piece = intersect(piece_box, box)
-            if piece is not None:
-                by_file.setdefault(file, []).append((name, key, piece_box, piece))
+            if intersect(piece_box, box) is not None:
+                by_file.setdefault(file, []).append((name, key, piece_box))
     for file, items in by_file.items():
         try:
             with safe_open(str(file), framework="pt") as fh:
-                for name, key, piece_box, piece in items:
-                    src = tuple(slice(lo, hi) for lo, hi in relative(piece, piece_box))
-                    dst = tuple(slice(lo, hi) for lo, hi in relative(piece, wanted[name]))
-                    out[name][dst] = fh.get_slice(key)[src]
+                for name, key, piece_box in items:
+                    copy_overlap(out[name], wanted[name], fh.get_slice(key), piece_box)
         except Exception as err:  # safetensors reports corruption as assorted errors
             raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err})") from None
     return out

@@ -7,7 +7,8 @@ rule and the fix, before any process starts.
 The core sections (model, optim, data, train, runtime, and the LoRA model transform) are defined
 here. A recipe that needs a section of its own (GRPO's ``[grpo]``) defines it in its own folder and
 calls ``register_section`` when that module is imported: this module imports no recipe, and a
-``Config`` carries recipe sections in ``Config.sections``. Pure Python.
+``Config`` carries recipe sections in ``Config.sections``. The controller's ``[control]`` section registers
+itself the same way (``elastic/control/config.py``). Pure Python.
 """
 
 from __future__ import annotations
@@ -188,10 +189,6 @@ class RuntimeConfig:
                                    "peer and round (0: every piece alone)")
     skeletons: int = knob(6, "placements whose engine skeletons (structure and groups, no storage) a worker keeps "
                           "for reuse: the next one, the fallback for a lost worker, recent ones (0: none)")
-    prepare_ahead: bool = knob(True, "build the next placement's skeleton in the background and reshard once it "
-                               "is ready (training goes on meanwhile), and keep a fallback for a lost worker")
-    prepare_wait_steps: int = knob(3, "steps a planned move waits for its skeleton at most; then it moves and "
-                                   "waits for the build on the stall")
     base_from: str = knob("auto", "where a reshard takes a LoRA run's frozen base pieces from when train.init_from "
                           "names its folder: auto (the cost model's faster of the two), peer, or disk")
     memory_per_worker_gb: float = knob(
@@ -209,7 +206,6 @@ class RuntimeConfig:
         _require(self.base_from in ("auto", "peer", "disk"),
                  f"runtime.base_from={self.base_from!r} must be one of auto, peer, disk")
         _require(self.skeletons >= 0, f"runtime.skeletons={self.skeletons} must be >= 0 (0: keep none)")
-        _require(self.prepare_wait_steps >= 0, f"runtime.prepare_wait_steps={self.prepare_wait_steps} must be >= 0")
         _require(self.memory_per_worker_gb >= 0, f"runtime.memory_per_worker_gb={self.memory_per_worker_gb} "
                  "must be >= 0 (0: no limit)")
 
@@ -310,8 +306,8 @@ class Config:
         )
         for name, value in self.sections.items():
             cls = _RECIPE_SECTIONS.get(name)
-            _require(cls is not None, f"config section [{name}] is not registered by any imported recipe; "
-                                      f"known recipe sections: {sorted(_RECIPE_SECTIONS)}")
+            _require(cls is not None, f"config section [{name}] is not registered by any imported module; "
+                                      f"known registered sections: {sorted(_RECIPE_SECTIONS)}")
             _require(isinstance(value, cls), f"config section [{name}] must be a {cls.__name__}, "
                                              f"got {type(value).__name__}")
 

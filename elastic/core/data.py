@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from elastic.core.boxes import balanced
 from elastic.core.config import Config, DataConfig
 from elastic.core.dataset import IGNORE, Dataset
-from elastic.core.layout import balanced
 from elastic.core.seeds import stable_seed
 from elastic.core.tokenizer import PAD, ByteTokenizer, check_vocabulary, load_tokenizer
 
@@ -220,9 +220,6 @@ class GlobalSampler:
     def index_at(self, position: int) -> int:
         epoch, within = divmod(position, self.n)
         return int(self._permutation(epoch)[within])
-
-    def epoch_of(self, step: int) -> int:
-        return step * self.batch // self.n
 
     def step_indices(self, step: int) -> list[int]:
         start = step * self.batch

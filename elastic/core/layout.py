@@ -1,4 +1,4 @@
-"""Layouts, placements and shard boxes: the one global coordinate space of the training state.
+"""Layouts and placements: which rank holds which box of every tensor (boxes are in ``boxes.py``).
 
 A ``Layout`` is a frozen value of parallel degrees (dp replicate, fsdp shard, tp tensor,
 pp pipeline) plus micro-batching. A ``Placement`` is a layout filled with stable worker ids.
@@ -18,62 +18,16 @@ import bisect
 import itertools
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from elastic.core.boxes import Box, Interval, balanced, box_numel, chunk, full_box, intersect
 
 if TYPE_CHECKING:
     from elastic.core.config import ModelConfig
 
-Interval = tuple[int, int]
-Box = tuple[Interval, ...]
-
 DIMS = ("pp", "dp", "fsdp", "tp")
-
-
-def chunk(n: int, parts: int, index: int) -> Interval:
-    """The ``index``-th of ``parts`` chunks of ``range(n)`` with torch.chunk semantics.
-
-    Chunks have size ceil(n / parts); trailing chunks are shorter or empty. This is how
-    FSDP2 and DTensor's ``Shard`` split a dimension.
-    """
-    size = -(-n // parts)
-    return (min(index * size, n), min((index + 1) * size, n))
-
-
-def balanced(n: int, parts: int, index: int) -> Interval:
-    """The ``index``-th of ``parts`` near-equal pieces of ``range(n)`` (the first n % parts get one more)."""
-    base, extra = divmod(n, parts)
-    start = index * base + min(index, extra)
-    return (start, start + base + (1 if index < extra else 0))
-
-
-def box_shape(box: Box) -> tuple[int, ...]:
-    return tuple(hi - lo for lo, hi in box)
-
-
-def box_numel(box: Box) -> int:
-    return math.prod(box_shape(box))
-
-
-def intersect(a: Box, b: Box) -> Box | None:
-    """The overlap of two boxes, or None when they share no element."""
-    out = []
-    for (alo, ahi), (blo, bhi) in zip(a, b, strict=True):
-        lo, hi = max(alo, blo), min(ahi, bhi)
-        if lo >= hi:
-            return None
-        out.append((lo, hi))
-    return tuple(out)
-
-
-def relative(inner: Box, outer: Box) -> Box:
-    """``inner`` expressed in the coordinates of ``outer`` (which must contain it)."""
-    return tuple((ilo - olo, ihi - olo) for (ilo, ihi), (olo, _) in zip(inner, outer, strict=True))
-
-
-def full_box(shape: Sequence[int]) -> Box:
-    return tuple((0, n) for n in shape)
 
 
 @dataclass(frozen=True)

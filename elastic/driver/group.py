@@ -6,10 +6,10 @@ implements it in one process, with faults injected from test code. Nothing else 
 handles: every call the controller, the resharder and recovery make goes through these methods.
 
 The group owns the job's ``placement`` (who holds which ranks) and ``committed`` (optimizer steps
-every rank has computed). Only the group's own methods change them: ``setup`` and
-``load_checkpoint`` set both, ``step`` advances ``committed``, ``commit`` and ``restore`` move
-``placement`` (``restore`` also rolls ``committed`` back to the snapshot's step), and ``release`` of
-every worker of the placement ends it.
+every rank has computed: the job's one step counter). Only the group's own methods change them:
+``setup`` and ``load_checkpoint`` set both, ``step`` advances ``committed``, ``commit`` and ``restore``
+move ``placement`` (``restore`` also rolls ``committed`` back to the snapshot's step), and ``release``
+of every worker of the placement ends it.
 
 A failing call raises ``WorkerFailure`` naming the workers that died or failed; before it does, the
 group releases every other member blocked in a collective, so nobody waits out a timeout.
@@ -70,11 +70,12 @@ class WorkerGroup(Protocol):
     @property
     def placement(self) -> Placement | None: ...
     @property
-    def committed(self) -> int: ...
+    def committed(self) -> int:
+        """The job's committed optimizer steps (the one step counter; the controller reads it)."""
     @property
     def starting(self) -> list[int]:
         """Workers started in the background that are still warming up."""
-    def alive(self) -> list[int]:
+    def warm(self) -> list[int]:
         """Workers that are up and warm."""
     def live(self) -> frozenset[int]:
         """Every worker process still alive, warm or warming."""
@@ -82,9 +83,10 @@ class WorkerGroup(Protocol):
         """Start ``n`` workers and wait until they are warm."""
     def start(self, n: int) -> list[int]:
         """Start ``n`` workers in the background (they warm up while training goes on)."""
-    def ready(self) -> list[int]:
-        """Background workers that finished warming up since the last call (non-blocking)."""
-    def wait_ready(self, timeout_s: float) -> None:
+    def take_warmed(self) -> list[int]:
+        """Background workers that finished warming up since the last call (non-blocking; they count as warm
+        from then on)."""
+    def wait_warm(self, timeout_s: float) -> None:
         """Block until no worker is warming up (or the timeout passes)."""
     def cancel_starting(self, count: int) -> list[int]: ...
     def remove(self, workers: Iterable[int]) -> None: ...
@@ -99,15 +101,15 @@ class WorkerGroup(Protocol):
     def step(self, tasks: Mapping[int, WorkerTask] | None = None) -> dict[int, StepResult]:
         """One committed optimizer step on every rank (``tasks``: per-worker step tasks, default ``TrainStep``)."""
     def run(self, tasks: Mapping[int, WorkerTask]) -> dict[int, Any]:
-        """Run a task that is not an optimizer step (a rollout, an evaluation) on the given workers."""
+        """Run a task that is not an optimizer step (a rollout, a read, a probe) on the given workers."""
     def settle(self, workers: Iterable[int]) -> None:
         """Bring ``workers`` to the committed step (apply or drop a pending update): after a failure."""
 
     # ---- skeletons built ahead --------------------------------------------------------------
     def prepare(self, placements: Iterable[Placement]) -> None:
         """Build these placements' engine skeletons and groups in the background (returns at once)."""
-    def prepared(self, placement: Placement) -> bool:
-        """Whether no background build of ``placement`` is still running."""
+    def build_done(self, placement: Placement) -> bool:
+        """Whether no background build of ``placement`` is queued or running (it also sends the next build)."""
 
     # ---- live reshard: transfer, then commit ----------------------------------------------
     def transfer(self, new: Placement, work: TransferWork, step: int) -> dict[int, dict]:
@@ -118,7 +120,7 @@ class WorkerGroup(Protocol):
     def release(self, workers: Iterable[int], wait: bool = True) -> None:
         """Workers leaving the placement drop their engines and shards (they stay alive as spares);
         ``wait=False`` returns at once (after a recovery, spares drop their shards meanwhile). Releasing every
-        worker of the placement ends it: ``placement`` becomes None."""
+        worker of the placement ends it: ``placement`` becomes None and ``committed`` 0."""
 
     # ---- snapshots, checkpoints, inspection -------------------------------------------------
     def snapshot(self) -> Snapshot: ...

@@ -17,14 +17,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from elastic.core.layout import Placement
 from elastic.driver.group import WorkerFailure, WorkerGroup
-from elastic.model.specs import param_specs, training_specs
+from elastic.model.specs import itemsize, param_specs, training_specs
 from elastic.plan.memory_rounds import transfer_work
 from elastic.plan.planner import Plan, cached_plan
-from elastic.runtime.engine import DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +61,7 @@ def plan_move(group: WorkerGroup, new: Placement, alive: frozenset[int] | None =
     """The plan from the group's placement to ``new``, for callers that pick a placement themselves
     (benchmarks, tests); the controller takes the policy's plan instead."""
     cfg = group.cfg
-    itemsize = torch.empty((), dtype=DTYPE[cfg.train.dtype]).element_size()
-    return cached_plan(group.placement, new, tuple(training_specs(cfg)), cfg.model.n_layers, itemsize, alive,
+    return cached_plan(group.placement, new, tuple(training_specs(cfg)), cfg.model.n_layers, itemsize(cfg), alive,
                        cfg.runtime.reshard_chunk_bytes)
 
 

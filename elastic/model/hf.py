@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from elastic.core.boxes import slices
 from elastic.core.config import ModelConfig
 from elastic.core.tokenizer import BOS, EOS, PAD, TOKENIZER_FILES, VOCAB_SIZE
 from elastic.model.families import hf_config_dict, model_config_from_hf, read_hf_config
@@ -219,4 +220,4 @@ class BoxReader:
         if name not in self.where:
             raise ValueError(f"{self.folder} has no tensor {name}")
         with safe_open(str(self.where[name]), framework="pt") as fh:
-            return fh.get_slice(name)[tuple(slice(lo, hi) for lo, hi in box)].to(dtype).contiguous()
+            return fh.get_slice(name)[slices(box)].to(dtype).contiguous()

@@ -11,8 +11,9 @@ import math
 
 import torch
 
+from elastic.core.boxes import Box, slices
 from elastic.core.config import ModelConfig
-from elastic.core.layout import Box, TensorSpec
+from elastic.core.layout import TensorSpec
 from elastic.core.seeds import stable_seed
 
 
@@ -35,4 +36,4 @@ def init_tensor(spec: TensorSpec, cfg: ModelConfig, seed: int, dtype: torch.dtyp
 def init_box(spec: TensorSpec, box: Box, cfg: ModelConfig, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """The part ``box`` of a parameter's initial value (contiguous)."""
     full = init_tensor(spec, cfg, seed, dtype)
-    return full[tuple(slice(lo, hi) for lo, hi in box)].contiguous()
+    return full[slices(box)].contiguous()

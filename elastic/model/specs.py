@@ -9,12 +9,21 @@ tensors are everything a reshard, a recovery or a checkpoint moves. No distribut
 
 from __future__ import annotations
 
+import torch
+
+from elastic.core.boxes import Box
 from elastic.core.config import Config
-from elastic.core.layout import TensorSpec
+from elastic.core.layout import Placement, TensorSpec
 from elastic.model.llama import tensor_specs
 from elastic.model.lora import lora_model_specs
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
+DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def itemsize(cfg: Config) -> int:
+    """Bytes per element of the run's training tensors (``train.dtype``)."""
+    return DTYPE[cfg.train.dtype].itemsize
 
 
 def param_specs(cfg: Config) -> list[TensorSpec]:
@@ -28,3 +37,12 @@ def training_specs(cfg: Config) -> list[TensorSpec]:
     """Every tensor of the training state: the parameters, then the AdamW moments of the trainable ones."""
     params = param_specs(cfg)
     return params + [p.renamed(f"{p.name}::{key}") for p in params if p.trainable for key in OPT_KEYS]
+
+
+def rank_boxes(cfg: Config, placement: Placement | None, worker: int) -> dict[str, Box]:
+    """tensor name -> the box ``worker`` holds in ``placement`` ({} when it holds no rank there)."""
+    rank = placement.rank_of(worker) if placement is not None else None
+    if rank is None:
+        return {}
+    n = cfg.model.n_layers
+    return {s.name: b for s in training_specs(cfg) if (b := placement.box(s, rank, n)) is not None}

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from elastic.core.layout import Box, Layout, box_grid, grid_overlaps
+from elastic.core.boxes import Box
+from elastic.core.layout import Layout, box_grid, grid_overlaps
 
 
 @dataclass(frozen=True)

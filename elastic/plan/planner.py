@@ -41,15 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from elastic.core.layout import (
-    Box,
-    Layout,
-    Placement,
-    TensorSpec,
-    box_numel,
-    splits_tp,
-    stage_table,
-)
+from elastic.core.boxes import Box, box_numel
+from elastic.core.layout import Layout, Placement, TensorSpec, splits_tp, stage_table
 from elastic.plan.geometry import (  # noqa: F401 (water_fill and _split are re-exported for tests)
     _Geometry,
     _geometry,

@@ -9,48 +9,24 @@ the workers left.
 Rank assignment keeps shards where they are: each new rank goes to the worker whose current shards
 overlap that rank's new boxes the most, so a reshard copies locally what it can.
 
-A decision carries the reshard plan its cost was computed from, so the resharder moves exactly
-what the policy priced (the plan is computed once per candidate, with the run's chunk size).
-Pure Python, no processes.
+The answer is typed (``decisions.py``): ``Stay``, ``Move`` (with the reshard plan its cost was computed
+from, so the resharder moves exactly what the policy priced), ``Pause`` or ``Refuse``; ``decide`` never
+raises for an ordinary outcome. Pure Python, no processes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
+from elastic.core.boxes import box_numel, intersect
 from elastic.core.config import Config
-from elastic.core.layout import Coord, Layout, Placement, TensorSpec, box_numel, enumerate_layouts, intersect
+from elastic.core.layout import Coord, Layout, Placement, TensorSpec, enumerate_layouts
 from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
+from elastic.plan.decisions import Decision, Move, Pause, Refuse, Stay
 from elastic.plan.planner import MissingShards, Plan, cached_plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Where to go (None: pause), why, and what the cost model expects.
-
-    ``plan`` is the reshard plan from the current placement that the cost was computed from, or None
-    when there is nothing to move from (the first placement) or when some shard has no live holder
-    (``from_snapshot``: the state must come from a snapshot).
-    """
-
-    placement: Placement | None
-    reason: str
-    step_seconds: float = 0.0
-    reshard_seconds: float = 0.0
-    current_step_seconds: float | None = None
-    plan: Plan | None = field(default=None, compare=False, repr=False)
-    from_snapshot: bool = False
-
-    def describe(self) -> str:
-        if self.placement is None:
-            return f"pause: {self.reason}"
-        now = f", now {self.current_step_seconds:.3f} s/step" if self.current_step_seconds else ""
-        return (f"{self.placement.layout} on {len(self.placement.workers)} workers: {self.reason} "
-                f"(predicted {self.step_seconds:.3f} s/step{now}, reshard {self.reshard_seconds:.2f} s)")
 
 
 class Policy:
@@ -146,29 +122,56 @@ class Policy:
         by_worker = plan.bytes_by_worker()
         return self.cost.reshard_seconds(max((s + r for s, r in by_worker.values()), default=0)), plan
 
-    def _decision(self, current: Placement | None, target: Placement, reason: str, step: float, move: float,
-                  plan: Plan | None, now: float | None = None) -> Decision:
-        return Decision(target, reason, step, move, now, plan=plan, from_snapshot=current is not None and plan is None)
+    def _target(self, current: Placement | None, target: Placement, reason: str, step: float,
+                alive: frozenset[int] | None, now: float | None = None) -> Move:
+        move, plan = self._move(current, target, alive)
+        return Move(target, reason, step, move, now, plan=plan, rebuild=current is not None and plan is None)
 
     def decide(self, current: Placement | None, workers: list[int], remaining: int,
                forced: Layout | None = None, must_move: bool = False, reason: str = "",
-               phase: str = "train", alive: frozenset[int] | None = None) -> Decision | None:
-        """The placement to move to, or None to stay.
+               phase: str = "train", alive: frozenset[int] | None = None) -> Decision:
+        """Where to run the ``remaining`` steps: ``Stay``, ``Move``, ``Pause`` or ``Refuse`` (a ``forced`` layout
+        that cannot run here).
 
         ``workers`` are the ones the job may use from now on; ``alive`` every live worker that can
         still send its state (draining ones included; None: all of the current placement).
         """
         if forced is not None:
-            self.validate_request(forced, len(workers))
+            try:
+                self.validate_request(forced, len(workers))
+            except ValueError as err:
+                return Refuse(forced, str(err))
             target = self.assign(current, forced, workers)
             if target == current:
-                return None
-            move, plan = self._move(current, target, alive)
-            return self._decision(current, target, reason or f"operator asked for {forced}",
-                                  self.cost.step_seconds(forced), move, plan)
+                return Stay(f"already on {forced}")
+            return self._target(current, target, reason or f"operator asked for {forced}",
+                                self.cost.step_seconds(forced), alive)
         if len(workers) < self.min_workers:
-            return Decision(None, f"{len(workers)} workers left, the job needs at least {self.min_workers}; "
-                                  "waiting for workers to return")
+            return Pause(f"{len(workers)} workers left, the job needs at least {self.min_workers}; "
+                         "waiting for workers to return")
+        options = self._options(current, workers, remaining, phase, alive)
+        if not options:
+            limit = self.cfg.runtime.memory_per_worker_gb
+            limits = (f"model, batch and the {limit:g} GB per-worker memory limits" if limit
+                      else "model and batch limits")
+            return Pause(f"no valid layout for {len(workers)} workers ({limits}); waiting for workers")
+        total, step, target = min(options, key=lambda o: (o[0], o[2].layout.world, str(o[2].layout)))
+        stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
+                      and (phase not in self.phase_filter or self.phase_filter[phase](current.layout)))
+        if not stay_valid:
+            return self._target(current, target, reason or "the current placement cannot continue", step, alive)
+        now = self.cost.step_seconds(current.layout)
+        grows = self.objective == "use_all" and target.layout.world != current.layout.world
+        faster = now * remaining - total > self.margin * now * remaining
+        if target == current or (not grows and not faster):
+            return Stay("no layout is predicted to pay off")
+        why = reason or ("predicted to finish sooner" if faster else
+                         f"objective use_all: run on all {target.layout.world} workers")
+        return self._target(current, target, why, step, alive, now)
+
+    def _options(self, current: Placement | None, workers: list[int], remaining: int, phase: str,
+                 alive: frozenset[int] | None) -> list[tuple[float, float, Placement]]:
+        """(predicted seconds to finish including the move, step seconds, placement) of every valid candidate."""
         sizes = [len(workers)] if self.objective == "use_all" else range(self.min_workers, len(workers) + 1)
         options = []
         for world in sizes:
@@ -177,23 +180,6 @@ class Policy:
                     continue
                 target = self.assign(current, layout, workers)
                 step = self.cost.step_seconds(layout)
-                move, plan = self._move(current, target, alive)
-                options.append((step * remaining + move, step, move, target, plan))
-        if not options:
-            limit = self.cfg.runtime.memory_per_worker_gb
-            limits = (f"model, batch and the {limit:g} GB per-worker memory limits" if limit
-                      else "model and batch limits")
-            return Decision(None, f"no valid layout for {len(workers)} workers ({limits}); waiting for workers")
-        total, step, move, target, plan = min(options, key=lambda o: (o[0], o[3].layout.world, str(o[3].layout)))
-        stay_valid = (current is not None and not must_move and set(current.workers) <= set(workers)
-                      and (phase not in self.phase_filter or self.phase_filter[phase](current.layout)))
-        if stay_valid:
-            now = self.cost.step_seconds(current.layout)
-            grows = self.objective == "use_all" and target.layout.world != current.layout.world
-            faster = now * remaining - total > self.margin * now * remaining
-            if target == current or (not grows and not faster):
-                return None
-            why = reason or ("predicted to finish sooner" if faster else
-                             f"objective use_all: run on all {target.layout.world} workers")
-            return self._decision(current, target, why, step, move, plan, now)
-        return self._decision(current, target, reason or "the current placement cannot continue", step, move, plan)
+                move, _ = self._move(current, target, alive)
+                options.append((step * remaining + move, step, target))
+        return options

@@ -31,14 +31,15 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from elastic.core.boxes import balanced, box_shape, slices
 from elastic.core.config import Config
 from elastic.core.data import GlobalSampler, build_dataset, split_microbatches
-from elastic.core.layout import Placement, balanced, box_shape
+from elastic.core.layout import Placement
 from elastic.model.hf import BoxReader
 from elastic.model.init import init_box
 from elastic.model.llama import LlamaStage, causal_lm_loss_sum
 from elastic.model.lora import apply_lora, dropout_rows, init_lora_tensor, is_lora_name
-from elastic.model.specs import OPT_KEYS, param_specs
+from elastic.model.specs import DTYPE, OPT_KEYS, param_specs
 from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
@@ -47,8 +48,6 @@ from elastic.runtime.parallel.tensor import apply_tensor_parallel
 from elastic.runtime.torch_compat import local_tensor, shared_mesh_slices
 
 log = logging.getLogger(__name__)
-
-DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -191,9 +190,8 @@ class Engine:
         """The starting value of ``box`` of parameter ``name``: adapters and (without a base folder)
         everything else from the seed; base weights from ``train.init_from`` when set."""
         spec, cfg = self.specs[name], self.cfg
-        slices = tuple(slice(lo, hi) for lo, hi in box)
         if is_lora_name(name):
-            return init_lora_tensor(spec, cfg.lora, cfg.train.seed, self.dtype)[slices].contiguous()
+            return init_lora_tensor(spec, cfg.lora, cfg.train.seed, self.dtype)[slices(box)].contiguous()
         if cfg.train.init_from:
             if self._reader is None:
                 self._reader = BoxReader(cfg.train.init_from, cfg.model)

@@ -4,7 +4,7 @@ A skeleton is a placement's process groups (``parallel/groups.LayoutGroups``) an
 ``skeleton=True``: module, tensor-parallel and FSDP wrapping, mesh and optimizer structure, no parameter or
 optimizer storage. Three kinds live here, keyed by placement:
 
-- the *next* placement, built in the background (``prepare``) as soon as the driver knows it, so that the
+- the *next* placement, built in the background (``build``) as soon as the driver knows it, so that the
   reshard's stall is the transfer plus a bind;
 - the *fallback* placements the job would move to if one worker died, built the same way after every move,
   so that a recovery from replicas does not wait for a rebuild;
@@ -14,7 +14,7 @@ At most ``limit`` are kept (least recently used leave first). A skeleton whose p
 can never be used (its groups have a dead member) and is dropped with ``forget_workers``; so is one whose
 placement never happens, when it is evicted. Dropping destroys the skeleton's groups and nothing else.
 
-Thread model: ``prepare`` runs on the worker's background thread, everything else on its compute thread;
+Thread model: ``build`` runs on the worker's background thread, everything else on its compute thread;
 the table is guarded by a lock. The driver settles every build before a reshard, so ``take`` never meets one
 still being built.
 """
@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from elastic.core.config import Config
 from elastic.core.layout import Placement
@@ -45,12 +45,20 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@dataclass(frozen=True)
+class BuildOrder:
+    """The driver's order to build ``placement``'s skeleton with its groups named ``group`` (``Worker.build``).
+    Only ``driver/builds.py`` makes these: it alone schedules builds (an import contract)."""
+
+    placement: Placement
+    group: str
+
+
 @dataclass
 class Skeleton:
     placement: Placement
     groups: LayoutGroups | None  # None for a one-rank placement
     engine: Engine
-    seconds: dict = field(default_factory=dict)  # how long its groups and its build took
 
     def close(self) -> None:
         self.engine.close()
@@ -64,10 +72,6 @@ class SkeletonCache:
         self._lock = threading.Lock()
         self._ready: OrderedDict[Placement, Skeleton] = OrderedDict()
         self._building: dict[Placement, threading.Event] = {}
-
-    def __contains__(self, placement: Placement) -> bool:
-        with self._lock:
-            return placement in self._ready or placement in self._building
 
     def name_of(self, placement: Placement) -> str | None:
         """The group-set name of the skeleton held for ``placement`` ("" for a one-rank one), None if none.
@@ -84,19 +88,26 @@ class SkeletonCache:
         with self._lock:
             return list(self._ready)
 
-    def group_names(self) -> set[str]:
-        """The group sets of idle skeletons (a failure elsewhere must not cut them)."""
+    def discard_group(self, name: str) -> bool:
+        """Drop the skeleton whose groups are the set ``name`` (they were cut, so it can never train); whether
+        there was one."""
         with self._lock:
-            return {s.groups.name for s in self._ready.values() if s.groups is not None}
+            doomed = [p for p, s in self._ready.items() if s.groups is not None and s.groups.name == name]
+            dropped = [self._ready.pop(p) for p in doomed]
+        for s in dropped:
+            s.close()
+        return bool(dropped)
 
     # ---- building (background thread) -----------------------------------------------------------
-    def prepare(self, cfg: Config, placement: Placement, rank: int, name: str, form_groups) -> dict:
-        """Build ``placement``'s skeleton for ``rank`` with groups named ``name`` (``form_groups()`` forms them),
+    def build(self, cfg: Config, order: BuildOrder, rank: int, form_groups) -> dict:
+        """Build ``order.placement``'s skeleton for ``rank`` with groups named ``order.group`` (``form_groups()``
+        forms them),
         unless it is held under that name already. One held under another name is replaced: every member of
         the placement is building this one, and they must end up holding the same group set.
 
         Returns the seconds spent forming groups and building (zeros when it was already there).
         """
+        placement, name = order.placement, order.group
         with self._lock:
             held = self._ready.get(placement)
             if self.limit == 0 or placement in self._building or (
@@ -118,7 +129,7 @@ class SkeletonCache:
                     engine = Engine(cfg, placement, rank, groups.mesh, skeleton=True)
             _return_freed_memory()
             seconds = {"group": formed - started, "build": time.perf_counter() - formed, "cached": False}
-            self.put(Skeleton(placement, groups, engine, seconds))
+            self.put(Skeleton(placement, groups, engine))
             return seconds
         except BaseException:
             if groups is not None:

@@ -1,30 +1,41 @@
 """Typed work the driver sends to a worker: a small dataclass whose ``run`` executes inside the worker.
 
-The driver never names worker methods by string to run training code. It builds a task per worker
-(``TrainStep()``, or a recipe's own task such as GRPO's rollout) and the worker group ships it; Ray
-pickles it by reference to its class, so the worker imports the recipe module on first use and the
-worker module itself imports no recipe. A task runs on the worker's compute thread, after the worker
-has settled its engine at the job's committed step, and its failures fail fast like a step's.
+The driver never names worker methods by string to run training code or to read a worker's data. It
+builds a task per worker (``TrainStep()``, ``ReadTensors()``, a recipe's own task such as GRPO's rollout,
+or a benchmark's probe) and the worker group ships it; Ray pickles it by reference to its class, so the
+worker imports the recipe module on first use and the worker module itself imports no recipe. A task runs
+on the worker's compute thread, after the worker has settled its engine at the job's committed step, and
+its failures fail fast like a step's.
 
 ``TaskContext.scratch`` is a per-engine dict that a recipe may use for caches tied to the engine's
-life (GRPO keeps its sampling model there); the worker empties it whenever it builds a new engine.
+life (GRPO keeps its sampling model there); the worker empties it whenever it builds a new engine. A task
+that reads no engine (a probe of the process) sets ``needs_engine = False``; it then also runs on an idle
+worker, with ``engine`` None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from elastic.core import checkpoint as ckpt
+from elastic.core.boxes import Box
+from elastic.model.specs import rank_boxes
 from elastic.runtime.engine import Engine, StepResult
 
 
 @dataclass
 class TaskContext:
-    """What a task sees on the worker."""
+    """What a task sees on the worker: its id, its engine (None only for ``needs_engine = False`` tasks), the
+    engine's scratch space and the worker's skeleton cache (``runtime/skeletons.py``)."""
 
     worker: int
-    engine: Engine
+    engine: Engine | None
     scratch: dict[str, Any] = field(default_factory=dict)
+    skeletons: Any = None
 
 
 class WorkerTask(Protocol):
@@ -42,11 +53,22 @@ class TrainStep:
 
 
 @dataclass(frozen=True)
-class EvalLoss:
-    """(sum of token losses, target tokens) on this rank's share of the given samples (no pp)."""
+class ReadTensors:
+    """Copies of this rank's training tensors, for the driver (the final gather of small models)."""
 
-    indices: tuple[int, ...]
-    split: str = "holdout"
+    def run(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in ctx.engine.local_tensors().items()}
 
-    def run(self, ctx: TaskContext) -> tuple[float, int]:
-        return ctx.engine.eval_loss(list(self.indices), self.split)
+
+@dataclass(frozen=True)
+class WriteShard:
+    """Write this rank's ``entries`` ((tensor, box) pairs of the committed step) into the checkpoint being built
+    in ``folder``; returns the manifest entry of its file."""
+
+    folder: str
+    entries: tuple[tuple[str, Box], ...]
+
+    def run(self, ctx: TaskContext) -> dict:
+        engine = ctx.engine
+        return ckpt.write_shard(Path(self.folder), ctx.worker, engine.local_tensors(), list(self.entries),
+                                rank_boxes(engine.cfg, engine.placement, ctx.worker))

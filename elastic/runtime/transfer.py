@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from elastic.core.layout import Box, box_numel, box_shape, relative
+from elastic.core.boxes import Box, box_numel, box_shape, local_slices
 from elastic.plan.memory_rounds import DISK
 from elastic.plan.planner import Transfer
 
@@ -35,10 +35,6 @@ class ExecStats:
     disk_seconds: float = 0.0
     peak_buffer_bytes: int = 0
     seconds: float = 0.0
-
-
-def _slices(box: Box) -> tuple[slice, ...]:
-    return tuple(slice(lo, hi) for lo, hi in box)
 
 
 def execute(work: list[tuple[int, int, Transfer]], me: int, old_tensors: dict[str, torch.Tensor],
@@ -58,10 +54,10 @@ def execute(work: list[tuple[int, int, Transfer]], me: int, old_tensors: dict[st
     keep_alive: list[torch.Tensor] = []  # packed send buffers, until their sends complete
 
     def source(t: Transfer) -> torch.Tensor:  # the piece's view in this worker's old tensor
-        return old_tensors[t.tensor][_slices(relative(t.box, old_boxes[t.tensor]))]
+        return old_tensors[t.tensor][local_slices(t.box, old_boxes[t.tensor])]
 
     def target(t: Transfer) -> torch.Tensor:  # the piece's view in this worker's new tensor
-        return new_tensors[t.tensor][_slices(relative(t.box, new_boxes[t.tensor]))]
+        return new_tensors[t.tensor][local_slices(t.box, new_boxes[t.tensor])]
 
     for rnd, tag, t in work:
         if rnd == DISK:

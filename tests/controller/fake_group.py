@@ -85,14 +85,15 @@ class FakeWorkerGroup:
         self.workers: dict[int, FakeWorker] = {}
         self.faults = Faults()
         self.calls: list[tuple[str, Any]] = []
-        self.warm_after_polls = warm_after_polls  # ready() polls before a started worker is warm
+        self.warm_after_polls = warm_after_polls  # take_warmed() polls before a started worker is warm
         self.hold_warmup = False  # True: started workers stay warming until release_warmup()
         self._polls: dict[int, int] = {}
         self._placement: Placement | None = None
         self._committed = 0
         self._next_id = 0
         self.prepared_placements: list[Placement] = []  # what the controller asked to build ahead, in order
-        self.prepare_polls = 0  # prepared() answers False this many times first
+        self._build_asks: dict[Placement, int] = {}
+        self.prepare_polls = 0  # build_done() answers False this many times per placement first
         self.sampler = GlobalSampler(cfg.data.num_samples, cfg.train.global_batch, cfg.train.seed)
 
     # ---- what tests look at ----------------------------------------------------------------
@@ -131,7 +132,7 @@ class FakeWorkerGroup:
         self.calls.append(("start", n))
         return self._new(n, warm=False)
 
-    def ready(self) -> list[int]:
+    def take_warmed(self) -> list[int]:
         done = []
         for w in self.workers.values():
             if w.warm or w.dead or self.hold_warmup:
@@ -142,7 +143,7 @@ class FakeWorkerGroup:
                 done.append(w.id)
         return done
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_warm(self, timeout_s: float) -> None:
         if not self.hold_warmup:
             self.release_warmup()
 
@@ -155,7 +156,7 @@ class FakeWorkerGroup:
     def starting(self) -> list[int]:
         return sorted(w.id for w in self.workers.values() if not w.warm and not w.dead)
 
-    def alive(self) -> list[int]:
+    def warm(self) -> list[int]:
         return sorted(w.id for w in self.workers.values() if w.warm and not w.dead)
 
     def live(self) -> frozenset[int]:
@@ -264,10 +265,10 @@ class FakeWorkerGroup:
     def prepare(self, placements: Iterable[Placement]) -> None:
         self.prepared_placements.extend(placements)
 
-    def prepared(self, placement: Placement) -> bool:
-        """Ready after ``prepare_polls`` calls (0: at once), as a background build would be after a while."""
-        self._prepare_asks = getattr(self, "_prepare_asks", 0) + 1
-        return self._prepare_asks > self.prepare_polls
+    def build_done(self, placement: Placement) -> bool:
+        """Built after ``prepare_polls`` asks for this placement (0: at once), as a background build would be."""
+        self._build_asks[placement] = self._build_asks.get(placement, 0) + 1
+        return self._build_asks[placement] > self.prepare_polls
 
     def transfer(self, new: Placement, work: TransferWork, step: int) -> dict[int, dict]:
         self.calls.append(("transfer", new))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from elastic.control.events import Event
@@ -17,8 +18,7 @@ class FakePlane:
     def request(self, event: Event) -> int:
         """Queue an operator request (as JobClient does); returns its id."""
         event_id = next(self._ids)
-        object.__setattr__(event, "id", event_id)
-        self.inbox.append(event)
+        self.inbox.append(dataclasses.replace(event, id=event_id))
         return event_id
 
     def take(self) -> list[Event]:

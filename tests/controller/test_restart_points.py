@@ -10,7 +10,9 @@ import dataclasses
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions, restart_interval
+from elastic.control.controller import Controller
+from elastic.control.run import with_control
+from elastic.control.safekeeping import restart_interval
 from elastic.control.workload import LMWorkload
 from elastic.core.layout import Layout, Placement
 from elastic.core.records import RecordKind
@@ -33,10 +35,10 @@ def make(steps: int, **options):
     """As ``test_transitions.make`` (fsdp=2 on 2 workers: no replica), with the ``EveryOther`` workload."""
     cfg = tiny_config(steps=steps, dataset="arithmetic", global_batch=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
+    cfg = with_control(cfg, layout=Layout(fsdp=2), objective="use_all", poll_interval_s=0.0, **options)
     group = FakeWorkerGroup(cfg)
-    opts = ControllerOptions(layout=Layout(fsdp=2), objective="use_all", progress=False, gather_tensors=False,
-                             poll_interval_s=0.0, **options)
-    controller = Controller(cfg, opts, group=group, plane=FakePlane(), workload=EveryOther())
+    controller = Controller(cfg, group=group, plane=FakePlane(), workload=EveryOther(), progress=False,
+                            gather_tensors=False)
     controller.start()
     return controller, group
 
@@ -72,10 +74,9 @@ def test_resuming_a_checkpoint_between_restart_points_is_refused(tmp_path):
     full = train_reference(cfg, steps=0).tensors
     folder = write_checkpoint(tmp_path, cfg, full, Placement(Layout(), (0,)), step=3)
     with pytest.raises(ValueError, match=r"step 3, which is not a restart point .*\(a multiple of 2 steps\)"):
-        Controller(cfg, ControllerOptions(resume=str(folder)), workload=EveryOther())
+        Controller(with_control(cfg, resume=str(folder)), workload=EveryOther())
     write_checkpoint(tmp_path, cfg, full, Placement(Layout(), (0,)), step=4)
-    Controller(cfg, ControllerOptions(resume=str(tmp_path / "step_000004")), workload=EveryOther(),
-               group=_NoGroup(cfg))
+    Controller(with_control(cfg, resume=str(tmp_path / "step_000004")), workload=EveryOther(), group=_NoGroup(cfg))
 
 
 class _NoGroup:

@@ -11,12 +11,14 @@ import dataclasses
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain, Pause, Relayout, Resume, Stop
+from elastic.control.run import with_control
 from elastic.control.states import Done, Launching, Paused, Planning, Recovering, Resharding, Running
 from elastic.core.layout import Layout
 from elastic.core.records import RecordKind
 from elastic.plan.costmodel import CostModel
+from elastic.plan.decisions import Stay
 from elastic.plan.policy import Policy
 from tests import helpers
 from tests.controller.fake_group import FakeWorkerGroup
@@ -26,13 +28,14 @@ from tests.helpers import tiny_config
 pytestmark = pytest.mark.timeout(20)
 
 
-def make(layout: str = "dp=2", workers: int = 2, steps: int = 12, policy=None, **options):
+def make(layout: str = "dp=2", workers: int = 2, steps: int = 12, policy=None, gather_tensors: bool = False,
+         **control):
     cfg = tiny_config(steps=steps, dataset="arithmetic", global_batch=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
+    cfg = with_control(cfg, **{"layout": layout, "objective": "use_all", "poll_interval_s": 0.0, **control})
     group, plane = FakeWorkerGroup(cfg), FakePlane()
-    opts = ControllerOptions(**{"layout": Layout.parse(layout), "objective": "use_all", "progress": False,
-                                "gather_tensors": False, "poll_interval_s": 0.0, **options})
-    controller = Controller(cfg, opts, group=group, plane=plane, policy=policy)
+    controller = Controller(cfg, group=group, plane=plane, policy=policy, progress=False,
+                            gather_tensors=gather_tensors)
     controller.start()
     return controller, group, plane
 
@@ -110,7 +113,7 @@ def test_crash_mid_step_recovers_from_replicas_without_losing_a_step():
     controller, group, _ = make()
     group.faults.kill_at(1, step=4, phase="step")
     states = tick_until(controller, lambda c: c.recoveries)
-    assert states[-3:] == ["Running", "Recovering", "Running"]
+    assert states[-4:] == ["Running", "Recovering", "Resharding", "Running"]  # recovery moves like any move
     assert controller.recoveries[0]["how"] == "replicas" and controller.recoveries[0]["steps_lost"] == 0
     assert group.placement.workers == (0,) and controller.step == 4 == group.committed
     assert RecordKind.SCALE_OUT in kinds(controller)  # a replacement warms up meanwhile
@@ -150,7 +153,7 @@ def test_crash_mid_commit_recovers():
     plane.request(AddWorkers(reason="scale out", count=1))
     group.faults.kill_at(2, phase="commit")
     states = tick_until(controller, lambda c: c.recoveries)
-    assert states[-3:] == ["Resharding", "Recovering", "Running"]
+    assert states[-4:] == ["Resharding", "Recovering", "Resharding", "Running"]
     assert "during commit" in next(e["text"] for e in controller.events if e["kind"] == RecordKind.RESHARD_FAILED)
     assert set(group.placement.workers) <= {0, 1, 3} and 2 not in group.live()
     finish(controller)
@@ -271,7 +274,7 @@ def test_two_events_in_one_tick_make_one_reshard():
 def test_a_policy_that_declines_to_move_keeps_the_placement():
     class Stays(Policy):
         def decide(self, current, *args, **kwargs):
-            return None if current is not None else super().decide(current, *args, **kwargs)
+            return Stay("no predicted gain") if current is not None else super().decide(current, *args, **kwargs)
 
     cfg = tiny_config(steps=12, dataset="arithmetic")
     controller, group, plane = make(policy=Stays(cfg, CostModel(cfg.model, 8, 16, 8), "use_all"))

@@ -26,12 +26,12 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     from elastic.core.layout import Layout
-    from elastic.runtime.parallel import mesh as meshlib
+    from elastic.runtime.parallel import connections
 
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=30))
     from elastic.runtime.parallel.groups import LayoutGroups
 
-    groups = LayoutGroups(store, "g", rank, Layout(dp=world), 60, meshlib.SOCKETS)
+    groups = LayoutGroups(store, "g", rank, Layout(dp=world), 60, connections.SOCKETS)
     groups.activate()
     group = groups.mesh["dp"].get_group()
     dist.barrier(group=group)
@@ -39,7 +39,7 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
     try:
         if rank == 0:
             time.sleep(0.5)  # rank 0 is alive but never joins: ranks 1.. block on it
-            cut = meshlib.abort_groups()
+            cut = connections.abort_groups()
             queue.put((rank, "cut", cut, time.monotonic() - started))
             time.sleep(3)
         else:

@@ -17,8 +17,9 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import Stop
+from elastic.control.run import with_control
 from elastic.control.states import Running
 from tests.helpers import tiny_config, worst_state_err
 from tests.reference import train_reference
@@ -37,8 +38,9 @@ def main() -> None:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     cfg = tiny_config(steps=100_000, global_batch=8, dtype="float64")
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=4, cpus_per_worker=0.25))
-    controller = Controller(cfg, ControllerOptions(watch_cluster=True, max_workers=8, objective="use_all",
-                                                   poll_interval_s=0.2, progress=False, snapshot_every=5))
+    cfg = with_control(cfg, watch_cluster=True, max_workers=8, objective="use_all", poll_interval_s=0.2,
+                       snapshot_every=5)
+    controller = Controller(cfg, progress=False)
     timeline: dict = {}
     outcome: dict = {}
 

@@ -23,8 +23,9 @@ import time
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import Relayout
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.control.states import Finishing, Launching, Resharding, Running
 from elastic.core.layout import Layout
@@ -147,10 +148,9 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session, tmp_path):
                              14: [Relayout(reason="operator", layout=Layout(dp=2))]})
     # Replacements warm up before training goes on (WaitForWorkers), so every phase starts on four workers.
     group = RayWorkerGroup(cfg)
-    controller = Controller(cfg, ControllerOptions(layout=Layout(fsdp=2, tp=2), objective="use_all",
-                                                   snapshot_every=4, sources=[script, WaitForWorkers(group)],
-                                                   progress=False, checkpoint_dir=str(tmp_path),
-                                                   checkpoint_every=CHECKPOINT_EVERY), group=group)
+    cfg = with_control(cfg, layout=Layout(fsdp=2, tp=2), objective="use_all", snapshot_every=4,
+                       checkpoint_dir=str(tmp_path), checkpoint_every=CHECKPOINT_EVERY)
+    controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False)
     monkey = ChaosMonkey(controller, SCHEDULE, seed=7)
     handles = {}
 

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
+from elastic.control.run import with_control
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Layout
 from tests.helpers import tiny_config, worst_state_err
@@ -20,9 +21,8 @@ def test_save_in_one_layout_resume_in_another_equals_uninterrupted(fresh_pool, t
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
     ref = train_reference(cfg).tensors
-    first = Controller(cfg, ControllerOptions(layout=Layout.parse(saved), progress=False, gather_tensors=False,
-                                              checkpoint_dir=str(tmp_path), checkpoint_every=4),
-                       group=fresh_pool)
+    first = Controller(with_control(cfg, layout=saved, checkpoint_dir=str(tmp_path), checkpoint_every=4),
+                       group=fresh_pool, progress=False, gather_tensors=False)
     try:
         first.start()
         while first.step < 4 or not list(tmp_path.glob("step_000004")):
@@ -30,8 +30,7 @@ def test_save_in_one_layout_resume_in_another_equals_uninterrupted(fresh_pool, t
     finally:
         first.shutdown()  # the job goes away (its workers keep no engine or shards): only the disk checkpoint remains
     assert ckpt.latest(tmp_path).name == "step_000004"
-    second = Controller(cfg, ControllerOptions(layout=Layout.parse(resumed), progress=False, resume=str(tmp_path)),
-                        group=fresh_pool)
+    second = Controller(with_control(cfg, layout=resumed, resume=str(tmp_path)), group=fresh_pool, progress=False)
     try:
         result = second.run()
     finally:
@@ -47,7 +46,7 @@ def test_a_bad_checkpoint_is_refused_before_any_worker_starts(ray_session, tmp_p
     (tmp_path / "latest").write_text("step_000004")
     (tmp_path / "step_000004").mkdir()
     with pytest.raises(ckpt.CheckpointError, match="manifest missing"):
-        Controller(cfg, ControllerOptions(resume=str(tmp_path)))
+        Controller(with_control(cfg, resume=str(tmp_path)))
 
 
 @pytest.mark.timeout(120)
@@ -60,12 +59,12 @@ def test_dcp_checkpoints_reshard_across_layouts_bit_for_bit(pool, tmp_path, save
 
     pool.cfg = tiny_config(steps=8)
     old, new = Layout.parse(saved), Layout.parse(loaded)
-    pool.setup(Placement(old, tuple(pool.alive()[: old.world])))
+    pool.setup(Placement(old, tuple(pool.warm()[: old.world])))
     for _ in range(2):
         pool.step()
     _, before = pool.gather_tensors()
     pool.run({w: DcpSave(str(tmp_path)) for w in pool.placement.workers})
-    pool.setup(Placement(new, tuple(pool.alive()[: new.world])), step=2, empty=True)
+    pool.setup(Placement(new, tuple(pool.warm()[: new.world])), step=2, empty=True)
     assert set(pool.run({w: DcpLoad(str(tmp_path)) for w in pool.placement.workers}).values()) == {2}
     step, after = pool.gather_tensors()
     assert step == 2 and set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)

@@ -36,7 +36,7 @@ def test_layout_matches_single_process(pool, reference, layout_text):
     cfg, ref_losses, ref_state = reference
     layout = Layout.parse(layout_text)
     pool.cfg = cfg
-    placement = Placement(layout, tuple(pool.alive()[: layout.world]))
+    placement = Placement(layout, tuple(pool.warm()[: layout.world]))
     pool.setup(placement)
     losses = [summarize(pool.step(), placement, 0.0).loss for _ in range(STEPS)]
     step, state = pool.gather_tensors()
@@ -58,7 +58,7 @@ def test_uneven_data_parallel_split_matches(pool):
     cfg = tiny_config(dtype="float64", steps=4)
     ref_state = train_reference(cfg).tensors
     pool.cfg = cfg
-    placement = Placement(Layout(fsdp=3), tuple(pool.alive()[:3]))
+    placement = Placement(Layout(fsdp=3), tuple(pool.warm()[:3]))
     pool.setup(placement)
     for _ in range(4):
         pool.step()

@@ -17,7 +17,7 @@ from tests.helpers import tiny_config
 def test_killed_worker_fails_the_step_within_seconds(fresh_pool, layout_text):
     pool = fresh_pool
     pool.cfg = tiny_config(dtype="float32", steps=10_000, global_batch=16, seq_len=32)
-    placement = Placement(Layout.parse(layout_text), tuple(pool.alive()[:4]))
+    placement = Placement(Layout.parse(layout_text), tuple(pool.warm()[:4]))
     pool.setup(placement)
     pool.step()
     victim = placement.workers[1]
@@ -44,7 +44,7 @@ class Explode:
 @pytest.mark.timeout(60)
 def test_a_failing_task_reports_one_line_and_keeps_the_remote_traceback(pool):
     pool.cfg = tiny_config(dtype="float32")
-    placement = Placement(Layout(dp=2), tuple(pool.alive()[:2]))
+    placement = Placement(Layout(dp=2), tuple(pool.warm()[:2]))
     pool.setup(placement)
     with pytest.raises(WorkerFailure) as failure:
         pool.run({placement.workers[0]: Explode()})

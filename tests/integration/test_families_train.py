@@ -12,8 +12,9 @@ import pytest
 import torch
 import transformers
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import Relayout
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.core.config import Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.layout import Layout
@@ -35,13 +36,12 @@ def test_family_trains_and_reshards_like_transformers(pool, tmp_path, family):
                  data=DataConfig(dataset="stdlib", seq_len=16, max_corpus_bytes=200_000),
                  train=TrainConfig(steps=STEPS, global_batch=8, dtype="float64", seed=1234, init_from=str(folder)),
                  optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
-                 runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60,
-                                       prepare_wait_steps=0))
+                 runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60))
     ref = train_reference(cfg)
     script = ScriptedEvents({step: [Relayout(reason="test", layout=Layout.parse(text))]
                              for step, text in SCRIPT.items()})
-    options = ControllerOptions(layout=Layout.parse(START), sources=[script], progress=False)
-    controller = Controller(cfg, options, group=pool)
+    cfg = with_control(cfg, layout=START, prepare_wait_steps=0)
+    controller = Controller(cfg, group=pool, sources=[script], progress=False)
     try:
         result = controller.run()
     finally:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.control.states import Running
 from elastic.core.layout import Layout
@@ -37,13 +38,13 @@ def test_grpo_with_drain_add_and_phase_relayouts_equals_single_process(fresh_poo
     reference = train_grpo_reference(cfg, digit_reward)
     ref = reference.tensors
     assert any(abs(loss) > 1e-6 for loss in reference.losses)  # the policy gradient is not trivially zero
-    script = ScriptedEvents({2: [Drain(reason="preempted", worker=fresh_pool.alive()[1])],
+    script = ScriptedEvents({2: [Drain(reason="preempted", worker=fresh_pool.warm()[1])],
                              4: [AddWorkers(reason="back", count=1)]})
     group = fresh_pool
-    options = ControllerOptions(objective="use_all", sources=[script, WaitForWorkers(group)], progress=False,
-                                phase_layouts={"train": Layout(fsdp=2)}, snapshot_every=3)
+    cfg = with_control(cfg, objective="use_all", phase_layouts={"train": Layout(fsdp=2)}, snapshot_every=3)
     workload = GRPOWorkload(cfg)
-    controller = Controller(cfg, options, group=group, workload=workload)
+    controller = Controller(cfg, group=group, workload=workload, sources=[script, WaitForWorkers(group)],
+                            progress=False)
     killed = []
 
     def kill_between_iterations(transition):  # step 4 (GRPO step 2, iteration 0) is done, step 5 is next

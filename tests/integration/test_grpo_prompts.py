@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import Drain
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.core.config import RuntimeConfig
 from elastic.core.layout import Layout
@@ -43,16 +44,15 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
                       data=str(write_prompts(tmp_path / "prompts.jsonl")), num_generations=3, max_new_tokens=5,
                       loss_type="grpo", reward_funcs="tests.helpers:trl_style_reward,tests.helpers:trl_style_bonus",
                       top_entropy_quantile=0.6)  # its quantile must come from the whole batch, across ranks
-    cfg = cfg.replace(runtime=RuntimeConfig(workers=4, collective_timeout_s=60, prepare_wait_steps=0))
+    cfg = cfg.replace(runtime=RuntimeConfig(workers=4, collective_timeout_s=60))
     reference = train_grpo_reference(cfg, None)
     assert any(abs(loss) > 1e-6 for loss in reference.losses)  # iteration 2 reuses the batch: ratios move
     workload = GRPOWorkload(cfg)
     widths = {len(workload.loop.task.ids(i)) for i in range(len(workload.loop.task))}
     assert len(widths) > 3  # prompts of many lengths share each batch, left-padded to one width
-    script = ScriptedEvents({2: [Drain(reason="preempted", worker=fresh_pool.alive()[2])]})
-    options = ControllerOptions(objective="use_all", sources=[script], progress=False,
-                                phase_layouts={"train": Layout(dp=2, tp=2)})
-    controller = Controller(cfg, options, group=fresh_pool, workload=workload)
+    script = ScriptedEvents({2: [Drain(reason="preempted", worker=fresh_pool.warm()[2])]})
+    cfg = with_control(cfg, objective="use_all", phase_layouts={"train": Layout(dp=2, tp=2)}, prepare_wait_steps=0)
+    controller = Controller(cfg, group=fresh_pool, workload=workload, sources=[script], progress=False)
     try:
         result = controller.run()
     finally:

@@ -14,8 +14,9 @@ import pytest
 import torch
 import transformers
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import Relayout
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.core.config import LoraConfig, RuntimeConfig
 from elastic.core.layout import Layout
@@ -48,12 +49,12 @@ def test_lora_on_a_qwen2_folder_with_chats(pool, tmp_path):
     chats = write_chats(tmp_path / "chats.jsonl")
     cfg = lora_config(base, steps=STEPS, global_batch=8, dtype="float64", data=str(chats))
     cfg = cfg.replace(lora=LoraConfig(r=4, alpha=8.0),
-                      runtime=RuntimeConfig(workers=4, collective_timeout_s=60, prepare_wait_steps=0))
+                      runtime=RuntimeConfig(workers=4, collective_timeout_s=60))
     assert cfg.data.tokenizer == str(base) and cfg.model.family == "qwen2"
     ref = train_reference(cfg)
     script = ScriptedEvents({3: [Relayout(reason="test", layout=Layout.parse("dp=2,tp=2"))]})
-    options = ControllerOptions(layout=Layout.parse("fsdp=4"), sources=[script], progress=False)
-    controller = Controller(cfg, options, group=pool)
+    cfg = with_control(cfg, layout="fsdp=4", prepare_wait_steps=0)
+    controller = Controller(cfg, group=pool, sources=[script], progress=False)
     try:
         result = controller.run()
     finally:

@@ -14,8 +14,9 @@ import dataclasses
 
 import pytest
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain, Relayout
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.core.config import LoraConfig
 from elastic.core.layout import Layout, Placement
@@ -55,7 +56,7 @@ def test_lora_layout_matches_single_process(pool, lora_references, layout_text, 
         assert err > 1e-3, f"dropout {dropout} left the run unchanged ({name} {err:.2e})"
     pool.cfg = cfg
     layout = Layout.parse(layout_text)
-    pool.setup(Placement(layout, tuple(pool.alive()[: layout.world])))
+    pool.setup(Placement(layout, tuple(pool.warm()[: layout.world])))
     for _ in range(STEPS):
         pool.step()
     step, state = pool.gather_tensors()
@@ -77,13 +78,12 @@ def test_lora_layout_matches_single_process(pool, lora_references, layout_text, 
 def test_lora_across_live_reshards(fresh_pool):
     cfg = lora_config(steps=12, ahead=True)
     ref = train_reference(cfg).tensors
-    script = ScriptedEvents({3: [Drain(reason="preempted", worker=fresh_pool.alive()[0])],
+    script = ScriptedEvents({3: [Drain(reason="preempted", worker=fresh_pool.warm()[0])],
                              6: [AddWorkers(reason="back", count=1)],
                              9: [Relayout(reason="operator", layout=Layout(fsdp=2, tp=2))]})
     group = fresh_pool
-    controller = Controller(cfg, ControllerOptions(layout=Layout(tp=2, dp=2), objective="use_all",
-                                                   sources=[script, WaitForWorkers(group)], progress=False),
-                            group=group)
+    cfg = with_control(cfg, layout=Layout(tp=2, dp=2), objective="use_all")
+    controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False)
     try:
         result = controller.run()
     finally:
@@ -107,7 +107,7 @@ def test_lora_reshard_reads_the_frozen_base_from_its_folder(pool, tmp_path):
                         runtime=dataclasses.replace(plain.runtime, base_from="disk"))
     ref = train_reference(cfg).tensors
     pool.cfg = cfg
-    workers = tuple(pool.alive()[:4])
+    workers = tuple(pool.warm()[:4])
     pool.setup(Placement(Layout(dp=2, tp=2), workers))
     pool.step()
     disk = frozen_from_disk(cfg)

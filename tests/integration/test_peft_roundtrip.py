@@ -34,9 +34,9 @@ def test_train_lora_on_hf_base_then_load_with_peft(pool, tmp_path):
                  data=DataConfig(dataset="arithmetic", seq_len=16, num_samples=500),
                  train=TrainConfig(steps=6, global_batch=8, dtype="float32", init_from=str(base_dir)),
                  optim=OptimConfig(lr=2e-2, warmup_steps=0),
-                 runtime=RuntimeConfig(collective_timeout_s=60, prepare_wait_steps=0))
+                 runtime=RuntimeConfig(collective_timeout_s=60))
     pool.cfg = cfg
-    pool.setup(Placement(Layout(tp=2), tuple(pool.alive()[:2])))
+    pool.setup(Placement(Layout(tp=2), tuple(pool.warm()[:2])))
     losses = [sum(r.loss for r in pool.step().values() if r.loss is not None) / 2 for _ in range(6)]
     assert losses[-1] < losses[0]
     _, state = pool.gather_tensors()

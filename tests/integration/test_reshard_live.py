@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from elastic.control.controller import Controller, ControllerOptions
+from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain, Relayout
+from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
 from elastic.control.states import Launching, Paused, Resharding, Running
 from elastic.core.data import build_dataset
@@ -33,24 +34,24 @@ def assert_exactly_once(cfg, history):
 def test_drain_add_relayout_and_back_equals_single_process(fresh_pool, tmp_path):
     # 45 training windows and 8 per step: the run crosses two epoch boundaries, both inside a step.
     cfg = tiny_config(steps=15, ahead=True)
-    cfg = cfg.replace(data=dataclasses.replace(cfg.data, max_corpus_bytes=46 * 16 + 1),
-                      # events come every 3 steps, and a tiny model's step is shorter than a skeleton build
-                      runtime=dataclasses.replace(cfg.runtime, prepare_wait_steps=1))
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, max_corpus_bytes=46 * 16 + 1))
+    # events come every 3 steps, and a tiny model's step is shorter than a skeleton build
+    cfg = with_control(cfg, prepare_wait_steps=1)
     assert len(build_dataset(cfg.data, cfg.train.seed)) == 45
     ref_state = train_reference(cfg).tensors
     script = ScriptedEvents({
-        3: [Drain(reason="preemption notice", worker=fresh_pool.alive()[1])],           # 4 -> 3 workers
+        3: [Drain(reason="preemption notice", worker=fresh_pool.warm()[1])],           # 4 -> 3 workers
         6: [AddWorkers(reason="two nodes back", count=2)],          # 3 -> 5 workers
         9: [Relayout(reason="operator", layout=Layout(fsdp=5))],    # dp=5 -> fsdp=5
         12: [Relayout(reason="operator", layout=Layout(dp=2, tp=2))],  # back to 4 workers
     })
     group = fresh_pool
-    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2, tp=2), objective="use_all",
-                                                   sources=[script, WaitForWorkers(group)], progress=False,
-                                                   run_dir=str(tmp_path / "run")), group=group)
+    cfg = with_control(cfg, layout=Layout(dp=2, tp=2), objective="use_all")
+    controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False,
+                            run_dir=str(tmp_path / "run"))
     try:
         controller.start()
-        pids = {w: controller.group.pid(w) for w in controller.group.alive()}
+        pids = {w: controller.group.pid(w) for w in controller.group.warm()}
         result = controller.run_started()
         survivors = [w for w in pids if w in controller.group.live()]
         assert survivors and all(controller.group.pid(w) == pids[w] for w in survivors)  # never restarted
@@ -63,7 +64,7 @@ def test_drain_add_relayout_and_back_equals_single_process(fresh_pool, tmp_path)
     runs = [layouts[0]] + [b for a, b in zip(layouts, layouts[1:], strict=False) if a != b]
     assert runs == ["dp=2,tp=2", "dp=3", "dp=5", "fsdp=5", "dp=2,tp=2"], layouts
     starts = [i for i in range(1, len(layouts)) if layouts[i] != layouts[i - 1]]
-    wait = cfg.runtime.prepare_wait_steps
+    wait = cfg.section("control").prepare_wait_steps
     assert all(0 <= s - arrived <= wait for s, arrived in zip(starts, (3, 7, 9, 12), strict=True)), layouts
     assert len(result.reshards) == 4 and all(r.total_seconds < 5 for r in result.reshards)
     err, name = worst_state_err(result.tensors, ref_state)
@@ -89,7 +90,7 @@ def test_round_trip_is_bit_identical(pool, pack_bytes):
     cfg = tiny_config(steps=3, dtype="float32")
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, reshard_pack_bytes=pack_bytes))
     pool.cfg = cfg
-    workers = tuple(pool.alive()[:4])
+    workers = tuple(pool.warm()[:4])
     a = Placement(Layout(dp=2, tp=2), workers)
     pool.setup(a)
     for _ in range(2):
@@ -121,9 +122,9 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
             return []
 
     group = RayWorkerGroup(cfg)  # its own two workers: the pool's four would change the budget arithmetic
-    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), min_workers=2, objective="use_all",
-                                                   sources=[script, ReturnWhenPaused(), WaitForWorkers(group)],
-                                                   progress=False), group=group)
+    cfg = with_control(cfg, layout=Layout(dp=2), min_workers=2, objective="use_all")
+    controller = Controller(cfg, group=group, sources=[script, ReturnWhenPaused(), WaitForWorkers(group)],
+                            progress=False)
     try:
         result = controller.run()
     finally:
@@ -144,9 +145,8 @@ def test_failed_reshard_keeps_old_placement(ray_session):
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
     script = ScriptedEvents({2: [AddWorkers(reason="scale out", count=1)]})
     group = RayWorkerGroup(cfg)  # its own workers 0 and 1; the newcomer is worker 2
-    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), objective="use_all",
-                                                   sources=[script, WaitForWorkers(group)], progress=False),
-                            group=group)
+    cfg = with_control(cfg, layout=Layout(dp=2), objective="use_all")
+    controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False)
 
     def kill_newcomer():
         deadline = time.monotonic() + 60
@@ -181,8 +181,8 @@ def test_operator_requests_through_the_named_actor(fresh_pool, capsys):
     from launch.cli import main
 
     cfg = tiny_config(steps=400, dtype="float32")
-    controller = Controller(cfg, ControllerOptions(layout=Layout(dp=2), job_name="live-ops", progress=False,
-                                                   gather_tensors=False, poll_interval_s=0.05), group=fresh_pool)
+    cfg = with_control(cfg, layout=Layout(dp=2), poll_interval_s=0.05)
+    controller = Controller(cfg, group=fresh_pool, job_name="live-ops", progress=False, gather_tensors=False)
     answers = {}
 
     def operate():

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from bench.probes import skeletons
 from elastic.core.layout import Layout, Placement
 from elastic.driver.group import WorkerFailure
 from elastic.driver.resharder import plan_move, reshard
@@ -19,14 +20,14 @@ from tests.reference import train_reference
 
 def _used_skeleton(report) -> bool:
     commits = [w["commit"] for w in report.workers.values() if "commit" in w]
-    return bool(commits) and all(c["skeleton"] for c in commits)
+    return bool(commits) and all(c["bound"] for c in commits)
 
 
 def _step_while_building(group, placements, limit_s: float = 60.0) -> int:
     """Train until every build of ``placements`` is done; returns how many steps overlapped a build."""
     group.prepare(placements)
     steps, deadline = 0, time.monotonic() + limit_s
-    while not all(group.prepared(p) for p in placements):
+    while not all(group.build_done(p) for p in placements):
         assert time.monotonic() < deadline, "skeleton builds did not finish"
         group.step()
         steps += 1
@@ -38,14 +39,14 @@ def _step_while_building(group, placements, limit_s: float = 60.0) -> int:
 def test_a_b_a_b_with_skeletons_equals_the_reference(pool):
     cfg = tiny_config(steps=40)  # the schedule's horizon; the run stops earlier, after the last move
     pool.cfg = cfg
-    workers = tuple(pool.alive()[:4])
+    workers = tuple(pool.warm()[:4])
     a = Placement(Layout(dp=2, tp=2), workers)
     b = Placement(Layout(fsdp=2, pp=2, microbatches=2), workers[::-1])
     pool.setup(a)
     pool.step()
     overlapped = _step_while_building(pool, [b])  # B is built while A trains
     assert overlapped >= 1, "no step ran during the background build, so this test shows nothing about it"
-    assert all(b in held for held in pool.skeletons(workers).values())
+    assert all(b in held for held in skeletons(pool, workers).values())
     used = []
     for target in (b, a, b):  # A and then B again come from the skeletons parked when the job left them
         used.append(_used_skeleton(reshard(pool, plan_move(pool, target), pool.committed, "round trip")))
@@ -63,7 +64,7 @@ def test_recovery_binds_the_fallback_and_drops_skeletons_naming_the_dead(fresh_p
     cfg = tiny_config(steps=40)  # the schedule's horizon; the run stops two steps after the recovery
     group = fresh_pool
     group.cfg = cfg
-    workers = tuple(group.alive()[:4])
+    workers = tuple(group.warm()[:4])
     victim = workers[3]
     current = Placement(Layout(dp=2, fsdp=2), workers)
     fallback = Placement(Layout(dp=3), workers[:3])  # where losing the victim would take the job
@@ -79,7 +80,7 @@ def test_recovery_binds_the_fallback_and_drops_skeletons_naming_the_dead(fresh_p
     group.settle(survivors)
     report = reshard(group, plan_move(group, fallback, alive=group.live()), group.committed, "recover")
     assert _used_skeleton(report), "recovery rebuilt the engines instead of binding the fallback skeleton"
-    held = group.skeletons(survivors)
+    held = skeletons(group, survivors)
     assert all(never not in placements for placements in held.values()), held  # it named the dead worker
     for _ in range(2):  # the killed step, redone, and one more
         group.step()

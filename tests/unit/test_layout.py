@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elastic.core.boxes import box_numel, chunk, intersect
 from elastic.core.config import MODEL_PRESETS, ModelConfig
-from elastic.core.layout import Layout, Placement, box_numel, chunk, enumerate_layouts, intersect
+from elastic.core.layout import Layout, Placement, enumerate_layouts
 from elastic.model.llama import tensor_specs
 
 MODEL = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=60, vocab_size=37)

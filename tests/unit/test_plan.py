@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elastic.core.boxes import box_numel, intersect
 from elastic.core.config import ModelConfig
-from elastic.core.layout import Layout, Placement, box_numel, intersect
+from elastic.core.layout import Layout, Placement
 from elastic.model.llama import tensor_specs
 from elastic.plan.memory_rounds import memory_bounded_rounds
 from elastic.plan.planner import MissingShards, cached_plan, make_plan

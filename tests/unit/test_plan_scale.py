@@ -18,16 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from elastic.core.boxes import box_numel, intersect
 from elastic.core.config import ModelConfig
-from elastic.core.layout import (
-    Layout,
-    Placement,
-    box_grid,
-    box_numel,
-    grid_index,
-    intersect,
-    stage_table,
-)
+from elastic.core.layout import Layout, Placement, box_grid, grid_index, stage_table
 from elastic.model.llama import tensor_specs
 from elastic.plan.planner import ItemSizes, MissingShards, Transfer, cached_plan, make_plan, water_fill
 from elastic.plan.stream_rounds import (

@@ -7,6 +7,7 @@ import pytest
 from elastic.core.config import MODEL_PRESETS
 from elastic.core.layout import Layout, Placement
 from elastic.plan.costmodel import CostModel
+from elastic.plan.decisions import Move, Pause, Refuse, Stay
 from elastic.plan.policy import Policy
 from tests.helpers import tiny_config
 
@@ -41,20 +42,21 @@ def test_policy_keeps_a_good_placement_and_moves_when_it_must():
     cost = CostModel(cfg.model, 16, cfg.data.seq_len, 8, cores=2)
     policy = Policy(cfg, cost)
     current = Placement(Layout(dp=2), (0, 1))
-    assert policy.decide(current, [0, 1], remaining=100) is None
+    assert isinstance(policy.decide(current, [0, 1], remaining=100), Stay)
     moved = policy.decide(current, [0], remaining=100, must_move=True, reason="drain 1")
-    assert moved.placement.workers == (0,) and "drain 1" in moved.reason
+    assert isinstance(moved, Move) and moved.placement.workers == (0,) and "drain 1" in moved.reason
 
 
 def test_policy_refuses_impossible_requests_and_pauses_below_minimum():
     cfg = tiny_config(global_batch=16)
     policy = Policy(cfg, CostModel(cfg.model, 16, 16, 8), min_workers=2)
-    with pytest.raises(ValueError, match="tp=3 does not divide n_heads=4"):
-        policy.decide(None, [0, 1, 2], 10, forced=Layout(tp=3))
-    with pytest.raises(ValueError, match="needs 4 workers but only 2 are available"):
-        policy.decide(None, [0, 1], 10, forced=Layout(dp=4))
+    refused = policy.decide(None, [0, 1, 2], 10, forced=Layout(tp=3))
+    assert isinstance(refused, Refuse) and refused.request == Layout(tp=3)
+    assert "tp=3 does not divide n_heads=4" in refused.reason
+    refused = policy.decide(None, [0, 1], 10, forced=Layout(dp=4))
+    assert isinstance(refused, Refuse) and "needs 4 workers but only 2 are available" in refused.reason
     decision = policy.decide(Placement(Layout(dp=2), (0, 1)), [0], 10, must_move=True)
-    assert decision.placement is None and "needs at least 2" in decision.reason
+    assert isinstance(decision, Pause) and "needs at least 2" in decision.reason
 
 
 def test_rank_assignment_keeps_shards_local():
@@ -92,7 +94,7 @@ def test_memory_budget_rules_out_layouts_that_would_not_fit():
     assert tight.decide(None, [0, 1, 2, 3], 100).placement.layout in allowed
     # One worker cannot hold it all: the job pauses and says which limit binds.
     paused = tight.decide(Placement(Layout(dp=2), (0, 1)), [0], 100, must_move=True)
-    assert paused.placement is None and "GB per-worker memory" in paused.reason
+    assert isinstance(paused, Pause) and "GB per-worker memory" in paused.reason
 
 
 def test_use_all_says_so_when_growing_is_not_predicted_faster():

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from elastic.core.boxes import balanced
 from elastic.core.config import Config
 from elastic.core.data import GlobalSampler
-from elastic.core.layout import balanced
 from elastic.core.tokenizer import load_tokenizer
 from elastic.recipes.grpo.advantage import noise_corrected_advantages
 from elastic.recipes.grpo.calibration import calibrate, file_set, group_function, synthetic_set

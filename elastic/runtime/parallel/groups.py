@@ -17,7 +17,6 @@ it in the same order relative to their other sets (the driver sends them in one 
 from __future__ import annotations
 
 import datetime
-import itertools
 import logging
 
 import torch
@@ -82,21 +81,9 @@ class LayoutGroups:
         """A block in which, on this thread only, this set's world is the default group (background builds)."""
         return default_group_on_this_thread(self.world)
 
-    def cut(self) -> int:
-        """Shut down this set's gloo connections: blocked operations on them fail at once, here and on peers."""
-        return self._sockets.cut(self.name)
-
     def close(self) -> None:
         """Destroy every group of the set (and forget its sockets); other sets are untouched."""
         for pg in reversed(self._groups):
             destroy_group(pg)
         self._groups = []
         self._sockets.forget(self.name)
-
-
-_counter = itertools.count()
-
-
-def local_world_name() -> str:
-    """A fresh name for a one-rank set that needs no rendezvous partner (world size 1)."""
-    return f"local/{next(_counter)}"

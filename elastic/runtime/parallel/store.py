@@ -12,6 +12,13 @@ import time
 
 import torch.distributed as dist
 
+ABORT = "abort"  # the key, under a group's prefix, that calls its rendezvous off
+
+
+def abort_key(group: str) -> str:
+    """The driver's store key that calls off forming the group named ``group``."""
+    return f"{group}/{ABORT}"
+
 
 class GroupAborted(RuntimeError):
     """The driver gave up on forming a group (a member died); raised instead of waiting out a timeout."""
@@ -21,7 +28,7 @@ def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, poll_s: floa
     """Wait until every key exists, or fail at once if the group's ``abort`` key is set."""
     deadline = time.monotonic() + timeout_s
     while not store.check(keys):
-        if store.check(["abort"]):
+        if store.check([ABORT]):
             raise GroupAborted("the driver aborted forming this group because a member was lost")
         if time.monotonic() > deadline:
             missing = [k for k in keys if not store.check([k])]

@@ -17,9 +17,9 @@ from elastic.core.config import Config, ModelConfig
 from elastic.core.data import build_dataset
 from elastic.core.layout import Layout
 from elastic.runtime.parallel.abort import GlooSockets
+from elastic.runtime.parallel.connections import set_default_group
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.runtime.parallel.groups import LayoutGroups
-from elastic.runtime.parallel.mesh import set_default_group
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
 
 TINY = ModelConfig(vocab_size=259, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=16)

@@ -1,4 +1,5 @@
-"""Process-wide group plumbing: the driver's store, the default group, standalone groups and abort.
+"""This process's gloo connections: its client of the driver's store, the default group, standalone
+groups, and cutting groups when something fails.
 
 A placement's groups are a ``groups.LayoutGroups`` (several may be alive at once; the one that trains is the
 default group). Groups rendezvous through a TCPStore hosted by the driver, under a fresh key prefix per

@@ -1,0 +1,35 @@
+"""What a run leaves (``RunResult``), and the summary written to its run directory's ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from elastic.core.layout import Placement
+from elastic.driver.resharder import ReshardReport
+from elastic.driver.snapshots import Snapshotter
+from elastic.driver.summary import StepSummary
+
+
+@dataclass
+class RunResult:
+    """What a run leaves: its steps, reshards, recoveries and journal, and the final tensors."""
+
+    history: list[StepSummary]
+    reshards: list[ReshardReport]
+    recoveries: list[dict]
+    events: list[dict]
+    tensors: dict[str, torch.Tensor] | None
+    seconds: float
+    final_placement: Placement | None = None
+
+
+def run_summary(result: RunResult, snapshots: Snapshotter) -> dict:
+    """The figures ``summary.json`` keeps."""
+    placement = result.final_placement
+    return {"steps": len(result.history), "seconds": result.seconds,
+            "final_loss": result.history[-1].loss if result.history else None,
+            "final_layout": str(placement.layout) if placement else None,
+            "reshards": len(result.reshards), "recoveries": result.recoveries,
+            "snapshots": snapshots.taken, "snapshot_stall_s": round(snapshots.stall_total, 3)}

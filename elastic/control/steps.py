@@ -1,0 +1,47 @@
+"""The run's committed steps as the driver sees them: history, metrics lines, step calibration, progress bar.
+
+``StepLog.count`` takes one committed step's per-rank results: it keeps the summary (a replayed step
+replaces its first try, so the history holds each step once), writes its ``metrics.jsonl`` line, lets the
+cost model learn the step time (not from a placement's first step, which pays one-off costs) and moves the
+progress bar. Issue 28's exactly-once ledger reads the ranks' own reports, not this de-duplicated list.
+"""
+
+from __future__ import annotations
+
+import time
+
+from elastic.core.layout import Placement
+from elastic.driver.summary import StepSummary, summarize
+from elastic.plan.costmodel import CostModel
+from elastic.tools.metrics import MetricsWriter
+from elastic.tools.progress import describe, progress_bar
+
+
+class StepLog:
+    def __init__(self, cost: CostModel, metrics: MetricsWriter | None) -> None:
+        self.cost, self.metrics = cost, metrics
+        self.history: list[StepSummary] = []
+        self.bar = None
+
+    def count(self, results: dict, placement: Placement, started: float, fresh: bool, committed: int) -> None:
+        """Record the step whose per-rank ``results`` came back (timed from ``started``); ``committed``: the job's
+        committed steps after it."""
+        summary = summarize(results, placement, time.perf_counter() - started)
+        self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
+        self.history.append(summary)
+        if self.metrics is not None:
+            self.metrics.step(summary)
+        if not fresh:  # a placement's first step pays one-off costs; do not calibrate on it
+            self.cost.observe_step(placement.layout, summary.seconds)
+        if self.bar is not None:
+            self.bar.set_postfix(describe(summary), refresh=False)
+            self.bar.n = committed
+            self.bar.refresh()
+
+    def open_bar(self, total: int, initial: int, show: bool) -> None:
+        self.bar = progress_bar(total, initial=initial, disable=not show)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

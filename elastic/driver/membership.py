@@ -1,0 +1,169 @@
+"""Which workers the job has: actor handles, ids, warm-up, where each runs, spares and replacements.
+
+This is the only module that creates worker actors (an import contract: nothing else imports the actor
+class). A worker gets a stable integer id for its life; it is *starting* while it warms up in the
+background (torch imported, FSDP and DTensor code paths run once) and *warm* after that. ``live`` is every
+process still alive, warm or not. Losing a worker (its call failed as dead, or the driver stopped it)
+removes it here; nothing else keeps actor handles.
+
+Assumes ``ray.init`` has been called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable
+
+import ray
+from ray.exceptions import RayError
+
+from elastic.core.config import Config
+from elastic.runtime.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, cfg: Config, store_host: str, store_port: int) -> None:
+        self.cfg, self.store_addr = cfg, (store_host, store_port)
+        self.actors: dict[int, ray.actor.ActorHandle] = {}
+        self.info: dict[int, dict] = {}  # id -> {"pid", "host", "node_id"} once warm
+        self._starting: dict[int, ray.ObjectRef] = {}
+        self._next_id = 0
+
+    # ---- starting ------------------------------------------------------------------------
+    def start(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
+        """Start ``n`` workers in the background; returns their ids (they warm up while training goes on).
+        ``warm=False`` waits only for the processes and their imports, as a restarted torchrun worker would."""
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        for wid in ids:
+            actor = Worker.options(num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0,
+                                   resources=resources or {}).remote(wid, self.cfg, *self.store_addr)
+            self.actors[wid] = actor
+            self._starting[wid] = actor.warmup.remote(warm)
+        return ids
+
+    def spawn(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
+        """Start ``n`` workers and wait until each is warm; returns the ids of those that came up (a worker that
+        dies while starting is dropped and logged: the controller starts another when it plans)."""
+        ids = self.start(n, resources, warm)
+        refs = [self._starting[w] for w in ids]
+        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.runtime.store_timeout_s * 4)
+        return [w for w in ids if self._warmed(w)]
+
+    def take_warmed(self) -> list[int]:
+        """Workers that finished warming up since the last call (non-blocking); they count as warm from now."""
+        return [wid for wid in sorted(self._starting) if self._warmed(wid)]
+
+    def _warmed(self, wid: int) -> bool:
+        """Whether starting worker ``wid`` finished warming up (non-blocking); one that failed is dropped."""
+        ref = self._starting[wid]
+        finished, _ = ray.wait([ref], timeout=0)
+        if not finished:
+            return False
+        del self._starting[wid]
+        try:
+            self.info[wid] = ray.get(ref)
+            return True
+        except RayError as err:
+            log.warning("worker %d failed to start: %s", wid, str(err).splitlines()[0])
+            self.actors.pop(wid, None)
+            return False
+
+    def wait_warm(self, timeout_s: float) -> None:
+        """Block until no worker is warming up (or the timeout passes)."""
+        if self._starting:
+            ray.wait(list(self._starting.values()), num_returns=len(self._starting), timeout=timeout_s)
+
+    def cancel_starting(self, count: int) -> list[int]:
+        """Stop up to ``count`` workers that are still starting (newest first); returns their ids."""
+        victims = sorted(self._starting, reverse=True)[:count]
+        for wid in victims:
+            del self._starting[wid]
+        self.remove(victims)
+        return victims
+
+    # ---- who is there -----------------------------------------------------------------------
+    @property
+    def starting(self) -> list[int]:
+        return sorted(self._starting)
+
+    def warm(self) -> list[int]:
+        """Workers that are up and warm."""
+        return sorted(w for w in self.actors if w not in self._starting)
+
+    def live(self) -> frozenset[int]:
+        """Every worker process still alive, warm or warming."""
+        return frozenset(self.actors)
+
+    def handle(self, worker: int) -> ray.actor.ActorHandle:
+        return self.actors[worker]
+
+    def pid(self, worker: int) -> int:
+        return self.info[worker]["pid"]
+
+    # ---- leaving ----------------------------------------------------------------------------
+    def lost(self, workers: Iterable[int]) -> None:
+        """Forget workers whose processes are gone (a failed call found them dead)."""
+        for wid in workers:
+            self.actors.pop(wid, None)
+            self._starting.pop(wid, None)
+
+    def remove(self, workers: Iterable[int]) -> None:
+        """Stop actors and forget them (no state is read from them)."""
+        for wid in list(workers):
+            actor = self.actors.pop(wid, None)
+            self.info.pop(wid, None)
+            self._starting.pop(wid, None)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+    def kill(self, worker: int) -> None:
+        """SIGKILL a worker's process from outside, as a crash would (chaos tests, benchmarks, the demo)."""
+        os.kill(self.pid(worker), signal.SIGKILL)
+
+
+class MembershipView:
+    """The ``WorkerGroup`` protocol's membership methods, answered by ``self.members`` (a ``Membership``)."""
+
+    members: Membership
+
+    @property
+    def starting(self) -> list[int]:
+        return self.members.starting
+
+    def spawn(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
+        return self.members.spawn(n, resources, warm)
+
+    def start(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
+        return self.members.start(n, resources, warm)
+
+    def take_warmed(self) -> list[int]:
+        return self.members.take_warmed()
+
+    def wait_warm(self, timeout_s: float) -> None:
+        self.members.wait_warm(timeout_s)
+
+    def cancel_starting(self, count: int) -> list[int]:
+        return self.members.cancel_starting(count)
+
+    def warm(self) -> list[int]:
+        return self.members.warm()
+
+    def live(self) -> frozenset[int]:
+        return self.members.live()
+
+    def remove(self, workers: Iterable[int]) -> None:
+        self.members.remove(workers)
+
+    def kill(self, worker: int) -> None:
+        self.members.kill(worker)
+
+    def pid(self, worker: int) -> int:
+        return self.members.pid(worker)
+
+    def handle(self, worker: int) -> ray.actor.ActorHandle:
+        return self.members.handle(worker)
