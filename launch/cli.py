@@ -21,12 +21,7 @@ import argparse
 import os
 import socket
 import sys
-import time
 from pathlib import Path
-
-from elastic.driver.connect import token_auth_ready
-
-token_auth_ready()  # before anything imports ray: Ray reads its auth mode at import
 
 EVENTS = ("status", "add-workers", "drain", "relayout", "pause", "resume", "stop")
 RECIPE_NAMES = ("pretrain", "lora", "grpo")  # the registry's names, without importing it (it imports torch)
@@ -80,11 +75,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from elastic.control.controller import Controller
     from elastic.driver.connect import connect_ray
     from elastic.tools.storage import persist, run_storage
+    from launch.jobs import finished, job_name, refuse_twin
 
-    job = args.job_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job = job_name(args.recipe, cfg, args.job_name)
     storage = run_storage(job, args.storage_path, args.run_dir)
     run_dir = storage.local
+    done = finished(run_dir, cfg.train.steps)
+    if done is not None:
+        print(f"job {job!r} already finished: {done['last_step']} steps, final loss {done.get('final_loss')}; its "
+              f"outputs are in {storage.shown}. To train again, give another --job-name (or remove that folder).")
+        return 0
     connect_ray(args.address)
+    refuse_twin(job)
     print(f"job {job!r}: {args.recipe}, {cfg.model.num_params() / 1e6:.1f}M parameters, "
           f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; outputs in {storage.shown}")
     where = f" --address {args.address}" if args.address else ""
@@ -92,6 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     workload = recipe.workload(cfg) if recipe.workload else None
     controller = Controller(cfg, workload=workload, job_name=job, run_dir=str(run_dir),
                             progress=not args.no_progress)
+    if controller.resume_from is not None:
+        print(f"resuming from {controller.resume_from} (the newest checkpoint of this job)")
     try:
         result = controller.run()
     finally:
@@ -114,17 +118,17 @@ def cmd_events(args: argparse.Namespace) -> int:
         raise UsageError(f"`elastic events {args.action}` needs {need[args.action]}")
     if args.address:
         check_address(args.address)
-    import ray
-
     from elastic.control.client import JobClient
+    from elastic.driver.connect import connect_ray
 
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
-        try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        except ConnectionError:
-            raise UsageError("no Ray cluster is running on this machine; pass --address HOST:PORT of the job's "
-                             "cluster (the job prints the exact command when it starts)") from None
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        connect_ray(address, check=False)
+    except ConnectionError as err:
+        if address != "auto":
+            raise
+        raise UsageError("no Ray cluster is running on this machine; pass --address HOST:PORT of the job's "
+                         "cluster (the job prints the exact command when it starts)") from err
     client = JobClient(args.job)
     if args.action == "status":
         status = client.status()
@@ -144,7 +148,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     else:
         answer = getattr(client, args.action)()
     print(answer)
-    return 1 if answer.startswith("refused") else 0
+    return 1 if answer.startswith(("refused", "no decision")) else 0  # a refused or unanswered request fails
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -188,7 +192,9 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
                                       "text, prompt+completion or messages (lora); prompts (grpo)")
     train.add_argument("--config", help="a TOML file with [model], [train], ... sections")
     train.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local Ray)")
-    train.add_argument("--job-name", help="name of the job's control actor (for `elastic events`)")
+    train.add_argument("--job-name", help="the job's name: its run folder STORAGE_PATH/<name> and its control actor "
+                                          "(for `elastic events`); default: the recipe and a digest of the "
+                                          "configuration, so that the same command again resumes the same job")
     train.add_argument("--storage-path", help="where runs are kept, a folder or a pyarrow.fs URI (s3://, gs://, "
                                               "...); the run goes to STORAGE_PATH/<job> (default: Ray Train's "
                                               "~/ray_results, or ELASTIC_STORAGE_PATH)")

@@ -15,10 +15,10 @@ import os
 
 import pytest
 
-from elastic.driver.connect import token_auth_ready
+from elastic.driver.connect import use_token_auth
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-token_auth_ready()
+use_token_auth()
 
 DEV_EXTRAS = ("transformers", "datasets", "peft", "trl", "hypothesis", "pytest_timeout")  # [dev] and runtime
 

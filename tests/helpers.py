@@ -184,3 +184,34 @@ def trl_style_reward(prompts, completions, answer, completion_ids, **kwargs):
 def trl_style_bonus(prompts, completions, **kwargs):
     """A second reward function (they add up); None where it does not apply, as TRL allows."""
     return [0.25 if isinstance(p, list) else None for p in prompts]
+
+
+class SlowNextStep:
+    """A worker task: the worker's next training step first computes for ``seconds`` (a slow batch, not a
+    hang: its compute thread burns CPU throughout). Test code only: it patches ``Engine.compute`` in the
+    worker's process."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, ctx) -> bool:
+        import time
+
+        import torch
+
+        from elastic.runtime.engine import Engine
+
+        original = getattr(Engine.compute, "unslowed", Engine.compute)
+        seconds, fired = self.seconds, []
+
+        def slow(engine, *args, **kwargs):
+            if not fired:
+                fired.append(True)
+                a, end = torch.randn(64, 64), time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    a = torch.tanh(a @ a)
+            return original(engine, *args, **kwargs)
+
+        slow.unslowed = original
+        Engine.compute = slow
+        return True

@@ -35,14 +35,23 @@ class ControlConfig:
     watch_cluster: bool = knob(False, "scale with Ray's cluster capacity (its CPUs / runtime.cpus_per_worker)")
     poll_interval_s: float = knob(0.5, "how often the control plane and the cluster are polled")
     require_replica: bool = knob(False, "only layouts with dp >= 2, so any single loss recovers without a replay")
-    snapshot_every: int = knob(0, "in-memory snapshot every k steps (0: off); rounded up to a multiple of the "
-                                  "workload's restart points (grpo: grpo.num_iterations)")
-    checkpoint_dir: str = knob("", "write on-disk checkpoints here (empty: none)")
-    checkpoint_every: int = knob(0, "checkpoint every k steps (0: off); rounded up like snapshot_every")
-    resume: str = knob("", "a checkpoint folder, or a checkpoint dir to resume its latest (grpo: one at a GRPO "
-                           "step boundary)")
+    snapshot_every: int = knob(-1, "in-memory snapshot every k steps; -1 (auto): while the placement keeps no "
+                                   "replica of some shard, as often as keeps the copy's stall under snapshot_share of "
+                                   "the step time; 0: never. Rounded up to the workload's restart points")
+    snapshot_share: float = knob(0.02, "auto snapshots: the share of step time their stall may take")
+    checkpoint_dir: str = knob("auto", "where on-disk checkpoints go; auto: RUN_DIR/checkpoints (a run of the "
+                                       "elastic command has one), empty: none")
+    checkpoint_every: int = knob(-1, "checkpoint every k steps and at the end; -1 (auto): every checkpoint_minutes "
+                                     "and at the end; 0: never. Written in the background; rounded like "
+                                     "snapshot_every")
+    checkpoint_minutes: float = knob(10.0, "auto checkpoints: minutes of training between two")
+    keep_checkpoints: int = knob(2, "checkpoints kept in checkpoint_dir, the newest ones (0: all)")
+    resume: str = knob("auto", "a checkpoint folder or checkpoint dir to resume its latest (grpo: one at a GRPO step "
+                               "boundary); auto: the newest checkpoint in checkpoint_dir, if any; empty: start afresh")
     phase_layouts: str = knob("", "layouts pinned per training phase, phase:layout pairs separated by ';', e.g. "
                                   "'rollout:dp=4; train:dp=2,tp=2'")
+    max_step_failures: int = knob(3, "the job stops when one step fails this many times (each failure's culprit "
+                                     "is replaced first); a crash, a hang or a bug that keeps coming back")
     prepare_ahead: bool = knob(True, "build the next placement's skeleton in the background and reshard once it "
                                      "is ready (training goes on meanwhile), and keep a fallback for a lost worker")
     prepare_wait_steps: int = knob(3, "steps a planned move waits for its skeleton at most; then it moves and "
@@ -52,11 +61,17 @@ class ControlConfig:
         _require(self.objective in OBJECTIVES,
                  f"control.objective={self.objective!r} must be one of {', '.join(OBJECTIVES)}")
         _require(self.min_workers >= 1, f"control.min_workers={self.min_workers} must be >= 1")
+        _require(self.max_step_failures >= 1, f"control.max_step_failures={self.max_step_failures} must be >= 1")
         _require(self.max_workers >= self.min_workers,
                  f"control.max_workers={self.max_workers} is below control.min_workers={self.min_workers}")
         _require(self.poll_interval_s >= 0, f"control.poll_interval_s={self.poll_interval_s} must be >= 0")
-        for name in ("snapshot_every", "checkpoint_every", "prepare_wait_steps"):
-            _require(getattr(self, name) >= 0, f"control.{name}={getattr(self, name)} must be >= 0 (0: off)")
+        for name in ("snapshot_every", "checkpoint_every"):
+            _require(getattr(self, name) >= -1, f"control.{name}={getattr(self, name)} must be -1 (auto), 0 (off) "
+                                                "or a number of steps")
+        _require(self.prepare_wait_steps >= 0, f"control.prepare_wait_steps={self.prepare_wait_steps} must be >= 0")
+        _require(0 < self.snapshot_share <= 1, f"control.snapshot_share={self.snapshot_share} must be in (0, 1]")
+        _require(self.checkpoint_minutes > 0, f"control.checkpoint_minutes={self.checkpoint_minutes} must be > 0")
+        _require(self.keep_checkpoints >= 0, f"control.keep_checkpoints={self.keep_checkpoints} must be >= 0")
         self.first_layout()  # a malformed layout fails here, with Layout.parse's message
         self.pinned()
 

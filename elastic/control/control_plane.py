@@ -42,7 +42,10 @@ class ControlPlane:
         self.ids = itertools.count(1)
 
     async def request(self, event: Event, timeout_s: float = 120.0) -> str:
-        """Queue ``event`` and wait for the controller's answer."""
+        """Queue ``event`` and wait for the controller's answer (a malformed one is refused here, at once)."""
+        problem = event.problem()
+        if problem is not None:
+            return f"refused: {problem}"
         event_id = next(self.ids)
         event = dataclasses.replace(event, id=event_id)
         self.waiters[event_id] = asyncio.Event()

@@ -32,7 +32,7 @@ from elastic.control.journal import Journal
 from elastic.control.moves import Mover
 from elastic.control.recovery import Recovery
 from elastic.control.result import RunResult, run_summary
-from elastic.control.safekeeping import Safekeeping, redundancy_report, resume_folder
+from elastic.control.safekeeping import Safekeeping, checkpoint_root, redundancy_report, resume_folder
 from elastic.control.sources import ClusterWatcher
 from elastic.control.states import (
     Done,
@@ -51,6 +51,7 @@ from elastic.driver.resharder import ReshardReport
 from elastic.driver.summary import StepSummary
 from elastic.model.specs import itemsize
 from elastic.plan.costmodel import CostModel
+from elastic.plan.domains import survives_one_loss
 from elastic.plan.policy import Policy
 from elastic.tools.metrics import MetricsWriter
 from elastic.tools.progress import log_above_bar
@@ -77,7 +78,8 @@ class Controller:
         self.workload = workload or LMWorkload()
         # Steps between the workload's restart points; snapshots and checkpoints are taken only there.
         restart_every = max(1, int(getattr(self.workload, "restart_every", 1)))
-        self.resume_from = resume_folder(cfg, self.control, restart_every, self.workload.name)
+        self.checkpoint_root = checkpoint_root(self.control, run_dir)
+        self.resume_from = resume_folder(cfg, self.control, self.checkpoint_root, restart_every, self.workload.name)
         self._owns_group = group is None  # a group passed in (a pool of warm workers) outlives this controller
         if group is None:
             from elastic.driver.ray_group import RayWorkerGroup
@@ -90,9 +92,8 @@ class Controller:
         self.policy = policy or Policy(cfg, self.cost, self.control.objective, self.control.min_workers,
                                        require_replica=self.control.require_replica)
         self.policy.phase_filter.update(self.workload.phase_filters())
-        self.safe = Safekeeping(group, self.control, restart_every)
-        self.recovery = Recovery(group, self.policy, self.safe.snapshots, self.control.checkpoint_dir,
-                                 self.resume_from)
+        self.safe = Safekeeping(group, self.control, restart_every, self.checkpoint_root, job_name or "run")
+        self.recovery = Recovery(group, self.policy, self.safe.snapshots, self.checkpoint_root, self.resume_from)
         self.wishes = Wishes(cfg.runtime.workers, self.control.max_workers, self.control.pinned())
         sources = list(sources)
         if self.control.watch_cluster:
@@ -103,13 +104,16 @@ class Controller:
 
             plane = RayPlaneLink(job_name)
         self.inbox = Inbox(sources, plane, self.control.poll_interval_s)
-        self.metrics = MetricsWriter(run_dir, append=bool(self.control.resume)) if run_dir else None
+        self.metrics = MetricsWriter(run_dir, append=self.resume_from is not None) if run_dir else None
         self.journal = Journal(self.metrics, self._started)
         self.state = Planning()
         self.mover = Mover(cfg, group, self.cost, self.recovery, self.wishes,
                            lambda kind, **details: self.record(kind, **details))
         self.steps = StepLog(self.cost, self.metrics)
         self.listeners: list[Callable[[Transition], None]] = []  # called after every transition
+        self.step_failures: dict[int, list[int]] = {}  # committed step -> the culprit of each failure there
+        self._cover: tuple = (None, False)  # (placement, whether it survives any one loss without a snapshot)
+        self._snapshot_every: int | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property
@@ -165,6 +169,23 @@ class Controller:
                     "from": last.old, "to": last.new, "reason": last.reason, "step": last.step,
                     "seconds": round(last.total_seconds, 3), "bytes": last.bytes_moved}}
 
+    def snapshot_interval(self) -> int:
+        """Steps between in-memory snapshots for the current placement (0: none; see ``safekeeping.py``); a change
+        is journalled."""
+        placement = self.group.placement
+        if placement != self._cover[0]:
+            self._cover = (placement, survives_one_loss(placement, self.group.nodes(), self.policy.specs,
+                                                        self.cfg.model.n_layers))
+        recent = sorted(h.seconds for h in self.history[-5:])
+        step = recent[len(recent) // 2] if recent else self.cost.step_seconds(placement.layout)
+        state = sum(s.numel for s in self.policy.specs) * self.cost.itemsize // placement.layout.world
+        every = self.safe.snapshot_interval(self._cover[1], step, state)
+        if every != self._snapshot_every:
+            self._snapshot_every = every
+            self.record(RecordKind.REDUNDANCY, text=f"snapshots every {every} steps on {placement.layout}" if every
+                        else f"no snapshots on {placement.layout}: every shard has a replica a loss leaves alive")
+        return every
+
     def usable(self) -> list[int]:
         return self.wishes.usable(self.group.warm())
 
@@ -192,8 +213,10 @@ class Controller:
         missing = self.wishes.budget - len(self.group.warm())
         if missing > 0:
             self.group.spawn(missing)
-        self.record(RecordKind.WORKERS, text=f"started workers {self.group.warm()}")
-        text = redundancy_report(self.policy, self.cost, self.wishes.budget, self.safe.snapshot_every,
+        warm = self.group.warm()
+        pids = f" (pids {[self.group.pid(w) for w in warm]})" if hasattr(self.group, "pid") else ""
+        self.record(RecordKind.WORKERS, text=f"started workers {warm}{pids}", workers=warm)
+        text = redundancy_report(self.policy, self.cost, self.wishes.budget, self.control, self.checkpoint_root,
                                  self.control.require_replica)
         self.record(RecordKind.REDUNDANCY, text=text + self.safe.rounding_note(self.workload.name))
 
@@ -212,7 +235,7 @@ class Controller:
             result = RunResult(self.history, self.reshards, self.recoveries, self.events, self.state.tensors,
                                time.perf_counter() - self._started, self.group.placement)
             if self.metrics is not None:
-                self.metrics.summary(run_summary(result, self.safe.snapshots))
+                self.metrics.summary(run_summary(result, self.safe.snapshots, self.step >= self.cfg.train.steps))
             return result
         finally:
             self.steps.close_bar()

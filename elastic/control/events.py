@@ -1,7 +1,9 @@
 """Events the controller reacts to (operator requests, the cluster, the training loop).
 
 Each event is a frozen dataclass with a ``kind`` (an ``EventKind``), a human ``reason`` and an
-``id`` that lets an operator's request wait for the controller's answer. Sources are in
+``id`` that lets an operator's request wait for the controller's answer. ``problem()`` says what is wrong
+with an event's values (a count that is not a positive integer, a layout that is not a layout), so that the
+control plane refuses a malformed request at once and the controller never sees it. Sources are in
 ``sources.py``. Pure Python (the CLI imports this module, so it must stay light).
 """
 
@@ -36,6 +38,15 @@ class Event:
     def describe(self) -> str:
         return self.reason or self.kind.value
 
+    def problem(self) -> str | None:
+        """Why this event cannot be acted on as given (one line naming the value), or None."""
+        return None
+
+
+def _count(name: str, value) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return None if ok else f"{name} must be a positive whole number, got {value!r}"
+
 
 @dataclass(frozen=True)
 class SetBudget(Event):
@@ -43,6 +54,9 @@ class SetBudget(Event):
 
     kind: ClassVar[EventKind] = EventKind.SET_BUDGET
     workers: int = 0
+
+    def problem(self) -> str | None:
+        return _count("the worker budget", self.workers)
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,9 @@ class AddWorkers(Event):
     kind: ClassVar[EventKind] = EventKind.ADD_WORKERS
     count: int = 1
 
+    def problem(self) -> str | None:
+        return _count("the number of workers to add", self.count)
+
 
 @dataclass(frozen=True)
 class Drain(Event):
@@ -59,6 +76,10 @@ class Drain(Event):
 
     kind: ClassVar[EventKind] = EventKind.DRAIN
     worker: int = -1
+
+    def problem(self) -> str | None:
+        ok = isinstance(self.worker, int) and not isinstance(self.worker, bool) and self.worker >= 0
+        return None if ok else f"a worker id must be a whole number >= 0, got {self.worker!r}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,9 @@ class Relayout(Event):
     kind: ClassVar[EventKind] = EventKind.RELAYOUT
     layout: Layout = Layout()
 
+    def problem(self) -> str | None:
+        return None if isinstance(self.layout, Layout) else f"a relayout needs a Layout, got {self.layout!r}"
+
 
 @dataclass(frozen=True)
 class PhaseChange(Event):
@@ -75,6 +99,9 @@ class PhaseChange(Event):
 
     kind: ClassVar[EventKind] = EventKind.PHASE
     phase: str = "train"
+
+    def problem(self) -> str | None:
+        return None if isinstance(self.phase, str) and self.phase else f"a phase needs a name, got {self.phase!r}"
 
 
 @dataclass(frozen=True)

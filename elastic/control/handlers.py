@@ -108,6 +108,7 @@ def launching(ctl: Controller, state: Launching):
         return Planning(carried=state.requests)
     ctl.record(RecordKind.START,
                text=f"{placement.layout} on workers {list(placement.workers)} in {seconds:.2f} s")
+    ctl.mover.report_exposure(placement)
     ctl.inbox.answer(state.requests, f"started {state.move.describe()}")
     return Running(fresh=True)
 
@@ -142,14 +143,13 @@ def resharding(ctl: Controller, state: Resharding):
     if state.recovering is not None:
         ctl.mover.recovered(state.recovering, move.placement, how, at)
     ctl.mover.settle_workers(move.placement)
+    ctl.mover.report_exposure(move.placement)
     return Running(fresh=True)
 
 
 def recovering(ctl: Controller, state: Recovering):
     started = time.perf_counter()
-    failure = state.failure
-    if not failure.dead:
-        raise RuntimeError(f"a step failed with no worker lost, so retrying would fail again: {failure}")
+    failure = culprits_dead(ctl, state.failure)
     dead = sorted(failure.dead)
     ctl.inbox.answer(state.requests, f"cancelled: workers {dead} were lost first; the job recovers, then "
                                       "ask again if it still applies")
@@ -166,11 +166,16 @@ def recovering(ctl: Controller, state: Recovering):
             return Resharding(decision, recovering=RecoveryStart(tuple(dead), started, ctl.step))
         case Pause() | Refuse() | Stay():  # must_move: only a Move or a Pause comes back
             ctl.record(RecordKind.PAUSE, text=decision.describe())
+            ctl.mover.top_up()  # replacements warm up meanwhile; Paused plans again once one is warm
             return Paused(decision.reason)
     raise TypeError(f"the policy answered {decision!r}, which is not a Decision")
 
 
 def paused(ctl: Controller, state: Paused):
+    trouble = ctl.group.start_trouble()
+    if trouble is not None and not ctl.group.starting and len(ctl.usable()) < ctl.control.min_workers:
+        raise RuntimeError(f"the job needs {ctl.control.min_workers} workers and has {len(ctl.usable())}, and "
+                           f"cannot start more: {trouble}")
     events = ctl.inbox.poll(ctl.step)
     if events or ctl.group.take_warmed():
         return Planning(tuple(events))
@@ -180,6 +185,11 @@ def paused(ctl: Controller, state: Paused):
 
 def finishing(ctl: Controller, state: Finishing):
     tensors = None
+    try:
+        ctl.safe.final(ctl.step, lambda kind, text, **more: ctl.record(kind, text=text, **more))
+    except WorkerFailure as failure:  # recover, and write it again from the survivors
+        ctl.failed(failure, "while writing the final checkpoint")
+        return Recovering(failure)
     if ctl.gather_tensors:
         try:
             tensors = ctl.group.gather_tensors()[1]
@@ -191,6 +201,25 @@ def finishing(ctl: Controller, state: Finishing):
 
 
 # ---- helpers: arrivals, train and decide return values; act and begin are the end of Planning ---------
+def culprits_dead(ctl: Controller, failure: WorkerFailure) -> WorkerFailure:
+    """The failure with its culprits dead: a call that failed while every process lives (a bug, a corrupted
+    worker) gets its first failing worker killed, so that recovery replaces it as it would a crash. The same
+    step failing ``control.max_step_failures`` times ends the job, in one line."""
+    strikes = ctl.step_failures.setdefault(ctl.step, [])
+    strikes.append(failure.first)
+    if len(strikes) >= ctl.control.max_step_failures:
+        raise RuntimeError(f"step {ctl.step} failed {len(strikes)} times (culprits {strikes}), so the job stops; "
+                           f"the last failure: {failure}")
+    if failure.dead:
+        return failure
+    culprit = failure.first
+    ctl.group.remove([culprit])
+    ctl.record(RecordKind.FAILURE, text=f"worker {culprit} failed with every process alive; killed it so that "
+                                        f"recovery replaces it", dead=[culprit])
+    return WorkerFailure({culprit: f"killed after its call failed: {failure.failed[culprit]}"}, {}, failure.details)
+
+
+
 def arrivals(ctl: Controller) -> list[Event] | None:
     """Events and newly warm workers since the last look; None when there are neither."""
     warmed = ctl.group.take_warmed()
@@ -216,7 +245,7 @@ def train(ctl: Controller, fresh: bool) -> bool | WorkerFailure:
     ctl.steps.count(results, placement, started, fresh, ctl.step)
     if fresh and ctl.control.prepare_ahead:  # a new placement: get ready to lose any one worker
         ctl.group.prepare(ctl.recovery.fallbacks(ctl.remaining, ctl.usable(), ctl.phase))
-    lost = ctl.safe.after_step(ctl.step, ctl.cfg.train.steps,
+    lost = ctl.safe.after_step(ctl.step, ctl.cfg.train.steps, ctl.snapshot_interval(),
                                lambda kind, text, **more: ctl.record(kind, text=text, **more))
     if lost is not None:
         ctl.failed(lost[1], lost[0])
@@ -232,6 +261,7 @@ def decide(ctl: Controller, forced: Layout | None, must: bool, reason: str) -> D
     usable = sorted(ctl.usable(), key=lambda w: (current is None or current.rank_of(w) is None, w))
     pool = usable + ctl.group.starting
     budget = ctl.wishes.budget
+    ctl.policy.nodes = ctl.group.nodes()
     candidates = (pool + [-(i + 1) for i in range(max(0, budget - len(pool)))])[:budget]
     return ctl.policy.decide(current, candidates, ctl.remaining, forced, must, reason, ctl.phase,
                              alive=ctl.group.live())

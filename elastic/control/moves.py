@@ -21,8 +21,10 @@ from elastic.core.layout import Placement
 from elastic.core.records import RecordKind
 from elastic.driver.group import WorkerGroup
 from elastic.driver.resharder import ReshardReport, frozen_from_disk, reshard
+from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Move
+from elastic.plan.domains import exposure
 
 
 class Mover:
@@ -67,9 +69,24 @@ class Mover:
                                                + (f", replaying {lost} steps" if lost else ""),
                     seconds=seconds, how=how, steps_lost=lost)
 
+    def report_exposure(self, placement: Placement) -> None:
+        """Journal which tensors losing each node would leave without a live copy (placements on two or more
+        nodes; on one, losing it loses the driver's workers all at once, and the snapshot or checkpoint serves)."""
+        nodes = self.group.nodes()
+        if len({nodes.get(w) for w in placement.workers}) < 2:
+            return
+        specs = training_specs(self.cfg)
+        exposed = exposure(placement, nodes, specs, self.cfg.model.n_layers)
+        parts = [f"node {node[:8]} (workers {[w for w in placement.workers if nodes.get(w) == node]}): "
+                 f"{len(names)} of {len(specs)} tensors" for node, names in sorted(exposed.items())]
+        text = ("a single node loss leaves a live copy of every tensor" if not parts else
+                "a single node loss would leave tensors without a live copy, so recovery would need a snapshot: "
+                + "; ".join(parts))
+        self.record(RecordKind.REDUNDANCY, text=text, exposed={node: len(names) for node, names in exposed.items()})
+
     def settle_workers(self, placement: Placement) -> None:
         """After a move: drained workers and workers beyond the budget leave once their shards have moved, and
-        missing ones start in the background (the job trains meanwhile)."""
+        missing ones start (``top_up``)."""
         warm = self.group.warm()
         idle = [w for w in warm if w not in placement.workers]
         surplus = idle[: max(0, len(warm) - self.wishes.budget)]
@@ -78,6 +95,10 @@ class Mover:
             self.group.remove(leaving)
             self.wishes.draining -= set(leaving)
             self.record(RecordKind.DRAINED, text=f"workers {leaving} left after their shards moved", workers=leaving)
+        self.top_up()
+
+    def top_up(self) -> None:
+        """Start the workers the budget is missing, in the background (the job trains meanwhile)."""
         missing = self.wishes.budget - len(self.wishes.usable(self.group.warm())) - len(self.group.starting)
         if missing > 0:
             started = self.group.start(missing)

@@ -34,12 +34,13 @@ from elastic.plan.policy import Policy
 
 class Recovery:
     def __init__(self, group: WorkerGroup, policy: Policy, snapshots: Snapshotter,
-                 checkpoint_dir: str | None = None, started_from: Path | None = None) -> None:
+                 checkpoint_dir: Path | None = None, started_from: Path | None = None) -> None:
         self.group, self.policy, self.snapshots = group, policy, snapshots
         self.checkpoint_dir, self.started_from = checkpoint_dir, started_from
 
     def _decide(self, usable: list[int], remaining: int, dead: list[int], phase: str,
                 alive: frozenset[int]) -> Decision:
+        self.policy.nodes = self.group.nodes()
         return self.policy.decide(self.group.placement, usable, remaining, must_move=True,
                                   reason=f"recover from the loss of workers {dead}", phase=phase, alive=alive)
 
@@ -87,7 +88,7 @@ class Recovery:
         return None
 
     @staticmethod
-    def _latest_in(root: str | None) -> Path | None:
+    def _latest_in(root: Path | None) -> Path | None:
         if not root:
             return None
         try:

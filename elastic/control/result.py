@@ -25,10 +25,11 @@ class RunResult:
     final_placement: Placement | None = None
 
 
-def run_summary(result: RunResult, snapshots: Snapshotter) -> dict:
-    """The figures ``summary.json`` keeps."""
+def run_summary(result: RunResult, snapshots: Snapshotter, finished: bool) -> dict:
+    """The figures ``summary.json`` keeps; ``finished``: every step was done (a re-run says so and stops)."""
     placement = result.final_placement
-    return {"steps": len(result.history), "seconds": result.seconds,
+    return {"steps": len(result.history), "finished": finished,
+            "last_step": result.history[-1].step + 1 if result.history else 0, "seconds": result.seconds,
             "final_loss": result.history[-1].loss if result.history else None,
             "final_layout": str(placement.layout) if placement else None,
             "reshards": len(result.reshards), "recoveries": result.recoveries,

@@ -53,6 +53,14 @@ class Wishes:
         layout the job cannot run."""
         out, reasons = Folded(), []
         for event in events:
+            problem = event.problem()
+            room = self.max_workers - usable - starting
+            if problem is None and isinstance(event, AddWorkers) and event.count > room:
+                problem = (f"adding {event.count} workers would make {usable + starting + event.count}, above "
+                           f"control.max_workers={self.max_workers}; add at most {room}")
+            if problem is not None:
+                out.refused.append((event, problem))
+                continue
             reasons.append(event.describe())
             if isinstance(event, SetBudget):
                 self.budget = min(event.workers, self.max_workers)

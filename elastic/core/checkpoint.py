@@ -9,10 +9,13 @@ Layout on disk::
     <dir>/latest                               name of the newest complete checkpoint
 
 Every distinct box is written once (by the lowest rank holding it), so replicas cost nothing.
-A checkpoint is built in a temporary folder and renamed into place; ``latest`` is replaced
-atomically after that. A crash mid-write therefore leaves the previous checkpoint as the latest
-complete one. Reading validates everything (manifest, config, files, sizes, checksums,
-coverage) before any state is handed out, so a bad checkpoint never half-applies. No pickle.
+A checkpoint is built in a temporary folder (named for its writer, so that a writer sweeps only its own
+leftovers in a shared folder), every file and the folder are fsynced, then it is renamed into place and
+``latest`` replaced atomically. A step already on disk is never rewritten (a replay after a recovery
+reaches the same step again: the copy on disk stays, the new one is dropped), so no crash can leave
+``latest`` naming a folder that is gone. ``prune`` keeps the newest few. Reading validates everything
+(manifest, config, files, sizes, checksums, coverage) before any state is handed out, so a bad
+checkpoint never half-applies. No pickle.
 """
 
 from __future__ import annotations
@@ -73,16 +76,45 @@ def write_shard(folder: Path, worker: int, tensors: dict[str, torch.Tensor],
         data[_key(name, box)] = local.contiguous()
     path = folder / f"shard-{worker:05d}.safetensors"
     save_file(data, str(path))
+    _fsync(path)
     return {"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
             "tensors": [[name, [list(iv) for iv in box]] for name, box in entries]}
 
 
-def new_folder(root: Path, step: int) -> Path:
-    """A fresh temporary folder next to where ``step``'s checkpoint will live."""
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_folder(root: Path, step: int, writer: str) -> Path:
+    """A fresh temporary folder next to where ``step``'s checkpoint will live, named for ``writer`` (a job)."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".step_{step:06d}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".step_{step:06d}.tmp-{writer}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+def sweep(root: Path, writer: str, keep: Path | None = None) -> None:
+    """Remove ``writer``'s temporary folders in ``root`` (left by writes that crashed), but ``keep``."""
+    for stale in Path(root).glob(f".step_*.tmp-{writer}-*"):
+        if stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def writable(root: Path) -> None:
+    """Raise CheckpointError, naming the folder, unless checkpoints can be written there (checked at start)."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe = Path(root) / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"checkpoints cannot be written to {root} ({err.strerror}); choose a writable "
+                              "--checkpoint-dir (or --storage-path)") from None
 
 
 def finalize(tmp: Path, root: Path, step: int, cfg: Config, specs: list[TensorSpec], files: list[dict]) -> Path:
@@ -95,16 +127,28 @@ def finalize(tmp: Path, root: Path, step: int, cfg: Config, specs: list[TensorSp
         json.dump(manifest, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    _fsync(tmp)
     final = root / f"step_{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if (final / "manifest.json").is_file():  # a replay reached a step already on disk: keep that copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     pointer = root / f".latest.tmp-{uuid.uuid4().hex[:8]}"
     pointer.write_text(final.name)
+    _fsync(pointer)
     os.replace(pointer, root / "latest")
-    for stale in root.glob(".step_*.tmp-*"):  # left behind by writes that crashed
-        shutil.rmtree(stale, ignore_errors=True)
+    _fsync(root)
     return final
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (never the one ``latest`` names); returns them."""
+    current = latest(root)
+    done = sorted((f for f in Path(root).glob("step_*") if (f / "manifest.json").is_file()), key=lambda f: f.name)
+    doomed = [f for f in done[:-keep] if f != current] if keep > 0 else []
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
 
 
 @dataclass

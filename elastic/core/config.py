@@ -181,8 +181,17 @@ class RuntimeConfig:
     workers: int = knob(4, "number of worker processes (Ray actors)")
     cpus_per_worker: float = knob(0.25, "Ray CPU reservation per worker; fractional so 4-8 fit on 2 cores")
     threads_per_worker: int = knob(1, "torch intra-op threads per worker")
-    collective_timeout_s: float = knob(30.0, "gloo timeout: the longest any collective may wait on a peer")
-    store_timeout_s: float = knob(30.0, "how long a worker waits for its peers to join a group")
+    collective_timeout_s: float = knob(3600.0, "gloo's own timeout, a backstop only: the driver finds dead and hung "
+                                       "workers itself (deadline_*), so this ends a wait only if the driver is gone")
+    store_timeout_s: float = knob(300.0, "how long a worker waits for its peers to join a group (a rendezvous whose "
+                                  "member died is called off at once)")
+    deadline_factor: float = knob(4.0, "the driver probes workers that have not answered a call after this many "
+                                  "times the slowest recent call of its kind (a probe ends nothing by itself)")
+    deadline_floor_s: float = knob(60.0, "never probe sooner than this after a call started")
+    ping_timeout_s: float = knob(10.0, "a worker whose control thread does not answer a probe within this is hung "
+                                 "(a live process answers in milliseconds, whatever its compute thread does)")
+    warmup_retries: int = knob(3, "failed worker warm-ups to replace before the job gives up on starting workers")
+    warmup_backoff_s: float = knob(2.0, "wait before the first retried warm-up; it doubles with each failure")
     reshard_chunk_bytes: int = knob(64 << 20, "largest single reshard message; bigger pieces are split")
     reshard_round_bytes: int = knob(256 << 20, "bytes a worker may send plus receive in one reshard round")
     reshard_pack_bytes: int = knob(1 << 20, "reshard pieces smaller than this travel packed, one message per "
@@ -199,8 +208,11 @@ class RuntimeConfig:
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
         _require(self.cpus_per_worker > 0, f"runtime.cpus_per_worker={self.cpus_per_worker} must be > 0")
         _require(self.threads_per_worker >= 1, f"runtime.threads_per_worker={self.threads_per_worker} must be >= 1")
-        _require(self.collective_timeout_s > 0, "runtime.collective_timeout_s must be > 0")
-        _require(self.store_timeout_s > 0, "runtime.store_timeout_s must be > 0")
+        for name in ("collective_timeout_s", "store_timeout_s", "deadline_floor_s", "ping_timeout_s"):
+            _require(getattr(self, name) > 0, f"runtime.{name}={getattr(self, name)} must be > 0")
+        _require(self.deadline_factor >= 1, f"runtime.deadline_factor={self.deadline_factor} must be >= 1")
+        _require(self.warmup_retries >= 0 and self.warmup_backoff_s >= 0,
+                 "runtime.warmup_retries and runtime.warmup_backoff_s must be >= 0")
         _require(self.reshard_chunk_bytes > 0 and self.reshard_round_bytes > 0, "reshard byte budgets must be > 0")
         _require(self.reshard_pack_bytes >= 0, "runtime.reshard_pack_bytes must be >= 0 (0: no packing)")
         _require(self.base_from in ("auto", "peer", "disk"),

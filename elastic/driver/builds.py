@@ -76,7 +76,8 @@ class Builds:
                 self.calls.call_off(name)
             present = {w: ref for w, ref in refs.items() if w in self.members.actors}  # not ones removed on purpose
             try:
-                self.calls.gather(present, members=list(present))  # a build blocks nobody: nothing to cut
+                # A member lost meanwhile calls the build's rendezvous off, so the others do not wait it out.
+                self.calls.gather(present, members=list(present), forming=name, phase="build")
             except WorkerFailure as failure:
                 log.info("skeleton of %s not built: %s", placement.layout, failure)
                 lost.update(failure.dead)

@@ -1,44 +1,94 @@
-"""Attach the driver to Ray: an existing cluster (``--address``, ``RAY_ADDRESS`` or inside ``ray job
-submit``), or a new local one.
+"""Attach the driver to Ray: an existing cluster (``--address``, ``RAY_ADDRESS`` or inside ``ray job submit``),
+or a new local one, with the authentication mode the cluster uses.
 
-Ray 2.60 uses token authentication. A driver connecting to a cluster started with ``ray start --head``
-must run with ``RAY_AUTH_MODE=token``; without it Ray retries silently for minutes. Ray reads the mode
-into its C++ config when ``ray`` is first imported, so setting the variable later is not enough: this
-module sets it before importing ray, and ``token_auth_ready`` refreshes Ray's cached config when ray
-was imported earlier by the user's own code. Imports nothing heavy (no torch).
+Ray 2.60 clusters run with token authentication (``ray start --head``'s default) or without it
+(``RAY_AUTH_MODE=disabled``). A driver must use the cluster's mode: with the wrong one, Ray either retries for
+minutes or lets the driver connect and then cancels its actors ("The actor never ran"). So:
+
+- an explicit ``RAY_AUTH_MODE`` is respected as the user set it;
+- unset, a new local cluster uses Ray's default (token), and an existing cluster is reached with a token when
+  one is available on this machine (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, as Ray
+  reads them), else without one;
+- ``check_work`` runs one trivial task right after connecting, with a deadline, so that a mismatch fails at
+  once in one line naming ``RAY_AUTH_MODE`` and the fix, before any worker starts.
+
+Ray reads the mode into its C++ config when ``ray`` is first imported; ``_set_mode`` refreshes that config
+when ray was imported earlier by the user's own code. Imports nothing heavy (no torch).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 AUTH_MODE = "RAY_AUTH_MODE"
+CHECK_S = 60.0  # the trivial task must run within this after connecting: it needs one worker process, ~1 s
 
 
-def token_auth_ready() -> None:
-    """Make this process use token auth, whether or not ray has been imported yet."""
-    if os.environ.get(AUTH_MODE, "").lower() == "token":
-        return
-    os.environ[AUTH_MODE] = "token"
-    import sys
-
+def _set_mode(mode: str) -> None:
+    os.environ[AUTH_MODE] = mode
     if "ray" in sys.modules:  # ray cached the mode at import: re-read it (what ray itself does to enable it)
         from ray._raylet import Config
 
         Config.initialize("")
 
 
-def connect_ray(address: str | None = None, num_cpus: float | None = None) -> None:
-    """Attach to ``address`` (or the job's cluster inside ``ray job submit``), else start a local Ray."""
-    token_auth_ready()
+def use_token_auth() -> None:
+    """Make this process use token auth, whether or not ray has been imported yet (tests, local clusters)."""
+    if os.environ.get(AUTH_MODE, "").lower() != "token":
+        _set_mode("token")
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
+
+
+def connect_ray(address: str | None = None, num_cpus: float | None = None, check: bool = True) -> None:
+    """Attach to ``address`` (or the job's cluster inside ``ray job submit``), else start a local Ray. ``check``:
+    run one task first (a wrong auth mode fails here, in one line)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if AUTH_MODE not in os.environ and address and address != "auto":
+        _set_mode("token" if _token_available() else "disabled")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except ray.exceptions.AuthenticationError as err:
+            raise ConnectionError(auth_hint(address, str(err))) from None
+        if check:
+            check_work(address)
     else:
         # "local": a new cluster of our own, never one a previous run left behind on this machine.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)
+
+
+def auth_hint(address: str, why: str) -> str:
+    mode = os.environ.get(AUTH_MODE, "unset")
+    other = "disabled" if mode == "token" else "token"
+    return (f"the Ray cluster at {address} did not accept this driver with {AUTH_MODE}={mode} ({why.splitlines()[0]}); "
+            f"set {AUTH_MODE}={other} as the cluster was started (for token auth the cluster's token must be in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN)")
+
+
+def check_work(address: str) -> None:
+    """Run one trivial task; raise ConnectionError naming ``RAY_AUTH_MODE`` if the cluster refuses it."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ready() -> bool:
+        return True
+
+    try:
+        ray.get(ready.remote(), timeout=CHECK_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ConnectionError(f"the Ray cluster at {address} ran no task of this driver within {CHECK_S:.0f} s; if "
+                              f"it is busy, retry; if not, its auth mode may differ: "
+                              + auth_hint(address, "no task ran")) from None
+    except ray.exceptions.RayError as err:
+        raise ConnectionError(auth_hint(address, str(err))) from None

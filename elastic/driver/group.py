@@ -31,16 +31,18 @@ from elastic.runtime.tasks import WorkerTask
 
 class WorkerFailure(RuntimeError):
     """Some workers died or failed. ``dead`` lists the processes that are gone, ``failed`` the ones whose
-    call raised; ``details`` holds each worker's traceback (for ``--debug``).
+    call raised; ``details`` holds each worker's traceback (for ``--debug``). ``first``: the worker whose
+    failure came first (the others' may be its consequence: the driver cut their connections).
 
     ``step_results`` is set when every rank had computed a step before a worker died while applying
     it: that step is committed (the survivors apply it), so the caller must count it as done.
     """
 
     def __init__(self, dead: dict[int, str], failed: dict[int, str], details: dict[int, str] | None = None,
-                 step_results: dict[int, StepResult] | None = None) -> None:
+                 step_results: dict[int, StepResult] | None = None, first: int | None = None) -> None:
         self.dead, self.failed, self.details = dead, failed, details or {}
         self.step_results = step_results
+        self.first = first if first is not None else min(dead or failed, default=None)
         culprits = dead or failed
         detail = "; ".join(f"worker {w}: {why}" for w, why in sorted(culprits.items()))
         super().__init__(f"{'lost' if dead else 'failed'} worker(s) {sorted(culprits)}: {detail}")
@@ -79,6 +81,8 @@ class WorkerGroup(Protocol):
         """Workers that are up and warm."""
     def live(self) -> frozenset[int]:
         """Every worker process still alive, warm or warming."""
+    def nodes(self) -> dict[int, str]:
+        """worker -> the node it runs on (warm workers): the unit that fails together."""
     def spawn(self, n: int) -> list[int]:
         """Start ``n`` workers and wait until they are warm."""
     def start(self, n: int) -> list[int]:
@@ -89,6 +93,8 @@ class WorkerGroup(Protocol):
     def wait_warm(self, timeout_s: float) -> None:
         """Block until no worker is warming up (or the timeout passes)."""
     def cancel_starting(self, count: int) -> list[int]: ...
+    def start_trouble(self) -> str | None:
+        """One line saying why workers cannot be started, once their failed warm-ups used up every retry."""
     def remove(self, workers: Iterable[int]) -> None: ...
     def cluster_cpus(self) -> float:
         """CPUs the workers share (for the cost model)."""
@@ -128,8 +134,14 @@ class WorkerGroup(Protocol):
         """True once every part has arrived, False while some are in flight, None if a part was lost."""
     def restore(self, snap: Snapshot, new: Placement) -> None:
         """Rebuild every rank of ``new`` from ``snap``; the job rolls back to ``snap.step``."""
-    def write_shards(self, folder: Path, entries: dict[int, list]) -> dict[int, dict]:
-        """Each worker writes its (tensor, box) entries of the committed step into ``folder``."""
+    def checkpoint_copy(self, entries: dict[int, list]) -> None:
+        """Each worker with entries copies its shards of the committed step (the only stall of a checkpoint)."""
+    def checkpoint_write(self, folder: Path, entries: dict[int, list]) -> Any:
+        """Start each worker writing its (tensor, box) entries from that copy into ``folder``, in the background;
+        returns a handle for ``checkpoint_written``."""
+    def checkpoint_written(self, writes: Any, wait_s: float = 0.0) -> dict[int, dict] | None:
+        """Each writer's manifest entry once every write is done; None while some are running. Raises
+        ``WorkerFailure`` if a writer died or failed."""
     def load_checkpoint(self, folder: Path, placement: Placement, step: int) -> None:
         """Form ``placement`` with every rank reading its boxes from the checkpoint ``folder`` (at ``step``)."""
     def gather_tensors(self) -> tuple[int, dict]:

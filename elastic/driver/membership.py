@@ -1,10 +1,16 @@
-"""Which workers the job has: actor handles, ids, warm-up, where each runs, spares and replacements.
+"""Which workers the job has: actor handles, ids, warm-up, the node each runs on, spares and replacements.
 
 This is the only module that creates worker actors (an import contract: nothing else imports the actor
 class). A worker gets a stable integer id for its life; it is *starting* while it warms up in the
 background (torch imported, FSDP and DTensor code paths run once) and *warm* after that. ``live`` is every
 process still alive, warm or not. Losing a worker (its call failed as dead, or the driver stopped it)
 removes it here; nothing else keeps actor handles.
+
+Workers are spread over the cluster's nodes (Ray's SPREAD strategy), so that a node, the unit that fails
+together, holds as few of them as possible; ``nodes`` says where each one runs. A warm-up that fails is
+retried with a new worker at once (so it counts as starting), which waits a doubling backoff before it warms
+up, ``warmup_retries`` times in all; ``start_failures`` keeps what went wrong, and ``gave_up`` says whether
+the retries are spent.
 
 Assumes ``ray.init`` has been called.
 """
@@ -23,6 +29,7 @@ from elastic.core.config import Config
 from elastic.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
+SPAWN_REPORT_S = 30.0  # while workers are not up, say so this often (with what they need and what is free)
 
 
 class Membership:
@@ -32,26 +39,40 @@ class Membership:
         self.info: dict[int, dict] = {}  # id -> {"pid", "host", "node_id"} once warm
         self._starting: dict[int, ray.ObjectRef] = {}
         self._next_id = 0
+        self._warm_kind: dict[int, tuple[dict | None, bool]] = {}  # id -> (resources, full warm-up)
+        self.start_failures: list[str] = []
+        self.gave_up = False
 
     # ---- starting ------------------------------------------------------------------------
-    def start(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
+    def start(self, n: int, resources: dict | None = None, warm: bool = True, delay_s: float = 0.0) -> list[int]:
         """Start ``n`` workers in the background; returns their ids (they warm up while training goes on).
-        ``warm=False`` waits only for the processes and their imports, as a restarted torchrun worker would."""
+        ``warm=False`` waits only for the processes and their imports, as a restarted torchrun worker would.
+        ``delay_s``: each worker waits that long before warming up (a retry's backoff)."""
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         for wid in ids:
-            actor = Worker.options(num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0,
-                                   resources=resources or {}).remote(wid, self.cfg, *self.store_addr)
+            actor = Worker.options(num_cpus=self.cfg.runtime.cpus_per_worker, max_restarts=0, resources=resources or {},
+                                   scheduling_strategy="SPREAD").remote(wid, self.cfg, *self.store_addr)
             self.actors[wid] = actor
-            self._starting[wid] = actor.warmup.remote(warm)
+            self._starting[wid] = actor.warmup.remote(warm, delay_s)
+            self._warm_kind[wid] = (resources, warm)
         return ids
 
     def spawn(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
         """Start ``n`` workers and wait until each is warm; returns the ids of those that came up (a worker that
         dies while starting is dropped and logged: the controller starts another when it plans)."""
         ids = self.start(n, resources, warm)
-        refs = [self._starting[w] for w in ids]
-        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.runtime.store_timeout_s * 4)
+        waited, limit = 0.0, self.cfg.runtime.store_timeout_s * 4
+        while waited < limit:
+            refs = [self._starting[w] for w in ids if w in self._starting]
+            done, pending = ray.wait(refs, num_returns=len(refs), timeout=SPAWN_REPORT_S)
+            waited += SPAWN_REPORT_S
+            if not pending:
+                break
+            free = ray.available_resources().get("CPU", 0.0)
+            log.warning("%d of %d workers are not up after %.0f s: Ray has not placed or started them (each needs "
+                        "runtime.cpus_per_worker=%g CPU; %.2f CPU are free in the cluster)", len(pending), n, waited,
+                        self.cfg.runtime.cpus_per_worker, free)
         return [w for w in ids if self._warmed(w)]
 
     def take_warmed(self) -> list[int]:
@@ -65,13 +86,26 @@ class Membership:
         if not finished:
             return False
         del self._starting[wid]
+        resources, warm = self._warm_kind.pop(wid)
         try:
             self.info[wid] = ray.get(ref)
             return True
         except RayError as err:
-            log.warning("worker %d failed to start: %s", wid, str(err).splitlines()[0])
             self.actors.pop(wid, None)
+            self._failed_start(wid, str(err).strip().splitlines()[0][:300], resources, warm)
             return False
+
+    def _failed_start(self, wid: int, why: str, resources: dict | None, warm: bool) -> None:
+        """Count a failed warm-up and schedule another worker after a doubling backoff, while retries are left."""
+        self.start_failures.append(f"worker {wid}: {why}")
+        tries = len(self.start_failures)
+        if tries > self.cfg.runtime.warmup_retries:
+            self.gave_up = True
+            log.warning("worker %d failed to start (%s); %d warm-ups failed, no more retries", wid, why, tries)
+            return
+        backoff = self.cfg.runtime.warmup_backoff_s * 2 ** (tries - 1)
+        log.warning("worker %d failed to start (%s); another one warms up in %.0f s", wid, why, backoff)
+        self.start(1, resources, warm, delay_s=backoff)
 
     def wait_warm(self, timeout_s: float) -> None:
         """Block until no worker is warming up (or the timeout passes)."""
@@ -89,6 +123,7 @@ class Membership:
     # ---- who is there -----------------------------------------------------------------------
     @property
     def starting(self) -> list[int]:
+        """Workers warming up (retries of failed warm-ups included)."""
         return sorted(self._starting)
 
     def warm(self) -> list[int]:
@@ -104,6 +139,18 @@ class Membership:
 
     def pid(self, worker: int) -> int:
         return self.info[worker]["pid"]
+
+    def nodes(self) -> dict[int, str]:
+        """worker -> the id of the Ray node it runs on (warm workers)."""
+        return {w: self.info[w]["node_id"] for w in self.actors if w in self.info}
+
+    def dead_nodes(self, workers: Iterable[int]) -> set[str]:
+        """The nodes of ``workers`` that Ray's GCS no longer reports alive."""
+        mine = {self.info[w]["node_id"] for w in workers if w in self.info}
+        if not mine:
+            return set()
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return mine - alive
 
     # ---- leaving ----------------------------------------------------------------------------
     def lost(self, workers: Iterable[int]) -> None:
@@ -125,6 +172,13 @@ class Membership:
         """SIGKILL a worker's process from outside, as a crash would (chaos tests, benchmarks, the demo)."""
         os.kill(self.pid(worker), signal.SIGKILL)
 
+    def kill_hung(self, worker: int) -> None:
+        """Stop a worker the driver declared hung (through Ray, wherever it runs); its pending calls then fail
+        as a death does. It stays in ``actors`` until a failed call reports it (``lost``)."""
+        actor = self.actors.get(worker)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
 
 class MembershipView:
     """The ``WorkerGroup`` protocol's membership methods, answered by ``self.members`` (a ``Membership``)."""
@@ -138,7 +192,7 @@ class MembershipView:
     def spawn(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
         return self.members.spawn(n, resources, warm)
 
-    def start(self, n: int, resources: dict | None = None, warm: bool = True) -> list[int]:
+    def start(self, n: int, resources: dict | None = None, warm: bool = True, delay_s: float = 0.0) -> list[int]:
         return self.members.start(n, resources, warm)
 
     def take_warmed(self) -> list[int]:
@@ -150,11 +204,20 @@ class MembershipView:
     def cancel_starting(self, count: int) -> list[int]:
         return self.members.cancel_starting(count)
 
+    def start_trouble(self) -> str | None:
+        m = self.members
+        if not m.gave_up:
+            return None
+        return f"{len(m.start_failures)} worker warm-ups failed; the last: {m.start_failures[-1]}"
+
     def warm(self) -> list[int]:
         return self.members.warm()
 
     def live(self) -> frozenset[int]:
         return self.members.live()
+
+    def nodes(self) -> dict[int, str]:
+        return self.members.nodes()
 
     def remove(self, workers: Iterable[int]) -> None:
         self.members.remove(workers)

@@ -36,7 +36,7 @@ from elastic.model.specs import training_specs
 from elastic.plan.memory_rounds import TransferWork
 from elastic.runtime.engine import StepResult
 from elastic.runtime.restore import FromCheckpoint, FromSnapshot
-from elastic.runtime.tasks import ReadTensors, TrainStep, WorkerTask, WriteShard
+from elastic.runtime.tasks import ReadTensors, TrainStep, WorkerTask
 
 
 class RayWorkerGroup(MembershipView):
@@ -47,7 +47,7 @@ class RayWorkerGroup(MembershipView):
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, use_libuv=True,
                                    timeout=datetime.timedelta(seconds=cfg.runtime.store_timeout_s))
         self.members = Membership(cfg, host, self.store.port)
-        self.calls = Calls(self.members, self.store, cfg.runtime.collective_timeout_s * 2 + 30)
+        self.calls = Calls(self.members, self.store, cfg.runtime)
         self.builds = Builds(self.members, self.calls, self.next_group_name)
         self._placement: Placement | None = None
         self._active: str = ""  # the group set the placement trains on (what a failing step's abort cuts)
@@ -61,6 +61,8 @@ class RayWorkerGroup(MembershipView):
 
     @cfg.setter
     def cfg(self, cfg: Config) -> None:  # a pool of workers serves several runs in turn
+        if cfg != self._cfg:
+            self.calls.configure(cfg.runtime)
         self._cfg = self.members.cfg = cfg
 
     @property
@@ -93,7 +95,7 @@ class RayWorkerGroup(MembershipView):
         self.builds.settle()
         name = self.next_group_name()
         calls = {w: call(self.members.actors[w], name) for w in placement.workers}
-        entered = self.calls.gather(calls, members=placement.workers, forming=name, cut=[bound or ""])
+        entered = self.calls.gather(calls, members=placement.workers, forming=name, cut=[bound or ""], phase="enter")
         self._active = next(iter(entered.values()))["groups"]
         return entered
 
@@ -125,12 +127,13 @@ class RayWorkerGroup(MembershipView):
     def run(self, tasks: Mapping[int, WorkerTask]) -> dict[int, Any]:
         """Run a task on each of the given workers (a rollout, a read, a probe) and fail fast."""
         calls = {w: self.members.actors[w].run_task.remote(self._committed, task) for w, task in tasks.items()}
-        return self.calls.gather(calls, members=list(tasks), cut=[self._active])
+        phase = type(next(iter(tasks.values()))).__name__ if tasks else "task"  # a step, a rollout, a read ...
+        return self.calls.gather(calls, members=list(tasks), cut=[self._active], phase=phase)
 
     def settle(self, workers: Iterable[int]) -> None:
         workers = [w for w in workers if w in self.members.actors]
         self.calls.gather({w: self.members.actors[w].sync.remote(self._committed) for w in workers}, members=workers,
-                          cut=[self._active])
+                          cut=[self._active], phase="apply")
 
     def _require_placement(self) -> Placement:
         if self._placement is None:
@@ -153,7 +156,7 @@ class RayWorkerGroup(MembershipView):
         calls = {w: self.members.actors[w].transfer.remote(
             old, new, work.of(w), work.movers if w in work.movers else (), name, step) for w in participants}
         # On a failure only the transfer group is cut: the old engines and their groups stay intact.
-        stats = self.calls.gather(calls, members=participants, forming=name)
+        stats = self.calls.gather(calls, members=participants, forming=name, phase="transfer")
         # The commit binds skeletons only if every member of ``new`` holds the same group set's.
         names = {stats[w].get("skeleton") for w in new.workers}
         self._bound = names.pop() if len(names) == 1 else None
@@ -177,7 +180,7 @@ class RayWorkerGroup(MembershipView):
             self._placement, self._committed = None, 0  # nobody holds the placement any more: the job is over
         refs = {w: self.members.actors[w].release.remote() for w in workers if w in self.members.actors}
         if wait:
-            self.calls.gather(refs, members=list(refs))
+            self.calls.gather(refs, members=list(refs), phase="release")
 
     # ---- snapshots ----------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -186,13 +189,17 @@ class RayWorkerGroup(MembershipView):
         placement = self._require_placement()
         actors, started = self.members.actors, time.perf_counter()
         sizes = self.calls.gather({w: actors[w].snapshot_copy.remote(self._committed) for w in placement.workers},
-                                  members=placement.workers, cut=[self._active])
+                                  members=placement.workers, cut=[self._active], phase="snapshot")
         stall = time.perf_counter() - started
         refs = {w: actors[w].snapshot_take.remote() for w in placement.workers}
         return Snapshot(self._committed, placement, refs, sum(sizes.values()), stall)
 
     def snapshot_status(self, snap: Snapshot, wait_s: float = 0.0) -> bool | None:
-        ready, pending = ray.wait(list(snap.parts.values()), num_returns=len(snap.parts), timeout=wait_s)
+        """True once every part is in the object store of the driver's node too (``fetch_local``): a part kept
+        only on its worker's node would die with that node, and the parts of workers on the driver's own node
+        die only with the driver. False while some are on their way, None if a part was lost."""
+        ready, pending = ray.wait(list(snap.parts.values()), num_returns=len(snap.parts), timeout=wait_s,
+                                  fetch_local=True)
         if pending:
             return False
         try:
@@ -207,8 +214,20 @@ class RayWorkerGroup(MembershipView):
         self._placement, self._committed = new, snap.step
 
     # ---- checkpoints and inspection ------------------------------------------------------------
-    def write_shards(self, folder: Path, entries: dict[int, list]) -> dict[int, dict]:
-        return self.run({w: WriteShard(str(folder), tuple(items)) for w, items in entries.items() if items})
+    def checkpoint_copy(self, entries: dict[int, list]) -> None:
+        workers = [w for w, items in entries.items() if items]
+        self.calls.gather({w: self.members.actors[w].checkpoint_copy.remote(self._committed) for w in workers},
+                          members=workers, cut=[self._active], phase="checkpoint copy")
+
+    def checkpoint_write(self, folder: Path, entries: dict[int, list]) -> dict[int, ray.ObjectRef]:
+        return {w: self.members.actors[w].checkpoint_write.remote(str(folder), items)
+                for w, items in entries.items() if items}
+
+    def checkpoint_written(self, writes: dict[int, ray.ObjectRef], wait_s: float = 0.0) -> dict[int, dict] | None:
+        done, _ = ray.wait(list(writes.values()), num_returns=len(writes), timeout=wait_s)
+        if len(done) < len(writes):
+            return None
+        return self.calls.gather(writes, members=list(writes), phase="checkpoint write")
 
     def load_checkpoint(self, folder: Path, placement: Placement, step: int) -> None:
         source = FromCheckpoint(str(folder))

@@ -24,6 +24,7 @@ from elastic.core.layout import Coord, Layout, Placement, TensorSpec, enumerate_
 from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Decision, Move, Pause, Refuse, Stay
+from elastic.plan.domains import spread_replicas
 from elastic.plan.planner import MissingShards, Plan, cached_plan
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Policy:
         # phase -> predicate over layouts: the layouts a training phase can run on (e.g. rollouts need
         # every worker to hold the full policy).
         self.phase_filter: dict = {}
+        self.nodes: dict[int, str] = {}  # worker -> its node (the failure domain); the controller keeps it current
 
     # ---- candidates ------------------------------------------------------------------
     def layouts(self, world: int) -> list[Layout]:
@@ -87,18 +89,19 @@ class Policy:
         return total
 
     def assign(self, old: Placement | None, layout: Layout, workers: list[int]) -> Placement:
-        """Fill ``layout``'s ranks from ``workers`` (at least layout.world of them), keeping state local."""
+        """Fill ``layout``'s ranks from ``workers`` (at least layout.world of them), keeping state local, then
+        move replicas apart so that they sit on different nodes where the workers allow (``domains.py``)."""
         # Current holders first, then real workers, then placeholders (negative ids) for workers not started yet.
         pool = sorted(workers, key=lambda w: (old is None or old.rank_of(w) is None, w < 0, w))
         if old is None or len(pool) > 64:
-            return Placement(layout, tuple(pool[: layout.world]))
+            return spread_replicas(Placement(layout, tuple(pool[: layout.world])), self.nodes)
         chosen: list[int] = []
         for rank in range(layout.world):
             probe = Placement(layout, tuple(range(-layout.world, 0)))  # ids only matter through rank
             best = max((w for w in pool if w not in chosen),
                        key=lambda w: (self._overlap(old, w, probe, rank), -pool.index(w)))
             chosen.append(best)
-        return Placement(layout, tuple(chosen))
+        return spread_replicas(Placement(layout, tuple(chosen)), self.nodes)
 
     # ---- decision --------------------------------------------------------------------
     def plan(self, old: Placement | None, new: Placement, alive: frozenset[int] | None) -> Plan | None:

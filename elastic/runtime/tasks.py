@@ -16,14 +16,10 @@ worker, with ``engine`` None.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from elastic.core import checkpoint as ckpt
-from elastic.core.boxes import Box
-from elastic.model.specs import rank_boxes
 from elastic.runtime.engine import Engine, StepResult
 
 
@@ -58,17 +54,3 @@ class ReadTensors:
 
     def run(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in ctx.engine.local_tensors().items()}
-
-
-@dataclass(frozen=True)
-class WriteShard:
-    """Write this rank's ``entries`` ((tensor, box) pairs of the committed step) into the checkpoint being built
-    in ``folder``; returns the manifest entry of its file."""
-
-    folder: str
-    entries: tuple[tuple[str, Box], ...]
-
-    def run(self, ctx: TaskContext) -> dict:
-        engine = ctx.engine
-        return ckpt.write_shard(Path(self.folder), ctx.worker, engine.local_tensors(), list(self.entries),
-                                rank_boxes(engine.cfg, engine.placement, ctx.worker))

@@ -34,16 +34,19 @@ traceback travels with it (``StepFailed.detail``), for ``--debug``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import ray
 import torch
 
+from elastic.core import checkpoint as ckpt
 from elastic.core.config import Config
 from elastic.core.layout import Placement
 from elastic.model.hf import BoxReader
@@ -52,6 +55,7 @@ from elastic.plan.memory_rounds import DISK
 from elastic.runtime import transfer
 from elastic.runtime.engine import Engine, StepResult
 from elastic.runtime.failures import StepFailed, failure
+from elastic.runtime.liveness import ComputeThread
 from elastic.runtime.parallel import connections
 from elastic.runtime.parallel.groups import LayoutGroups
 from elastic.runtime.skeletons import BuildOrder, Skeleton, SkeletonCache
@@ -62,13 +66,25 @@ log = logging.getLogger(__name__)
 # Torch work runs on one dedicated thread ("compute"): DTensor caches its sharding decisions per
 # thread, and a fresh thread pays ~1 s to rebuild them. Control calls get threads of their own so
 # they are served while a step is blocked in a collective.
-COMPUTE = ray.method(concurrency_group="compute")
+def COMPUTE(method):  # noqa: N802 (reads like the other two concurrency groups)
+    """A method on the compute thread; entering it is what the driver's hang probe counts as progress."""
+
+    @functools.wraps(method)
+    def entered(self, *args, **kwargs):
+        self.compute.enter(method.__name__)
+        return method(self, *args, **kwargs)
+
+    return ray.method(concurrency_group="compute")(entered)
+
+
 CONTROL = ray.method(concurrency_group="control")
 # Skeletons are built on a thread of their own, one at a time, in the order the driver sent them.
 BUILD = ray.method(concurrency_group="build")
+# Checkpoint shards are written on a thread of their own, from a copy, while training goes on.
+IO = ray.method(concurrency_group="io")
 
 
-@ray.remote(concurrency_groups={"compute": 1, "control": 4, "build": 1})
+@ray.remote(concurrency_groups={"compute": 1, "control": 4, "build": 1, "io": 1})
 class Worker:
     def __init__(self, worker_id: int, cfg: Config, store_host: str, store_port: int) -> None:
         self.id, self.cfg = worker_id, cfg
@@ -84,18 +100,28 @@ class Worker:
         self.staged: tuple[Placement, dict[str, torch.Tensor], int] | None = None
         self.scratch: dict = {}  # tasks' per-engine caches (see runtime/tasks.py), emptied with each new engine
         self._snapshot = None
+        self._checkpoint = None  # (step, placement, copies) until the io thread has written them
+        self.compute = ComputeThread()
         self._lock = threading.Lock()  # staged and _snapshot: written by the compute and the control threads
 
-    # ---- identity and warm-up -----------------------------------------------------------
+    # ---- identity, liveness and warm-up -----------------------------------------------------
     @CONTROL
     def info(self) -> dict:
         return {"id": self.id, "pid": os.getpid(), "host": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
+    @CONTROL
+    def probe(self) -> dict:
+        """What the compute thread is doing (``runtime/liveness.py``): the driver's hang check. A stopped process
+        cannot answer it; a live one answers from a control thread whatever its compute thread is stuck in."""
+        return self.compute.probe()
+
     @COMPUTE
-    def warmup(self, full: bool = True) -> dict:
+    def warmup(self, full: bool = True, delay_s: float = 0.0) -> dict:
         """Pay one-off costs before this worker is needed (dataset, FSDP/DTensor code paths); ``full=False``
-        only reports in (the process is up and its imports are done, what a restarted torchrun worker pays)."""
+        only reports in (the process is up and its imports are done, what a restarted torchrun worker pays).
+        ``delay_s``: wait first (the backoff of a retried warm-up)."""
+        time.sleep(delay_s)
         if full:
             from elastic.runtime.parallel.warm import warm_up
 
@@ -341,6 +367,31 @@ class Worker:
         with self._lock:
             self._snapshot = copy
         return sum(v.numel() * v.element_size() for v in copy[2].values())
+
+    @COMPUTE
+    def checkpoint_copy(self, committed: int) -> int:
+        """Copy this worker's shards at ``committed`` for a checkpoint written in the background (the stall)."""
+        with self._lock:
+            staged = self.staged
+        placement = staged[0] if staged else self.placement
+        copy = (committed, placement, {k: v.clone() for k, v in self._holdings(placement, committed).items()})
+        with self._lock:
+            self._checkpoint = copy
+        return sum(v.numel() * v.element_size() for v in copy[2].values())
+
+    @IO
+    def checkpoint_write(self, folder: str, entries: list) -> dict:
+        """Write ``entries`` ((tensor, box) pairs) from the checkpoint copy into ``folder``, fsynced, then drop the
+        copy; returns the manifest entry of the file. Runs beside the training steps."""
+        with self._lock:
+            copy, self._checkpoint = self._checkpoint, None
+        if copy is None:
+            raise StepFailed(self.id, "has no checkpoint copy to write")
+        step, placement, tensors = copy
+        try:
+            return ckpt.write_shard(Path(folder), self.id, tensors, entries, rank_boxes(self.cfg, placement, self.id))
+        except Exception as err:
+            raise failure(self.id, f"writing the checkpoint of step {step}", err) from None
 
     @CONTROL
     def snapshot_take(self) -> tuple[int, Placement, dict[str, torch.Tensor]]:

@@ -93,6 +93,9 @@ class FakeWorkerGroup:
         self._next_id = 0
         self.prepared_placements: list[Placement] = []  # what the controller asked to build ahead, in order
         self._build_asks: dict[Placement, int] = {}
+        self.node_of: dict[int, str] = {}  # worker -> node, set by tests of failure domains
+        self.trouble: str | None = None  # what start_trouble() answers (a test sets it)
+        self.fail_starts = False  # workers started from now on fail their warm-up
         self.prepare_polls = 0  # build_done() answers False this many times per placement first
         self.sampler = GlobalSampler(cfg.data.num_samples, cfg.train.global_batch, cfg.train.seed)
 
@@ -130,7 +133,10 @@ class FakeWorkerGroup:
 
     def start(self, n: int) -> list[int]:
         self.calls.append(("start", n))
-        return self._new(n, warm=False)
+        ids = self._new(n, warm=False)
+        for wid in ids if self.fail_starts else ():  # their warm-up fails: they never join
+            self.workers[wid].dead = True
+        return ids
 
     def take_warmed(self) -> list[int]:
         done = []
@@ -147,6 +153,9 @@ class FakeWorkerGroup:
         if not self.hold_warmup:
             self.release_warmup()
 
+    def start_trouble(self) -> str | None:
+        return self.trouble
+
     def cancel_starting(self, count: int) -> list[int]:
         victims = sorted(self.starting, reverse=True)[:count]
         self.remove(victims)
@@ -161,6 +170,10 @@ class FakeWorkerGroup:
 
     def live(self) -> frozenset[int]:
         return frozenset(w.id for w in self.workers.values() if not w.dead)
+
+    def nodes(self) -> dict[int, str]:
+        """One node per worker unless the test puts them on nodes (``node_of``)."""
+        return {w.id: self.node_of.get(w.id, f"node-{w.id}") for w in self.workers.values() if w.warm and not w.dead}
 
     def remove(self, workers: Iterable[int]) -> None:
         for wid in list(workers):

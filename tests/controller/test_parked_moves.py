@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic.control.events import AddWorkers, PhaseChange, Relayout
+from elastic.control.events import AddWorkers, Drain, PhaseChange, Relayout, SetBudget
 from elastic.core.layout import Layout
 from elastic.core.records import RecordKind
 from tests.controller.test_transitions import assert_exactly_once, at_step, finish, kinds, make, tick_until
@@ -100,8 +100,12 @@ def test_the_parked_requests_are_told_when_every_step_is_done_first():
 def test_max_workers_caps_every_request_for_more():
     controller, group, plane = make(max_workers=3)
     tick_until(controller, at_step(2))
-    plane.request(AddWorkers(reason="lots of capacity", count=100))
-    tick_until(controller, at_step(4))
+    too_many = plane.request(AddWorkers(reason="lots of capacity", count=100))
+    tick_until(controller, at_step(3))
+    assert plane.answers[too_many] == ["refused: adding 100 workers would make 102, above control.max_workers=3; "
+                                       "add at most 1; training continues on dp=2"]
+    plane.request(SetBudget(reason="the cluster grew", workers=100))  # a budget from a source is capped
+    tick_until(controller, at_step(5))
     assert controller.wishes.budget == 3 and len(group.live()) == 3
     assert RecordKind.SCALE_OUT in kinds(controller)
     with pytest.raises(ValueError, match="runtime.workers=2 exceeds control.max_workers=1"):
@@ -116,3 +120,21 @@ def test_a_recovery_from_replicas_calibrates_the_cost_model_like_any_reshard():
     group.faults.kill_at(1, step=3, phase="step")
     tick_until(controller, lambda c: c.recoveries)
     assert len(seen) == 1 and controller.reshards[-1].reason == "recover from the loss of workers [1]"
+
+
+@pytest.mark.parametrize("event, words", [
+    (AddWorkers(reason="x", count=-2), "the number of workers to add must be a positive whole number, got -2"),
+    (AddWorkers(reason="x", count=0), "must be a positive whole number, got 0"),
+    (SetBudget(reason="x", workers=2.5), "the worker budget must be a positive whole number, got 2.5"),
+    (Drain(reason="x", worker="3"), "a worker id must be a whole number >= 0, got '3'"),
+    (Relayout(reason="x", layout="dp=2"), "a relayout needs a Layout, got 'dp=2'"),
+])
+def test_a_malformed_request_gets_one_line_and_changes_nothing(event, words):
+    controller, group, plane = make()
+    tick_until(controller, at_step(2))
+    before = (controller.wishes.budget, set(controller.wishes.draining), group.placement)
+    request = plane.request(event)
+    tick_until(controller, at_step(4))
+    assert len(plane.answers[request]) == 1 and words in plane.answers[request][0]
+    assert plane.answers[request][0].startswith("refused: ")
+    assert (controller.wishes.budget, set(controller.wishes.draining), group.placement) == before

@@ -171,7 +171,7 @@ def test_no_replica_recovers_from_the_snapshot_and_replays():
 
 
 def test_no_replica_and_no_snapshot_replays_from_the_seed():
-    controller, group, _ = make(layout="fsdp=2")
+    controller, group, _ = make(layout="fsdp=2", snapshot_every=0)
     group.faults.kill_at(1, step=3, phase="step")
     tick_until(controller, lambda c: c.recoveries)
     assert controller.recoveries[0]["how"].startswith("the seed") and controller.recoveries[0]["steps_lost"] == 3

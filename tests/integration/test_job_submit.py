@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -123,3 +124,72 @@ def submit(client, env) -> str:
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "runs", ".git", "bench/out", "*.png"],
                      "env_vars": {"PATH": env["PATH"]}},
     )
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_lost_driver_is_resumed_by_running_the_same_command_again(head_node, tmp_path):
+    """The driver is SIGKILLed mid-run; its workers go with it; the same command again resumes from the newest
+    checkpoint the job wrote into its run folder by default, and ends at the reference weights."""
+    import re
+
+    from elastic.core import checkpoint as ckpt
+    from elastic.model.specs import training_specs
+    from launch.cli import build_config, parser
+    from tests.helpers import worst_state_err
+    from tests.reference import train_reference
+
+    address, env = head_node
+    env = dict(env, PYTHONUNBUFFERED="1")
+    gcs = address.replace("http://", "").rsplit(":", 1)[0] + ":" + env["ELASTIC_TEST_GCS_PORT"]
+    args = ["train", "--recipe", "pretrain", "--model", "tiny", "--steps", "40", "--workers", "2", "--layout", "dp=2",
+            "--train.dtype", "float64", "--train.global_batch", "8", "--data.seq_len", "16",
+            "--data.max_corpus_bytes", "200000", "--runtime.cpus_per_worker", "0.25", "--checkpoint-every", "5",
+            "--storage-path", str(tmp_path), "--no-progress"]
+    command = [sys.executable, "-m", "launch", *args, "--address", gcs]
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, deadline, started = [], time.monotonic() + 180, time.monotonic()
+    for line in first.stdout:  # the run folder's name comes from the configuration: find it in the output
+        output.append(line)
+        if "outputs in" in line or time.monotonic() > deadline:
+            break
+    run_dir = Path(line.rsplit("outputs in ", 1)[1].strip())
+    while time.monotonic() < deadline and first.poll() is None:
+        try:
+            if ckpt.latest(run_dir / "checkpoints").name >= "step_000010":
+                break
+        except ckpt.CheckpointError:
+            pass
+        time.sleep(0.05)
+    first.kill()  # SIGKILL: the driver gets no chance to clean anything up
+    killed = time.monotonic()
+    output += first.stdout.readlines()
+    first.wait()
+    pids = [int(p) for p in re.findall(r"\d+", next(l for l in output if "started workers" in l).split("pids")[1])]
+    while any(alive(p) for p in pids) and time.monotonic() < killed + 30:
+        time.sleep(0.1)
+    outlived = time.monotonic() - killed
+    assert not any(alive(p) for p in pids), f"workers {pids} outlived their driver by 30 s"
+    print(f"\nthe lost driver's workers were gone {outlived:.1f} s after it ({killed - started:.0f} s into the run)")
+    again_at = time.monotonic()
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    print(f"the same command again took {time.monotonic() - again_at:.0f} s")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints'}" in second.stdout, second.stdout[-3000:]
+    cfg = build_config(parser().parse_args(args))[0]
+    final = ckpt.open_checkpoint(ckpt.latest(run_dir / "checkpoints"), cfg, training_specs(cfg))
+    assert final.step == 40
+    wanted = {s.name: tuple((0, n) for n in s.shape) for s in training_specs(cfg)}
+    err, name = worst_state_err(ckpt.read_boxes(final, wanted, torch.float64), train_reference(cfg).tensors)
+    assert err <= 1e-9, f"{name}: {err:.2e}"
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished: 40 steps" in again.stdout, again.stdout[-2000:]

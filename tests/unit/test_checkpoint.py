@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -16,12 +17,12 @@ from tests.helpers import tiny_config
 from tests.reference import train_reference
 
 
-def write_checkpoint(root, cfg, full, placement, step=4):
+def write_checkpoint(root, cfg, full, placement, step=4, writer="job"):
     """Write ``full`` as the workers of ``placement`` would (each its boxes, each box once)."""
     specs = training_specs(cfg)
     n = cfg.model.n_layers
     entries = ckpt.writers(placement, specs, n)
-    tmp = ckpt.new_folder(root, step)
+    tmp = ckpt.new_folder(root, step, writer)
     files = []
     for rank, worker in enumerate(placement.workers):
         if not entries[worker]:
@@ -107,12 +108,52 @@ def test_other_model_config_is_refused(tmp_path, trained):
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, trained):
     cfg, full = trained
     first = write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=4)
-    tmp = ckpt.new_folder(tmp_path, 8)  # a second write that crashes before finalize
+    tmp = ckpt.new_folder(tmp_path, 8, "job")  # a second write that crashes before finalize
     (tmp / "shard-00000.safetensors").write_bytes(b"partial")
     assert ckpt.latest(tmp_path) == first
     ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg))
     write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=12)
-    assert not list(tmp_path.glob(".step_*"))  # stale temporary folders are cleaned up
+    ckpt.sweep(tmp_path, "job")
+    assert not list(tmp_path.glob(".step_*"))  # this job's stale temporary folders are cleaned up
     shutil.rmtree(tmp_path / "step_000012")
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.latest(tmp_path)
+
+
+def test_a_replay_reaching_a_step_on_disk_keeps_that_copy_and_latest_never_dangles(tmp_path, trained, monkeypatch):
+    """A recovery replays steps and reaches a checkpointed step again: the copy on disk stays (it is a complete
+    checkpoint of that step); nothing is removed before something else is in place."""
+    cfg, full = trained
+    first = write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=4)
+    before = {f.name: f.stat().st_ino for f in first.iterdir()}
+    again = write_checkpoint(tmp_path, cfg, full, Placement(Layout(fsdp=2), (0, 1)), step=4)
+    assert again == first and {f.name: f.stat().st_ino for f in first.iterdir()} == before
+    assert not list(tmp_path.glob(".step_*"))  # the new copy was dropped whole
+    # A crash while the pointer is replaced (the last rename) leaves the previous pointer, which names a
+    # complete checkpoint.
+    real = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("killed here"))
+                        if str(b).endswith("latest") else real(a, b))
+    with pytest.raises(OSError, match="killed here"):
+        write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=8)
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert ckpt.latest(tmp_path) == first
+    ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg))
+
+
+def test_sweep_touches_only_its_own_writers_leftovers_and_prune_keeps_the_newest(tmp_path, trained):
+    cfg, full = trained
+    mine, theirs = ckpt.new_folder(tmp_path, 9, "job-a"), ckpt.new_folder(tmp_path, 9, "job-b")
+    ckpt.sweep(tmp_path, "job-a")
+    assert not mine.exists() and theirs.exists()  # another job's write in a shared folder is left alone
+    for step in (4, 8, 12):
+        write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=step)
+    assert [f.name for f in ckpt.prune(tmp_path, keep=2)] == ["step_000004"]
+    assert sorted(f.name for f in tmp_path.glob("step_*")) == ["step_000008", "step_000012"]
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_by_name(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ckpt.CheckpointError, match=f"cannot be written to {blocked / 'ckpt'}"):
+        ckpt.writable(blocked / "ckpt")

@@ -1,0 +1,60 @@
+"""Whole nodes die under a job (``nodes_scenario.py``, in a subprocess with its own multi-node Ray cluster).
+
+A node is a failure domain: losing one loses its raylet, its object store and every worker on it at once.
+The job must notice that as one event, recover once, and end at the single-process reference's weights
+with every sample used exactly once. Without a replica it replays at most one snapshot interval (the
+snapshot parts outlived the node: a copy sits in the driver node's object store); with replicas on
+different nodes it replays nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def scenario() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.nodes_scenario"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {out["layout"]: out for out in (json.loads(line[len("RESULT "):]) for line in lines)}
+
+
+def one_event(out: dict) -> None:
+    assert len(out["killed_workers"]) == 2, out  # two workers per node
+    assert len(out["failures"]) == 1 and len(out["recoveries"]) == 1, out["events"]
+    assert all(f"worker {w}" in out["failures"][0] for w in out["killed_workers"]), out["failures"]
+    print(f"\n{out['layout']}: node loss noticed after {out['notice_s']:.2f} s; {out['recoveries'][0]['text']}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_node_lost_without_a_replica_replays_at_most_one_snapshot_interval(scenario):
+    out = scenario["fsdp=4"]
+    one_event(out)
+    recovery = out["recoveries"][0]
+    assert recovery["how"].startswith("snapshot of step"), out["events"]
+    every = max(int(t.split("snapshots every ")[1].split()[0]) for t in out["events"] if "snapshots every " in t)
+    assert recovery["steps_lost"] < every, (recovery, every)
+    assert out["err"] <= 1e-9, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_node_lost_with_replicas_on_other_nodes_replays_nothing(scenario):
+    out = scenario["dp=2,fsdp=2"]
+    one_event(out)
+    nodes = out["placement_nodes"]  # ranks 0, 1 are one replica of the two fsdp shards, 2, 3 the other
+    assert nodes[0] != nodes[2] and nodes[1] != nodes[3], nodes
+    assert out["recoveries"][0]["how"] == "replicas" and out["recoveries"][0]["steps_lost"] == 0
+    assert out["err"] <= 1e-9, out
