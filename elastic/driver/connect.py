@@ -49,6 +49,8 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None, check
     """Attach to ``address`` (or the job's cluster inside ``ray job submit``), else start a local Ray. ``check``:
     run one task first (a wrong auth mode fails here, in one line)."""
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's C++ client logs a warning per failed attempt while it retries; the one line below says it all.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if AUTH_MODE not in os.environ and address and address != "auto":
         _set_mode("token" if _token_available() else "disabled")
     import ray
@@ -58,7 +60,8 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None, check
     if address:
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        except ray.exceptions.AuthenticationError as err:
+        except (ray.exceptions.AuthenticationError, ConnectionError) as err:
+            # The address answers (the CLI checked), so a refused connection is most often the auth mode.
             raise ConnectionError(auth_hint(address, str(err))) from None
         if check:
             check_work(address)
@@ -71,9 +74,9 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None, check
 def auth_hint(address: str, why: str) -> str:
     mode = os.environ.get(AUTH_MODE, "unset")
     other = "disabled" if mode == "token" else "token"
-    return (f"the Ray cluster at {address} did not accept this driver with {AUTH_MODE}={mode} ({why.splitlines()[0]}); "
-            f"set {AUTH_MODE}={other} as the cluster was started (for token auth the cluster's token must be in "
-            "~/.ray/auth_token or RAY_AUTH_TOKEN)")
+    return (f"the Ray cluster at {address} did not accept this driver with {AUTH_MODE}={mode} "
+            f"({(why.splitlines() or [''])[0][:160]}); if the cluster runs with the other mode, set "
+            f"{AUTH_MODE}={other} (for token auth the cluster's token must be in ~/.ray/auth_token or RAY_AUTH_TOKEN)")
 
 
 def check_work(address: str) -> None:

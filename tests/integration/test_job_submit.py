@@ -193,3 +193,19 @@ def test_a_lost_driver_is_resumed_by_running_the_same_command_again(head_node, t
     assert err <= 1e-9, f"{name}: {err:.2e}"
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished: 40 steps" in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_an_auth_mode_that_does_not_match_the_cluster_fails_in_one_line(head_node):
+    """The user's RAY_AUTH_MODE is respected; against a token cluster, "disabled" fails at once, naming it."""
+    address, env = head_node
+    gcs = address.replace("http://", "").rsplit(":", 1)[0] + ":" + env["ELASTIC_TEST_GCS_PORT"]
+    wrong = dict(env, RAY_AUTH_MODE="disabled")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "launch", "train", "--recipe", "pretrain", "--model", "tiny",
+                          "--steps", "2", "--workers", "1", "--address", gcs, "--no-progress",
+                          "--storage-path", "/tmp/elastic-auth-test"],
+                         cwd=ROOT, env=wrong, capture_output=True, text=True, timeout=110)
+    lines = [line for line in out.stderr.splitlines() if line.startswith("elastic: error")]
+    assert out.returncode == 2 and len(lines) == 1 and "RAY_AUTH_MODE=disabled" in lines[0], out.stderr[-2000:]
+    print(f"\nrefused in {time.monotonic() - started:.1f} s: {lines[0][:160]}")
