@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,21 @@ def pytest_configure(config):
     if missing:
         pytest.exit(f"missing dev extras {missing}: install them with .venv/bin/pip install -e '.[dev]' "
                     "(or run make test, which does)", returncode=3)
+
+
+def pytest_collection_finish(session):
+    """Start the cluster scenarios the selected tests need (tests/integration/background.py) right away, so
+    they run while the unit tier does."""
+    from tests.integration import background
+
+    files = {Path(str(item.fspath)).name for item in session.items}
+    background.start([name for name, test in background.SCENARIOS.items() if test in files])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.integration import background
+
+    background.stop_all()
 
 
 @pytest.fixture(scope="session")

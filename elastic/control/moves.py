@@ -98,7 +98,10 @@ class Mover:
         self.top_up()
 
     def top_up(self) -> None:
-        """Start the workers the budget is missing, in the background (the job trains meanwhile)."""
+        """Start the workers the budget is missing, in the background (the job trains meanwhile); none once every
+        step is done (a loss while the final state is gathered or written needs no replacement)."""
+        if self.group.committed >= self.cfg.train.steps:
+            return
         missing = self.wishes.budget - len(self.wishes.usable(self.group.warm())) - len(self.group.starting)
         if missing > 0:
             started = self.group.start(missing)

@@ -7,8 +7,9 @@ order of calls to a threaded actor, and two builds that two members started in d
 on each other's rendezvous.
 
 Before any group-forming call (a setup, a transfer, a restore) the caller ``settle``s the builds: a worker
-forms one group set at a time. A build whose member died is called off through the store; a failed build
-only means that its placement is built when it is used. This is the only module that starts builds: an
+forms one group set at a time. A build that needs a lost worker is called off through the store and not
+waited for; the others are; a build not made only means that its placement is built when it is used.
+This is the only module that starts builds: an
 import contract lets no other driver or control module import ``runtime.skeletons`` (its ``BuildOrder``).
 """
 
@@ -49,12 +50,21 @@ class Builds:
             return False
         return all(self._finished(refs) for p, refs in self._running.values() if p == placement)
 
+    def _abandon_lost(self) -> None:
+        """Call off and forget builds that need a lost worker. They are not waited for: a member may be inside
+        gloo's connect to the dead peer, which no store key interrupts and which gives up only after gloo's own
+        timeout; its build thread is busy until then, and nothing else waits on it."""
+        for name, (placement, _) in list(self._running.items()):
+            if any(w not in self.members.actors for w in placement.workers):
+                self.calls.call_off(name)
+                del self._running[name]
+                log.info("skeleton of %s called off: a member was lost", placement.layout)
+
     def pump(self) -> None:
         """Send the next queued build once the one in flight (if any) has finished."""
-        for name, (_, refs) in self._running.items():
+        self._abandon_lost()
+        for _, refs in self._running.values():
             if not self._finished(refs):
-                if any(w not in self.members.actors for w in refs):  # a member is gone: call the rendezvous off
-                    self.calls.call_off(name)
                 return
         while self._queued:
             placement = self._queued.pop(0)
@@ -71,13 +81,10 @@ class Builds:
         happen). Raises ``WorkerFailure`` if a worker died meanwhile: the caller must hear of it."""
         lost = {}
         self._queued.clear()
+        self._abandon_lost()
         for name, (placement, refs) in list(self._running.items()):
-            if any(w not in self.members.actors for w in placement.workers):
-                self.calls.call_off(name)
-            present = {w: ref for w, ref in refs.items() if w in self.members.actors}  # not ones removed on purpose
-            try:
-                # A member lost meanwhile calls the build's rendezvous off, so the others do not wait it out.
-                self.calls.gather(present, members=list(present), forming=name, phase="build")
+            try:  # every member is alive: the build finishes (a member lost meanwhile calls it off, see forming)
+                self.calls.gather(refs, members=list(refs), forming=name, phase="build", settle=False)
             except WorkerFailure as failure:
                 log.info("skeleton of %s not built: %s", placement.layout, failure)
                 lost.update(failure.dead)

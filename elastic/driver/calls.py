@@ -76,14 +76,17 @@ class Calls:
                     actor.abort.remote(name)
 
     def gather(self, calls: dict[int, ray.ObjectRef], members: Iterable[int] = (), cut: Iterable[str] = (),
-               forming: str | None = None, phase: str = "call", predicted: float | None = None) -> dict[int, Any]:
+               forming: str | None = None, phase: str = "call", predicted: float | None = None,
+               settle: bool = True) -> dict[int, Any]:
         """Wait for every call; on the first failure cut the other ``members``' group sets ``cut`` (the ones the
         calls use) so nobody stays blocked. ``forming``: the group set these calls form (its rendezvous is called
         off, and it is cut too). ``phase`` names the kind of call for its deadlines; ``predicted``: the cost
-        model's guess of its duration, used until the phase has been measured."""
+        model's guess of its duration, used until the phase has been measured. ``settle=False``: after the
+        first failure, stop waiting for the other calls (background work nothing else waits on)."""
         members, started = list(members), time.monotonic()
         cut = [name for name in (*cut, forming) if name]
         window = self.deadlines.window(phase, predicted)
+        log.debug("%s on workers %s: first look after %.1f s", phase, sorted(calls), window)
         look_at, before, hung = started + window, {}, {}
         pending = {ref: w for w, ref in calls.items()}
         results, dead, failed, details = {}, {}, {}, {}
@@ -115,6 +118,10 @@ class Calls:
                 dead[wid] = outcome[1]
             else:
                 failed[wid], details[wid] = outcome[1], outcome[2]
+            if (dead or failed) and not settle:
+                if forming is not None:
+                    self.call_off(forming)
+                return self._conclude(phase, started, results, dead, failed, details, wid)
             if (dead or failed) and not aborted:
                 aborted, first = True, wid
                 if forming is not None:  # release peers still waiting in the group's rendezvous

@@ -62,7 +62,7 @@ class CheckpointWriter:
         except WorkerFailure as failure:
             self.inflight = None
             shutil.rmtree(tmp, ignore_errors=True)
-            if set(failure.dead) - live or failure.failed:  # a new loss: the caller recovers
+            if set(failure.dead) & live or failure.failed:  # a new loss: the caller recovers
                 raise
             log.info("checkpoint of step %d dropped: its writer(s) %s were lost before it was done", step,
                      sorted(failure.dead))

@@ -177,7 +177,11 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session, tmp_path):
     assert kills["startup"]["step"] == 0 and kills["startup"]["trained"] == 0  # formed, nothing trained yet
     assert kills["reshard"]["state"] == "Resharding" and kills["gather"]["state"] == "Finishing"
     texts = [e.get("text", "") for e in result.events if e["kind"] == "failure"]
-    assert any("during checkpoint" in t for t in texts) and any("final tensors" in t for t in texts), texts
+    # A checkpoint is written in the background: the kill during its write is noticed by whichever call meets
+    # the dead worker first (the write, or the next step); the checkpoint of that step is dropped, not half-used.
+    started = [e for e in result.events if e["kind"] == "checkpoint" and "started" in e["text"]]
+    assert started and not (tmp_path / f"step_{started[0]['of_step']:06d}").exists()  # dropped whole
+    assert any("final tensors" in t for t in texts)
     assert result.recoveries[0]["how"].startswith("the seed")  # nothing else held the start-up's shards
     assert kills["step"]["layout"] == "fsdp=4" and result.recoveries[1]["how"] == "snapshot of step 4"
     recovered = [e for e in result.events if e["kind"] == "recovered"]

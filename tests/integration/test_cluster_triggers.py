@@ -1,18 +1,17 @@
 """Real triggers: a Ray node joining makes the job scale out; the node leaving makes it recover.
 
 Runs ``cluster_scenario.py`` in a subprocess because it needs its own multi-node Ray cluster
-(``ray.cluster_utils.Cluster`` starts real raylets), separate from the session's Ray.
+(``ray.cluster_utils.Cluster`` starts real raylets), separate from the session's Ray; the session starts it
+in the background as soon as the tests are collected (``background.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration import background
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,12 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_node_join_scales_out_and_node_loss_recovers():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.cluster_scenario"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = background.result("cluster_scenario")[-1]
     kinds = [e["kind"] for e in out["events"]]
     texts = [e.get("text", "") for e in out["events"]]
     # Scale-out with no operator action: the capacity change came from Ray's cluster view.

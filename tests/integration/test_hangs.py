@@ -25,7 +25,7 @@ from tests import helpers
 from tests.helpers import SlowNextStep, tiny_config, worst_state_err
 from tests.reference import train_reference
 
-SLOW_AT, STOP_AT, SLOW_S = 4, 8, 4.0
+SLOW_AT, STOP_AT, SLOW_S = 4, 8, 2.0
 
 
 @pytest.mark.timeout(240)

@@ -9,25 +9,14 @@ different nodes it replays nothing.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration import background
 
 
 @pytest.fixture(scope="module")
 def scenario() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.nodes_scenario"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {out["layout"]: out for out in (json.loads(line[len("RESULT "):]) for line in lines)}
+    return {out["layout"]: out for out in background.result("nodes_scenario")}
 
 
 def one_event(out: dict) -> None:
