@@ -34,7 +34,9 @@ def test_a_node_lost_without_a_replica_replays_at_most_one_snapshot_interval(sce
     recovery = out["recoveries"][0]
     assert recovery["how"].startswith("snapshot of step"), out["events"]
     every = max(int(t.split("snapshots every ")[1].split()[0]) for t in out["events"] if "snapshots every " in t)
-    assert recovery["steps_lost"] < every, (recovery, every)
+    # A snapshot counts once its parts sit on the driver's node; the one taken at the last committed step may
+    # still be on its way there, so the newest counted one can be a whole interval old.
+    assert recovery["steps_lost"] <= every, (recovery, every)
     assert out["err"] <= 1e-9, out
 
 
