@@ -61,6 +61,7 @@ class Snapshot:
     parts: dict[int, Any]
     nbytes: int
     stall_seconds: float
+    travel: Any = None  # the group's own handle on the copies' way off their workers' nodes, if it keeps one
 
 
 class WorkerGroup(Protocol):
@@ -83,6 +84,8 @@ class WorkerGroup(Protocol):
         """Every worker process still alive, warm or warming."""
     def nodes(self) -> dict[int, str]:
         """worker -> the node it runs on (warm workers): the unit that fails together."""
+    def draining_nodes(self) -> dict[str, float | None]:
+        """Nodes the cluster announced it will take away: node -> deadline (seconds since the epoch) or None."""
     def spawn(self, n: int) -> list[int]:
         """Start ``n`` workers and wait until they are warm."""
     def start(self, n: int) -> list[int]:

@@ -15,6 +15,7 @@ Assumes ``ray.init`` has been called by the caller.
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from elastic.core.boxes import slices
 from elastic.core.config import Config
 from elastic.core.layout import Placement
+from elastic.driver import ray_compat
 from elastic.driver.builds import Builds
 from elastic.driver.calls import Calls
 from elastic.driver.group import Snapshot, WorkerFailure
@@ -73,6 +75,9 @@ class RayWorkerGroup(MembershipView):
     def committed(self) -> int:
         """Optimizer steps every rank has computed; their updates are applied or about to be."""
         return self._committed
+
+    def draining_nodes(self) -> dict[str, float | None]:
+        return ray_compat.draining_nodes()
 
     def cluster_cpus(self) -> float:
         return ray.cluster_resources().get("CPU", 2.0)
@@ -192,21 +197,16 @@ class RayWorkerGroup(MembershipView):
                                   members=placement.workers, cut=[self._active], phase="snapshot")
         stall = time.perf_counter() - started
         refs = {w: actors[w].snapshot_take.remote() for w in placement.workers}
-        return Snapshot(self._committed, placement, refs, sum(sizes.values()), stall)
+        return Snapshot(self._committed, placement, refs, sum(sizes.values()), stall, Travel(list(refs.values())))
 
     def snapshot_status(self, snap: Snapshot, wait_s: float = 0.0) -> bool | None:
-        """True once every part is in the object store of the driver's node too (``fetch_local``): a part kept
-        only on its worker's node would die with that node, and the parts of workers on the driver's own node
-        die only with the driver. False while some are on their way, None if a part was lost."""
-        ready, pending = ray.wait(list(snap.parts.values()), num_returns=len(snap.parts), timeout=wait_s,
-                                  fetch_local=True)
-        if pending:
+        """True once every part is in the object store of the driver's node too: a part kept only on its
+        worker's node would die with that node, and the parts of workers on the driver's own node die only with
+        the driver. False while some are on their way, None if a part was lost."""
+        if not snap.travel.done.wait(wait_s):
             return False
-        try:
-            ray.get(ready)
-        except Exception:  # a worker died before handing its part over
-            return None
-        return True
+        return snap.travel.ok
+
 
     def restore(self, snap: Snapshot, new: Placement) -> None:
         source = FromSnapshot(snap.placement, {w: [ref] for w, ref in snap.parts.items()}, snap.step)
@@ -253,3 +253,29 @@ class RayWorkerGroup(MembershipView):
     def ping(self, workers: Iterable[int]) -> dict[int, dict]:
         """Each worker's identity, asked now: a check that they still answer (tests)."""
         return self.calls.ping(workers)
+
+
+class Travel:
+    """Brings a snapshot's parts to the driver's node on a thread of its own, while training goes on.
+
+    Why a thread: Ray pulls an object to the caller's node only while a ``ray.wait(fetch_local=True)`` or a
+    ``ray.get`` for it is pending, and cancels the pull when that call returns; a non-blocking look after
+    every step (``timeout=0``) started a pull and cancelled it at once, so the copies of workers on other nodes
+    never arrived and snapshots stopped counting after the first (``bench/failures.py`` showed a recovery
+    from a snapshot six steps old while one was taken every one or two). ``ok``: every part arrived (None: a
+    worker died before handing its part over)."""
+
+    def __init__(self, refs: list) -> None:
+        self.done, self.ok = threading.Event(), None
+        threading.Thread(target=self._run, args=(refs,), daemon=True, name="snapshot-travel").start()
+
+    def _run(self, refs: list) -> None:
+        try:
+            ray.wait(refs, num_returns=len(refs), fetch_local=True)
+            for ref in refs:  # one part at a time: the driver holds at most one part's tensors at once
+                ray.get(ref)
+            self.ok = True
+        except Exception:  # a worker died before handing its part over, or its node went with the part
+            self.ok = None
+        finally:
+            self.done.set()
