@@ -33,6 +33,8 @@ class ControlConfig:
     max_workers: int = knob(64, "the most workers the job uses, whatever asks for more (the operator, the cluster "
                                 "watcher, recovery's replacements)")
     watch_cluster: bool = knob(False, "scale with Ray's cluster capacity (its CPUs / runtime.cpus_per_worker)")
+    watch_drains: bool = knob(True, "act on Ray's preemption notices: the workers on a node Ray drains (GCS "
+                                    "DrainNode, as autoscalers send before a preemption) move their shards off it live")
     poll_interval_s: float = knob(0.5, "how often the control plane and the cluster are polled")
     require_replica: bool = knob(False, "only layouts with dp >= 2, so any single loss recovers without a replay")
     snapshot_every: int = knob(-1, "in-memory snapshot every k steps; -1 (auto): while the placement keeps no "

@@ -33,7 +33,7 @@ from elastic.control.moves import Mover
 from elastic.control.recovery import Recovery
 from elastic.control.result import RunResult, run_summary
 from elastic.control.safekeeping import Safekeeping, checkpoint_root, redundancy_report, resume_folder
-from elastic.control.sources import ClusterWatcher
+from elastic.control.sources import ClusterWatcher, DrainWatcher
 from elastic.control.states import (
     Done,
     Planning,
@@ -99,6 +99,8 @@ class Controller:
         if self.control.watch_cluster:
             sources.append(ClusterWatcher(cfg.runtime.cpus_per_worker, self.control.max_workers,
                                           self.control.poll_interval_s))
+        if self.control.watch_drains:
+            sources.append(DrainWatcher(group, self.control.poll_interval_s))
         if plane is None and job_name:
             from elastic.control.control_plane import RayPlaneLink
 

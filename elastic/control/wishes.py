@@ -75,7 +75,10 @@ class Wishes:
                 if event.worker not in self.draining:
                     self.draining.add(event.worker)
                     usable -= 1
-                self.budget = max(1, self.budget - 1)
+                # The drained worker is not replaced here (a new one could land where it was); the budget falls
+                # to what is left, once: a node's capacity drop (cluster watcher) and its workers' drains are
+                # one loss, not two.
+                self.budget = max(1, min(self.budget, usable + starting))
                 out.must_move = True
             elif isinstance(event, Relayout):
                 try:

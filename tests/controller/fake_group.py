@@ -94,6 +94,7 @@ class FakeWorkerGroup:
         self.prepared_placements: list[Placement] = []  # what the controller asked to build ahead, in order
         self._build_asks: dict[Placement, int] = {}
         self.node_of: dict[int, str] = {}  # worker -> node, set by tests of failure domains
+        self.draining: dict[str, float | None] = {}  # node -> deadline: the cluster's drain notices, set by tests
         self.trouble: str | None = None  # what start_trouble() answers (a test sets it)
         self.fail_starts = False  # workers started from now on fail their warm-up
         self.prepare_polls = 0  # build_done() answers False this many times per placement first
@@ -178,6 +179,10 @@ class FakeWorkerGroup:
     def remove(self, workers: Iterable[int]) -> None:
         for wid in list(workers):
             self.workers.pop(wid, None)
+
+    def draining_nodes(self) -> dict[str, float | None]:
+        """What the test announced: node -> deadline (``draining``)."""
+        return dict(self.draining)
 
     def cluster_cpus(self) -> float:
         return 2.0

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from elastic.control.controller import Controller
-from elastic.control.events import AddWorkers, Drain, Pause, Relayout, Resume, Stop
+from elastic.control.events import AddWorkers, Drain, Pause, Relayout, Resume, SetBudget, Stop
 from elastic.control.run import with_control
 from elastic.control.states import Done, Launching, Paused, Planning, Recovering, Resharding, Running
 from elastic.core.layout import Layout
@@ -29,13 +29,13 @@ pytestmark = pytest.mark.timeout(20)
 
 
 def make(layout: str = "dp=2", workers: int = 2, steps: int = 12, policy=None, gather_tensors: bool = False,
-         **control):
+         sources=(), **control):
     cfg = tiny_config(steps=steps, dataset="arithmetic", global_batch=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
     cfg = with_control(cfg, **{"layout": layout, "objective": "use_all", "poll_interval_s": 0.0, **control})
     group, plane = FakeWorkerGroup(cfg), FakePlane()
     controller = Controller(cfg, group=group, plane=plane, policy=policy, progress=False,
-                            gather_tensors=gather_tensors)
+                            gather_tensors=gather_tensors, sources=sources)
     controller.start()
     return controller, group, plane
 
@@ -89,6 +89,38 @@ def test_drain_reshards_then_runs():
     assert plane.answers[request][0].startswith("moved to") and len(plane.answers[request]) == 1
     assert RecordKind.DRAINED in kinds(controller)
     finish(controller)
+    assert_exactly_once(controller, group)
+
+
+class CapacityDrop:
+    """The cluster watcher's view of a draining node: its CPUs stop counting, in the same poll as the notice."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.group, self.sent = workers, None, False
+
+    def poll(self, step: int) -> list:
+        if self.sent or self.group is None or not self.group.draining:
+            return []
+        self.sent = True
+        return [SetBudget(reason=f"cluster capacity -> {self.workers} workers", workers=self.workers)]
+
+
+def test_a_node_ray_drains_moves_its_workers_shards_off_live_once():
+    # The capacity drop is polled first (as the controller registers the cluster watcher before the drain
+    # watcher): one loss, which must not lower the budget twice.
+    capacity = CapacityDrop(workers=2)
+    controller, group, _ = make(layout="fsdp=4", workers=4, sources=[capacity])
+    group.node_of, capacity.group = {0: "node-a", 1: "node-b", 2: "node-a", 3: "node-b"}, group
+    tick_until(controller, at_step(2))
+    group.draining = {"node-b": None}  # Ray's notice: node-b goes (GCS DrainNode, as an autoscaler sends)
+    tick_until(controller, lambda c: not {1, 3} & c.group.live())
+    assert sorted(group.placement.workers) == [0, 2]
+    texts = [e.get("text", "") for e in controller.events]
+    assert any("Ray drains node node-b (worker 1" in t for t in texts), texts
+    assert [e["workers"] for e in controller.events if e["kind"] == RecordKind.DRAINED] == [[1, 3]]
+    assert RecordKind.RECOVERED not in kinds(controller)  # a live move: nothing lost, nothing replayed
+    finish(controller)  # the notice stays up; the workers it named are gone, so it asks nothing more
+    assert kinds(controller).count(RecordKind.RESHARD) == 1
     assert_exactly_once(controller, group)
 
 

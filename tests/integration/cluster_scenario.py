@@ -1,8 +1,10 @@
 """Run in a subprocess by test_cluster_triggers.py: a real multi-node Ray cluster on one machine.
 
 Ray's ``cluster_utils.Cluster`` starts real raylet processes. The job starts on the head node's
-capacity; adding a node must make the controller scale out with no operator action, and removing
-it (its workers die with it) must make the job recover onto what is left. Prints one JSON line.
+capacity; adding a node must make the controller scale out with no operator action. Then Ray is told the
+node will be preempted (the GCS ``DrainNode`` call autoscalers make, with a deadline): the job must move off
+it live before the deadline, so that removing the node afterwards costs nothing (no failure, no replay).
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from elastic.control.controller import Controller
 from elastic.control.events import Stop
 from elastic.control.run import with_control
 from elastic.control.states import Running
+from elastic.driver.ray_compat import drain_node
 from tests.helpers import tiny_config, worst_state_err
 from tests.reference import train_reference
 
@@ -29,6 +32,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+DRAIN_DEADLINE_S = 60
 
 
 def main() -> None:
@@ -66,13 +72,17 @@ def main() -> None:
             time.sleep(0.1)
         timeline["scaled_out"] = controller.step
         time.sleep(1.0)
+        timeline["drain_node"] = controller.step
+        drain_node(cluster.address, node.node_id, deadline_s=DRAIN_DEADLINE_S)
+        deadline = time.monotonic() + DRAIN_DEADLINE_S
+        while time.monotonic() < deadline and not any(e["kind"] == "drained" for e in controller.events):
+            time.sleep(0.05)
+        timeline["drained_s"] = DRAIN_DEADLINE_S - (deadline - time.monotonic())
         timeline["remove_node"] = controller.step
-        cluster.remove_node(node)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(e["kind"] == "recovered" for e in controller.events):
-            time.sleep(0.1)
+        cluster.remove_node(node)  # at (or before) the deadline, as the autoscaler does
+        deadline = time.monotonic() + 90
         stop_at = controller.step + 5
-        while controller.step < stop_at and time.monotonic() < deadline + 30:
+        while controller.step < stop_at and time.monotonic() < deadline:
             time.sleep(0.05)
         controller.submit(Stop(reason="scenario done"))
         thread.join(timeout=120)
@@ -87,7 +97,8 @@ def main() -> None:
     err, name = worst_state_err(result.tensors, ref_state)
     out = {"events": [{k: v for k, v in e.items() if isinstance(v, (str, int, float, list))} for e in result.events],
            "layouts": sorted({(h.layout, h.workers) for h in result.history}),
-           "timeline": timeline, "err": err, "err_tensor": name, "steps": len(result.history)}
+           "timeline": timeline, "deadline_s": DRAIN_DEADLINE_S, "err": err, "err_tensor": name,
+           "steps": len(result.history)}
     print("RESULT " + json.dumps(out))
     ray.shutdown()
     cluster.shutdown()
