@@ -58,6 +58,7 @@ from elastic.model.specs import training_specs  # noqa: E402
 from elastic.tools.progress import configure_logging  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+STORE_BYTES = 2 * 1024**3
 
 
 def free_port() -> int:
@@ -113,9 +114,9 @@ class Run:
             back_at = c.journal.started + recovered[0]["time"]
             first = min((h for h in result.history if h.ended > back_at), key=lambda h: h.ended)
             moved = sum(r.bytes_moved for r in result.reshards if r.reason.startswith("recover"))
+            read_back = c.safe.snapshots.latest.nbytes if recovered[0]["how"].startswith("snapshot") else 0
             row.update(notice=noticed - self.at, back=first.ended - self.at, redone=recovered[0]["steps_lost"] + 1,
-                       mb=(moved or (c.safe.snapshots.latest.nbytes if recovered[0]["steps_lost"] else 0)) / 1e6,
-                       recoveries=len(recovered))
+                       mb=(moved + read_back) / 1e6, recoveries=len(recovered))
         return row
 
 
@@ -160,7 +161,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
     configure_logging()
-    head = {"num_cpus": 1, "dashboard_agent_listen_port": free_port()}
+    # 2 GiB object stores: cluster_utils' default of 150 MiB would spill every snapshot of these models to disk.
+    head = {"num_cpus": 1, "dashboard_agent_listen_port": free_port(), "object_store_memory": STORE_BYTES}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     table = Table(title="Failures as clusters produce them (4 workers on two nodes, fsdp=4: no replica; default "
                         "safety), each against the quiet run of the same job")
@@ -168,7 +170,7 @@ def main() -> None:
                 "max rel diff vs quiet", "wall / quiet"):
         table.add_column(col, justify="left" if col in ("model", "failure") else "right")
     try:
-        node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
+        node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(), object_store_memory=STORE_BYTES)
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         for model in args.models.split(","):
             cfg = make_config(model, args.steps, args.batch, args.seq)
@@ -182,7 +184,8 @@ def main() -> None:
                                                  args.seq)
             results["node loss"] = Run(cfg, args.kill_at,
                                        lambda c, lost=node: cluster.remove_node(lost, allow_graceful=False)).go()
-            node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
+            node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(),
+                                    object_store_memory=STORE_BYTES)
             for name, r in results.items():
                 nan = float("nan")
                 table.add_row(model, name, f"{r.get('notice', nan):.2f}", f"{r.get('back', nan):.2f}",

@@ -21,6 +21,7 @@ skeletons can be built ahead. Nothing here changes controller state.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from elastic.core import checkpoint as ckpt
@@ -30,6 +31,14 @@ from elastic.driver.snapshots import Snapshotter
 from elastic.model.specs import training_specs
 from elastic.plan.decisions import Decision, Move
 from elastic.plan.policy import Policy
+
+log = logging.getLogger(__name__)
+LOST_OBJECT = ("ObjectLostError", "ObjectReconstructionFailed", "OwnerDiedError", "ObjectFetchTimedOutError")
+
+
+def _part_lost(why: str) -> bool:
+    """Whether a worker's failure says a snapshot part it was reading is gone from Ray's object store."""
+    return any(name in why for name in LOST_OBJECT)
 
 
 class Recovery:
@@ -68,8 +77,16 @@ class Recovery:
         snap = self.snapshots.usable()
         checkpoint = self._newest_checkpoint()
         if snap is not None and (checkpoint is None or snap.step >= checkpoint.step):
-            self.group.restore(snap, placement)
-            return f"snapshot of step {snap.step}", snap.step
+            try:
+                self.group.restore(snap, placement)
+                return f"snapshot of step {snap.step}", snap.step
+            except WorkerFailure as failure:
+                if failure.dead or not _part_lost(failure.failed.get(failure.first, "")):  # the others were cut
+                    raise
+                # Ray lost a part (its only copy died with a node): this snapshot cannot serve, the next can.
+                log.warning("snapshot of step %d lost a part (%s); rebuilding from the next source", snap.step,
+                            failure)
+                self.snapshots.discard(snap)
         if checkpoint is not None:
             self.group.load_checkpoint(checkpoint.folder, placement, checkpoint.step)
             return f"checkpoint of step {checkpoint.step}", checkpoint.step

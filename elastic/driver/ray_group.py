@@ -197,14 +197,16 @@ class RayWorkerGroup(MembershipView):
                                   members=placement.workers, cut=[self._active], phase="snapshot")
         stall = time.perf_counter() - started
         refs = {w: actors[w].snapshot_take.remote() for w in placement.workers}
-        return Snapshot(self._committed, placement, refs, sum(sizes.values()), stall, Travel(list(refs.values())))
+        return Snapshot(self._committed, placement, refs, sum(sizes.values()), stall, Travel(refs))
 
     def snapshot_status(self, snap: Snapshot, wait_s: float = 0.0) -> bool | None:
-        """True once every part is in the object store of the driver's node too: a part kept only on its
-        worker's node would die with that node, and the parts of workers on the driver's own node die only with
-        the driver. False while some are on their way, None if a part was lost."""
+        """True once every part is held by the driver in its own node's object store (``Travel``): a part kept
+        only on its worker's node would die with that node. False while some are on their way, None if a part
+        was lost."""
         if not snap.travel.done.wait(wait_s):
             return False
+        if snap.travel.ok:
+            snap.parts = snap.travel.parts  # the driver's copies; the workers' are released with their refs
         return snap.travel.ok
 
 
@@ -256,26 +258,33 @@ class RayWorkerGroup(MembershipView):
 
 
 class Travel:
-    """Brings a snapshot's parts to the driver's node on a thread of its own, while training goes on.
+    """Brings a snapshot's parts to the driver's node on a thread of its own, while training goes on, and
+    keeps them there as the driver's own objects.
 
     Why a thread: Ray pulls an object to the caller's node only while a ``ray.wait(fetch_local=True)`` or a
     ``ray.get`` for it is pending, and cancels the pull when that call returns; a non-blocking look after
     every step (``timeout=0``) started a pull and cancelled it at once, so the copies of workers on other nodes
     never arrived and snapshots stopped counting after the first (``bench/failures.py`` showed a recovery
-    from a snapshot six steps old while one was taken every one or two). ``ok``: every part arrived (None: a
-    worker died before handing its part over)."""
+    from a snapshot six steps old while one was taken every one or two).
 
-    def __init__(self, refs: list) -> None:
-        self.done, self.ok = threading.Event(), None
+    Why ``ray.put`` again: a copy pulled to another node is a *secondary* copy, which Ray may evict under
+    memory pressure; when the worker's node then dies the object is lost with it (``bench/failures.py`` saw
+    ``ObjectReconstructionFailedError`` restoring such a snapshot after a node loss). Put by the driver, the
+    part's primary copy lives in the driver node's store, pinned while the snapshot is referenced, and the
+    worker-node copy is released. One part at a time, so the driver holds at most one part's tensors.
+
+    ``ok``: every part arrived (None: a worker died before handing its part over); ``parts``: the driver's."""
+
+    def __init__(self, refs: dict) -> None:
+        self.done, self.ok, self.parts = threading.Event(), None, {}
         threading.Thread(target=self._run, args=(refs,), daemon=True, name="snapshot-travel").start()
 
-    def _run(self, refs: list) -> None:
+    def _run(self, refs: dict) -> None:
         try:
-            ray.wait(refs, num_returns=len(refs), fetch_local=True)
-            for ref in refs:  # one part at a time: the driver holds at most one part's tensors at once
-                ray.get(ref)
+            for worker, ref in refs.items():
+                self.parts[worker] = ray.put(ray.get(ref))
             self.ok = True
         except Exception:  # a worker died before handing its part over, or its node went with the part
-            self.ok = None
+            self.ok, self.parts = None, {}
         finally:
             self.done.set()

@@ -56,6 +56,11 @@ class Snapshotter:
             self.latest = snap
         self.inflight = None
 
+    def discard(self, snap: Snapshot) -> None:
+        """Forget ``snap`` (a part of it turned out to be lost); the next recovery uses an older source."""
+        if self.latest is snap:
+            self.latest = None
+
     def usable(self, wait_s: float = 5.0) -> Snapshot | None:
         """The newest complete snapshot (waiting briefly for one still in flight)."""
         self._promote(wait_s)

@@ -34,6 +34,7 @@ class Fault:
     phase: str
     action: str  # "kill", "fail" or "stall"
     seconds: float = 0.0
+    why: str = ""  # a "fail"'s message (default: "<phase> failed (injected by the test)")
 
 
 class Faults:
@@ -47,9 +48,9 @@ class Faults:
         self.pending.append(Fault(worker, step, phase, "kill"))
         return self
 
-    def fail_at(self, worker: int, step: int | None = None, phase: str = "step") -> Faults:
-        """The call raises on ``worker`` but its process lives (a bug, not a crash)."""
-        self.pending.append(Fault(worker, step, phase, "fail"))
+    def fail_at(self, worker: int, step: int | None = None, phase: str = "step", why: str = "") -> Faults:
+        """The call raises on ``worker`` but its process lives (a bug, not a crash; or ``why`` says what)."""
+        self.pending.append(Fault(worker, step, phase, "fail", why=why))
         return self
 
     def stall_at(self, worker: int, seconds: float, step: int | None = None, phase: str = "step") -> Faults:
@@ -205,7 +206,7 @@ class FakeWorkerGroup:
                 self.workers[fault.worker].dead = True
                 dead[fault.worker] = f"process died during {phase} (killed by the test)"
             else:
-                failed[fault.worker] = f"{phase} failed (injected by the test)"
+                failed[fault.worker] = fault.why or f"{phase} failed (injected by the test)"
         if dead or failed:
             for w in dead:
                 self.workers.pop(w, None)

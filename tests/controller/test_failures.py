@@ -42,3 +42,18 @@ def test_a_job_that_cannot_start_enough_workers_says_why_instead_of_waiting():
     with pytest.raises(RuntimeError, match="needs 2 workers and has 1, and cannot start more: 4 worker warm-ups"):
         tick_until(controller, lambda c: False)
     assert ("start", 1) in group.calls  # it did try to replace the lost worker
+
+
+def test_a_snapshot_that_lost_a_part_is_dropped_and_recovery_falls_back():
+    """Ray lost a snapshot part (its only copy died with a node): the restore fails on a live worker. That is
+    the snapshot's fault, not the worker's: recovery drops it and rebuilds from the next source (here the
+    seed), instead of blaming and killing the worker."""
+    controller, group, _ = make(layout="fsdp=2", snapshot_every=2)
+    group.faults.kill_at(1, step=5, phase="step")
+    group.faults.fail_at(0, phase="restore", why="ObjectReconstructionFailedError: Failed to retrieve object 6be3")
+    tick_until(controller, lambda c: c.recoveries)
+    recovered = [e for e in controller.events if e["kind"] == RecordKind.RECOVERED]
+    assert "from the seed" in recovered[0]["text"], recovered
+    assert 0 in group.live() and not any("killed it" in e.get("text", "") for e in controller.events)
+    finish(controller)
+    assert_exactly_once(controller, group)
