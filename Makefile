@@ -34,12 +34,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/rollout.py | tee bench/out/rollout.txt
 	$(BIN)/python bench/load.py | tee bench/out/load.txt
 	$(BIN)/python bench/plan_scale.py --quick | tee bench/out/plan_scale.txt
+	$(BIN)/python bench/failures.py | tee bench/out/failures.txt
 	$(BIN)/python bench/to_readme.py
 
 bench-peers: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	mkdir -p bench/out
 	RAY_TRAIN_V2_ENABLED=1 $(BIN)/python bench/peers.py | tee bench/out/peers.txt
+	RAY_TRAIN_V2_ENABLED=1 $(BIN)/python bench/goodput.py | tee bench/out/goodput.txt
 	$(BIN)/python bench/to_readme.py
 
 # About an hour on 2 cores; `--quick` (one LM seed) about 10 to 15 minutes. Prints verdicts, never fails.

@@ -40,6 +40,9 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=4)
     p.add_argument("--ckpt-dir", required=True)
     p.add_argument("--step-log", dest="log", required=True)
+    p.add_argument("--preemption", action="store_true", help="Ray Train: on a preemption notice "
+                   "(ray.train.get_preemption_info, asked after every step) checkpoint at once, as Ray's docs advise")
+    p.add_argument("--node-tag", default="", help="ignored: marks the processes of one torchrun agent for pkill")
     return p.parse_args(argv)
 
 
@@ -90,6 +93,7 @@ def loop(args: argparse.Namespace, ray_train: bool = False) -> None:
     if rank == 0:
         note(args.log, event="resumed", step=step, world=world, pid=os.getpid())
     note(args.log + f".rank{rank}", event="pid", pid=os.getpid(), world=world)
+    saved_on_notice = False
     while step < args.steps:
         if rank == 0:
             note(args.log, event="begin", step=step, world=world)
@@ -103,17 +107,26 @@ def loop(args: argparse.Namespace, ray_train: bool = False) -> None:
         step += 1
         if rank == 0:
             note(args.log, event="end", step=step - 1, world=world, loss=float(loss.detach()))
-        if step % args.ckpt_every == 0:
-            folder = ckpt_dir / f"step_{step:06d}"
-            dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(folder))
-            if rank == 0:
-                (folder / "step").write_text(str(step))
-                (folder / "done").write_text("")
-            if ray_train:
-                from ray.train import Checkpoint
+        noticed = False
+        if args.preemption and not saved_on_notice:  # every rank asks, every step (it is a barrier)
+            noticed = saved_on_notice = ray.train.get_preemption_info() is not None
+        if step % args.ckpt_every == 0 or noticed:
+            save(args, ckpt_dir / f"step_{step:06d}", model, opt, step, rank, ray_train)
+            if rank == 0 and noticed:
+                note(args.log, event="checkpoint on notice", step=step, world=world)
 
-                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(folder)) if rank == 0
-                                 else None)
+
+def save(args, folder: Path, model, opt, step: int, rank: int, ray_train: bool) -> None:
+    """A DCP checkpoint of every rank's state; through ``ray.train.report`` under Ray Train."""
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(folder))
+    if rank == 0:
+        (folder / "step").write_text(str(step))
+        (folder / "done").write_text("")
+    if ray_train:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(folder)) if rank == 0 else None)
 
 
 if __name__ == "__main__":

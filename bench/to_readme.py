@@ -1,7 +1,9 @@
 """Copy the benchmark tables from ``bench/out/*.txt`` into the README, between its bench markers.
 
-``make bench`` writes the outputs and then runs this, so the README always quotes the tables of the
-latest full run, with the date and machine, and nobody retypes a figure by hand. Log lines (the
+``make bench`` (and the other bench targets) write the outputs and then run this, so the README quotes
+each bench's latest output, stamped with its date and commit, and nobody retypes a figure by hand; a
+section whose output is not in ``bench/out`` keeps its text. A plot beside an output (``NAME.png``) is
+copied to ``docs/`` and shown. Log lines (the
 controller's ``[step N]`` lines and Ray's) are dropped; tables and their footnotes are kept.
 
 Usage: python bench/to_readme.py [--readme README.md] [--out bench/out]
@@ -14,21 +16,28 @@ import datetime
 import os
 import platform
 import re
+import shutil
+import subprocess
+from importlib.metadata import version
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # (file, heading, one line on what to read in it)
 SECTIONS = (
+    ("goodput", "Goodput under a preemption trace: this project, Ray Train v2 and torchrun",
+     "One seeded trace of preemptions (30 s notice, sent through Ray's own drain API), node failures and returning "
+     "capacity, played against each system at the same offsets from its first step, on the same nodes."),
     ("reshard", "Live reshard against a fair checkpoint-restart",
      "Each row's baseline is that same transition done the way users restart: DCP save, every process restarted at "
      "the new world size, DCP load. The floors are measured in the same run, with every pair of the transition "
      "sending at once."),
     ("peers", "The real peers: torchrun and Ray Train v2",
      "Same model, batch, machine and kill schedule, one subprocess each."),
+    ("failures", "Failures as clusters produce them",
+     "A worker SIGKILLed, a worker hung (SIGSTOP), the driver lost, a node lost, on a two-node cluster with the "
+     "default safety (no replica: auto snapshots held off-node, checkpoints in the run folder)."),
     ("recovery", "Recovery from a SIGKILL", "MTTR includes the killed step itself; 'training again after' does not. "
      "The baseline restarts every process from a DCP checkpoint."),
     ("lora", "LoRA against full fine-tuning", "Rebuild time grows with the parameter count (FSDP/DTensor set-up)."),
@@ -52,16 +61,48 @@ def cleaned(text: str) -> str:
     return "\n".join(line for line in lines if line and not NOISE.match(line)).strip()
 
 
-def section(out: Path) -> str:
-    machine = f"{os.cpu_count()}-core {platform.machine()} {platform.system()}, torch {torch.__version__}"
-    parts = [f"Measured on a {machine}; outputs of {datetime.date.today().isoformat()} (`make bench` "
-             "refreshes them). Every figure is from one run, against a baseline measured in that same run.\n"]
+def stamp(path: Path) -> str:
+    """When and at which commit a bench output was written (its file time; the checkout's commit now)."""
+    when = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return f"Measured {when} at commit {commit or 'unknown'}{' with uncommitted changes' if dirty else ''}."
+
+
+def previous(block: str) -> dict[str, str]:
+    """The README's current sections by heading, each stamped (an unstamped one with the old common date)."""
+    dated = re.search(r"outputs of (\d{4}-\d{2}-\d{2})", block)
+    sections = {}
+    for part in re.split(r"^### ", block, flags=re.M)[1:]:
+        heading, _, body = part.partition("\n")
+        body = body.strip()
+        if not body.startswith("Measured ") and dated:
+            body = f"Measured {dated.group(1)} or earlier (before each section carried its own date).\n\n{body}"
+        sections[heading.strip()] = f"### {heading.strip()}\n\n{body}\n"
+    return sections
+
+
+def section(out: Path, old: str = "") -> str:
+    """The bench block: a section per output in ``out``; a section with no output there keeps its old text."""
+    machine = f"{os.cpu_count()}-core {platform.machine()} {platform.system()}, torch {version('torch')}"
+    parts = [f"Measured on a {machine}. Every figure is from one run, against a baseline measured in that same "
+             "run; each section says when and at which commit (`make bench` refreshes them).\n"]
+    kept = previous(old)
     for name, heading, note in SECTIONS:
         path = out / f"{name}.txt"
         if not path.exists():
+            if heading in kept:
+                parts.append(kept[heading])
             continue
         table = cleaned(path.read_text())
-        parts.append(f"### {heading}\n\n{note} Source: `bench/{name}.py`.\n\n```text\n{table}\n```\n")
+        plot = ""
+        if (out / f"{name}.png").exists():  # the README shows it from docs/, which is checked in
+            shutil.copy(out / f"{name}.png", ROOT / "docs" / f"{name}.png")
+            plot = f"![{heading}](docs/{name}.png)\n\n"
+        parts.append(f"### {heading}\n\n{stamp(path)} {note} Source: `bench/{name}.py`.\n\n{plot}```text\n"
+                     f"{table}\n```\n")
     parts.append("When a reward-noise correction helps GRPO (gradient, bandit and language-model experiments, "
                  "an hour: `make bench-noise`): the results and their verdicts are summarised in "
                  "[docs/grpo_noise.md](docs/grpo_noise.md).\n")
@@ -79,8 +120,8 @@ def main() -> None:
     if START not in text or END not in text:
         raise SystemExit(f"{args.readme} has no {START} ... {END} markers; add them where the tables go")
     head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    args.readme.write_text(f"{head}{START}\n{section(args.out)}\n{END}{tail}")
+    old, tail = rest.split(END, 1)
+    args.readme.write_text(f"{head}{START}\n{section(args.out, old)}\n{END}{tail}")
     print(f"updated {args.readme} from {args.out}")
 
 

@@ -1,7 +1,8 @@
 """Metrics of a run, written as they happen: JSON lines, plus TensorBoard when it is installed.
 
 A run directory holds ``metrics.jsonl`` (one line per optimizer step: loss, learning rate,
-gradient norm, tokens/s, workers, layout), ``events.jsonl`` (one line per controller event:
+gradient norm, tokens/s, workers, layout; ``time`` in seconds since the run began and ``at`` since the
+epoch, both when the step was counted), ``events.jsonl`` (one line per controller event:
 reshards, recoveries, decisions, with their times and sizes) and ``summary.json`` at the end.
 ``elastic plot RUN_DIR`` turns them into a PNG timeline.
 """
@@ -37,7 +38,7 @@ class MetricsWriter:
         row = {"step": summary.step, "loss": summary.loss, "lr": summary.lr, "grad_norm": summary.grad_norm,
                "tokens": summary.tokens, "seconds": summary.seconds,
                "tokens_per_s": summary.tokens / max(summary.seconds, 1e-9), "workers": summary.workers,
-               "layout": summary.layout, "time": time.time() - self.started}
+               "layout": summary.layout, "time": time.time() - self.started, "at": time.time()}
         self._steps.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "workers"):

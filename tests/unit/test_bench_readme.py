@@ -38,3 +38,16 @@ def test_only_the_marked_part_of_the_readme_changes(tmp_path):
     failed = subprocess.run([sys.executable, str(ROOT / "bench/to_readme.py"), "--readme", str(readme), "--out",
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert failed.returncode != 0 and "no <!-- bench:start -->" in failed.stderr
+
+
+def test_a_section_without_a_new_output_keeps_its_text_and_a_new_one_carries_its_stamp(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/reshard.txt").write_text("│ dp=4 -> fsdp=4 │ 0.81 │\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\nMeasured on a box; outputs of 2026-12-01 (old).\n\n"
+                      "### Recovery from a SIGKILL\n\n│ 25m │ 2.12 │\n<!-- bench:end -->\n")
+    subprocess.run([sys.executable, str(ROOT / "bench/to_readme.py"), "--readme", str(readme), "--out",
+                    str(tmp_path / "out")], check=True, capture_output=True)
+    text = readme.read_text()
+    assert "### Recovery from a SIGKILL\n\nMeasured 2026-12-01 or earlier" in text and "│ 25m │ 2.12 │" in text
+    assert "### Live reshard against a fair checkpoint-restart\n\nMeasured 20" in text and " at commit " in text
