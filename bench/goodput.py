@@ -374,6 +374,12 @@ def report(steady: dict, trace_runs: dict, trace: list[TraceEvent], window_s: fl
               f"1.03x torchrun's: {steady_step['elastic'] / steady_step.get('torchrun', float('nan')):.2f}x")
 
 
+def trace_label(args) -> str:
+    if args.quick:
+        return f"--quick: one of each, evenly spaced over {args.window or 180:.0f} s"
+    return f"seed {args.seed}, an event every {args.mean_gap:.0f} s on average"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -393,14 +399,14 @@ def main() -> None:
         return
     window = args.window or (180.0 if args.quick else 600.0)
     trace = make_trace(args.seed, window, args.mean_gap, quick=args.quick)
-    print(f"trace (seed {args.seed}{', quick' if args.quick else ''}; an event every {args.mean_gap:.0f} s on "
-          f"average):\n{describe(trace)}", flush=True)
     out = ROOT / "bench/out"
     if args.report_only:
         raw = json.loads((out / "goodput_raw.json").read_text())
         steady, runs = raw["steady"], raw["runs"]
         trace, window = [TraceEvent(**e) for e in raw["trace"]], raw["window"]
-    else:
+    print(f"trace ({raw.get('label', '') if args.report_only else trace_label(args)}):\n{describe(trace)}",
+          flush=True)
+    if not args.report_only:
         systems = args.systems.split(",")
         steady = {s: in_subprocess(s, [], args.steady_s) for s in systems}
         runs = {}
@@ -409,7 +415,8 @@ def main() -> None:
             print(f"  {system}: {len(runs[system]['steps'])} steps logged", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "goodput_raw.json").write_text(json.dumps({"steady": steady, "runs": runs, "window": window,
-                                                          "trace": [e.__dict__ for e in trace]}))
+                                                          "trace": [e.__dict__ for e in trace],
+                                                          "label": trace_label(args)}))
     plot(runs, trace, window, out / "goodput.png")
     report(steady, runs, trace, window)
     print(f"timeline plot: {out / 'goodput.png'}")

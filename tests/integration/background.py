@@ -25,7 +25,10 @@ def start(names) -> None:
     for name in names:
         if name not in _running:
             out = Path(tempfile.mkstemp(prefix=f"elastic-{name}-", suffix=".log")[1])
-            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            # Their clusters are their own, on loopback, so without token auth: the session sets
+            # RAY_AUTH_MODE=token (conftest), and a cluster_utils head in token mode dies at start when
+            # ~/.ray/auth_token does not exist yet (the session's own Ray writes it, but later).
+            env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
             with open(out, "w") as fh:
                 proc = subprocess.Popen([sys.executable, "-m", f"tests.integration.{name}"], cwd=ROOT, env=env,
                                         stdout=fh, stderr=subprocess.STDOUT)
