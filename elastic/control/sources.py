@@ -89,7 +89,12 @@ class DrainWatcher:
         if now < self._next:
             return []
         self._next = now + self.interval_s
-        draining = self.group.draining_nodes()
+        try:
+            draining = self.group.draining_nodes()
+        except Exception as err:  # noqa: BLE001 - a Ray without the private call must not end the job
+            log.warning("cannot read Ray's node drain state (%s); preemption notices will not be seen", err)
+            self._next = math.inf
+            return []
         if not draining:
             return []
         events: list[Event] = []

@@ -124,6 +124,18 @@ def test_a_node_ray_drains_moves_its_workers_shards_off_live_once():
     assert_exactly_once(controller, group)
 
 
+def test_a_ray_without_the_drain_state_call_does_not_end_the_job(caplog):
+    controller, group, _ = make(layout="dp=2", workers=2)
+
+    def missing():
+        raise AttributeError("'GlobalState' object has no attribute 'get_draining_nodes'")
+
+    group.draining_nodes = missing  # what an older or newer Ray would give ray_compat
+    finish(controller)
+    assert "preemption notices will not be seen" in caplog.text
+    assert_exactly_once(controller, group)
+
+
 def test_added_capacity_starts_in_the_background_then_reshards():
     controller, group, plane = make()
     group.hold_warmup = True
