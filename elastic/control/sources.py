@@ -53,7 +53,10 @@ class ClusterWatcher:
 
         from elastic.driver.ray_compat import draining_nodes
 
-        draining = draining_nodes()
+        try:
+            draining = draining_nodes()
+        except Exception:  # noqa: BLE001 - a Ray without the private call: count every live node (DrainWatcher warns)
+            draining = {}
         nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in draining]
         cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes) - self.reserved_cpus
         return max(0, min(self.max_workers, math.floor(cpus / self.cpus_per_worker + 1e-9)))
