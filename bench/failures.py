@@ -90,7 +90,14 @@ class Run:
 
     def go(self) -> dict:
         c, out = self.controller, {}
-        thread = threading.Thread(target=lambda: out.update(result=c.run()), daemon=True)
+
+        def train():
+            try:
+                out["result"] = c.run()
+            except Exception as err:  # noqa: BLE001 - the job ended in an error: its row says which
+                out["error"] = f"{type(err).__name__}: {err}"
+
+        thread = threading.Thread(target=train, daemon=True)
         started = time.perf_counter()
         thread.start()
         if self.fault is not None:
@@ -101,6 +108,8 @@ class Run:
             self.fault(c)  # on the main thread (Ray's remove_node must run there)
         thread.join()
         c.shutdown()
+        if "error" in out:
+            return {"error": out["error"]}
         return self.report(out["result"], time.perf_counter() - started)
 
     def report(self, result, wall: float) -> dict:
@@ -169,6 +178,7 @@ def main() -> None:
     for col in ("model", "failure", "noticed after s", "training again after s", "steps redone", "MB moved / read",
                 "max rel diff vs quiet", "wall / quiet"):
         table.add_column(col, justify="left" if col in ("model", "failure") else "right")
+    errors: list[str] = []
     try:
         node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(), object_store_memory=STORE_BYTES)
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
@@ -188,6 +198,10 @@ def main() -> None:
                                     object_store_memory=STORE_BYTES)
             for name, r in results.items():
                 nan = float("nan")
+                if "error" in r:
+                    table.add_row(model, name, "job failed", "-", "-", "-", "-", "-")
+                    errors.append(f"{model} {name}: {r['error'][:300]}")
+                    continue
                 table.add_row(model, name, f"{r.get('notice', nan):.2f}", f"{r.get('back', nan):.2f}",
                               str(r.get("redone", "-")), f"{r.get('mb', 0):.0f}",
                               f"{rel(r['tensors'], quiet['tensors']):.1e}",
@@ -196,6 +210,8 @@ def main() -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+    for line in errors:
+        print(f"job failed: {line}")
     print("noticed: the fault -> the failure in the job's journal. training again: the fault -> the end of the first "
           "step computed after the recovery (driver loss: the command run again at once). steps redone: the step the "
           "fault hit plus the replayed ones. MB: moved between workers by the recovery, or read back from a "
