@@ -62,13 +62,15 @@ def cleaned(text: str) -> str:
 
 
 def stamp(path: Path) -> str:
-    """When and at which commit a bench output was written (its file time; the checkout's commit now)."""
+    """When a bench output was written (its file time), and the commit it was copied at (the checkout's now:
+    the output itself does not say which commit produced it)."""
     when = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                            text=True).stdout.strip()
-    return f"Measured {when} at commit {commit or 'unknown'}{' with uncommitted changes' if dirty else ''}."
+    return (f"Measured {when}; copied here at commit {commit or 'unknown'}"
+            f"{' with uncommitted changes' if dirty else ''}.")
 
 
 def previous(block: str) -> dict[str, str]:
