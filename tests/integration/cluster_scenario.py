@@ -71,7 +71,11 @@ def main() -> None:
                 break
             time.sleep(0.1)
         timeline["scaled_out"] = controller.step
-        time.sleep(1.0)
+        # Train a couple of steps on the new layout before the drain (a fixed sleep was shorter than one
+        # dp=8 step when the suite loads both cores, and the history then had no dp=8 step at all).
+        deadline, train_until = time.monotonic() + 60, controller.step + 2
+        while controller.step < train_until and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
         timeline["drain_node"] = controller.step
         drain_node(cluster.address, node.node_id, deadline_s=DRAIN_DEADLINE_S)
         deadline = time.monotonic() + DRAIN_DEADLINE_S
