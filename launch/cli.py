@@ -23,6 +23,8 @@ import socket
 import sys
 from pathlib import Path
 
+from launch.generate import add_parser as add_generate_parser
+
 EVENTS = ("status", "add-workers", "drain", "relayout", "pause", "resume", "stop")
 RECIPE_NAMES = ("pretrain", "lora", "grpo")  # the registry's names, without importing it (it imports torch)
 
@@ -158,14 +160,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from elastic.model.inference import complete
-
-    print(complete(args.base, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, chat=not args.raw, seed=args.seed))
-    return 0
-
-
 def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe)."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -213,15 +207,7 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     events.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else this machine's Ray)")
     events.set_defaults(handler=cmd_events)
 
-    gen = sub.add_parser("generate", help="sample from a model folder (and a PEFT adapter) on this machine")
-    gen.add_argument("prompt")
-    gen.add_argument("--base", required=True, help="Hugging Face model folder (with its tokenizer)")
-    gen.add_argument("--adapter", help="a PEFT LoRA adapter folder (e.g. RUN_DIR/adapter)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
-    gen.set_defaults(handler=cmd_generate)
+    add_generate_parser(sub)
 
     plot = sub.add_parser("plot", help="write a PNG timeline of a run directory")
     plot.add_argument("run_dir")
