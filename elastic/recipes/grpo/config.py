@@ -127,9 +127,9 @@ class GRPOConfig:
         _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
                  f"grpo.num_iterations={self.num_iterations!r} must be an integer >= 1")
         _require(self.correction in CORRECTIONS, f"grpo.correction={self.correction!r} is not one of {CORRECTIONS}")
-        _require(self.correction != "dr_grpo" or self.scale_rewards == "none",
-                 f"grpo.correction='dr_grpo' divides by no std but grpo.scale_rewards={self.scale_rewards!r}; "
-                 "set scale_rewards='none', or use correction='grpo'")
+        _require(self.correction not in ("dr_grpo", "posterior") or self.scale_rewards == "none",
+                 f"grpo.correction={self.correction!r} divides by no std but grpo.scale_rewards="
+                 f"{self.scale_rewards!r}; set scale_rewards='none', or use correction='grpo'")
         _require(self.correction != "grpo" or self.scale_rewards != "none",
                  "grpo.correction='grpo' estimates a clean std per group or per batch; set scale_rewards to "
                  "'group' or 'batch', or use correction='dr_grpo' for no std scaling")
@@ -150,6 +150,10 @@ class GRPOConfig:
         _require(self.correction != "forward" or self.rho_minus > 0 or bool(self.group_rates) or self.estimate_rates,
                  "grpo.correction='forward' needs the false-negative rate rho_minus, and the config gives "
                  f"rho_minus={self.rho_minus}; set it (or group_rates), or estimate it with estimate_rates=True")
+        _require(self.correction != "forward" or not self._any_rho_plus(),
+                 "grpo.correction='forward' assumes rho_plus = 0 (an observed 1 is a true 1), but the config gives "
+                 f"rho_plus={self.rho_plus} or group_rates={self.group_rates!r} with a false-positive rate; use "
+                 "correction='posterior', which accounts for both rates")
         _require(not self.calibration or self.estimate_rates,
                  f"grpo.calibration={self.calibration!r} is only read to estimate rates; set estimate_rates=True")
         _require(isinstance(self.min_calibration, int) and self.min_calibration >= 1,
@@ -160,6 +164,13 @@ class GRPOConfig:
             raise ValueError(str(err)) from None
         _require(isinstance(self.calibration_size, int) and self.calibration_size >= 2,
                  f"grpo.calibration_size={self.calibration_size!r} must be an integer >= 2 (both labels must appear)")
+
+    def _any_rho_plus(self) -> bool:
+        """A configured false-positive rate (group rates that do not parse are reported by rate_table)."""
+        try:
+            return self.rho_plus > 0 or any(r.rho_plus > 0 for r in self.rate_table.groups.values())
+        except ValueError:
+            return self.rho_plus > 0
 
     @property
     def knobs(self) -> PolicyKnobs:
