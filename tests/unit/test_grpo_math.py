@@ -88,11 +88,28 @@ def test_bad_reward_functions_name_the_prompt():
         score(raises, ["1+1="], ["2"])
     with pytest.raises(ValueError, match=r"returned 'yes' \(str\) for prompt '3\+4='"):
         score(lambda p, c: "yes", ["3+4="], ["7"])
-    with pytest.raises(ValueError, match=r"returned None .*prompt '3\+4='"):
-        score(lambda p, c: None, ["3+4="], ["7"])
     with pytest.raises(ValueError, match=r"returned nan for prompt '5-2='"):
         score(lambda p, c: float("nan"), ["5-2="], ["3"])
     close(score(lambda p, c: len(c), ["a", "b"], ["xy", ""]), [2.0, 0.0])
+
+
+def test_a_completion_no_reward_function_scores_gets_zero_advantage_as_in_trl():
+    """TRL's GRPOTrainer: every function None -> the completion is NaN, left out of its group's nanmean and
+    (Bessel) nanstd, and its advantage is set to 0; a pairwise function may return None too."""
+    rewards = score(lambda p, c: None if c == "?" else float(c == "7"), ["3+4="] * 4, ["7", "?", "1", "7"])
+    assert rewards[1].isnan() and torch.equal(rewards[[0, 2, 3]], t([1, 0, 1]))
+    rewards = torch.cat([rewards, t([1, 0, math.nan, math.nan])])
+    # group 1: mean of (1, 0, 1) = 2/3, std sqrt(1/3); group 2: one scorable pair mean 0.5, std sqrt(0.5)
+    close(group_advantages(rewards, 4, "none"), [1 / 3, 0, -2 / 3, 1 / 3, 0.5, -0.5, 0, 0])
+    s1, s2 = math.sqrt(1 / 3) + 1e-4, math.sqrt(0.5) + 1e-4
+    close(group_advantages(rewards, 4, "group"), [1 / 3 / s1, 0, -2 / 3 / s1, 1 / 3 / s1, 0.5 / s2, -0.5 / s2, 0, 0])
+    # A group with one scorable completion: TRL's nanstd is NaN, so all its advantages become 0.
+    close(group_advantages(t([1, math.nan, math.nan, math.nan]), 4, "group"), [0, 0, 0, 0])
+    for correction, scale in (("dr_grpo", "none"), ("grpo", "group"), ("posterior", "none")):
+        adv = noise_corrected_advantages(rewards, 4, FlipRates(0.1, 0.1), correction, scale)
+        assert adv[1] == 0 and adv[6] == 0 and adv[7] == 0 and bool(adv.isfinite().all()), correction
+    observed = RewardNoise(FlipRates(0.5, 0.5 - 1e-9), seed=0).observe(t([math.nan, 1]), [0, 0], [0, 1])
+    assert observed[0].isnan()
 
 
 # ---------------------------------------------------------------- noise
@@ -229,8 +246,8 @@ def test_advantage_input_errors():
         noise_corrected_advantages(t([1, 0]), 1, FlipRates(0.1, 0.1), "dr_grpo", "none")
     with pytest.raises(ValueError, match="do not split into groups"):
         group_advantages(t([1, 0, 1]), 2)
-    with pytest.raises(ValueError, match="NaN"):
-        group_advantages(t([1, math.nan]), 2)
+    with pytest.raises(ValueError, match="infinity"):
+        group_advantages(t([1, math.inf]), 2)
     with pytest.raises(ValueError, match="scale_rewards='none'"):
         noise_corrected_advantages(REWARDS, 4, FlipRates(0.1, 0.1), "dr_grpo", "group")
     with pytest.raises(ValueError, match="'group' or 'batch'"):

@@ -112,7 +112,8 @@ def test_per_group_and_forward_advantages_by_hand():
     # forward, rho_minus = 0.5 in group 2: p = 0.75 / 0.5 -> 1 (clipped), q = 0.5 / 0.5 = 1: every observed 0
     # there is a missed 1, so the group carries no signal. Group 1: p = 0.5 / 0.8 = 0.625, q = 0.2 * 0.625 /
     # (0.125 + 0.375) = 0.25: rewards [1, 0.25, 0.25, 1], centred (mean 0.625) +-0.375, no std scaling.
-    got = noise_corrected_advantages(rewards, 4, groups, "forward", "none")
+    no_false_positives = RowRates(torch.zeros(2, dtype=F64), groups.rho_minus)  # forward assumes rho_plus = 0
+    got = noise_corrected_advantages(rewards, 4, no_false_positives, "forward", "none")
     assert torch.allclose(got, torch.tensor([0.375, -0.375, -0.375, 0.375, 0, 0, 0, 0], dtype=F64), atol=1e-12)
     with pytest.raises(ValueError, match="scale_rewards='batch' estimates one clean std for the batch"):
         noise_corrected_advantages(rewards, 4, groups, "grpo", "batch")
@@ -130,10 +131,17 @@ def test_the_config_warns_once_when_the_correction_cannot_change_training():
         loop(correction="dr_grpo", scale_rewards="none", task="mixed", rate_group="task",
              group_rates="arithmetic=0.05:0.05,sort_digits=0.3:0.3")
         loop(correction="grpo", rho_plus=0.2, rho_minus=0.1)  # re-weights groups: not a no-op
+    # Rates of a group no prompt has (or a default every prompt's group overrides) do not re-weight anything:
+    # the warning reads the rates the prompts use (both tasks at 0.3:0.3 here, the default rho 0 unused).
+    with pytest.warns(NoOpCorrectionWarning, match=r"J = 0.400\)"):
+        loop(correction="dr_grpo", scale_rewards="none", task="mixed", rate_group="task",
+             group_rates="arithmetic=0.3:0.3,sort_digits=0.3:0.3,unused=0.05:0.05")
     with pytest.raises(ValueError, match="grpo.correction='dr_grpo' needs flip rates, and the config gives none"):
         loop(correction="dr_grpo", scale_rewards="none")
     with pytest.raises(ValueError, match="grpo.correction='forward' needs the false-negative rate rho_minus"):
         loop(correction="forward", rho_plus=0.2)
+    with pytest.raises(ValueError, match="grpo.correction='forward' assumes rho_plus = 0"):
+        loop(correction="forward", rho_plus=0.2, rho_minus=0.1)
     with pytest.raises(ValueError, match="grpo.rate_group='kind' is not a column of the built-in task 'mixed'"):
         loop(task="mixed", rate_group="kind")
 

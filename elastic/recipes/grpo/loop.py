@@ -44,6 +44,8 @@ def warn_if_no_op(g: GRPOConfig, rates: RateTable, grad_clip: float) -> None:
     (the engine's optimizer) divides that out, so only its eps and gradient clipping see it."""
     if g.correction != "dr_grpo" or not rates.constant or g.beta > 0:
         return
+    if not rates.groups and rates.default is None:
+        return
     scale = next(iter(rates.groups.values()), rates.default).scale
     clip = (f"gradient clipping at {grad_clip} sees the scale, so it can change only the clipped steps"
             if grad_clip > 0 else "gradient clipping is off")
@@ -90,7 +92,8 @@ class GRPOLoop:
         if self.grpo.beta > 0 and cfg.lora is None:
             raise ValueError("grpo.beta > 0 needs a reference model; use LoRA (its frozen base is the reference) "
                              "or set grpo.beta = 0")
-        warn_if_no_op(g, self.rates, cfg.optim.grad_clip)
+        used = {self.group_of(self.task.row(i)) for i in range(len(self.task))}  # the rates prompts meet
+        warn_if_no_op(g, self.rates.used_by(used), cfg.optim.grad_clip)
 
     def prompts(self, k: int) -> list[tuple[int, list[int], list[bool] | None]]:
         """(global index, token ids, mask of the real tokens or None when all are) of step ``k``'s prompts."""
@@ -147,7 +150,7 @@ class GRPOLoop:
         # reports it, and the run's ledger is built from those reports.
         rows["completion"] = torch.tensor([i * G + g for i in prompts for g in range(G)])
         batch = GlobalBatch.of(mask, self.grpo.max_new_tokens)
-        stats = {"reward_true": float(clean.mean()), "reward_observed": float(observed.mean()),
+        stats = {"reward_true": float(clean.nanmean()), "reward_observed": float(observed.nanmean()),
                  "completion_tokens": int(mask.sum())}
         return StepBatch(rows, prompts, batch, stats)
 

@@ -65,7 +65,7 @@ def corrected_reward(observed: torch.Tensor, rates: FlipRates) -> torch.Tensor:
 
 
 def _check_binary(values: torch.Tensor, what: str) -> None:
-    bad = ~((values == 0) | (values == 1))
+    bad = ~((values == 0) | (values == 1) | values.isnan())  # NaN: unscorable (no reward function applied)
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         raise ValueError(f"{what}[{index}]={float(values.flatten()[index])!r} is not 0 or 1; "
@@ -90,7 +90,8 @@ class RewardNoise:
                 step: int = 0, split: str = "train", rates=None) -> torch.Tensor:
         """Observed rewards r~ for true 0/1 rewards ``clean`` [N] at the given (prompt, sample) keys.
 
-        r* = 0 becomes 1 when u < rho_plus; r* = 1 becomes 0 when u < rho_minus (one u per sample).
+        r* = 0 becomes 1 when u < rho_plus; r* = 1 becomes 0 when u < rho_minus (one u per sample); an
+        unscorable NaN stays NaN.
         ``rates``: per-sample rates (``rates.RowRates`` [N], e.g. of each prompt's rate group); None:
         the channel's own.
         """
@@ -103,7 +104,7 @@ class RewardNoise:
         u = torch.tensor([self.uniform(int(p), int(s), step, split) for p, s in keys], dtype=torch.float64)
         rates = rates or self.rates
         flip = torch.where(clean == 1, u < rates.rho_minus, u < rates.rho_plus)
-        return torch.where(flip, 1 - clean, clean)
+        return torch.where(flip, 1 - clean, clean)  # NaN (unscorable) stays NaN: 1 - NaN is NaN
 
     def observe_groups(self, clean: torch.Tensor, prompt_indices: Sequence[int], num_generations: int,
                        step: int = 0, split: str = "train", rates=None) -> torch.Tensor:

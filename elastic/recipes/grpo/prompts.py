@@ -11,13 +11,15 @@ Reward functions follow TRL's ``reward_funcs`` convention:
 ``fn(prompts: list, completions: list[str], **columns) -> list[float | None]``, called once per
 batch with every extra column as a keyword list (and ``completion_ids``). The rewards of several
 functions add up, times ``reward_weights``; ``None`` means "does not apply" and is skipped, as TRL's
-nansum does. A built-in task (``arithmetic``, ``sort_digits``) is rows ``{"prompt", "answer"}`` with
+nansum does; a completion that every function scores None is unscorable (NaN) and gets advantage 0, as in
+TRL's ``GRPOTrainer``. A built-in task (``arithmetic``, ``sort_digits``) is rows ``{"prompt", "answer"}`` with
 a disjoint holdout, scored by default by ``rewards.accuracy``: the same path as a user's file. Pure
 Python and torch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -29,6 +31,8 @@ from elastic.core.data import Problem
 from elastic.core.sft_data import read_rows
 from elastic.core.tokenizer import ByteTokenizer
 from elastic.recipes.grpo.rewards import RewardFn, accuracy, build_task, import_function, resolve_reward, score_one
+
+log = logging.getLogger("elastic")
 
 DEFAULT_REWARD = "elastic.recipes.grpo.rewards:accuracy"
 MIXED = ("arithmetic", "sort_digits")  # the built-in task "mixed" interleaves these
@@ -202,7 +206,8 @@ def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str
                 columns: dict[str, list], completion_ids: list[list[int]],
                 weights: Sequence[float] | None = None) -> torch.Tensor:
     """Rewards [N] (float64): each function called once on the whole batch (TRL's convention); their
-    values times ``weights`` summed, a None skipped (TRL's ``nansum``)."""
+    values times ``weights`` summed, a None skipped (TRL's ``nansum``); NaN where every function returned None
+    (TRL's unscorable completion: ``advantage.py`` gives it advantage 0)."""
     total = torch.zeros(len(completions), dtype=torch.float64)
     seen = torch.zeros(len(completions), dtype=torch.bool)
     for (name, fn), weight in zip(funcs, weights or [1.0] * len(funcs), strict=True):
@@ -226,8 +231,8 @@ def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str
                                  f"({completions[i]!r}); rewards must be finite numbers or None")
             total[i] += weight * float(value)
             seen[i] = True
-    if not seen.all():
+    if not seen.all():  # TRL: unscorable, kept out of its group's mean and std and given advantage 0
         i = int((~seen).nonzero()[0])
-        raise ValueError(f"every reward function returned None for completion {i} ({completions[i]!r}); at least "
-                         "one must score each completion")
-    return total
+        log.warning("every reward function returned None for %d completion(s), e.g. completion %d (%r) of prompt %r; "
+                    "they get advantage 0, as in TRL", int((~seen).sum()), i, completions[i], prompts[i])
+    return torch.where(seen, total, torch.full_like(total, torch.nan))

@@ -20,7 +20,7 @@ A group comes from a dataset column (``grpo.rate_group = "task"``) or a function
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,15 @@ class RateTable:
     def constant(self) -> bool:
         """One set of rates for every group (then a correction cannot re-weight groups against each other)."""
         return len({*self.groups.values(), *([self.default] if self.default else [])}) <= 1
+
+    def used_by(self, groups: Iterable[str]) -> RateTable:
+        """The table restricted to the rates that prompts of ``groups`` use: a group named in the table but
+        with no prompt, or a default that every prompt's group overrides, cannot re-weight anything, so
+        ``constant`` must not count it (the no-op warning reads this)."""
+        present = set(groups)
+        named = {g: r for g, r in self.groups.items() if g in present}
+        unnamed = any(g not in self.groups for g in present)
+        return RateTable(named, self.default if unnamed else None)
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -11,7 +11,8 @@ disjoint by a hash of the problem, like ``elastic.core.data.ArithmeticTask``):
 - ``sort_digits``: "sort 83152=" -> "12358" (``SortDigitsTask`` below).
 
 ``score_one`` runs a one-pair reward function and turns a crash, a non-number or a NaN into a
-ValueError naming the prompt, so a bad user function fails on its first sample with a clear message.
+ValueError naming the prompt, so a bad user function fails on its first sample with a clear message
+(None passes: it means "does not apply", as in TRL).
 The built-in tasks reach GRPO as ordinary prompt rows (``prompts.PromptTask.builtin``), scored by
 ``accuracy`` against their ``answer`` column.
 """
@@ -182,14 +183,17 @@ def _name(fn: RewardFn) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def score_one(fn: RewardFn, prompt: str, completion: str) -> float:
-    """``fn(prompt, completion)`` as a float; any failure becomes a ValueError naming the prompt."""
+def score_one(fn: RewardFn, prompt: str, completion: str) -> float | None:
+    """``fn(prompt, completion)`` as a float, or None ("does not apply", as TRL's reward functions may return);
+    any failure becomes a ValueError naming the prompt."""
     try:
         value = fn(prompt, completion)
     except Exception as err:  # a user function may raise anything; report which sample broke it
         raise ValueError(f"reward function {_name(fn)} raised {type(err).__name__}: {err} on prompt {prompt!r} "
                          f"(completion {completion!r}); fix the function so that it returns a float for "
                          "every completion, e.g. 0.0 for malformed ones") from err
+    if value is None:  # "does not apply", as in TRL; a completion no function scores gets advantage 0
+        return None
     if not isinstance(value, numbers.Real):
         raise ValueError(f"reward function {_name(fn)} returned {value!r} ({type(value).__name__}) for prompt "
                          f"{prompt!r} (completion {completion!r}); it must return a float such as 0.0 or 1.0")
