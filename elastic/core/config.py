@@ -148,13 +148,16 @@ class DataConfig:
     tokenizer: str = knob("", "model folder whose tokenizer (and chat template) encodes the data; empty: bytes")
     seq_len: int = knob(64, "tokens per training sample (inputs; targets are shifted by one)")
     max_corpus_bytes: int = knob(4_000_000, "cap on the text corpus size read from disk")
-    holdout_fraction: float = knob(0.02, "fraction of samples kept out of training for evaluation")
+    eval_fraction: float = knob(0.02, "fraction of the data file's rows (or text windows) held out of training "
+                                "for evaluation; ignored when eval_data is set")
+    eval_data: str = knob("", "a .txt/.json/.jsonl/.parquet file whose rows are the held-out set (train.eval_every); "
+                          "the training data is then used whole")
     num_samples: int = knob(100_000, "size of a synthetic task's training set")
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
         _require(self.max_corpus_bytes > 0, f"data.max_corpus_bytes={self.max_corpus_bytes} must be > 0")
-        _require(0 <= self.holdout_fraction < 1, f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        _require(0 <= self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         _require(self.num_samples > 0, f"data.num_samples={self.num_samples} must be > 0")
 
 
@@ -167,9 +170,12 @@ class TrainConfig:
     global_batch: int = knob(16, "sequences per optimizer step, fixed whatever the layout")
     dtype: str = knob("float32", "parameter and compute dtype: float32, float64 (exactness tests) or bfloat16")
     seed: int = knob(0, "one seed for model init, data order and sampling")
+    eval_every: int = knob(0, "evaluate on the held-out rows every this many optimizer steps (eval_loss in "
+                           "metrics.jsonl, TRL's eval_steps); 0: never")
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        _require(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0 (0: no evaluation)")
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
         _require(self.dtype in DTYPES, f"train.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -11,6 +11,11 @@ Built-in datasets work offline:
 - a user ``.txt`` file (cut into windows);
 - a JSON, JSONL or Parquet file in one of TRL's formats (``sft_data.py``).
 
+Held-out rows (``split="holdout"``, for evaluation) are the last ``data.eval_fraction`` of a file's rows or
+windows, never sampled for training; the built-in tasks hold out a disjoint part of their problem space. With
+``data.eval_data`` they are every row of that file instead, and the training data is used whole
+(``WithEvalSet``).
+
 ``data.tokenizer`` names a model folder whose tokenizer encodes the text (empty: bytes).
 
 Every sample is a pair (input_ids, labels) of ``seq_len`` tokens; labels are -100 where no loss
@@ -29,7 +34,7 @@ import torch
 
 from elastic.core.boxes import balanced
 from elastic.core.config import Config, DataConfig
-from elastic.core.dataset import IGNORE, Dataset
+from elastic.core.dataset import IGNORE, Dataset, held_out
 from elastic.core.seeds import stable_seed
 from elastic.core.tokenizer import PAD, ByteTokenizer, check_vocabulary, load_tokenizer
 
@@ -37,7 +42,7 @@ from elastic.core.tokenizer import PAD, ByteTokenizer, check_vocabulary, load_to
 class TokenWindows(Dataset):
     """A token stream cut into non-overlapping windows of seq_len + 1 (inputs and shifted targets)."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, holdout_fraction: float) -> None:
+    def __init__(self, tokens: torch.Tensor, seq_len: int, eval_fraction: float) -> None:
         self.tokens, self.seq_len = tokens, seq_len
         windows = (len(tokens) - 1) // seq_len
         if windows < 2:
@@ -45,7 +50,7 @@ class TokenWindows(Dataset):
                 f"corpus of {len(tokens)} tokens gives {windows} windows of seq_len={seq_len}; "
                 "use a bigger corpus or a shorter seq_len"
             )
-        self.n_holdout = max(1, int(windows * holdout_fraction)) if holdout_fraction > 0 else 0
+        self.n_holdout = held_out(windows, eval_fraction)
         self.n_train = windows - self.n_holdout
 
     def __len__(self) -> int:
@@ -160,29 +165,55 @@ def _pack(prompt: list[int], completion: list[int], seq_len: int, shift_all: boo
     return tokens[:-1], labels
 
 
+class WithEvalSet(Dataset):
+    """Training samples from one dataset, held-out ones from every sample of another (``data.eval_data``)."""
+
+    def __init__(self, train: Dataset, held: Dataset) -> None:
+        self.train, self.held, self.seq_len = train, held, train.seq_len
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def holdout_size(self) -> int:
+        return len(self.held)
+
+    def sample(self, index: int, split: str = "train"):
+        return self.train.sample(index) if split == "train" else self.held.sample(index)
+
+
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """The dataset named by ``cfg.dataset``, tokenized by ``cfg.tokenizer`` (validated here)."""
+    """The dataset named by ``cfg.dataset``, tokenized by ``cfg.tokenizer`` (validated here), with its held-out
+    rows from ``cfg.eval_data`` when that is set."""
+    if not cfg.eval_data:
+        return _build(cfg, cfg.dataset, seed, cfg.eval_fraction)
+    if cfg.eval_data in ("stdlib", "arithmetic") or not Path(cfg.eval_data).is_file():
+        raise ValueError(f"data.eval_data={cfg.eval_data!r} is not an existing file; give a .txt, .json, .jsonl or "
+                         ".parquet file of held-out rows (or leave it empty to hold out data.eval_fraction)")
+    return WithEvalSet(_build(cfg, cfg.dataset, seed, 0.0), _build(cfg, cfg.eval_data, seed, 0.0))
+
+
+def _build(cfg: DataConfig, name: str, seed: int, eval_fraction: float) -> Dataset:
     tok = _tokenizer(cfg.tokenizer)
-    if cfg.dataset == "arithmetic":
+    if name == "arithmetic":
         return ArithmeticTask(cfg.seq_len, cfg.num_samples, seed, tok=tok)
-    if cfg.dataset == "stdlib":
+    if name == "stdlib":
         text = stdlib_bytes(cfg.max_corpus_bytes)
     else:
-        path = Path(cfg.dataset)
+        path = Path(name)
         if not path.is_file():
             raise ValueError(
-                f"data.dataset={cfg.dataset!r} is neither a built-in ('stdlib', 'arithmetic') nor an existing file"
+                f"data.dataset={name!r} is neither a built-in ('stdlib', 'arithmetic') nor an existing file"
             )
         if path.suffix in (".json", ".jsonl", ".parquet"):
             from elastic.core.sft_data import RecordsDataset
 
-            return RecordsDataset(path, tok, cfg.seq_len, cfg.holdout_fraction)
+            return RecordsDataset(path, tok, cfg.seq_len, eval_fraction)
         text = path.read_bytes()[: cfg.max_corpus_bytes]
     if isinstance(tok, ByteTokenizer):
         tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     else:
         tokens = _token_stream(cfg.tokenizer, text)
-    return TokenWindows(tokens, cfg.seq_len, cfg.holdout_fraction)
+    return TokenWindows(tokens, cfg.seq_len, eval_fraction)
 
 
 @functools.lru_cache(maxsize=4)
@@ -199,7 +230,11 @@ def check_data(cfg: Config) -> None:
     """Build the run's dataset on the driver and check its tokenizer against the model, so that a bad
     file, column or tokenizer is one clear error before any worker starts."""
     check_vocabulary(_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
-    build_dataset(cfg.data, cfg.train.seed)
+    dataset = build_dataset(cfg.data, cfg.train.seed)
+    if cfg.train.eval_every and not dataset.holdout_size():
+        raise ValueError(f"train.eval_every={cfg.train.eval_every} but {cfg.data.dataset!r} holds out no rows "
+                         f"(data.eval_fraction={cfg.data.eval_fraction}); raise data.eval_fraction or give "
+                         "data.eval_data FILE")
 
 
 class GlobalSampler:

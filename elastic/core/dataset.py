@@ -30,3 +30,9 @@ class Dataset:
             return empty, empty.clone()
         pairs = [self.sample(int(i), split) for i in indices]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def held_out(rows: int, fraction: float) -> int:
+    """How many of ``rows`` are held out at ``fraction``: at least one when the fraction is positive, and never
+    every row (at least one trains)."""
+    return min(max(1, int(rows * fraction)), rows - 1) if fraction > 0 else 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from elastic.core.dataset import IGNORE, Dataset
+from elastic.core.dataset import IGNORE, Dataset, held_out
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _text(row: dict, key: str, where: str) -> str:
 class RecordsDataset(Dataset):
     """A TRL-format file as (input_ids, labels) samples of ``seq_len`` tokens (see the module docstring)."""
 
-    def __init__(self, path: Path, tok, seq_len: int, holdout_fraction: float) -> None:
+    def __init__(self, path: Path, tok, seq_len: int, eval_fraction: float) -> None:
         self.path, self.seq_len, self.pad_id = path, seq_len, tok.pad_id
         rows = read_rows(path)
         if len(rows) < 2:
@@ -138,7 +138,7 @@ class RecordsDataset(Dataset):
         if self.truncated:
             log.info("%s: %d of %d samples truncated to %d tokens (data.seq_len + 1), %d of them with no loss "
                      "token left", path, self.truncated, len(rows), seq_len + 1, self.no_loss)
-        self.n_holdout = max(1, int(len(rows) * holdout_fraction)) if holdout_fraction > 0 else 0
+        self.n_holdout = held_out(len(rows), eval_fraction)  # the last rows: never sampled for training
         self.n_train = len(rows) - self.n_holdout
 
     def __len__(self) -> int:

@@ -77,7 +77,7 @@ def test_user_files(tmp_path):
     assert len(build_dataset(DataConfig(dataset=str(text), seq_len=16), 0)) > 10
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"prompt": f"{i}?", "completion": f"{i}!"}) for i in range(20)))
-    ds = build_dataset(DataConfig(dataset=str(rows), seq_len=16, holdout_fraction=0.1), 0)
+    ds = build_dataset(DataConfig(dataset=str(rows), seq_len=16, eval_fraction=0.1), 0)
     assert len(ds) == 18 and ds.holdout_size() == 2
     x, y = ds.sample(0)
     assert ByteTokenizer().decode([int(t) for t in y if t != -100]) == "0!"

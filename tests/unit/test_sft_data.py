@@ -37,7 +37,7 @@ def write_jsonl(path, rows):
 
 def dataset(path, tok_dir, seq_len=64):
     return build_dataset(DataConfig(dataset=str(path), tokenizer=str(tok_dir), seq_len=seq_len,
-                                    holdout_fraction=0.0), seed=0)
+                                    eval_fraction=0.0), seed=0)
 
 
 def loss_text(tok: HFTokenizer, labels: torch.Tensor) -> str:

@@ -44,7 +44,7 @@ def heldout_split(holdout_size: int, eval_samples: int) -> HeldoutSplit:
     if half < 1 or eval_samples < 1:
         raise ValueError(f"a learning-rate sweep needs at least 2 held-out samples to split into validation and "
                          f"test, and eval_samples >= 1 (got {holdout_size} held-out, eval_samples={eval_samples}); "
-                         "raise data.holdout_fraction or use a bigger dataset")
+                         "raise data.eval_fraction, give data.eval_data FILE, or use a bigger dataset")
     return HeldoutSplit(tuple(range(min(half, eval_samples))),
                         tuple(range(half, half + min(holdout_size - half, eval_samples))))
 
