@@ -43,8 +43,9 @@ class _Accelerator:
 
 
 def trl_loss(knobs: PolicyKnobs, loss_type: str, logps, old, ref, adv, mask, num_items=None, entropies=None,
-             top_entropy_quantile=1.0):
-    """TRL's ``_compute_loss`` on these tensors (its own code, a stand-in trainer)."""
+             top_entropy_quantile=1.0, metrics=None):
+    """TRL's ``_compute_loss`` on these tensors (its own code, a stand-in trainer); ``metrics``: a dict that
+    receives what TRL logs (name -> list of values)."""
     entropies = torch.zeros_like(logps) if entropies is None else entropies
     args = SimpleNamespace(delta=knobs.delta, use_bias_correction_kl=False, steps_per_generation=1,
                            sapo_temperature_pos=knobs.sapo_temperature_pos,
@@ -55,7 +56,7 @@ def trl_loss(knobs: PolicyKnobs, loss_type: str, logps, old, ref, adv, mask, num
         off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
         aux_loss_enabled=False, _entropy_bonus_enabled=False, max_completion_length=MAX_LEN,
         current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True), accelerator=_Accelerator(),
-        _metrics={"train": defaultdict(list)},
+        _metrics={"train": defaultdict(list) if metrics is None else metrics},
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropies, None))
     trainer.get_high_entropy_mask = lambda *a: trl_grpo.GRPOTrainer.get_high_entropy_mask(trainer, *a)
     inputs = {"prompt_ids": torch.zeros(logps.shape[0], 2, dtype=torch.long),
@@ -101,6 +102,34 @@ def test_knob_equals_trl_and_stays_split_invariant(case):
     shards = [grpo_loss_terms(logps[s], adv[s], mask[s], old_logps=old[s], ref_logps=ref[s], loss_type=loss_type,
                               knobs=knobs).loss(whole) for s in parts]
     torch.testing.assert_close(sum(shards), theirs, atol=1e-12, rtol=0)
+
+
+# What TRL's _compute_loss logs that we report too (it also logs per-sequence clip extremes we do not).
+TRL_STEP_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                    "cispo_clip_ratio")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_metrics_equal_trls_and_add_up_over_shards(case):
+    """kl, entropy and the clip ratios: TRL's names and values, and the shards' (sum, count) pairs add to them."""
+    loss_type, knobs = CASES[case]
+    logps, old, ref, adv, mask = batch()
+    entropies = torch.rand(logps.shape, generator=torch.Generator().manual_seed(3), dtype=F64) * 2
+    logged = defaultdict(list)
+    trl_loss(knobs, loss_type, logps, old, ref, adv, mask, entropies=entropies, metrics=logged)
+    theirs = {k: v[0] for k, v in logged.items() if k in TRL_STEP_METRICS}
+    ref = ref if knobs.beta else None  # TRL computes the KL only with beta > 0, as our rollouts do
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    shards = [grpo_loss_terms(logps[s], adv[s], mask[s], old_logps=old[s], ref_logps=None if ref is None else ref[s],
+                              loss_type=loss_type, knobs=knobs, entropies=entropies[s]) for s in parts]
+    summed = {}
+    for shard in shards:
+        for name, (total, count) in shard.sums().items():
+            a, b = summed.get(name, (0.0, 0.0))
+            summed[name] = (a + total, b + count)
+    ours = {name: total / max(count, 1.0) for name, (total, count) in summed.items()}
+    assert ours == pytest.approx(theirs, rel=1e-7, abs=1e-12) and set(ours) == set(theirs)  # TRL counts in float32
+    assert "entropy" in ours and ("clip_ratio/region_mean" in ours) == (loss_type not in ("cispo", "sapo"))
 
 
 @pytest.mark.parametrize("quantile", [0.2, 0.5, 0.9])

@@ -50,9 +50,13 @@ the driver before the global counts are taken, which is TRL 1.x's current rule f
 ``top_entropy_quantile`` keeps the policy term on tokens whose entropy reaches a quantile of the WHOLE
 batch's token entropies (``high_entropy_mask``; the worker gathers them from every rank first).
 
-Metrics follow TRL's definitions (low clip: coef_1 < 1 - epsilon and A < 0; high clip: coef_1 > 1 +
-epsilon_high and A > 0; region = either; mean k3 KL over completion tokens), but are kept as global
-sums and counts, so they too are exact for any split (TRL averages per-process means instead).
+Metrics follow TRL's ``_compute_loss`` and carry its names: ``kl`` (mean k3 KL over the loss mask's
+tokens, with beta > 0), ``entropy`` (mean next-token entropy over the same tokens), and for the
+PPO-clipped loss types ``clip_ratio/low_mean`` (coef_1 < 1 - epsilon and A < 0), ``high_mean`` (coef_1 >
+1 + epsilon_high and A > 0) and ``region_mean`` (either); CISPO logs ``cispo_clip_ratio``, SAPO no clip
+ratio. As in TRL's ``global_masked_mean``, a clip ratio counts tokens, or sequences when the importance
+ratio is per sequence (GSPO). Each is kept as a (sum, count) pair (``LossTerms.sums``) that data shards
+add, so the global mean is exact for any split, as TRL's reduce of sums and counts over processes is.
 """
 
 from __future__ import annotations
@@ -129,33 +133,45 @@ class LossTerms:
     loss_sum: torch.Tensor          # sum_i c_i over this shard's sequences (carries the gradient)
     num_tokens: torch.Tensor        # completion tokens in this shard
     kl_sum: torch.Tensor            # sum of masked per-token k3 KL (0 without reference log-probs)
-    low_clipped: torch.Tensor       # token counts, TRL's clip_ratio/low, high and region definitions
+    low_clipped: torch.Tensor       # clipped tokens (or sequences, GSPO): TRL's clip_ratio/low, high and region
     high_clipped: torch.Tensor
     region_clipped: torch.Tensor
+    clip_units: torch.Tensor        # what the clip ratios divide by: mask tokens, or sequences (GSPO)
+    entropy_sum: torch.Tensor       # sum of masked per-token entropies (0 when none were given)
     has_kl: bool = field(default=False)
+    has_entropy: bool = field(default=False)
 
     def __add__(self, other: LossTerms) -> LossTerms:
         if self.loss_type != other.loss_type:
             raise ValueError(f"cannot add loss terms of loss_type {self.loss_type!r} and {other.loss_type!r}")
-        summed = {f.name: getattr(self, f.name) + getattr(other, f.name)
-                  for f in fields(self) if f.name not in ("loss_type", "has_kl")}
-        return LossTerms(self.loss_type, has_kl=self.has_kl or other.has_kl, **summed)
+        flags = ("loss_type", "has_kl", "has_entropy")
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name not in flags}
+        return LossTerms(self.loss_type, has_kl=self.has_kl or other.has_kl,
+                         has_entropy=self.has_entropy or other.has_entropy, **summed)
 
     def loss(self, batch: GlobalBatch) -> torch.Tensor:
         """This shard's share of the global loss: loss_sum / N(global batch)."""
         return self.loss_sum / batch.normaliser(self.loss_type)
 
-    def metrics(self) -> dict[str, float]:
-        """Token-weighted means over the tokens these terms cover (global once all shards are added)."""
-        tokens = max(float(self.num_tokens), 1.0)
-        out = {
-            "clip_ratio/low_mean": float(self.low_clipped) / tokens,
-            "clip_ratio/high_mean": float(self.high_clipped) / tokens,
-            "clip_ratio/region_mean": float(self.region_clipped) / tokens,
-        }
+    def sums(self) -> dict[str, tuple[float, float]]:
+        """TRL's metric names, each as (sum, count) over these terms' rows: shards' pairs add up to the batch's."""
+        tokens, units = float(self.num_tokens), float(self.clip_units)
+        out: dict[str, tuple[float, float]] = {}
         if self.has_kl:
-            out["kl"] = float(self.kl_sum) / tokens
+            out["kl"] = (float(self.kl_sum), tokens)
+        if self.has_entropy:
+            out["entropy"] = (float(self.entropy_sum), tokens)
+        if self.loss_type == "cispo":
+            out["cispo_clip_ratio"] = (float(self.high_clipped), units)
+        elif self.loss_type != "sapo":  # SAPO's soft gate clips nothing
+            out.update({"clip_ratio/low_mean": (float(self.low_clipped), units),
+                        "clip_ratio/high_mean": (float(self.high_clipped), units),
+                        "clip_ratio/region_mean": (float(self.region_clipped), units)})
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """The means of ``sums`` (global once all shards are added); an empty count gives 0, as TRL's clamp."""
+        return {name: total / max(count, 1.0) for name, (total, count) in self.sums().items()}
 
 
 def _check_shapes(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -250,12 +266,13 @@ def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_ma
                     old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
                     epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
                     loss_type: str = "dapo", knobs: PolicyKnobs | None = None,
-                    entropy_mask: torch.Tensor | None = None) -> LossTerms:
+                    entropy_mask: torch.Tensor | None = None, entropies: torch.Tensor | None = None) -> LossTerms:
     """One shard's ``LossTerms``: logps, old_logps, ref_logps and completion_mask are [B, T], advantages [B].
 
     ``logps`` are the current policy's per-token log-probs of the sampled completion tokens (with
     gradient); ``old_logps=None`` means num_iterations = 1 (old = current, detached). ``knobs``
-    (TRL 1.x's policy-term options) replaces epsilon, epsilon_high and beta when given.
+    (TRL 1.x's policy-term options) replaces epsilon, epsilon_high and beta when given. ``entropies``
+    [B, T] (detached), when given, are summed for TRL's ``entropy`` metric.
     """
     _check_loss_type(loss_type)
     _check_shapes(logps, advantages, completion_mask, {"old_logps": old_logps, "ref_logps": ref_logps})
@@ -278,15 +295,21 @@ def grpo_loss_terms(logps: torch.Tensor, advantages: torch.Tensor, completion_ma
         else:
             low = (coef_1 < 1 - k.epsilon) & (adv < 0)
             high = (coef_1 > 1 + k.high) & (adv > 0)
+        # TRL's global_masked_mean: a per-sequence ratio [B, 1] counts sequences, a per-token one masked tokens.
+        per_sequence = coef_1.shape[1] == 1
+        weight = mask.new_ones(coef_1.shape) if per_sequence else mask
         return LossTerms(
             loss_type=loss_type,
             loss_sum=loss_sum,
             num_tokens=mask.sum(),
             kl_sum=(kl.detach() * mask).sum() if kl is not None else zero,
-            low_clipped=(low * mask).sum(),
-            high_clipped=(high * mask).sum(),
-            region_clipped=((low | high) * mask).sum(),
+            low_clipped=(low * weight).sum(),
+            high_clipped=(high * weight).sum(),
+            region_clipped=((low | high) * weight).sum(),
+            clip_units=weight.sum(),
+            entropy_sum=(entropies.detach() * mask).sum() if entropies is not None else zero,
             has_kl=kl is not None,
+            has_entropy=entropies is not None,
         )
 
 

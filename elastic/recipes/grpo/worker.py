@@ -35,7 +35,7 @@ from elastic.model.generate import SamplingConfig, sample
 from elastic.model.llama import LlamaStage, Padding, padding_for
 from elastic.model.lora import apply_lora, is_lora_name
 from elastic.recipes.grpo.config import GRPOConfig
-from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms, high_entropy_mask, token_entropy
+from elastic.recipes.grpo.loss import GlobalBatch, grpo_loss_terms, high_entropy_mask
 from elastic.runtime.engine import Engine, StepResult
 from elastic.runtime.parallel.shards import gather_data_shards
 from elastic.runtime.tasks import TaskContext
@@ -82,11 +82,12 @@ def token_logps(model, input_ids: torch.Tensor, prompt_len: int, prompt_mask: to
     logits = (model(input_ids) if pad is None else model(input_ids, 0, None, pad))[:, prompt_len - 1 : -1]
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     targets = input_ids[:, prompt_len:]
-    logps = torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    every = F.log_softmax(logits, dim=-1)
+    logps = torch.gather(every, -1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logps
-    with torch.no_grad():
-        return logps, token_entropy(logits)
+    with torch.no_grad():  # ``token_entropy`` from the log-softmax already taken (the same numbers, one pass less)
+        return logps, -(every.exp() * every).sum(-1)
 
 
 def batch_entropies(engine: Engine, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,24 +158,22 @@ def compute_grpo(engine: Engine, shard: dict, batch: GlobalBatch, grpo) -> StepR
     loss_total = torch.zeros((), dtype=torch.float64)
     if shard["input_ids"].shape[0] == 0:
         raise ValueError(f"rank {engine.rank} got no sequences; use fewer data-parallel ranks than sequences")
-    entropy_mask, want_entropy = None, grpo.top_entropy_quantile < 1
+    entropy_mask = None
     with engine.dropout_rows(shard["completion"].tolist()):  # LoRA dropout's masks, per global completion
-        out = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
-                          with_entropy=want_entropy)
-    logps = out[0] if want_entropy else out
-    if want_entropy:
-        everyone = batch_entropies(engine, out[1], shard["mask"])
-        entropy_mask = high_entropy_mask(out[1], shard["mask"], grpo.top_entropy_quantile, everyone)
+        logps, entropies = token_logps(engine.module, shard["input_ids"], prompt_len, shard.get("prompt_mask"),
+                                       with_entropy=True)  # TRL logs the entropy whatever top_entropy_quantile is
+    if grpo.top_entropy_quantile < 1:
+        everyone = batch_entropies(engine, entropies, shard["mask"])
+        entropy_mask = high_entropy_mask(entropies, shard["mask"], grpo.top_entropy_quantile, everyone)
     terms = grpo_loss_terms(logps, shard["advantages"].to(logps.dtype), shard["mask"], old_logps=shard.get("old"),
                             ref_logps=shard.get("ref"), loss_type=grpo.loss_type, knobs=grpo.knobs,
-                            entropy_mask=entropy_mask)
+                            entropy_mask=entropy_mask, entropies=entropies)
     loss = terms.loss_sum / normaliser
     loss.backward()
     loss_total += loss.detach().double()
     trained = shard["completion"].tolist()  # the rows this rank's loss covered (the run's ledger)
     result = engine.conclude(loss_total, int(batch.num_tokens), trained, started)
-    result.metrics = {k: float(v) for k, v in (("kl_sum", terms.kl_sum), ("clipped", terms.region_clipped),
-                                               ("tokens", terms.num_tokens))}
+    result.metrics = terms.sums()  # TRL's kl, entropy and clip ratios as (sum, count): the driver adds data shards
     return result
 
 
