@@ -14,7 +14,7 @@ import pytest
 from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain, Pause, Relayout, Resume, SetBudget, Stop
 from elastic.control.run import with_control
-from elastic.control.states import Done, Launching, Paused, Planning, Recovering, Resharding, Running
+from elastic.control.states import Done, Paused, Running
 from elastic.core.layout import Layout
 from elastic.core.records import RecordKind
 from elastic.plan.costmodel import CostModel
@@ -335,8 +335,8 @@ def test_every_transition_is_recorded_and_the_listeners_hear_it():
     heard = []
     controller.listeners.append(lambda t: heard.append((type(t.previous).__name__, type(t.next).__name__)))
     finish(controller)
-    assert ("Running", "Finishing") in heard and ("Finishing", "Done") in heard
     recorded = [(e["from"], e["to"]) for e in controller.events if e["kind"] == RecordKind.TRANSITION]
     assert recorded == [("planning", "launching"), ("launching", "running"), ("running", "finishing"),
                         ("finishing", "done")]
-    assert isinstance(Launching, type) and isinstance(Planning(), Planning) and Resharding and Recovering
+    changes = [(a, b) for a, b in heard if a != b]  # listeners also hear each tick that stays in Running
+    assert changes == [(a.title(), b.title()) for a, b in recorded]  # every recorded transition heard, in order
