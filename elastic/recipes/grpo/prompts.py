@@ -9,7 +9,9 @@ row's tensors never depend on its batch-mates; the mask tells the model which to
 
 Reward functions follow TRL's ``reward_funcs`` convention:
 ``fn(prompts: list, completions: list[str], **columns) -> list[float | None]``, called once per
-batch with every extra column as a keyword list (and ``completion_ids``). The rewards of several
+batch with every extra column as a keyword list (and ``completion_ids``); completions of a
+conversational prompt come as TRL gives them, ``[{"role": "assistant", "content": ...}]``, and an
+``async def`` function is awaited (``reward_calls.py``). The rewards of several
 functions add up, times ``reward_weights``; ``None`` means "does not apply" and is skipped, as TRL's
 nansum does; a completion that every function scores None is unscorable (NaN) and gets advantage 0, as in
 TRL's ``GRPOTrainer``. A built-in task (``arithmetic``, ``sort_digits``) is rows ``{"prompt", "answer"}`` with
@@ -30,6 +32,7 @@ import torch
 from elastic.core.data import Problem
 from elastic.core.sft_data import read_rows
 from elastic.core.tokenizer import ByteTokenizer
+from elastic.recipes.grpo.reward_calls import call_reward
 from elastic.recipes.grpo.rewards import RewardFn, accuracy, build_task, import_function, resolve_reward, score_one
 
 log = logging.getLogger("elastic")
@@ -212,8 +215,7 @@ def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str
     seen = torch.zeros(len(completions), dtype=torch.bool)
     for (name, fn), weight in zip(funcs, weights or [1.0] * len(funcs), strict=True):
         try:
-            values = fn(prompts=list(prompts), completions=list(completions), completion_ids=completion_ids,
-                        **columns)
+            values = call_reward(fn, prompts, completions, completion_ids, columns)  # TRL's shapes, async too
         except Exception as err:  # a user function may raise anything; name it and the batch
             if getattr(fn, "checked", False):
                 raise
