@@ -21,7 +21,6 @@ import argparse
 import os
 import socket
 import sys
-from pathlib import Path
 
 from launch.generate import add_parser as add_generate_parser
 
@@ -50,28 +49,19 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    """(config, layout or None, recipe) from the recipe's defaults, ``--config`` and the flags."""
-    from elastic.control.config import ControlConfig
-    from elastic.recipes.recipe import RecipeArgs
-    from elastic.recipes.registry import get
-    from launch.args import apply_overrides, flag_overrides, load_toml
+    """(config, layout or None, recipe) from the recipe's defaults, ``--config`` and the flags
+    (``launch/run_config.py``)."""
+    from launch.run_config import plan_run
 
-    recipe = get(args.recipe)
-    cfg = recipe.build(RecipeArgs(model=args.model, steps=args.steps, workers=args.workers, base=args.base,
-                                  data=args.data))
-    if args.config:
-        cfg = apply_overrides(cfg, load_toml(Path(args.config)))
-    cfg = apply_overrides(cfg, flag_overrides(args))
-    layout = ControlConfig.of(cfg).first_layout()
-    if layout is not None:
-        layout.validate(cfg.model, cfg.train.global_batch)
-        if layout.world > cfg.runtime.workers:
-            raise UsageError(f"--layout {layout} needs {layout.world} workers but --workers is {cfg.runtime.workers}")
-    return cfg, layout, recipe
+    plan = plan_run(args)
+    return plan.cfg, plan.layout, plan.recipe
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg, layout, recipe = build_config(args)
+    from launch.run_config import chosen_lines, plan_run, write_record
+
+    plan = plan_run(args)
+    cfg, layout, recipe = plan.cfg, plan.layout, plan.recipe
     if args.address:
         check_address(args.address)
     from elastic.control.controller import Controller
@@ -89,10 +79,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     connect_ray(args.address)
     refuse_twin(job)
+    write_record(run_dir, plan)
     print(f"job {job!r}: {args.recipe}, {cfg.model.num_params() / 1e6:.1f}M parameters, "
           f"{cfg.runtime.workers} workers, layout {layout or 'auto'}; outputs in {storage.shown}")
     where = f" --address {args.address}" if args.address else ""
     print(f"talk to it with: elastic events --job {job} status{where}")
+    for line in chosen_lines(plan):
+        print(line)
+    print(f"its configuration: {run_dir / 'config.toml'} (rerun it with --config)")
     workload = recipe.workload(cfg) if recipe.workload else None
     controller = Controller(cfg, workload=workload, job_name=job, run_dir=str(run_dir),
                             progress=not args.no_progress)
@@ -160,31 +154,37 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser(config_flags: bool = True) -> argparse.ArgumentParser:
-    """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe)."""
+def parser(config_flags: bool = True, shown=None, note: str = "") -> argparse.ArgumentParser:
+    """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe). ``shown``:
+    the config whose values the flags' help gives as defaults (``help_config``); ``note`` says whose they are."""
     raw = argparse.RawDescriptionHelpFormatter
     top = argparse.ArgumentParser(prog="elastic", description=__doc__, formatter_class=raw)
     top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = top.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a training recipe", formatter_class=raw,
-                           description="Train a recipe. Every config field can be set with --<section>.<field>; "
-                                       "flags override --config, which overrides the recipe's defaults.")
+                           description="Train a recipe. Every config field can be set with --<section>.<field> (or "
+                                       "its TRL name); flags override --config, which overrides the recipe's "
+                                       f"defaults. {note}")
     if config_flags:
         from elastic.recipes.registry import RECIPES
 
         recipes = "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items())
     else:
         recipes = ", ".join(RECIPE_NAMES)
-    train.add_argument("--recipe", default="pretrain", help=f"{recipes} (default: pretrain)")
-    train.add_argument("--workers", type=int, default=4, help="worker processes (Ray actors) to start (default: 4)")
+    train.add_argument("--recipe", help=f"{recipes} (default: the --config file's, else pretrain)")
+    train.add_argument("--workers", type=int, help="worker processes (Ray actors) to start (default: 4, or the "
+                                                   "--config file's)")
     train.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     train.add_argument("--model", help="model preset for pretrain: tiny, mini, small, 25m, 100m")
-    train.add_argument("--base", help="Hugging Face model folder to fine-tune: Llama, Qwen2, Qwen3 or Mistral "
-                                      "(lora, grpo)")
-    train.add_argument("--data", help="a .json/.jsonl/.parquet file in a TRL format, tokenized by --base's tokenizer: "
-                                      "text, prompt+completion or messages (lora); prompts (grpo)")
-    train.add_argument("--config", help="a TOML file with [model], [train], ... sections")
+    train.add_argument("--base", "--model_name_or_path",
+                       help="Hugging Face model folder to fine-tune: Llama, Qwen2, Qwen3 or Mistral (lora, grpo)")
+    train.add_argument("--data", "--dataset_name",
+                       help="a .json/.jsonl/.parquet file in a TRL format, tokenized by --base's tokenizer: text, "
+                            "prompt+completion or messages (lora); prompts (grpo)")
+    train.add_argument("--config", help="a TOML or YAML file: [model], [train], ... sections and/or TRL's and PEFT's "
+                                        "names (SFTConfig, GRPOConfig, LoraConfig), e.g. a run's config.toml or "
+                                        "TRL's own YAML")
     train.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("--job-name", help="the job's name: its run folder STORAGE_PATH/<name> and its control actor "
                                           "(for `elastic events`); default: the recipe and a digest of the "
@@ -192,12 +192,12 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--storage-path", help="where runs are kept, a folder or a pyarrow.fs URI (s3://, gs://, "
                                               "...); the run goes to STORAGE_PATH/<job> (default: Ray Train's "
                                               "~/ray_results, or ELASTIC_STORAGE_PATH)")
-    train.add_argument("--run-dir", help="this run's folder exactly (overrides --storage-path)")
+    train.add_argument("--run-dir", "--output_dir", help="this run's folder exactly (overrides --storage-path)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     if config_flags:
         from launch.args import add_config_flags
 
-        add_config_flags(train)
+        add_config_flags(train, *(shown or (None, "")))
     train.set_defaults(handler=cmd_train)
 
     events = sub.add_parser("events", help="talk to a running job")
@@ -216,10 +216,29 @@ def parser(config_flags: bool = True) -> argparse.ArgumentParser:
     return top
 
 
+def help_config(argv: list[str]):
+    """((config, recipe) or None, note) for ``elastic train ... --help``: the config the same command without
+    --help would run, so the help shows the values it will use."""
+    from launch.run_config import plan_run
+
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    try:
+        args, _ = parser(config_flags=True).parse_known_args(rest)
+        plan = plan_run(args)
+    except (Exception, SystemExit) as err:  # the help must print whatever the other arguments are
+        return None, f"Defaults shown are the fields' own: this command's run could not be built ({err})."
+    return (plan.cfg, args.recipe), (f"Defaults shown are those this command runs with (--recipe {args.recipe}"
+                                     f"{' --base ' + args.base if args.base else ''}); put --recipe, --base, --data "
+                                     "or --config before --help to see another run's.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = parser(config_flags=command == "train").parse_args(argv)
+    shown, note = (None, "")
+    if command == "train" and ("-h" in argv or "--help" in argv):
+        shown, note = help_config(argv)
+    args = parser(config_flags=command == "train", shown=shown, note=note).parse_args(argv)
     if args.command == "events" and args.action not in EVENTS:
         print(f"elastic: error: unknown events action {args.action!r}; choose one of {', '.join(EVENTS)}",
               file=sys.stderr)

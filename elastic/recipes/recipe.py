@@ -2,14 +2,15 @@
 
 A recipe lives in its own folder (``recipes/<name>/``): its config section if it has one, its pure
 training math, its worker-side tasks, its driver-side workload and what it does when the run ends
-(export adapters, print samples). Its package defines ``RECIPE``; ``registry.py`` lists the recipes.
+(export adapters, print samples), and which of its defaults a run got (``Preset``: a built-in toy
+preset's, or real-model ones with their reasons). Its package defines ``RECIPE``; ``registry.py`` lists the recipes.
 Adding a recipe means adding one folder and one registry line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ class RecipeArgs:
     workers: int = 4
     base: str | None = None
     data: str | None = None  # a data file in a TRL format (JSON, JSONL, Parquet)
+    peft: bool = True  # TRL's use_peft: LoRA adapters on a frozen base; False: full fine-tuning (lora, grpo)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Which defaults a run got: a built-in toy preset's (``toy`` says what it is, in one line), or the real-model
+    ones, with the reason each was chosen (``why``: "section.field" -> its source, e.g. TRL's default)."""
+
+    toy: str = ""  # e.g. "the built-in arithmetic task on a 1M-parameter model"; empty: real-model defaults
+    why: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,3 +48,5 @@ class Recipe:
     finish: Callable[[Config, Any, Path, Any], list[str]] | None = None
     # The recipe's own config sections (registered when its package is imported), for ``--help`` and TOML.
     sections: tuple[type, ...] = ()
+    # Which defaults ``build`` chose for these choices, for the line a run prints when it starts.
+    preset: Callable[[RecipeArgs], Preset] | None = None  # None: real-model defaults with no reasons to print

@@ -26,13 +26,24 @@ the engine gathers the global quantities (rewards of a whole group, token counts
 from __future__ import annotations
 
 from elastic.recipes.grpo.config import GRPOConfig
-from elastic.recipes.recipe import Recipe, RecipeArgs
+from elastic.recipes.recipe import Preset, Recipe, RecipeArgs
 
 
 def _build(args: RecipeArgs):
     from elastic.recipes.grpo.recipe import grpo_config
 
-    return grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers, data=args.data)
+    return grpo_config(base=args.base, steps=args.steps or 30, workers=args.workers, data=args.data,
+                       lora=args.peft, real=args.base is not None)
+
+
+def _preset(args: RecipeArgs) -> Preset:
+    """A user's --base gets real-model defaults; without it the random 'mini' model is a toy preset."""
+    if args.base is None:
+        return Preset(toy="a random 1M-parameter model with toy defaults (lr 1e-3, 6 new tokens, 8 prompts per "
+                          "step); --base FOLDER trains your model with TRL's defaults")
+    from elastic.recipes.grpo.recipe import REAL_WHY
+
+    return Preset(why=REAL_WHY)
 
 
 def _workload(cfg):
@@ -47,4 +58,4 @@ def _finish(cfg, result, run_dir, workload) -> list[str]:
 
 
 RECIPE = Recipe("grpo", "GRPO: noise-corrected rewards on a built-in task, or --data prompts with --grpo.reward_funcs",
-                _build, workload=_workload, finish=_finish, sections=(GRPOConfig,))
+                _build, workload=_workload, finish=_finish, sections=(GRPOConfig,), preset=_preset)

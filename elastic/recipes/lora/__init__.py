@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from elastic.recipes.recipe import Recipe, RecipeArgs
+from elastic.recipes.recipe import Preset, Recipe, RecipeArgs
 
 
 def _build(args: RecipeArgs):
@@ -16,11 +16,22 @@ def _build(args: RecipeArgs):
     if not base or not (Path(base) / "config.json").is_file():
         raise ValueError("the lora recipe needs --base FOLDER, a Hugging Face model folder "
                          "(make one with: python examples/pretrain.py --save runs/pretrain/base)")
-    return lora_config(base, steps=args.steps or 200, workers=args.workers, data=args.data)
+    return lora_config(base, steps=args.steps or 200, workers=args.workers, data=args.data, real=bool(args.data),
+                       peft=args.peft)
+
+
+def _preset(args: RecipeArgs) -> Preset:
+    """A user's --data gets real-model defaults; without it the built-in arithmetic task is a toy preset."""
+    if not args.data:
+        return Preset(toy="the built-in arithmetic task with toy defaults (lr 3e-3, 16-token sequences, batch 32); "
+                          "--data FILE trains on your data with real-model defaults")
+    from elastic.recipes.lora.recipe import REAL_WHY
+
+    return Preset(why=REAL_WHY)
 
 
 def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
-    if result.tensors is None:
+    if result.tensors is None or cfg.lora is None:  # a full fine-tune (use_peft false) has no adapters
         return []
     from elastic.model.peft_io import save_peft_adapter
 
@@ -29,4 +40,4 @@ def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
 
 
 RECIPE = Recipe("lora", "LoRA fine-tuning of --base (a Hugging Face folder) on --data; writes PEFT adapters",
-                _build, finish=_finish)
+                _build, finish=_finish, preset=_preset)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from elastic.recipes.recipe import Recipe, RecipeArgs
+from elastic.recipes.recipe import Preset, Recipe, RecipeArgs
 
 
 def _build(args: RecipeArgs):
     from elastic.recipes.pretrain.recipe import pretrain_config
 
     return pretrain_config(model=args.model or "mini", steps=args.steps or 300, workers=args.workers)
+
+
+def _preset(args: RecipeArgs) -> Preset:
+    return Preset(toy=f"the '{args.model or 'mini'}' model preset from scratch on Python's standard library, with toy "
+                      "defaults (lr 3e-3, 128-token sequences, batch 16)")
 
 
 def _finish(cfg, result, run_dir, workload) -> list[str]:
@@ -21,4 +26,4 @@ def _finish(cfg, result, run_dir, workload) -> list[str]:
 
 
 RECIPE = Recipe("pretrain", "next-token prediction on Python's standard library (--model tiny|mini|small|25m|100m)",
-                _build, finish=_finish)
+                _build, finish=_finish, preset=_preset)
