@@ -65,12 +65,23 @@ def test_rank_assignment_keeps_shards_local():
     old = Placement(Layout(fsdp=2, tp=2), (7, 3, 9, 4))
     again = policy.assign(old, Layout(fsdp=2, tp=2), [3, 4, 7, 9])
     assert again == old
+    import itertools
+
     from elastic.plan.planner import make_plan
 
-    naive = Placement(Layout(tp=2, fsdp=2), (3, 4, 7, 9))
-    smart = policy.assign(old, Layout(tp=2, fsdp=2), [3, 4, 7, 9])
-    moved = {p: make_plan(old, p, policy.specs, cfg.model.n_layers, 8).bytes_moved() for p in (naive, smart)}
-    assert moved[smart] <= moved[naive]
+    def moved(layout, workers):
+        return make_plan(old, Placement(layout, tuple(workers)), policy.specs, cfg.model.n_layers, 8).bytes_moved()
+
+    # Into another layout on the same workers: the order that moves least of all 24, less than the sorted one.
+    for layout in (Layout(dp=2, tp=2), Layout(tp=4)):
+        smart = policy.assign(old, layout, [3, 4, 7, 9])
+        least = min(moved(layout, order) for order in itertools.permutations([3, 4, 7, 9]))
+        assert moved(layout, smart.workers) == least < moved(layout, [3, 4, 7, 9]), (layout, smart)
+    # Worker 9 replaced by 11: 7 and 3 keep their ranks (the greedy fill gives 9's rank to 4, which shares
+    # its data shard, and 4's to the newcomer: not the least of all orders, but less than the sorted one).
+    smart = policy.assign(old, Layout(fsdp=2, tp=2), [3, 4, 7, 11])
+    assert smart.workers[:2] == (7, 3) and set(smart.workers) == {3, 4, 7, 11}, smart
+    assert moved(smart.layout, smart.workers) < moved(smart.layout, [3, 4, 7, 11])
 
 
 def test_memory_budget_rules_out_layouts_that_would_not_fit():
