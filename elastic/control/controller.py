@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from elastic.control.config import ControlConfig
+from elastic.control.evaluation import Evaluation
 from elastic.control.events import Event
 from elastic.control.handlers import HANDLERS
 from elastic.control.inbox import Inbox, PlaneLink
@@ -76,6 +77,9 @@ class Controller:
         self._started = time.perf_counter()
         check_data(cfg)  # a bad data file, column or tokenizer fails here, before any worker starts
         self.workload = workload or LMWorkload()
+        if cfg.train.eval_every and not hasattr(self.workload, "evaluate"):
+            raise ValueError(f"train.eval_every={cfg.train.eval_every}: the {self.workload.name} workload has no "
+                             "evaluation yet; set train.eval_every=0")
         # Steps between the workload's restart points; snapshots and checkpoints are taken only there.
         restart_every = max(1, int(getattr(self.workload, "restart_every", 1)))
         self.checkpoint_root = checkpoint_root(self.control, run_dir)
@@ -112,6 +116,7 @@ class Controller:
         self.mover = Mover(cfg, group, self.cost, self.recovery, self.wishes,
                            lambda kind, **details: self.record(kind, **details))
         self.steps = StepLog(self.cost, self.metrics)
+        self.evaluation = Evaluation(cfg.train.eval_every, self.metrics, self.record)
         self.listeners: list[Callable[[Transition], None]] = []  # called after every transition
         self.step_failures: dict[int, list[int]] = {}  # committed step -> the culprit of each failure there
         self._cover: tuple = (None, False)  # (placement, whether it survives any one loss without a snapshot)

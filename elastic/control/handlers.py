@@ -231,7 +231,8 @@ def arrivals(ctl: Controller) -> list[Event] | None:
 
 def train(ctl: Controller, fresh: bool) -> bool | WorkerFailure:
     """One tick of the workload: True if an optimizer step was counted, False if it did other work (a
-    rollout, a phase change); the failure if a worker died (during the step, a snapshot or a checkpoint)."""
+    rollout, a phase change); the failure if a worker died (during the step, a snapshot, a checkpoint or an
+    evaluation)."""
     placement, started = ctl.group.placement, time.perf_counter()
     try:
         results = ctl.workload.step(ctl)
@@ -250,6 +251,11 @@ def train(ctl: Controller, fresh: bool) -> bool | WorkerFailure:
     if lost is not None:
         ctl.failed(lost[1], lost[0])
         return lost[1]
+    try:
+        ctl.evaluation.after_step(ctl)  # every train.eval_every steps; a task between steps, not a state
+    except WorkerFailure as failure:
+        ctl.failed(failure, f"while evaluating after step {ctl.step}")
+        return failure
     return True
 
 

@@ -2,7 +2,9 @@
 
 A workload's ``step(job)`` returns the per-worker results of one committed optimizer step, or None
 when it did other work this tick (a rollout, or asking for a phase change through ``job.submit``).
-``phase_filters`` names, per training phase, the layouts that phase can run on. ``restart_every``
+``phase_filters`` names, per training phase, the layouts that phase can run on. ``evaluate(job)``, when a
+workload has it, returns TRL's eval metrics of the current weights on the held-out rows
+(``control/evaluation.py``, called every ``train.eval_every`` steps). ``restart_every``
 is the number of optimizer steps between the points a run can restart from: the controller takes
 snapshots and checkpoints only at its multiples, because a workload may keep driver-side state
 between them that a snapshot of the workers' tensors does not hold (GRPO's rollout batch, reused for
@@ -15,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from elastic.control.evaluation import combine_losses
 from elastic.control.events import Event
 from elastic.core.layout import Layout
 from elastic.driver.group import WorkerGroup
 from elastic.runtime.engine import StepResult
+from elastic.runtime.tasks import EvalLoss
 
 
 class JobView(Protocol):
@@ -50,3 +54,10 @@ class LMWorkload:
 
     def step(self, job: JobView) -> dict[int, StepResult]:
         return job.group.step()
+
+    def evaluate(self, job: JobView) -> dict[str, float]:
+        """``eval_loss``: the mean token NLL over every held-out row, sharded over the current placement's ranks."""
+        placement = job.group.placement
+        results = job.group.run({w: EvalLoss() for w in placement.workers})
+        total, tokens, rows = combine_losses(results, placement)
+        return {"eval_loss": total / max(tokens, 1), "eval_samples": rows}

@@ -31,3 +31,4 @@ class RecordKind(enum.StrEnum):
     WORKERS_READY = "workers ready"
     DRAINED = "drained"  # workers left after their shards moved off them
     CHECKPOINT = "checkpoint"
+    EVAL = "eval"  # an evaluation on the held-out rows (``eval_loss``, ``eval_samples``, ``eval_runtime``)

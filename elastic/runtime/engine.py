@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
@@ -326,13 +327,47 @@ class Engine:
 
     @torch.no_grad()
     def eval_loss(self, indices: list[int], split: str = "holdout") -> tuple[float, int]:
-        """(sum of token losses, target tokens) on this rank's share of ``indices`` (no pp)."""
-        if self.schedule is not None:
-            raise ValueError("eval_loss runs on layouts without pipeline parallelism; relayout first")
-        lo, hi = balanced(len(indices), self.layout.data_parallel, self.layout.data_index(self.rank))
-        x, y = self.dataset.batch(indices[lo:hi], split)
-        total = causal_lm_loss_sum(self.module(x), y) if len(x) else torch.zeros(())
-        return float(total), int((y != -100).sum())
+        """(sum of token losses in float64, target tokens) on this rank's share of ``indices`` (the last pipeline
+        stage's; other stages return (0, 0)), in forwards of a training micro-batch's rows. A forward names no
+        rows, so LoRA has no dropout, and no gradient or optimizer state is touched: evaluation cannot change
+        training.
+
+        Every rank of the layout runs the same number of forwards, since FSDP gathers parameters and tp
+        reduces activations in each: a rank whose balanced share ran out (``balanced`` gives the first
+        ranks one row more) feeds one row with no target, which adds nothing."""
+        layout = self.layout
+        lo, hi = balanced(len(indices), layout.data_parallel, layout.data_index(self.rank))
+        mine = indices[lo:hi]
+        rows = -(-self.cfg.train.global_batch // (layout.data_parallel * layout.microbatches))
+        forwards = -(-balanced(len(indices), layout.data_parallel, 0)[1] // rows)  # rank 0's share is the largest
+        total, tokens = torch.zeros((), dtype=torch.float64), 0
+        for f in range(forwards):
+            x, y = self.dataset.batch(mine[f * rows: (f + 1) * rows], split)
+            if not len(x):
+                x = torch.zeros(1, self.dataset.seq_len, dtype=torch.long)
+                y = torch.full_like(x, -100)
+            logits = self._eval_forward(x)
+            if logits is not None:
+                total += causal_lm_loss_sum(logits, y).double()
+                tokens += int((y != -100).sum())
+        return float(total), tokens
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The logits of rows ``x`` on the last pipeline stage (None on the others). Across stages the hidden
+        states go by point-to-point in the pp group: the training schedule's buffers are shaped for a training
+        micro-batch, and evaluation feeds other row counts."""
+        if self.layout.pp == 1:
+            return self.module(x)
+        group, stage = self.mesh["pp"].get_group(), self.coord.pp
+        h = x
+        if not self.first:
+            h = torch.empty(len(x), x.shape[1], self.cfg.model.dim, dtype=self.dtype)
+            dist.recv(h, group=group, group_src=stage - 1)
+        h = self.module(h)
+        if not self.last:
+            dist.send(h.contiguous(), group=group, group_dst=stage + 1)
+            return None
+        return h
 
     def close(self) -> None:
         """Drop every reference to the model, optimizer and schedule (and so to process groups)."""

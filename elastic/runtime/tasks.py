@@ -1,11 +1,11 @@
 """Typed work the driver sends to a worker: a small dataclass whose ``run`` executes inside the worker.
 
 The driver never names worker methods by string to run training code or to read a worker's data. It
-builds a task per worker (``TrainStep()``, ``ReadTensors()``, a recipe's own task such as GRPO's rollout,
-or a benchmark's probe) and the worker group ships it; Ray pickles it by reference to its class, so the
-worker imports the recipe module on first use and the worker module itself imports no recipe. A task runs
-on the worker's compute thread, after the worker has settled its engine at the job's committed step, and
-its failures fail fast like a step's.
+builds a task per worker (``TrainStep()``, ``ReadTensors()``, ``EvalLoss()``, a recipe's own task such as
+GRPO's rollout, or a benchmark's probe) and the worker group ships it; Ray pickles it by reference to its
+class, so the worker imports the recipe module on first use and the worker module itself imports no recipe.
+A task runs on the worker's compute thread, after the worker has settled its engine at the job's committed
+step, and its failures fail fast like a step's.
 
 ``TaskContext.scratch`` is a per-engine dict that a recipe may use for caches tied to the engine's
 life (GRPO keeps its sampling model there); the worker empties it whenever it builds a new engine. A task
@@ -54,3 +54,17 @@ class ReadTensors:
 
     def run(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in ctx.engine.local_tensors().items()}
+
+
+@dataclass(frozen=True)
+class EvalLoss:
+    """This rank's (sum of token losses, target tokens) over its share of the held-out rows ``indices`` (None:
+    every held-out row), with the number of rows the whole set has, at the committed weights. A forward only:
+    no gradient, no optimizer state, no training sample (the data cursor is the step, which this leaves alone)."""
+
+    indices: tuple[int, ...] | None = None
+
+    def run(self, ctx: TaskContext) -> tuple[float, int, int]:
+        engine = ctx.engine
+        indices = list(range(engine.dataset.holdout_size()) if self.indices is None else self.indices)
+        return (*engine.eval_loss(indices, "holdout"), len(indices))

@@ -4,13 +4,19 @@ A run directory holds ``metrics.jsonl`` (one line per optimizer step: loss, lear
 gradient norm, tokens/s, workers, layout; ``time`` in seconds since the run began and ``at`` since the
 epoch, both when the step was counted), ``events.jsonl`` (one line per controller event:
 reshards, recoveries, decisions, with their times and sizes) and ``summary.json`` at the end.
-``elastic plot RUN_DIR`` turns them into a PNG timeline.
+A step's row also carries ``learning_rate`` (TRL's name for ``lr``) and the workload's own metrics under
+TRL's names (GRPO: ``reward``, ``rewards/<func>/mean``, ``kl``, ``entropy``, ...; ``driver/summary.py``);
+TensorBoard gets each as ``train/<name>``. A value that is not finite (a reward no function gave) is written
+as null, since JSON has no NaN; TRL logs None there too.
+An evaluation (``train.eval_every``) adds a row ``{"step", "eval_loss", ...}``
+at its step. ``elastic plot RUN_DIR`` turns them into a PNG timeline.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -38,11 +44,25 @@ class MetricsWriter:
         row = {"step": summary.step, "loss": summary.loss, "lr": summary.lr, "grad_norm": summary.grad_norm,
                "tokens": summary.tokens, "seconds": summary.seconds,
                "tokens_per_s": summary.tokens / max(summary.seconds, 1e-9), "workers": summary.workers,
-               "layout": summary.layout, "time": time.time() - self.started, "at": time.time()}
+               "layout": summary.layout, "time": time.time() - self.started, "at": time.time(),
+               "learning_rate": summary.lr}
+        extra = {k: float(v) if math.isfinite(v) else None for k, v in getattr(summary, "metrics", {}).items()}
+        row.update(extra)
         self._steps.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "workers"):
                 self._tb.add_scalar(f"train/{key}", row[key], summary.step)
+            for key, value in extra.items():
+                if value is not None:
+                    self._tb.add_scalar(f"train/{key}", value, summary.step)
+
+    def eval(self, step: int, values: dict[str, float]) -> None:
+        """An evaluation's row at ``step`` (``eval_loss`` ...; ``control/evaluation.py``); ``read_run`` merges it
+        into that step's training row (whose times it leaves alone)."""
+        self._steps.write(json.dumps({"step": step, **values}) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
 
     def event(self, entry: dict) -> None:
         row = {k: v for k, v in entry.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
@@ -69,8 +89,9 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     events_path = run / "events.jsonl"
     events = [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()] \
         if events_path.is_file() else []
-    # A replayed step (after a recovery from a snapshot) supersedes its first attempt.
-    latest = {}
+    # A replayed step (after a recovery from a snapshot) supersedes its first attempt; an evaluation's row joins
+    # its step's row.
+    latest: dict[int, dict] = {}
     for row in steps:
-        latest[row["step"]] = row
+        latest[row["step"]] = {**latest.get(row["step"], {}), **row}
     return [latest[k] for k in sorted(latest)], events

@@ -1,0 +1,117 @@
+"""Evaluation's pieces without processes: the held-out split (``data.eval_fraction``, ``data.eval_data``), the
+engine's eval loss at world 1 against plain torch (``tests/reference.py``'s model), how ranks' results combine,
+when an evaluation is due, and how ``metrics.jsonl`` rows of evaluations are read and drawn."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elastic.control.evaluation import Evaluation, combine_losses
+from elastic.core.config import DataConfig
+from elastic.core.data import GlobalSampler, build_dataset, check_data
+from elastic.core.dataset import held_out
+from elastic.core.layout import Layout, Placement
+from elastic.core.tokenizer import ByteTokenizer
+from elastic.runtime.engine import Engine
+from tests.helpers import tiny_config
+from tests.reference import build_model
+
+
+def _rows(path, n, tag=""):
+    path.write_text("\n".join(json.dumps({"prompt": f"{tag}{i}?", "completion": f"{tag}{i}!"}) for i in range(n)))
+    return path
+
+
+def _completion(ds, i, split):
+    return ByteTokenizer().decode([int(t) for t in ds.sample(i, split)[1] if t != -100])
+
+
+def test_held_out_counts():
+    assert held_out(100, 0.0) == 0
+    assert held_out(100, 0.001) == 1  # a positive fraction holds out at least one row
+    assert held_out(100, 0.25) == 25
+    assert held_out(2, 0.9) == 1  # ... and never every row
+
+
+def test_eval_fraction_holds_out_the_last_rows_which_training_never_samples(tmp_path):
+    ds = build_dataset(DataConfig(dataset=str(_rows(tmp_path / "r.jsonl", 20)), seq_len=16, eval_fraction=0.25), 0)
+    assert (len(ds), ds.holdout_size()) == (15, 5)
+    assert [_completion(ds, i, "holdout") for i in range(5)] == [f"{i}!" for i in range(15, 20)]
+    sampler = GlobalSampler(len(ds), 4, seed=3)
+    trained = {_completion(ds, i, "train") for step in range(3 * 15 // 4 + 1) for i in sampler.step_indices(step)}
+    assert trained == {f"{i}!" for i in range(15)}  # three epochs: every training row, no held-out one
+
+
+def test_eval_data_file_is_the_held_out_set_and_training_uses_its_file_whole(tmp_path):
+    train, held = _rows(tmp_path / "train.jsonl", 20), _rows(tmp_path / "eval.jsonl", 6, tag="e")
+    ds = build_dataset(DataConfig(dataset=str(train), seq_len=16, eval_fraction=0.25, eval_data=str(held)), 0)
+    assert (len(ds), ds.holdout_size()) == (20, 6)
+    assert [_completion(ds, i, "holdout") for i in range(6)] == [f"e{i}!" for i in range(6)]
+    assert _completion(ds, 19, "train") == "19!"
+    with pytest.raises(ValueError, match=r"data.eval_data='nope.jsonl' is not an existing file"):
+        build_dataset(DataConfig(dataset=str(train), eval_data="nope.jsonl"), 0)
+
+
+def test_eval_every_without_held_out_rows_is_refused_before_any_work(tmp_path):
+    cfg = tiny_config(dataset=str(_rows(tmp_path / "r.jsonl", 20)))
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_fraction=0.0),
+                      train=dataclasses.replace(cfg.train, eval_every=2))
+    with pytest.raises(ValueError, match=r"train.eval_every=2 but .* holds out no rows"):
+        check_data(cfg)
+
+
+def test_engine_eval_loss_is_the_mean_token_nll_of_plain_torch():
+    """World 1, float64: the engine's sum over forwards of a micro-batch's rows equals one plain forward of every
+    held-out row through the reference's model."""
+    cfg = tiny_config()
+    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
+    ds = build_dataset(cfg.data, cfg.train.seed)
+    rows = list(range(ds.holdout_size()))[:21]  # 21: two forwards of a micro-batch (8) and one of 5
+    total, tokens = engine.eval_loss(rows)
+    x, y = ds.batch(rows, "holdout")
+    with torch.no_grad():
+        logits = build_model(cfg)(x)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum")
+    assert tokens == int((y != -100).sum()) and len(rows) > cfg.train.global_batch
+    assert abs(total - float(ref)) / float(ref) <= 1e-12
+
+
+def test_combine_counts_each_slice_once():
+    """tp ranks of a slice repeat its sum; earlier pipeline stages report nothing."""
+    placement = Placement(Layout.parse("dp=2,tp=2"), (10, 11, 12, 13))
+    results = {10: (1.5, 3, 9), 11: (1.5, 3, 9), 12: (2.25, 4, 9), 13: (2.25, 4, 9)}
+    assert combine_losses(results, placement) == (3.75, 7, 9)
+    piped = Placement(Layout.parse("pp=2,dp=2,mb=2"), (0, 1, 2, 3))  # ranks 0, 1: stage 0; ranks 2, 3: stage 1
+    assert [piped.layout.coord(r).pp for r in range(4)] == [0, 0, 1, 1]
+    stages = {0: (0.0, 0, 9), 1: (0.0, 0, 9), 2: (3.0, 2, 9), 3: (4.0, 2, 9)}
+    assert combine_losses(stages, piped) == (7.0, 4, 9)
+
+
+def test_evaluation_is_due_every_k_committed_steps():
+    never, every3 = Evaluation(0, None, lambda *a, **k: {}), Evaluation(3, None, lambda *a, **k: {})
+    assert [s for s in range(10) if never.due(s)] == []
+    assert [s for s in range(10) if every3.due(s)] == [3, 6, 9]
+
+
+def test_read_run_merges_an_evaluation_into_its_step_and_the_plot_draws_it(tmp_path):
+    from elastic.tools.metrics import read_run
+    from elastic.tools.plot import plot_run, series
+
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3, "workers": 2, "layout": "dp=2", "time": s,
+             "reward": 0.1 * s, "reward_std": 0.05} for s in range(6)]
+    lines = [json.dumps(r) for r in rows[:2]] + [json.dumps({"step": 1, "eval_loss": 2.5, "eval_samples": 9})]
+    lines += [json.dumps(r) for r in rows[2:]] + [json.dumps({"step": 3, "eval_loss": 2.25, "eval_samples": 9})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "events.jsonl").write_text(json.dumps({"kind": "reshard", "step": 2, "seconds": 0.5,
+                                                       "new": "dp=1"}) + "\n")
+    steps, _ = read_run(tmp_path)
+    assert [s["step"] for s in steps] == list(range(6))
+    assert steps[1]["loss"] == pytest.approx(2.9) and steps[1]["eval_loss"] == 2.5 and steps[1]["time"] == 1
+    assert series(steps, "eval_loss") == ([1, 3], [2.5, 2.25])
+    out = plot_run(tmp_path)
+    assert out.is_file() and out.stat().st_size > 10_000
