@@ -6,9 +6,11 @@ sweep is a first-class, cheap operation: every trial is a Ray task (one single-p
 fractional CPUs; ``driver/trials.py``), Ray runs as many at once as the cluster holds, and the table
 and a PNG plot of the losses against learning rate come out at the end.
 
-The dataset's held-out samples are cut in two (``heldout_split``): the first half is the *validation*
-split, on which ``best`` picks the learning rate, and the second half the *test* split, whose loss is
-reported and never looked at by the selection. A loss on the data that picked the winner is biased
+The dataset's held-out samples, the run's eval set (every row of ``data.eval_data`` when given, else the
+``data.eval_fraction`` held out of the data), are cut in two (``heldout_split``): the first half is the
+*validation* split, on which ``best`` picks the learning rate, and the second half the *test* split, whose
+loss is reported and never looked at by the selection. Both are eval losses as evaluation during training
+computes them (``Engine.eval_loss``: mean token NLL, training's normalisation). A loss on the data that picked the winner is biased
 low (the best of several noisy estimates), so the test loss is the honest estimate of the chosen rate.
 Assumes the held-out indices ``0 .. holdout_size - 1`` are interchangeable samples (true of every
 built-in dataset and of data files' held-out rows).
