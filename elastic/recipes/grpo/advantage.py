@@ -140,52 +140,76 @@ def posterior_prior(grouped: torch.Tensor, rows: RowRates) -> tuple[float, float
     latter leaves Var(p), and a + b = m (1 - m) / Var(p) - 1. Few groups estimate Var(p) badly, so a + b is
     kept in ``PRIOR_STRENGTH`` (2: nearly flat; 100: every group near the batch's mean accuracy).
     """
-    n = (~grouped.isnan()).sum(dim=1).to(grouped.dtype)
-    keep = n > 0
-    q = grouped.nanmean(dim=1)[keep]
-    scale = rows.scale[keep]
-    p_hat = ((q - rows.rho_plus[keep]) / scale).clamp(0.0, 1.0)
+    a, b = posterior_prior_batched(grouped, rows.rho_plus, rows.rho_minus)
+    return float(a), float(b)
+
+
+def posterior_prior_batched(grouped: torch.Tensor, rho_plus: torch.Tensor, rho_minus: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``posterior_prior`` of many batches at once: ``grouped`` [..., P, G], rates [..., P] -> a, b [...]."""
+    scorable = ~grouped.isnan()
+    n = scorable.sum(dim=-1).to(grouped.dtype)
+    keep = (n > 0).to(grouped.dtype)
+    groups = keep.sum(dim=-1)
+    q = grouped.nan_to_num(nan=0.0).sum(dim=-1) / n.clamp(min=1)
+    scale = 1 - rho_plus - rho_minus
+    p_hat = ((q - rho_plus) / scale).clamp(0.0, 1.0)
+    m = ((p_hat * keep).sum(dim=-1) / groups.clamp(min=1)).clamp(0.01, 0.99)
+    m = torch.where(groups > 0, m, torch.full_like(m, 0.5))
+    spread = ((p_hat - m[..., None]) ** 2 * keep).sum(dim=-1) / (groups - 1).clamp(min=1)  # unbiased over groups
+    sampling = (q * (1 - q) / (n.clamp(min=1) * scale**2) * keep).sum(dim=-1) / groups.clamp(min=1)
+    var = spread - sampling
     lo, hi = PRIOR_STRENGTH
-    m = float(p_hat.mean().clamp(0.01, 0.99)) if p_hat.numel() else 0.5
-    if p_hat.numel() < 2:
-        strength = lo
-    else:
-        var = float(p_hat.var()) - float((q * (1 - q) / (n[keep] * scale**2)).mean())
-        strength = min(max(m * (1 - m) / var - 1, lo), hi) if var > 0 else hi
+    strength = torch.where(var > 0, (m * (1 - m) / var.clamp(min=1e-300) - 1).clamp(lo, hi), torch.full_like(m, hi))
+    strength = torch.where(groups < 2, torch.full_like(m, lo), strength)  # one group: no spread to measure
     return m * strength, (1 - m) * strength
 
 
-def posterior_rewards(grouped: torch.Tensor, rows: RowRates, prior: tuple[float, float]) -> torch.Tensor:
-    """E[r*_i | the group's observed rewards] [P, G] (NaN stays NaN), exact under the flip channel ``rows`` and a
-    Beta(a, b) prior on the group's clean accuracy p; ``docs/grpo_noise.md`` derives it.
+def posterior_rewards(grouped: torch.Tensor, rows: RowRates, prior: tuple) -> torch.Tensor:
+    """E[r*_i | the group's observed rewards] [..., P, G] (NaN stays NaN), exact under the flip channel ``rows``
+    ([..., P]) and a Beta(a, b) prior on the group's clean accuracy p (floats, or tensors [...] per batch);
+    ``docs/grpo_noise.md`` derives it.
 
     Given p the completions are independent, so the observed counts (k ones of n scorable) decompose into j true
     ones among the k observed ones and m among the n - k observed zeros, with weight
         C(k, j) (1 - rho-)^j rho+^(k - j)  C(n - k, m) rho-^m (1 - rho+)^(n - k - m)  B(a + j + m, b + n - j - m).
     An observed 1's posterior mean is E[j] / k, an observed 0's E[m] / (n - k): O(G^2) terms per group.
     """
-    a, b = prior
+    G = grouped.shape[-1]
     observed = grouped.nan_to_num(nan=0.0)
     scorable = ~grouped.isnan()
-    n = scorable.sum(dim=1).to(grouped.dtype)[:, None, None]
-    k = observed.sum(dim=1)[:, None, None]
-    span = torch.arange(grouped.shape[1] + 1, dtype=grouped.dtype)
-    j, m = span[None, :, None], span[None, None, :]
-    rho_plus, rho_minus = rows.rho_plus[:, None, None], rows.rho_minus[:, None, None]
-    valid = (j <= k) & (m <= n - k)
-    jj, mm = torch.minimum(j, k), torch.minimum(m, n - k)  # keeps lgamma's arguments positive where invalid
+    n_int = scorable.sum(dim=-1)[..., None, None]  # [..., P, 1, 1]
+    k_int = observed.sum(dim=-1).round().long()[..., None, None]
+    span = torch.arange(G + 1)
+    j, m = span[:, None], span[None, :]
+    valid = (j <= k_int) & (m <= n_int - k_int)
+    jj, mm = torch.minimum(j, k_int), torch.minimum(m, n_int - k_int)  # in range where invalid, masked below
+    # lgamma only on tables (log factorials; lgamma(a + s) and lgamma(b + t) for s, t in 0..2G), then gathered:
+    # the sums below take integer arguments, and lgamma dominated the cost when evaluated per term.
+    log_fact = torch.lgamma(torch.arange(2 * G + 2, dtype=grouped.dtype) + 1)
+    a, b = (torch.as_tensor(x, dtype=grouped.dtype)[..., None] + torch.arange(2 * G + 1, dtype=grouped.dtype)
+            for x in prior)  # [..., 2G + 1]
+    lg_a, lg_b = torch.lgamma(a), torch.lgamma(b)
+    lead = grouped.shape[:-1]
+
+    def table(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """values [..., T] at index [..., P, G + 1, G + 1] (a per-batch table read by every group)."""
+        flat = index.expand(*lead, G + 1, G + 1).flatten(-2)
+        return values[..., None, :].expand(*lead, values.shape[-1]).gather(-1, flat).view(*lead, G + 1, G + 1)
 
     def log_choose(top: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
-        return torch.lgamma(top + 1) - torch.lgamma(pick + 1) - torch.lgamma(top - pick + 1)
+        return log_fact[top] - log_fact[pick] - log_fact[top - pick]
 
-    log_w = (log_choose(k, jj) + torch.xlogy(jj, 1 - rho_minus) + torch.xlogy(k - jj, rho_plus)
-             + log_choose(n - k, mm) + torch.xlogy(mm, rho_minus) + torch.xlogy(n - k - mm, 1 - rho_plus)
-             + torch.lgamma(a + jj + mm) + torch.lgamma(b + n - jj - mm))
+    rho_plus, rho_minus = rows.rho_plus[..., None, None], rows.rho_minus[..., None, None]
+    k, n, jf, mf = k_int.to(grouped.dtype), n_int.to(grouped.dtype), jj.to(grouped.dtype), mm.to(grouped.dtype)
+    log_w = (log_choose(k_int, jj) + torch.xlogy(jf, 1 - rho_minus) + torch.xlogy(k - jf, rho_plus)
+             + log_choose(n_int - k_int, mm) + torch.xlogy(mf, rho_minus) + torch.xlogy(n - k - mf, 1 - rho_plus)
+             + table(lg_a, jj + mm) + table(lg_b, n_int - jj - mm))
     log_w = torch.where(valid, log_w, torch.full_like(log_w, -torch.inf))
-    w = torch.softmax(log_w.flatten(1), dim=1).view_as(log_w)  # normalised: the posterior over (j, m)
-    true_ones = (w * jj).sum(dim=(1, 2)) / k[:, 0, 0].clamp(min=1)  # c1: an observed 1 is a true 1
-    true_zeros = (w * mm).sum(dim=(1, 2)) / (n - k)[:, 0, 0].clamp(min=1)  # c0: an observed 0 is a true 1
-    out = torch.where(observed == 1, true_ones[:, None], true_zeros[:, None])
+    w = torch.softmax(log_w.flatten(-2), dim=-1).view_as(log_w)  # normalised: the posterior over (j, m)
+    true_ones = (w * jf).sum(dim=(-2, -1)) / k[..., 0, 0].clamp(min=1)  # c1: an observed 1 is a true 1
+    true_zeros = (w * mf).sum(dim=(-2, -1)) / (n - k)[..., 0, 0].clamp(min=1)  # c0: an observed 0 is a true 1
+    out = torch.where(observed == 1, true_ones[..., None], true_zeros[..., None])
     return torch.where(scorable, out, torch.full_like(out, torch.nan))
 
 
