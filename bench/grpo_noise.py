@@ -1,18 +1,20 @@
-"""Does noise-corrected GRPO help, and exactly when? Three experiments, one report (docs/grpo_noise.md).
+"""Does noise-corrected GRPO help, and exactly when? The experiments of docs/grpo_noise.md, one report.
 
-    .venv/bin/python bench/grpo_noise.py --quick   # the gradient and bandit experiments in full, the LM one
-                                                   # with a single seed: about 10 to 15 minutes on 2 cores
-    .venv/bin/python bench/grpo_noise.py           # 5 paired seeds for the LM one: about an hour
+    .venv/bin/python bench/grpo_noise.py --quick      # the bandit, 2 settings, fewer seeds: a few minutes
+    .venv/bin/python bench/grpo_noise.py              # the bandit in full: 10-20 minutes on 2 idle cores
+    .venv/bin/python bench/grpo_noise.py --gradient   # adds the gradient study (an SFT warm-up, then gradients)
+    .venv/bin/python bench/grpo_noise.py --lm         # adds the LM confirmation: about 40 minutes
+                                                      # (with --quick: a tiny run that checks the machinery)
 
-1. Gradient level (``noise_gradient.py``): cos(g~, g*) of each arm's gradient on one frozen
-   policy's completions, over 64 noise seeds, with rates that differ by task; and a real verifier.
-2. Optimiser level (``noise_bandit.py``): a tabular softmax bandit, AdamW and SGD, constant and
-   per-group rates, with a matched-learning-rate control.
-3. The language model (``noise_lm.py``): GRPO on two built-in task types whose verifier noise
-   differs, rates estimated; held-out accuracy per type, paired differences, learning curves (PNG).
+1. Optimiser level (``noise_bandit.py``): a shared-parameter softmax bandit with four rate groups, every arm
+   at its own best lr, paired t-intervals with a Holm correction, and the decision rule's verdict.
+2. Gradient level (``noise_gradient.py``, ``--gradient``): cos(g~, g*) of each arm's gradient on one frozen
+   policy's completions against its family's clean gradient, over noise seeds, and a realistic verifier.
+3. The language model (``noise_lm.py``, ``--lm``): GRPO on two task types whose verifier noise differs, every
+   arm at its best of three lrs, chosen on validation problems and reported on disjoint test problems.
 
-Each section prints its verdicts, computed from paired 95% intervals against what the theory
-predicts: equality where a correction cannot change training, a gain where it can. Never fails.
+Each section prints its own baseline and verdict from the same run. Never fails: a section that raises
+prints its error and the others still run.
 """
 
 from __future__ import annotations
@@ -20,31 +22,37 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import noise_bandit  # noqa: E402  (the bench folder is not a package)
-import noise_gradient  # noqa: E402
-import noise_lm  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one LM seed (the other two experiments in full)")
-    parser.add_argument("--only", choices=("gradient", "bandit", "lm"), help="run one experiment")
+    parser.add_argument("--quick", action="store_true", help="the short version of each section run")
+    parser.add_argument("--gradient", action="store_true", help="also run the gradient study")
+    parser.add_argument("--lm", action="store_true", help="also run the LM confirmation (about 40 minutes)")
     args = parser.parse_args()
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
-    # (run, whether it prints its own tables as it goes: the bandit does, setting by setting)
-    sections = {"gradient": (lambda: noise_gradient.run(args.quick), False),
-                "bandit": (lambda: noise_bandit.run(args.quick), True),
-                "lm": (lambda: noise_lm.run(args.quick, plot_path=out / "grpo_noise_lm.png"), False)}
-    for name, (run, printed) in sections.items():
-        if args.only and name != args.only:
-            continue
+    sections = [("bandit", lambda: noise_bandit.run(args.quick), True)]  # the bandit prints as it goes
+    if args.gradient:
+        import noise_gradient  # noqa: PLC0415  (its SFT warm-up imports are heavy)
+
+        sections.append(("gradient", lambda: noise_gradient.run(args.quick), False))
+    if args.lm:
+        import noise_lm  # noqa: PLC0415
+
+        sections.append(("lm", lambda: noise_lm.run(args.quick), False))
+    for name, run, printed in sections:
         started = time.perf_counter()
-        report = run()
+        try:
+            report = run()
+        except Exception:  # a bench prints, never fails: report the section's error and go on
+            report, printed = f"{name} FAILED:\n{traceback.format_exc()}", False
         print(f"\n=== {name} ({time.perf_counter() - started:.0f} s)" + ("" if printed else f"\n{report}"), flush=True)
 
 

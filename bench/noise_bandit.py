@@ -1,282 +1,266 @@
-"""Noisy-reward GRPO on a softmax bandit: does a noise correction change what the optimiser does?
+"""Noisy-reward GRPO on a shared-parameter softmax bandit: does a noise correction beat tuning the lr and a task weight?
 
-What: 64 prompts x 16 answers, one correct answer per prompt (seeded). Each step every prompt samples
-G = 8 answers from its softmax policy, the true 0/1 reward r* is flipped into the observed r~ with its
-prompt's rates (rho_plus, rho_minus), advantages come from the package's
-``noise_corrected_advantages`` with the arm's correction, and one AdamW (weight_decay 0) or SGD step
-is taken on loss = -(A * log pi(a)).sum() / (P * G) (on-policy single step: no ratio, no clipping, no KL).
-Reported: the true expected reward mean_p pi_p(correct) after the last step, per arm, and paired
-differences between arms with 95% intervals (mean +- 1.96 SE over seeds).
+Problem: 64 prompts x 16 answers; logits X_p @ W with fixed seeded features X [64, d = 6] and learnt W [6, 16],
+so every prompt competes for the same 96 parameters. Non-realizable (each prompt's correct answer is random,
+so no W gets every prompt right) or a realizable control (the correct answer is argmax X_p @ W*). The prompts
+fall into 4 rate groups of 16 with Youden's J = 0.96, 0.8, 0.5, 0.2: symmetric rates (rho+ = rho- = (1 - J)/2)
+or an asymmetric variant with the same J. Each step takes a batch of 8 or 64 prompts, G = 8 answers each by
+inverse-CDF sampling, flips the true 0/1 reward with the prompt's rates, and takes one AdamW (weight decay 0)
+or SGD step on -(1/BG) sum A_i log pi(a_i) + beta KL(pi || uniform) (the exact KL of each batch prompt's
+policy from the initial one: on-policy, one step per batch, no ratio, no clipping). Metric: the true
+expected accuracy mean_p pi_p(correct_p) over all 64 prompts after the last step (every prompt equally,
+as the clean objective weights them).
 
-How: seeds are vectorised (parameters [seeds, ...]; AdamW and SGD are elementwise, so every seed is
-its own run). Common random numbers: the uniforms for sampling (inverse CDF) and for flipping come
-from a generator keyed by (seed, step), so all arms of a setting (and all settings) see the same
-uniforms; differences between arms are paired. All arms start from zero logits. Learning rates were
-tuned once on the clean arm (clean ends at 0.6-0.75: clear progress, not saturated after 200 steps).
-Arms: clean, noisy, dr_grpo and noisy at lr / mean J (the matched-LR control), the same two at AdamW
-eps 1e-12 (to tell an eps effect from a real one), forward; and the std-normalised family (scale
-"group"): clean std, noisy std, noisy std at lr / mean J, grpo with and without its std floor.
+Arms (advantages; ``noise_bandit_arms.py``): clean (true rewards, centred); noisy (observed, centred);
+task weight J_g^kappa times the centred observed reward for kappa in {-1, -1/2, 1/2, 1} (kappa = 0 is noisy,
+kappa = -1 is the package's ``dr_grpo`` with the true per-group rates); dr_grpo with rates estimated per seed
+from 200 gold labels per class per group; the package's ``posterior`` correction (true rates); noisy at
+beta' = beta * mean J * {1/2, 1, 2} (beta > 0 only); TRL's std-normalised advantage of the observed rewards
+(secondary). Every arm runs at its own best lr from a 7-point grid a factor 2 apart, chosen on 30 tuning seeds;
+the grid is first moved until the clean arm's best lr is inside it (checked, printed). kappa and beta' are
+chosen with the lr, on the same seeds. The chosen arms then run on 100 fresh seeds (``--quick``: 10 and 30).
 
-Parameterisations: "tabular" logits theta [64, 16] (the brief's bandit), and "shared" logits
-X_p @ W (fixed seeded features X [64, 8], learnt W [8, 16], the correct answer argmax X_p @ W*).
-Why both: in the tabular bandit each prompt owns its parameters, so a per-group gradient scale 1/J_g
-is a constant per-element scale, which AdamW removes just like a global one; dr_grpo is then a no-op
-under AdamW even with two rate groups. Only shared parameters let the re-weighting of groups matter.
-
-Assumes: rates known exactly (no estimation error), binary rewards, beta = 0. Predictions for dr_grpo
-(tests/unit/test_grpo_noise.py): AdamW with constant rates (or tabular parameters): no-op up to eps,
-PASS if the interval of (dr_grpo - noisy) contains 0, or if the gap shrinks >= 100x at eps 1e-12; SGD
-with constant rates: the same run as noisy at lr/J, PASS if (dr_grpo - noisy lr/J) contains 0 (up to
-1e-12 of float rounding). Elsewhere, and for the grpo and forward corrections (not a constant rescale),
-"can matter": we print whether the arm beats its uncorrected reference with an interval excluding 0,
-and the fraction of the noise cost it recovers.
-Usage: python bench/noise_bandit.py [--quick]   (quick: 30 seeds; full: 200 seeds; 200 steps each)
+How: every (arm, lr, seed) is one row of batched tensors, gradients are written out analytically, and AdamW
+is elementwise, so one setting is a few tensor ops per step. Common random numbers: the batch, the sampling
+and the flip uniforms are keyed by (seeds, step), so all arms of a call see the same draws and differences
+between arms are paired. The statistics and the decision rule are in ``noise_bandit_report.py``.
+Usage: python bench/noise_bandit.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from elastic.core.seeds import stable_seed
-from elastic.recipes.grpo.advantage import noise_corrected_advantages
-from elastic.recipes.grpo.rates import RowRates
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-F64 = torch.float64
-PROMPTS, ANSWERS, G, FEATURES = 64, 16, 8, 8
-Z95 = 1.959963984540054
-ROUNDING = 1e-12  # differences this small are float rounding (SGD: lr * A / J vs (lr / J) * A)
-# Tuned once on the clean arm (dr_grpo-style "none" scaling) for 200 steps; see the module docstring.
-LR = {("tabular", "adamw"): 0.01, ("tabular", "sgd"): 8.0, ("shared", "adamw"): 0.01, ("shared", "sgd"): 1.0}
-# Noise settings: (rho_plus, rho_minus) of the first and of the second half of the prompts.
-NOISES = {
-    "sym 0.2": ((0.2, 0.2), (0.2, 0.2)),
-    "sym 0.3": ((0.3, 0.3), (0.3, 0.3)),
-    "asym 0.4/0.2": ((0.4, 0.2), (0.4, 0.2)),
-    "two groups": ((0.05, 0.05), (0.3, 0.3)),
-    "false neg 0.4": ((0.0, 0.4), (0.0, 0.4)),  # rho_plus = 0: the case the forward correction assumes
-}
+from noise_bandit_arms import Arm, advantages, check_against_package  # noqa: E402
 
+from elastic.core.seeds import stable_seed  # noqa: E402
 
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    noisy: bool
-    correction: str
-    scale: str  # scale_rewards
-    lr_over_j: bool = False  # the matched-LR control: lr / (mean J over prompts)
-    std_floor: float | None = None  # grpo only; None: the package's default floor
-    adam_eps: float = 1e-8  # torch's default; 1e-12 shows whether an AdamW gap is an eps effect (AdamW only)
-
-
-ARMS = (
-    Arm("clean", False, "none", "none"),
-    Arm("noisy", True, "none", "none"),
-    Arm("dr_grpo", True, "dr_grpo", "none"),
-    Arm("noisy lr/J", True, "none", "none", lr_over_j=True),
-    Arm("noisy eps-12", True, "none", "none", adam_eps=1e-12),
-    Arm("dr_grpo eps-12", True, "dr_grpo", "none", adam_eps=1e-12),
-    Arm("forward", True, "forward", "none"),
-    Arm("clean std", False, "none", "group"),
-    Arm("noisy std", True, "none", "group"),
-    Arm("noisy std lr/J", True, "none", "group", lr_over_j=True),
-    Arm("grpo", True, "grpo", "group"),
-    Arm("grpo no floor", True, "grpo", "group", std_floor=0.0),
-)
-# Corrected arm -> (uncorrected, clean, matched-LR reference), all with the arm's scale_rewards.
-REFERENCES = {"dr_grpo": ("noisy", "clean", "noisy lr/J"), "dr_grpo eps-12": ("noisy eps-12", "clean", None),
-              "forward": ("noisy", "clean", None), "grpo": ("noisy std", "clean std", "noisy std lr/J"),
-              "grpo no floor": ("noisy std", "clean std", "noisy std lr/J")}
+F64 = torch.float32  # float32: half the memory traffic of float64, and the means need no more
+PROMPTS, ANSWERS, D, G, STEPS = 64, 16, 6, 8, 200
+GROUP_J = (0.96, 0.8, 0.5, 0.2)
+NOISES = {"sym": tuple(((1 - j) / 2, (1 - j) / 2) for j in GROUP_J),
+          "asym": ((0.04, 0.0), (0.0, 0.2), (0.4, 0.1), (0.7, 0.1))}  # the same J, rates mostly of one class
+GOLD_PER_CLASS = 200  # gold labels per class per group for the estimated rates
+BASE_LR = {"adamw": 0.16, "sgd": 2.0}  # grid centres; moved until the clean optimum is inside
+GRID = 7  # lrs, a factor 2 apart
+MEAN_J = sum(GROUP_J) / len(GROUP_J)
+BETA_FACTORS = (0.5 * MEAN_J, MEAN_J, 2 * MEAN_J)  # beta' / beta for "noisy beta'"
 
 
 @dataclass(frozen=True)
 class Setting:
-    optimizer: str  # "adamw" | "sgd"
-    noise: str  # a key of NOISES
-    params: str = "tabular"  # "tabular" | "shared"
-
-    def rates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """rho_plus [P] and rho_minus [P]: the first half of the prompts in group 0, the rest in group 1."""
-        half = PROMPTS // 2
-        (p0, m0), (p1, m1) = NOISES[self.noise]
-        return (torch.tensor([p0] * half + [p1] * half, dtype=F64), torch.tensor([m0] * half + [m1] * half, dtype=F64))
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    batch: int = 64  # prompts per step
+    beta: float = 0.0
+    realizable: bool = False
+    noise: str = "sym"  # a key of NOISES
 
     @property
-    def constant(self) -> bool:
-        return NOISES[self.noise][0] == NOISES[self.noise][1]
+    def name(self) -> str:
+        return (f"{self.optimizer.upper()} batch {self.batch} beta {self.beta:g} {self.noise} "
+                f"{'realizable' if self.realizable else 'non-realizable'}")
 
-    def prediction(self, arm: str) -> str:
-        """What the theory says of dr_grpo here; the other corrections are not a constant rescale."""
-        if not arm.startswith("dr_grpo"):
-            return "can matter"
-        if self.optimizer == "adamw" and (self.constant or self.params == "tabular"):
-            return "no-op"
-        return "= lr/J" if self.constant else "can matter"
-
-    def arms(self) -> tuple[Arm, ...]:
-        return tuple(a for a in ARMS if a.adam_eps == 1e-8 or self.optimizer == "adamw")
+    def rates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rho_plus [P], rho_minus [P] and the rate group [P] of each prompt (16 consecutive prompts per group)."""
+        group = torch.arange(PROMPTS) * len(GROUP_J) // PROMPTS
+        pairs = torch.tensor(NOISES[self.noise], dtype=F64)[group]
+        return pairs[:, 0], pairs[:, 1], group
 
 
-def problem(seeds: list[int], params: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Correct answers [S, P] and, for shared parameters, the features X [S, P, FEATURES] (per seed)."""
-    correct, features = [], []
+def problem(seeds: list[int], realizable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features X [S, P, D] and correct answers [S, P], per seed."""
+    xs, correct = [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(stable_seed(seed, "noise-bandit", "problem"))
-        if params == "tabular":
-            correct.append(torch.randint(ANSWERS, (PROMPTS,), generator=gen))
+        x = torch.randn(PROMPTS, D, generator=gen, dtype=F64)
+        if realizable:
+            correct.append((x @ torch.randn(D, ANSWERS, generator=gen, dtype=F64)).argmax(-1))
         else:
-            x = torch.randn(PROMPTS, FEATURES, generator=gen, dtype=F64)
-            correct.append((x @ torch.randn(FEATURES, ANSWERS, generator=gen, dtype=F64)).argmax(-1))
-            features.append(x)
-    return torch.stack(correct), (torch.stack(features) if features else None)
+            correct.append(torch.randint(ANSWERS, (PROMPTS,), generator=gen))
+        xs.append(x)
+    return torch.stack(xs), torch.stack(correct)
 
 
-def uniforms(seeds: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling and flipping uniforms [S, P, G], keyed by (seed, step) only: common to every arm."""
-    draws = [torch.rand(2, PROMPTS, G, generator=torch.Generator().manual_seed(
-        stable_seed(seed, "noise-bandit", step)), dtype=F64) for seed in seeds]
-    both = torch.stack(draws, dim=1)
-    return both[0], both[1]
-
-
-def simulate(setting: Setting, seeds: list[int], steps: int) -> dict[str, torch.Tensor]:
-    """Train every arm on the same draws; the final true expected reward per arm, [S]."""
-    correct, features = problem(seeds, setting.params)
-    rho_plus, rho_minus = setting.rates()
-    rows = RowRates(rho_plus.repeat(len(seeds)), rho_minus.repeat(len(seeds)))  # seed-major, like the rewards
-    mean_j = float((1 - rho_plus - rho_minus).mean())
-    shape = (len(seeds), PROMPTS, ANSWERS) if features is None else (len(seeds), FEATURES, ANSWERS)
-    weights = {a.name: torch.zeros(shape, dtype=F64, requires_grad=True) for a in setting.arms()}
-
-    def logits(w: torch.Tensor) -> torch.Tensor:
-        return w if features is None else features @ w
-
-    lr = LR[(setting.params, setting.optimizer)]
-    groups = [{"params": [weights[a.name]], "lr": lr / mean_j if a.lr_over_j else lr, "eps": a.adam_eps}
-              for a in setting.arms()]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0) if setting.optimizer == "adamw" else \
-        torch.optim.SGD([{k: v for k, v in g.items() if k != "eps"} for g in groups])
-    for step in range(steps):
-        u_sample, u_flip = uniforms(seeds, step)
-        loss = torch.zeros((), dtype=F64)
-        for arm in setting.arms():
-            logp = torch.log_softmax(logits(weights[arm.name]), dim=-1)
-            cdf = logp.detach().exp().cumsum(-1)
-            answers = torch.searchsorted(cdf, u_sample).clamp(max=ANSWERS - 1)  # inverse CDF: paired samples
-            true = (answers == correct[..., None]).to(F64)
-            reward = true
-            if arm.noisy:
-                flip = torch.where(true == 1, u_flip < rho_minus[:, None], u_flip < rho_plus[:, None])
-                reward = torch.where(flip, 1 - true, true)
-            adv = noise_corrected_advantages(reward.reshape(-1), G, rows, arm.correction, arm.scale,
-                                             std_floor=arm.std_floor).view_as(reward)
-            loss = loss - (adv * logp.gather(-1, answers)).sum() / (PROMPTS * G)  # summed over seeds
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return {name: torch.softmax(logits(w), -1).gather(-1, correct[..., None]).squeeze(-1).mean(-1)
-                for name, w in weights.items()}
-
-
-def interval(diff: torch.Tensor) -> tuple[float, float, float]:
-    """Mean and its 95% interval over seeds."""
-    mean, half = float(diff.mean()), Z95 * float(diff.std()) / math.sqrt(diff.numel())
-    return mean, mean - half, mean + half
-
-
-def has_zero(ci: tuple[float, float, float]) -> bool:
-    return ci[1] - ROUNDING <= 0.0 <= ci[2] + ROUNDING
-
-
-def fmt(ci: tuple[float, float, float]) -> str:
-    spec = "+.1e" if max(map(abs, ci)) < 5e-4 else "+.4f"  # tiny gaps (eps, rounding) in exponent notation
-    return f"{ci[0]:{spec}} [{ci[1]:{spec}}, {ci[2]:{spec}}]"
-
-
-def verdict(setting: Setting, arm: str, final: dict[str, torch.Tensor]) -> tuple[str, str, str]:
-    """(recovered fraction, prediction, computed verdict) of a corrected arm."""
-    noisy, clean, matched = REFERENCES[arm]
-    vs_noisy, cost = interval(final[arm] - final[noisy]), interval(final[clean] - final[noisy])
-    resolved = cost[1] > 0  # the noise cost something, measurably
-    recovered = f"{vs_noisy[0] / cost[0]:+.2f}" if resolved else "n/a"
-    prediction = setting.prediction(arm)
-    if prediction == "no-op":
-        if arm == "dr_grpo eps-12":
-            return recovered, prediction, "(eps diagnostic for the dr_grpo row)"
-        if has_zero(vs_noisy):
-            return recovered, prediction, "PASS (equal within the interval)"
-        # The theory says "no-op up to AdamW's eps": check that, as the unit test does, by the gap shrinking
-        # at a 10^4 times smaller eps (by >= 100x), rather than assuming it.
-        small = interval(final["dr_grpo eps-12"] - final["noisy eps-12"])
-        shrink = abs(vs_noisy[0]) / max(abs(small[0]), 1e-300)
-        if shrink >= 100:
-            return recovered, prediction, f"FAIL at eps 1e-8, PASS up to eps: gap {shrink:.0e}x smaller at eps 1e-12"
-        return recovered, prediction, "FAIL: differs from uncorrected, not an eps effect"
-    if prediction == "= lr/J":
-        return recovered, prediction, "PASS (= noisy lr/J within the interval)" if \
-            has_zero(interval(final[arm] - final[matched])) else "FAIL: differs from noisy lr/J"
-    effect = "helps" if vs_noisy[1] > 0 else "HURTS" if vs_noisy[2] < 0 else "no resolved effect"
-    if not resolved:
-        return recovered, prediction, f"{effect}; noise cost not resolved"
-    half = "recovers >= half" if vs_noisy[0] >= 0.5 * cost[0] else "recovers < half"
-    return recovered, prediction, f"{effect}; {half}"
-
-
-def table(setting: Setting, final: dict[str, torch.Tensor], seeds: int, steps: int) -> str:
-    (p0, m0), (p1, m1) = NOISES[setting.noise]
-    rates = (f"rho+ {p0}, rho- {m0}, J {1 - p0 - m0:.2f}" if setting.constant else
-             f"half J {1 - p0 - m0:.2f} ({p0}, {m0}), half J {1 - p1 - m1:.2f} ({p1}, {m1}); lr/J uses the mean J")
-    lr = LR[(setting.params, setting.optimizer)]
-    mean_j = float((1 - sum(setting.rates())).mean())
-    lines = [f"== {setting.optimizer.upper()}, {setting.params}, noise {setting.noise} ({rates}), lr {lr:g}, "
-             f"{seeds} seeds x {steps} steps ==",
-             f"{'arm':<16}{'lr':>7}  {'final true reward':<18}{'Δ vs uncorrected [95%]':<31}"
-             f"{'Δ vs matched lr/J [95%]':<31}{'recov.':>7}  {'prediction':<11}verdict"]
-    for arm in setting.arms():
-        ci = interval(final[arm.name])
-        row = f"{arm.name:<16}{lr / mean_j if arm.lr_over_j else lr:>7.3g}  {ci[0]:.4f} ±{ci[2] - ci[0]:.4f}    "
-        if arm.name in ("clean", "clean std"):  # what the noise cost, in its scale_rewards family
-            row += fmt(interval(final[arm.name] - final[f"noisy{arm.name[5:]}"])) + "  (noise cost)"
-        elif arm.name in REFERENCES:
-            recovered, prediction, text = verdict(setting, arm.name, final)
-            ref = REFERENCES[arm.name][2]
-            matched = fmt(interval(final[arm.name] - final[ref])) if ref else ""
-            row += (f"{fmt(interval(final[arm.name] - final[REFERENCES[arm.name][0]])):<31}{matched:<31}"
-                    f"{recovered:>7}  {prediction:<11}{text}")
-        lines.append(row.rstrip())
-    return "\n".join(lines)
-
-
-def settings() -> list[Setting]:
-    tabular = [Setting(opt, noise) for opt in ("adamw", "sgd") for noise in NOISES]
-    # Shared parameters: where group re-weighting can survive AdamW, plus a constant-rate control.
-    shared = [Setting(opt, noise, "shared") for opt in ("adamw", "sgd") for noise in ("sym 0.3", "two groups")]
-    return tabular + shared
-
-
-def run(quick: bool) -> str:
-    """Every setting's table, printed and returned."""
-    torch.set_num_threads(1)
-    seeds, steps = (30, 200) if quick else (200, 200)
+def estimated_j(seeds: list[int], setting: Setting) -> torch.Tensor:
+    """J^ per seed and group [S, 4] from GOLD_PER_CLASS gold labels per class (binomial counts of flips)."""
+    rates = torch.tensor(NOISES[setting.noise], dtype=F64)  # [4, 2]
     out = []
-    for setting in settings():
-        out.append(table(setting, simulate(setting, list(range(seeds)), steps), seeds, steps))
-        print(out[-1] + "\n", flush=True)
-    legend = ("final true reward: mean ± 95% half-width over seeds. Δ: paired differences over seeds, mean [95% "
-              "interval]; clean rows: clean - noisy (the noise cost). recov. = (corrected - noisy) / (clean - noisy), "
-              "within the scale_rewards family.")
-    print(legend)
-    return "\n\n".join(out) + "\n\n" + legend
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(stable_seed(seed, "noise-bandit", "calibration", setting.noise))
+        flips = (torch.rand(len(GROUP_J), 2, GOLD_PER_CLASS, generator=gen, dtype=F64) < rates[..., None]).sum(-1)
+        out.append(1 - flips.sum(-1).to(F64) / GOLD_PER_CLASS)
+    return torch.stack(out)
+
+
+def draws(seeds: list[int], step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's batch [S, B] and its sampling and flip uniforms [S, B, G]: common to every arm of a call."""
+    gen = torch.Generator().manual_seed(stable_seed("noise-bandit", tuple(seeds), step))
+    idx = torch.rand(len(seeds), PROMPTS, generator=gen).argsort(-1)[:, :batch]
+    u = torch.rand(2, len(seeds), batch, G, generator=gen, dtype=F64)
+    return idx, u[0], u[1]
+
+
+def simulate(setting: Setting, arms: list[Arm], seeds: list[int], steps: int = STEPS) -> torch.Tensor:
+    """Train every arm on every seed at once; the final true expected accuracy [len(arms), len(seeds)]."""
+    S, C = len(seeds), len(arms)
+    x, correct = problem(seeds, setting.realizable)
+    rho_plus, rho_minus, group = setting.rates()
+    seed_of = torch.arange(S).repeat(C)  # run r = arm * S + seed
+    j_hat = estimated_j(seeds, setting)[seed_of]  # [R, 4]
+    lr = torch.tensor([a.lr for a in arms for _ in seeds], dtype=F64)[:, None, None]
+    beta = torch.tensor([setting.beta * a.beta_factor for a in arms for _ in seeds], dtype=F64)[:, None, None]
+    w = torch.zeros(C * S, D, ANSWERS, dtype=F64)
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    b1, b2, eps = 0.9, 0.999, 1e-8  # torch's AdamW defaults
+    for step in range(steps):
+        idx, u_sample, u_flip = draws(seeds, step, setting.batch)
+        idx = idx[seed_of]  # [R, B]
+        xb = x[seed_of[:, None], idx]  # [R, B, D]
+        logp = torch.log_softmax(xb @ w, dim=-1)  # [R, B, A]
+        pi = logp.exp()
+        answers = torch.searchsorted(pi.cumsum(-1), u_sample[seed_of]).clamp(max=ANSWERS - 1)  # [R, B, G]
+        true = (answers == correct[seed_of[:, None], idx][..., None]).to(F64)
+        rp, rm = rho_plus[idx][..., None], rho_minus[idx][..., None]
+        flip = torch.where(true == 1, u_flip[seed_of] < rm, u_flip[seed_of] < rp)
+        observed = torch.where(flip, 1 - true, true)
+        adv = advantages(arms, S, true, observed, rho_plus[idx], rho_minus[idx], group[idx], j_hat)
+        counts = torch.zeros_like(pi).scatter_add_(-1, answers, adv)
+        policy = -(counts - adv.sum(-1, keepdim=True) * pi) / (setting.batch * G)
+        kl_terms = logp + math.log(ANSWERS)  # log pi - log pi_ref, pi_ref uniform (the initial policy)
+        kl = pi * (kl_terms - (pi * kl_terms).sum(-1, keepdim=True)) / setting.batch
+        grad = xb.transpose(1, 2) @ (policy + beta * kl)  # [R, D, A]
+        if setting.optimizer == "sgd":
+            w -= lr * grad
+        else:
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            t = step + 1
+            w -= lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    final = torch.softmax(x[seed_of] @ w, dim=-1).gather(-1, correct[seed_of][..., None]).squeeze(-1)
+    return final.mean(-1).view(C, S)
+
+
+def lr_grid(setting: Setting, shift: int = 0) -> list[float]:
+    return [BASE_LR[setting.optimizer] * 2.0 ** (k + shift) for k in range(-(GRID // 2), GRID // 2 + 1)]
+
+
+def tune_clean(setting: Setting, seeds: list[int], log) -> tuple[list[float], torch.Tensor, bool]:
+    """The lr grid with the clean arm's best lr inside it: moved by 3 points while the best sits at an edge
+    (at most 3 moves). Returns the grid, the clean arm's tuning results [GRID, S] and whether it is inside."""
+    shift = 0
+    for _ in range(4):
+        grid = lr_grid(setting, shift)
+        results = simulate(setting, [Arm("clean", "clean", lr=lr) for lr in grid], seeds)
+        best = int(results.mean(-1).argmax())
+        if 0 < best < GRID - 1:
+            return grid, results, True
+        log(f"  (clean's best lr {grid[best]:g} is at the grid's edge; moving the grid)")
+        shift += 3 if best == GRID - 1 else -3
+    return grid, results, False
+
+
+def candidates(setting: Setting) -> list[Arm]:
+    """Every arm other than clean, before its lr is chosen (lr 0: filled in per grid point)."""
+    arms = [Arm("noisy", "weight", kappa=0.0), Arm("dr_grpo", "weight", kappa=-1.0),
+            Arm("dr_grpo est", "weight", kappa=-1.0, estimated=True), Arm("posterior", "posterior"),
+            Arm("trl std", "std")]
+    arms += [Arm(f"J^{k:+g}", "weight", kappa=k, family="task weight") for k in (-0.5, 0.5, 1.0)]
+    if setting.beta > 0:
+        arms += [Arm(f"noisy b'={f * setting.beta:.3g}", "weight", kappa=0.0, beta_factor=f, family="noisy beta'")
+                 for f in BETA_FACTORS]
+    return arms
+
+
+@dataclass
+class Tuned:
+    """One setting's choices on the tuning seeds and its paired results on the report seeds."""
+
+    setting: Setting
+    grid: list[float]
+    clean_inside: bool
+    chosen: list[Arm]  # one per reported arm, at its best lr (and kappa / beta')
+    tuning: dict[str, float]  # arm name -> mean tuning accuracy at its chosen lr
+    edge: dict[str, bool]  # arm name -> its best lr at the grid's edge
+    final: dict[str, torch.Tensor]  # arm name -> [report seeds]
+
+
+def best_of(arms: list[Arm], results: torch.Tensor) -> tuple[Arm, float, int]:
+    i = int(results.mean(-1).argmax())
+    return arms[i], float(results[i].mean()), i
+
+
+def tune_and_report(setting: Setting, tuning: list[int], report: list[int], log) -> Tuned:
+    grid, clean_results, inside = tune_clean(setting, tuning, log)
+    base = candidates(setting)
+    arms = [replace(a, lr=lr) for a in base for lr in grid]
+    results = simulate(setting, arms, tuning)
+    chosen, scores, edge = [], {}, {}
+    clean, score, i = best_of([Arm("clean", "clean", lr=lr) for lr in grid], clean_results)
+    chosen.append(clean)
+    scores["clean"], edge["clean"] = score, i in (0, GRID - 1)
+    for k, arm in enumerate(base):  # each arm at its own best lr
+        best, score, i = best_of(arms[k * GRID:(k + 1) * GRID], results[k * GRID:(k + 1) * GRID])
+        chosen.append(best)
+        scores[arm.name], edge[arm.name] = score, i in (0, GRID - 1)
+    for family, pool in (("best kappa", ("noisy", "J^-0.5", "J^+0.5", "J^+1")),
+                         ("best beta'", tuple(a.name for a in base if a.family == "noisy beta'"))):
+        if pool:
+            name = max(pool, key=lambda n: scores[n])
+            pick = next(a for a in chosen if a.name == name)
+            chosen.append(replace(pick, name=family, family=name))
+            scores[family], edge[family] = scores[name], edge[name]
+    final = simulate(setting, [a for a in chosen if not a.name.startswith("best ")], report)
+    out = dict(zip([a.name for a in chosen if not a.name.startswith("best ")], final, strict=True))
+    for a in chosen:
+        if a.name.startswith("best "):
+            out[a.name] = out[a.family]
+    return Tuned(setting, grid, inside, chosen, scores, edge, out)
+
+
+def settings(quick: bool) -> list[Setting]:
+    """The primary AdamW settings (symmetric rates at both batch sizes and both betas; the asymmetric variant at
+    both batch sizes), the realizable control and SGD as the secondary optimizer. Not the full factorial: the
+    run has to fit 10 to 20 minutes on 2 cores."""
+    if quick:
+        return [Setting(batch=8), Setting(batch=8, beta=0.05)]
+    primary = [Setting("adamw", batch, beta) for batch in (8, 64) for beta in (0.0, 0.05)]
+    primary += [Setting("adamw", batch, noise="asym") for batch in (8, 64)]
+    control = [Setting("adamw", batch, realizable=True) for batch in (8, 64)]
+    secondary = [Setting("sgd", batch) for batch in (8, 64)]
+    return primary + control + secondary
+
+
+def run(quick: bool, log=print) -> str:
+    """Every setting's table, the Holm-adjusted contrasts and the decision rule's verdict; printed and returned."""
+    from noise_bandit_report import report_all, setting_table
+
+    torch.set_num_threads(1)  # the tensors are small: a second thread costs more than it saves
+    log(check_against_package())
+    n_tune, n_report = (10, 30) if quick else (30, 100)
+    tuning, report = list(range(n_tune)), list(range(10_000, 10_000 + n_report))  # disjoint seeds
+    tuned, out = [], []
+    for setting in settings(quick):
+        started = time.perf_counter()
+        tuned.append(tune_and_report(setting, tuning, report, log))
+        out.append(setting_table(tuned[-1], n_tune, n_report, STEPS) + f"\n({time.perf_counter() - started:.0f} s)")
+        log(out[-1] + "\n")
+    out.append(report_all(tuned))
+    log(out[-1])
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="30 seeds instead of 200")
+    parser.add_argument("--quick", action="store_true", help="2 settings (batch 8), 10 tuning and 30 report seeds")
     start = time.perf_counter()
     run(parser.parse_args().quick)
     print(f"{time.perf_counter() - start:.1f} s")
