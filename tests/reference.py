@@ -47,6 +47,7 @@ class Reference:
     losses: list[float] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: list[list[int]] = field(default_factory=list)  # the global indices each step trained on
+    metrics: list[dict[str, float]] = field(default_factory=list)  # GRPO: what TRL logs at each step
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -213,6 +214,37 @@ def trl_advantages(rewards: torch.Tensor, group: int, scale_rewards: str) -> tor
     return centred / (std + 1e-4)
 
 
+def trl_rollout_metrics(per_func: dict[str, list[float]], rewards: torch.Tensor, lengths: torch.Tensor,
+                        clipped: torch.Tensor) -> dict[str, float]:
+    """TRL's ``_generate_and_score_completions`` logs: the rewards' mean and std (Bessel's, as TRL's nanstd),
+    each function's over the completions it scored (None left out), and the completion lengths."""
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        kept = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
+        return float(kept.mean()), float(kept.std()) if len(kept) > 1 else math.nan
+
+    out = dict(zip(("reward", "reward_std"), mean_std(rewards.tolist()), strict=True))
+    for name, values in per_func.items():
+        out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = mean_std(values)
+    out.update({"completions/mean_length": float(lengths.double().mean()),
+                "completions/min_length": float(lengths.min()), "completions/max_length": float(lengths.max()),
+                "completions/clipped_ratio": float(clipped.double().mean())})
+    return out
+
+
+def trl_step_metrics(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+                     epsilon: float, epsilon_high: float | None, entropy: torch.Tensor) -> dict[str, float]:
+    """TRL's ``_compute_loss`` logs (token-level ratio, beta = 0): the masked means of the entropy and of the
+    low, high and region clip indicators."""
+    old = logps.detach() if old is None else old
+    coef_1, adv, m = torch.exp(logps.detach() - old), advantages.unsqueeze(1), mask.double()
+    low = (coef_1 < 1 - epsilon) & (adv < 0)
+    high = (coef_1 > 1 + (epsilon if epsilon_high is None else epsilon_high)) & (adv > 0)
+    tokens = m.sum().clamp(min=1.0)
+    return {"entropy": float((entropy * m).sum() / tokens), "clip_ratio/low_mean": float((low * m).sum() / tokens),
+            "clip_ratio/high_mean": float((high * m).sum() / tokens),
+            "clip_ratio/region_mean": float(((low | high) * m).sum() / tokens)}
+
+
 def trl_loss(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
              epsilon: float, epsilon_high: float | None, loss_type: str, max_completion_length: int,
              keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,14 +336,16 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
                 indices = [i for i in prompts for _ in range(G)]
                 columns = {c: [task.rows[i][c] for i in indices] for c in task.columns}
                 ids_out = [tokens[r, : int(lengths[r])].tolist() for r in range(len(rows))]
-                per_func = []
+                per_func = {}
                 for spec in g.reward_funcs.split(","):
                     module, _, name = spec.strip().partition(":")
                     fn = getattr(importlib.import_module(module), name)
                     values = fn(prompts=[task.rows[i]["prompt"] for i in indices], completions=completions,
                                 completion_ids=ids_out, **columns)
-                    per_func.append([math.nan if v is None else float(v) for v in values])
-                rewards = torch.tensor(per_func, dtype=torch.float64).nansum(0)  # TRL: None does not count
+                    per_func[fn.__name__] = [math.nan if v is None else float(v) for v in values]
+                rewards = torch.tensor(list(per_func.values()), dtype=torch.float64).nansum(0)  # None does not count
+                clipped = torch.tensor([int(tokens[r, int(lengths[r]) - 1]) != tok.eos_id for r in range(len(rows))])
+                rollout_metrics = trl_rollout_metrics(per_func, rewards, lengths, clipped)
             else:
                 texts = [task.problem(i).prompt for i in prompts for _ in range(G)]
                 rewards = torch.tensor([float(reward_fn(text, completions[r])) for r, text in enumerate(texts)],
@@ -323,9 +357,12 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
             out.samples.append(prompts)
         logps = row_logps(model, rows, tokens)
         keep = None
+        with torch.no_grad():
+            entropy = row_entropies(model, rows, tokens)
+        if g.reward_funcs:
+            out.metrics.append({**rollout_metrics, **trl_step_metrics(logps, old, advantages, mask, g.epsilon,
+                                                                      g.epsilon_high, entropy)})
         if g.top_entropy_quantile < 1:  # TRL: entropies of the whole batch, threshold at their quantile in float32
-            with torch.no_grad():
-                entropy = row_entropies(model, rows, tokens)
             threshold = torch.quantile(entropy[mask].float(), 1 - g.top_entropy_quantile)
             keep = ((entropy * mask) >= threshold) & mask
         loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens,

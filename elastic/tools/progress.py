@@ -26,10 +26,17 @@ def progress_bar(total: int, initial: int = 0, disable: bool = False) -> tqdm:
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
 
+# A workload's metrics the bar shows, when a step has them (TRL's names; GRPO's reward, its KL with beta > 0).
+SHOWN = ("reward", "kl")
+
+
 def describe(summary) -> dict:
-    """The bar's postfix for a StepSummary: loss, tokens/s, workers, layout."""
-    return {"loss": f"{summary.loss:.3f}", "tok/s": f"{summary.tokens / max(summary.seconds, 1e-9):,.0f}",
-            "workers": summary.workers, "layout": summary.layout}
+    """The bar's postfix for a StepSummary: loss, tokens/s, workers, layout, and the workload's ``SHOWN`` metrics."""
+    out = {"loss": f"{summary.loss:.3f}", "tok/s": f"{summary.tokens / max(summary.seconds, 1e-9):,.0f}",
+           "workers": summary.workers, "layout": summary.layout}
+    metrics = getattr(summary, "metrics", {})
+    out.update({name: f"{metrics[name]:.3f}" for name in SHOWN if name in metrics})
+    return out
 
 
 @contextlib.contextmanager

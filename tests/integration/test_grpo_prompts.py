@@ -3,7 +3,8 @@ of different lengths (texts and conversations, with an ``answer`` column), and t
 functions, and TRL's top_entropy_quantile. Rollouts run left-padded on data-parallel layouts, updates on
 dp=2 x tp=2 until a worker is drained, then on tp=2:
 the weights equal the single-process reference, which samples and scores every prompt group alone at
-its own length, never padded (float64, 1e-9).
+its own length, never padded (float64, 1e-9); so do the metrics TRL logs (rewards per function,
+completion lengths, entropy, clip ratios), each a global mean of the shards' sums.
 """
 
 from __future__ import annotations
@@ -62,3 +63,11 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
     assert any(e["kind"] == "drained" for e in result.events)
     err, name = worst_state_err(result.tensors, reference.tensors)
     assert err <= 1e-9, f"{name}: {err:.2e}"
+    # What TRL logs, from sums and counts over the data shards of two layouts: the single process's values.
+    for h in result.history:
+        theirs = reference.metrics[h.step]
+        assert set(h.metrics) == set(theirs), sorted(set(h.metrics) ^ set(theirs))
+        for key, value in theirs.items():
+            assert h.metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), (h.step, key)
+    assert any(h.metrics["clip_ratio/region_mean"] > 0 for h in result.history)  # iteration 2's ratios move
+    assert 0 < result.history[0].metrics["completions/mean_length"] <= 5

@@ -31,6 +31,7 @@ from elastic.recipes.grpo.loss import GlobalBatch
 from elastic.recipes.grpo.noise import RewardNoise
 from elastic.recipes.grpo.prompts import PromptTask, parse_weights, reward_functions, score_batch
 from elastic.recipes.grpo.rates import RateTable
+from elastic.recipes.grpo.report import display_names, rollout_metrics
 
 log = logging.getLogger("elastic")
 
@@ -64,6 +65,7 @@ class StepBatch:
     prompts: list[int]  # the global prompt index of each of the P prompts
     batch: GlobalBatch
     stats: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # TRL's rollout metrics of this step (``report.py``)
 
 
 class GRPOLoop:
@@ -129,16 +131,18 @@ class GRPOLoop:
         owners = [row for row in rows_of for _ in range(G)]  # each completion's prompt row
         completions = [self.tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(owners))]
         columns = {c: [row[c] for row in owners] for c in self.task.columns}
+        per_func = []
         clean = score_batch(self.reward_funcs, [row["prompt"] for row in owners], completions, columns,
-                            [tokens[r, : int(lengths[r])].tolist() for r in range(len(owners))], self.reward_weights)
+                            [tokens[r, : int(lengths[r])].tolist() for r in range(len(owners))], self.reward_weights,
+                            per_func)
         observed = clean if self.noise is None else self.noise.observe_groups(
             clean, prompts, G, step=k, rates=self.true_rates.rows(groups))
         advantages = noise_corrected_advantages(observed, G, self.rates.rows(groups), self.grpo.correction,
                                                 self.grpo.scale_rewards)
         width = tokens.shape[1]
         mask = torch.arange(width)[None, :] < lengths[:, None]
+        truncated = tokens[torch.arange(len(tokens)), lengths - 1] != self.tok.eos_id  # no EOS within the cap
         if self.grpo.mask_truncated_completions:  # TRL: no loss on a completion cut off before its EOS
-            truncated = tokens[torch.arange(len(tokens)), lengths - 1] != self.tok.eos_id
             mask &= ~truncated[:, None]
         prompt_ids = torch.tensor([self.task.prompt_ids(i) for i in prompts]).repeat_interleave(G, dim=0)
         rows = {"input_ids": torch.cat([prompt_ids, tokens], dim=1), "mask": mask, "advantages": advantages}
@@ -152,7 +156,9 @@ class GRPOLoop:
         batch = GlobalBatch.of(mask, self.grpo.max_new_tokens)
         stats = {"reward_true": float(clean.nanmean()), "reward_observed": float(observed.nanmean()),
                  "completion_tokens": int(mask.sum())}
-        return StepBatch(rows, prompts, batch, stats)
+        names = display_names([name for name, _ in self.reward_funcs])
+        metrics = rollout_metrics(torch.tensor(per_func, dtype=torch.float64).T, names, observed, lengths, truncated)
+        return StepBatch(rows, prompts, batch, stats, metrics)
 
     def shard(self, step_batch: StepBatch, data_index: int, data_parallel: int) -> dict:
         """This data-parallel rank's rows (contiguous, balanced), with their global completion indices."""

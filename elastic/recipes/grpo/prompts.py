@@ -207,8 +207,11 @@ def parse_weights(spec: str, n: int) -> list[float]:
 
 def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str],
                 columns: dict[str, list], completion_ids: list[list[int]],
-                weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Rewards [N] (float64): each function called once on the whole batch (TRL's convention); their
+                weights: Sequence[float] | None = None, per_func: list | None = None) -> torch.Tensor:
+    """``per_func``, when given, receives each function's own values (None as NaN), for TRL's
+    ``rewards/<func>/mean`` (``report.py``).
+
+    Rewards [N] (float64): each function called once on the whole batch (TRL's convention); their
     values times ``weights`` summed, a None skipped (TRL's ``nansum``); NaN where every function returned None
     (TRL's unscorable completion: ``advantage.py`` gives it advantage 0)."""
     total = torch.zeros(len(completions), dtype=torch.float64)
@@ -233,6 +236,8 @@ def score_batch(funcs: RewardFuncs, prompts: Sequence, completions: Sequence[str
                                  f"({completions[i]!r}); rewards must be finite numbers or None")
             total[i] += weight * float(value)
             seen[i] = True
+        if per_func is not None:
+            per_func.append([math.nan if value is None else float(value) for value in values])
     if not seen.all():  # TRL: unscorable, kept out of its group's mean and std and given advantage 0
         i = int((~seen).nonzero()[0])
         log.warning("every reward function returned None for %d completion(s), e.g. completion %d (%r) of prompt %r; "

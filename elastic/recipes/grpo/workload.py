@@ -5,7 +5,8 @@ worker holds the whole policy), then ``num_iterations`` policy-gradient steps (t
 whatever layout the policy picks for it). Phase changes go through the controller as events, so it
 can reshard at each phase boundary when the cost model (or the operator's ``phase_layouts``) says so.
 The worker side is ``worker.py`` (the ``Rollout`` and ``GRPOStep`` tasks); the bookkeeping is
-``loop.py``.
+``loop.py``. Each step's results carry TRL's rollout metrics of its batch (``report.py``, computed here
+from the whole batch) beside the ranks' own (``StepResults``), for ``metrics.jsonl``.
 
 Restart points are GRPO step boundaries (``restart_every = num_iterations``). The rollout batch of
 GRPO step ``k`` (completions, rewards, advantages and the *old* log-probs of the policy that sampled
@@ -25,6 +26,7 @@ from elastic.control.events import PhaseChange
 from elastic.control.workload import JobView
 from elastic.core.config import Config
 from elastic.core.layout import Layout
+from elastic.driver.summary import StepResults
 from elastic.recipes.grpo.loop import GRPOLoop, StepBatch
 from elastic.recipes.grpo.worker import GRPOStep, Rollout
 
@@ -79,4 +81,5 @@ class GRPOWorkload:
                  for r, w in enumerate(placement.workers)}
         results = group.step(tasks)  # each rank reports the completions it trained on (its StepResult.samples)
         self.seconds["train"] += time.perf_counter() - started
-        return results
+        # TRL logs its rollout metrics (reward, completion lengths) with every step that trains on the batch.
+        return StepResults(results, batch.metrics)
