@@ -56,7 +56,9 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     names.update(trl_flags(args))
     _choose(args, names.choices)
     recipe = get(args.recipe)
-    recipe_args = RecipeArgs(model=args.model, steps=args.steps, workers=args.workers or DEFAULT_WORKERS,
+    # TRL's max_steps also reaches the recipe, so that what it derives from the steps (warmup) follows them.
+    steps = args.steps if args.steps is not None else names.overrides.get("train", {}).get("steps")
+    recipe_args = RecipeArgs(model=args.model, steps=steps, workers=args.workers or DEFAULT_WORKERS,
                              base=args.base, data=args.data, peft=bool(names.choices.get("peft", True)))
     built = recipe.build(recipe_args)
     flags = flag_overrides(args)

@@ -139,7 +139,9 @@ def alive(pid: int) -> bool:
 @pytest.mark.timeout(300)
 def test_a_lost_driver_is_resumed_by_running_the_same_command_again(head_node, tmp_path):
     """The driver is SIGKILLed mid-run; its workers go with it; the same command again resumes from the newest
-    checkpoint the job wrote into its run folder by default, and ends at the reference weights."""
+    checkpoint the job wrote into its run folder by default, and ends at the reference weights. Part of the
+    command is a TRL YAML; the config.toml the run records, read back with --config, gives the run's config, and
+    the reference weights are computed from that."""
     import re
 
     from elastic.core import checkpoint as ckpt
@@ -151,9 +153,11 @@ def test_a_lost_driver_is_resumed_by_running_the_same_command_again(head_node, t
     address, env = head_node
     env = dict(env, PYTHONUNBUFFERED="1")
     gcs = address.replace("http://", "").rsplit(":", 1)[0] + ":" + env["ELASTIC_TEST_GCS_PORT"]
-    args = ["train", "--recipe", "pretrain", "--model", "tiny", "--steps", "40", "--workers", "2", "--layout", "dp=2",
-            "--train.dtype", "float64", "--train.global_batch", "8", "--data.seq_len", "16",
-            "--data.max_corpus_bytes", "200000", "--runtime.cpus_per_worker", "0.25", "--checkpoint-every", "5",
+    trl = tmp_path / "trl.yaml"  # TRL's names: 40 steps, 4 sequences per worker, 16 tokens
+    trl.write_text("max_steps: 40\nper_device_train_batch_size: 4\nmax_length: 16\nreport_to: none\n")
+    args = ["train", "--recipe", "pretrain", "--model", "tiny", "--config", str(trl), "--workers", "2",
+            "--layout", "dp=2", "--train.dtype", "float64", "--data.max_corpus_bytes", "200000",
+            "--runtime.cpus_per_worker", "0.25", "--checkpoint-every", "5",
             "--storage-path", str(tmp_path), "--no-progress"]
     command = [sys.executable, "-m", "launch", *args, "--address", gcs]
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -186,6 +190,12 @@ def test_a_lost_driver_is_resumed_by_running_the_same_command_again(head_node, t
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints'}" in second.stdout, second.stdout[-3000:]
     cfg = build_config(parser().parse_args(args))[0]
+    assert (cfg.train.steps, cfg.train.global_batch, cfg.data.seq_len) == (40, 8, 16)
+    assert "accepted, changes nothing here: report_to" in second.stdout
+    recorded = build_config(parser().parse_args(["train", "--config", str(run_dir / "config.toml")]))[0]
+    assert recorded == cfg
+    cfg = recorded  # the reference below trains from what the run recorded
+    assert (run_dir / "command.txt").read_text().split()[1:3] == ["train", "--recipe"]
     final = ckpt.open_checkpoint(ckpt.latest(run_dir / "checkpoints"), cfg, training_specs(cfg))
     assert final.step == 40
     wanted = {s.name: tuple((0, n) for n in s.shape) for s in training_specs(cfg)}

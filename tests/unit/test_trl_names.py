@@ -73,6 +73,7 @@ bf16: false
     assert (cfg.optim.lr, cfg.data.seq_len, cfg.train.steps, cfg.train.seed) == (1e-4, 64, 7, 5)
     assert cfg.train.global_batch == 2 * 3 * 2  # per device x accumulation x workers
     assert (cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.beta2) == (3, 0.0, 0.98)  # ceil(0.3 x 7)
+    assert plan("--model", "tiny", "--max_steps", "40").cfg.optim.warmup_steps == 2  # the recipe's steps // 20
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) == (8, 16, ("q_proj", "v_proj"))
     assert cfg.train.init_from == str(base) and cfg.data.dataset == str(chats)
     assert p.inert == ["report_to", "logging_steps", "gradient_checkpointing", "bf16"]
