@@ -26,6 +26,8 @@ from elastic.core.config import CORE_SECTIONS, Config, section_types
 # Sections whose fields also get a short flag, ``--<field>`` with dashes (``--snapshot-every``): the job-level
 # choices people type most.
 SHORT_FLAGS = ("control",)
+# Single fields of other sections with a short flag too: evaluation's (``--eval-every 50 --eval-data eval.jsonl``).
+SHORT_FIELDS = ("train.eval_every", "data.eval_data", "data.eval_fraction")
 
 
 def _sections() -> dict[str, type]:
@@ -66,7 +68,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Config | None = None,
         for field in dataclasses.fields(cls):
             kind = hints[field.name]
             names = [f"--{section}.{field.name}"]
-            if section in SHORT_FLAGS:
+            if section in SHORT_FLAGS or f"{section}.{field.name}" in SHORT_FIELDS:
                 names.append(f"--{field.name.replace('_', '-')}")
             extra = {"nargs": "?", "const": True} if kind is bool else {}
             if current is not None:

@@ -36,6 +36,7 @@ FIELDS: dict[str, str] = {
         "importance_sampling_level", "delta", "mask_truncated_completions", "top_entropy_quantile",
         "num_iterations", "sapo_temperature_pos", "sapo_temperature_neg", "reward_weights")},
     "save_steps": "control.checkpoint_every", "save_total_limit": "control.keep_checkpoints",
+    "eval_steps": "train.eval_every",
 }
 # Names that choose the run: the command line's own options (their attribute in the parsed arguments).
 CHOICES: dict[str, str] = {"model_name_or_path": "base", "dataset_name": "data", "output_dir": "run_dir",
@@ -65,7 +66,7 @@ ONLY: dict[str, tuple[tuple, str]] = {
     "assistant_only_loss": ((True,), "conversations train on their assistant turns only"),
     "save_strategy": (("steps",), "checkpoints fall every save_steps (control.checkpoint_every; 0: none)"),
     "dataset_text_field": (("text",), "a text row's column is 'text'"),
-    "eval_strategy": (("no",), "evaluation during training is not in this mapping"),
+    "eval_strategy": (("no", "steps"), "evaluation runs every eval_steps (train.eval_every; 0 or unset: none)"),
 }
 KNOWN = frozenset((*FIELDS, *CHOICES, *BATCH, "lr_scheduler_type", "warmup_ratio", "num_train_epochs",
                    *INERT, *ONLY))

@@ -115,3 +115,15 @@ def test_read_run_merges_an_evaluation_into_its_step_and_the_plot_draws_it(tmp_p
     assert series(steps, "eval_loss") == ([1, 3], [2.5, 2.25])
     out = plot_run(tmp_path)
     assert out.is_file() and out.stat().st_size > 10_000
+
+
+def test_flags_and_trl_names_reach_the_config(tmp_path):
+    from launch.cli import build_config, parser
+
+    held = _rows(tmp_path / "eval.jsonl", 4)
+    args = parser().parse_args(["train", "--recipe", "pretrain", "--model", "tiny", "--eval-every", "3",
+                                "--eval-data", str(held), "--eval-fraction", "0.1"])
+    cfg, _, _ = build_config(args)
+    assert (cfg.train.eval_every, cfg.data.eval_data, cfg.data.eval_fraction) == (3, str(held), 0.1)
+    trl = parser().parse_args(["train", "--recipe", "pretrain", "--model", "tiny", "--eval_steps", "5"])
+    assert build_config(trl)[0].train.eval_every == 5
