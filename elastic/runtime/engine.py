@@ -44,7 +44,6 @@ from elastic.model.specs import DTYPE, OPT_KEYS, param_specs
 from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
-from elastic.runtime.parallel.pipeline import build_schedule
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
 from elastic.runtime.torch_compat import local_tensor, shared_mesh_slices
 
@@ -129,6 +128,10 @@ class Engine:
             self._build_schedule()
 
     def _build_schedule(self) -> None:
+        # Imported here: torch.distributed.pipelining pulls in torch.export and dynamo, about a third of a
+        # worker's start-up imports, and only pp > 1 layouts use it (every replacement worker pays the import).
+        from elastic.runtime.parallel.pipeline import build_schedule
+
         # The pipeline stage asks c10d for its rank, so it is built with the placement's world as the default.
         layout = self.layout
         if layout.pp > 1 and self.schedule is None:
