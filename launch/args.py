@@ -80,11 +80,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Config | None = None,
             group.add_argument(*names, dest=f"cfg__{section}__{field.name}", default=None,
                                type=_converter(kind), metavar=getattr(kind, "__name__", "VALUE").upper(),
                                help=f"{field.metadata.get('help', '')} ({default})", **extra)
-    _add_trl_flags(parser)
+    _add_trl_flags(parser, cfg)
 
 
-def _add_trl_flags(parser: argparse.ArgumentParser) -> None:
-    """TRL's names as flags (``--learning_rate 2e-4``), each typed like the field it sets."""
+def _add_trl_flags(parser: argparse.ArgumentParser, cfg: Config | None) -> None:
+    """TRL's names as flags (``--learning_rate 2e-4``), each typed like the field it sets (its help: that field,
+    and the run's value of it when ``cfg`` has the section)."""
     from launch.trl_names import BATCH, FIELDS, INERT, ONLY
 
     group = parser.add_argument_group("TRL / PEFT names (SFTConfig, GRPOConfig, ModelConfig): the same settings as "
@@ -96,8 +97,10 @@ def _add_trl_flags(parser: argparse.ArgumentParser) -> None:
             continue
         section, key = target.split(".")
         kind = typing.get_type_hints(sections[section])[key]
+        holder = None if cfg is None else getattr(cfg, section) if section in CORE_SECTIONS else cfg.section(section)
+        value = "" if holder is None else f" (default: {shown(getattr(holder, key))})"
         group.add_argument(f"--{name}", dest=f"trl__{name}", default=None, type=_converter(kind),
-                           metavar=getattr(kind, "__name__", "VALUE").upper(), help=f"--{target}")
+                           metavar=getattr(kind, "__name__", "VALUE").upper(), help=f"--{target}{value}")
     for name in BATCH:
         group.add_argument(f"--{name}", dest=f"trl__{name}", type=int, metavar="INT",
                            help="x the other x the workers: train.global_batch (GRPO: / num_generations)")

@@ -181,6 +181,7 @@ def test_help_shows_what_the_run_records(tmp_path, base, chats):
                 assert helps[f"cfg__{section}__{key}"].endswith(f"(default: {want})"), (name, section, key)
                 checked += 1
         assert checked > 40, name
+        assert helps["trl__learning_rate"] == f"--optim.lr (default: {recorded['optim']['lr']!r})", name
 
 
 def test_real_model_defaults_and_toy_presets(base, chats):
