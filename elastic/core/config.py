@@ -246,6 +246,8 @@ class LoraConfig:
         "(PEFT: target_modules)",
     )
     use_rslora: bool = knob(False, "rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r")
+    export: str = knob("adapter", "what the run writes at its end: 'adapter' (RUN_DIR/adapter, a PEFT folder), "
+                                  "'merged' (RUN_DIR/merged, a plain HF folder with the adapter folded in) or 'both'")
 
     def __post_init__(self) -> None:
         _require(
@@ -270,6 +272,8 @@ class LoraConfig:
         _require(not bad, f"lora.targets has invalid entries {bad}; use module names such as 'q_proj'")
         dupes = sorted({t for t in targets if targets.count(t) > 1})
         _require(not dupes, f"lora.targets lists {dupes} more than once; list each module once")
+        _require(self.export in ("adapter", "merged", "both"),
+                 f"lora.export={self.export!r} must be 'adapter', 'merged' or 'both'")
 
     @property
     def scaling(self) -> float:

@@ -31,12 +31,12 @@ def _preset(args: RecipeArgs) -> Preset:
 
 
 def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
-    if result.tensors is None or cfg.lora is None:  # a full fine-tune (use_peft false) has no adapters
+    """A PEFT adapter and/or a merged folder (``lora.export``), or a full fine-tune's HF folder (use_peft false)."""
+    if result.tensors is None:
         return []
-    from elastic.model.peft_io import save_peft_adapter
+    from elastic.model.export import export_model, how_to_sample
 
-    adapters = {k: v for k, v in result.tensors.items() if ".lora_" in k and "::" not in k}
-    return [f"PEFT adapters: {save_peft_adapter(run_dir / 'adapter', cfg.model, cfg.lora, adapters)}"]
+    return how_to_sample(export_model(run_dir, cfg, result.tensors), cfg.train.init_from)
 
 
 RECIPE = Recipe("lora", "LoRA fine-tuning of --base (a Hugging Face folder) on --data; writes PEFT adapters",

@@ -1,12 +1,16 @@
-"""Pre-training recipe: next-token prediction on the standard library's source code."""
+"""Pre-training recipe: next-token prediction on the standard library's source code; with a Hugging Face
+folder (``finetune_config``), full fine-tuning of its every weight on a user's data file."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from elastic.core.config import MODEL_PRESETS, Config, DataConfig, OptimConfig, RuntimeConfig, TrainConfig
 from elastic.core.tokenizer import ByteTokenizer
 from elastic.model.generate import SamplingConfig, sample
+from elastic.model.hf import model_config_of, tokenizer_of_folder
 from elastic.model.llama import LlamaStage
 
 
@@ -19,6 +23,28 @@ def pretrain_config(model: str = "mini", steps: int = 300, workers: int = 4, glo
         optim=OptimConfig(lr=lr, warmup_steps=max(1, steps // 20)),
         runtime=RuntimeConfig(workers=workers),
     )
+
+
+# Full fine-tuning of a user's folder takes TRL SFTConfig's numbers (as the lora recipe's use_peft false does).
+FINETUNE_WHY = {"optim.lr": "TRL SFTConfig's learning_rate for full fine-tuning",
+                "data.seq_len": "TRL SFTConfig's max_length 1024, at most the model's max_position_embeddings",
+                "train.global_batch": "TRL's per_device_train_batch_size 8 x the workers"}
+
+
+def finetune_config(base: str | Path, data: str | None, steps: int = 300, workers: int = 4, lr: float = 2e-5,
+                    dtype: str = "float32", seed: int = 0) -> Config:
+    """Every weight of the HF folder ``base`` trained on ``data`` (a file in a TRL format, tokenized by the
+    folder's tokenizer: text, prompt+completion or messages); the run writes RUN_DIR/model, an HF folder."""
+    if not data:
+        raise ValueError("pretrain --base FOLDER fine-tunes every weight of FOLDER on your data; give --data FILE "
+                         "(a .json/.jsonl/.parquet file in a TRL format)")
+    model = model_config_of(base)
+    return Config(model=model,
+                  data=DataConfig(dataset=str(data), tokenizer=tokenizer_of_folder(base, model),
+                                  seq_len=min(1024, model.max_seq_len)),
+                  train=TrainConfig(steps=steps, global_batch=8 * workers, dtype=dtype, seed=seed, init_from=str(base)),
+                  optim=OptimConfig(lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.0, beta2=0.999),
+                  runtime=RuntimeConfig(workers=workers))
 
 
 def load_model(cfg: Config, state: dict[str, torch.Tensor]) -> LlamaStage:
