@@ -71,10 +71,14 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     cfg = apply_overrides(apply_overrides(built, sections), names.overrides)
     cfg = apply_overrides(cfg, flags)
     derived: dict[str, dict[str, Any]] = {}
+    grpo = cfg.section("grpo")
     if names.batch:
-        grpo = cfg.section("grpo")
         derived["train"] = {"global_batch": batch_override(names.batch, cfg.runtime.workers,
                                                            grpo.num_generations if grpo else None)}
+    elif _batch_follows(recipe, recipe_args, cfg, built):  # a default that follows the final workers and G
+        per_step = 8 * cfg.runtime.workers // (grpo.num_generations if grpo else 1)
+        built = apply_overrides(built, {"train": {"global_batch": max(1, per_step)}})
+        derived["train"] = {"global_batch": built.train.global_batch}
     if names.warmup_ratio is not None:
         derived["optim"] = {"warmup_steps": warmup_steps(names.warmup_ratio, cfg.train.steps)}
     derived = {s: {k: v for k, v in values.items() if k not in flags.get(s, {})} for s, values in derived.items()}
@@ -86,6 +90,14 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
             raise ValueError(f"--layout {layout} needs {layout.world} workers but --workers is "
                              f"{cfg.runtime.workers}")
     return RunPlan(cfg, layout, recipe, recipe_args, built, names.inert)
+
+
+def _batch_follows(recipe, recipe_args, cfg, built) -> bool:
+    """Whether the run keeps a real-model batch default: TRL's per_device_train_batch_size 8 per worker, which
+    then follows the run's final workers and num_generations (flags and files may change both)."""
+    preset = recipe.preset(recipe_args) if recipe.preset else None
+    return (preset is not None and "train.global_batch" in preset.why
+            and cfg.train.global_batch == built.train.global_batch)
 
 
 def _toml_value(value: Any) -> str:

@@ -198,6 +198,8 @@ def test_real_model_defaults_and_toy_presets(base, chats):
     grpo = plan("--recipe", "grpo", "--base", base).cfg
     g = grpo.section("grpo")
     assert (grpo.optim.lr, g.max_new_tokens, g.num_generations, grpo.train.global_batch) == (1e-6, 256, 8, 4)
+    fewer = plan("--recipe", "grpo", "--base", base, "--num_generations", "4", "--workers", "2").cfg
+    assert fewer.train.global_batch == 8 * 2 // 4  # still TRL's 8 completions per worker
     for argv in (["--recipe", "grpo"], ["--model", "tiny"], ["--recipe", "lora", "--base", base]):
         toy = chosen_lines(plan(*argv))
         assert len(toy) == 1 and toy[0].startswith("toy preset: "), toy
