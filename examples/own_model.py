@@ -70,15 +70,19 @@ def main() -> None:
         print(f"writing a random tiny Qwen2 folder with a BPE tokenizer to {base}", flush=True)
         write_model(base, "qwen2")
         write_tokenizer(base)
+    # A real folder trains with the real-model defaults (TRL's and PEFT's, printed by the run); the random tiny
+    # one, which has everything to learn in a few steps, with a short context, a small batch and a high lr.
+    toy_sft = [] if args.base else ["--max_length", "32", "--per_device_train_batch_size", "4",
+                                    "--learning_rate", "1e-2"]
+    toy_grpo = [] if args.base else ["--max_completion_length", "8", "--learning_rate", "1e-3"]
     chats = write_chats(out / "chats.jsonl")
     run("train", "--recipe", "lora", "--base", str(base), "--data", str(chats), "--workers", str(args.workers),
-        "--steps", str(args.steps), "--storage-path", str(out), "--job-name", "own-lora", "--no-progress",
-        "--data.seq_len", "32", "--train.global_batch", "16", "--optim.lr", "1e-2")
+        "--steps", str(args.steps), "--storage-path", str(out), "--job-name", "own-lora", "--no-progress", *toy_sft)
     run("generate", "--base", str(base), "--adapter", str(out / "own-lora" / "adapter"), "What is 12 + 30?")
     prompts = write_prompts(out / "prompts.jsonl")
     run("train", "--recipe", "grpo", "--base", str(base), "--data", str(prompts), "--workers", str(args.workers),
         "--steps", "4", "--storage-path", str(out), "--job-name", "own-grpo", "--no-progress",
-        "--grpo.reward_funcs", "elastic.recipes.grpo.rewards:accuracy", "--grpo.num_generations", "4")
+        "--grpo.reward_funcs", "elastic.recipes.grpo.rewards:accuracy", "--num_generations", "4", *toy_grpo)
 
 
 if __name__ == "__main__":
