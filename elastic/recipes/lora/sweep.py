@@ -10,8 +10,9 @@ The dataset's held-out samples, the run's eval set (every row of ``data.eval_dat
 ``data.eval_fraction`` held out of the data), are cut in two (``heldout_split``): the first half is the
 *validation* split, on which ``best`` picks the learning rate, and the second half the *test* split, whose
 loss is reported and never looked at by the selection. Both are eval losses as evaluation during training
-computes them (``Engine.eval_loss``: mean token NLL, training's normalisation). A loss on the data that picked the winner is biased
-low (the best of several noisy estimates), so the test loss is the honest estimate of the chosen rate.
+computes them (``Engine.eval_loss``: mean token NLL, training's normalisation). A loss on the data that
+picked the winner is biased low (the best of several noisy estimates), so the test loss is the honest
+estimate of the chosen rate.
 Assumes the held-out indices ``0 .. holdout_size - 1`` are interchangeable samples (true of every
 built-in dataset and of data files' held-out rows).
 """
