@@ -113,6 +113,10 @@ def translate(raw: dict[str, Any], where: str) -> Translation:
             if name in ("dtype", "torch_dtype") and value == "auto":
                 out.inert.append(name)
                 continue
+            if key == "targets" and value in ("all-linear", ("all-linear",), ["all-linear"]):
+                from elastic.core.config import DEFAULT_LORA_TARGETS
+
+                value = DEFAULT_LORA_TARGETS  # PEFT's "all-linear": every projection of a decoder layer
             out.overrides.setdefault(section, {})[key] = _joined(value) if section == "grpo" else value
         elif name in CHOICES:
             if name == "use_peft" and not isinstance(value, bool):

@@ -114,6 +114,7 @@ def test_trl_names_work_as_flags_and_ours_win(base):
     g = cfg.section("grpo")
     assert (cfg.optim.lr, g.num_generations, g.max_new_tokens, cfg.lora.r) == (2e-6, 2, 5, 4)
     assert cfg.train.init_from == str(base) and cfg.train.global_batch == 3 * 2 * 2 // 2
+    assert plan("--lora_target_modules", "all-linear", "--lora_r", "2").cfg.lora.targets[-1] == "down_proj"
     both = plan("--learning_rate", "0.1", "--optim.lr", "0.2", "--per_device_train_batch_size", "2",
                 "--train.global_batch", "5").cfg
     assert both.optim.lr == 0.2 and both.train.global_batch == 5
