@@ -170,6 +170,8 @@ class TrainConfig:
     global_batch: int = knob(16, "sequences per optimizer step, fixed whatever the layout")
     dtype: str = knob("float32", "parameter and compute dtype: float32, float64 (exactness tests) or bfloat16")
     seed: int = knob(0, "one seed for model init, data order and sampling")
+    activation_checkpointing: bool = knob(False, "recompute each decoder layer's activations in backward instead "
+                                          "of keeping them (less memory, one more forward; same weights)")
     eval_every: int = knob(0, "evaluate on the held-out rows every this many optimizer steps (eval_loss in "
                            "metrics.jsonl, TRL's eval_steps); 0: never")
 

@@ -22,6 +22,7 @@ shares), ``RMSNorm.weight_hook`` lets ``runtime/parallel/tensor.py`` wrap the we
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from elastic.core.config import ModelConfig
@@ -240,8 +242,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    # Activation checkpointing (``checkpoint_layers``): keep only the layer's input for backward and run
+    # the layer again there. Done inside ``forward``, not around the module's call, so that FSDP's
+    # hooks on the layer run once: in backward the layer is already gathered when the recompute runs
+    # (torchtitan gets the same order by wrapping the layer before ``fully_shard``).
+    checkpointed = False
+
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 pad: Padding | None = None) -> torch.Tensor:
+        if self.checkpointed and cache is None and torch.is_grad_enabled():
+            # Non-reentrant: the recommended form. The recompute runs in backward, outside the forward's
+            # context managers, so it runs in a copy of the forward's context variables: LoRA dropout
+            # finds the rows it was given (``lora.dropout_rows``) and draws the same mask.
+            replay = functools.partial(contextvars.copy_context().run, self._forward)
+            return torch.utils.checkpoint.checkpoint(replay, x, start, cache, pad, use_reentrant=False)
+        return self._forward(x, start, cache, pad)
+
+    def _forward(self, x: torch.Tensor, start: int, cache: KVCache | None, pad: Padding | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), start, cache, pad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -282,6 +299,15 @@ class LlamaStage(nn.Module):
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)
+
+
+def checkpoint_layers(stage: nn.Module, on: bool = True) -> None:
+    """Turn activation checkpointing on (or off) for every decoder layer of ``stage``: a layer's
+    activations are recomputed in backward instead of kept, which trades one more forward for memory
+    that no longer grows with the number of layers. The weights do not change (bit for bit)."""
+    for module in stage.modules():
+        if isinstance(module, DecoderLayer):
+            module.checkpointed = on
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:

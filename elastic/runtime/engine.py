@@ -38,7 +38,7 @@ from elastic.core.data import GlobalSampler, build_dataset, split_microbatches
 from elastic.core.layout import Placement
 from elastic.model.hf import BoxReader
 from elastic.model.init import init_box
-from elastic.model.llama import LlamaStage, causal_lm_loss_sum
+from elastic.model.llama import LlamaStage, causal_lm_loss_sum, checkpoint_layers
 from elastic.model.lora import apply_lora, dropout_rows, init_lora_tensor, is_lora_name
 from elastic.model.specs import DTYPE, OPT_KEYS, param_specs
 from elastic.runtime.optim import build_adamw, lr_at
@@ -87,6 +87,7 @@ class Engine:
             module = LlamaStage(cfg.model, layout.stage_layers(self.coord.pp, n_layers), self.first, self.last)
             if cfg.lora is not None:
                 apply_lora(module, cfg.lora)
+        checkpoint_layers(module, cfg.train.activation_checkpointing)
         module.to(self.dtype)
         self.specs = {s.name: s for s in param_specs(cfg)}
         for name, p in module.named_parameters():

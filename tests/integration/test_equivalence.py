@@ -64,3 +64,28 @@ def test_uneven_data_parallel_split_matches(pool):
         pool.step()
     err, name = worst_state_err(pool.gather_tensors()[1], ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"
+
+
+@pytest.mark.timeout(180)
+def test_activation_checkpointing_under_every_parallelism_across_a_live_reshard(pool):
+    """Checkpointed layers under fsdp x tp, then (live reshard) dp x pp: still the reference's weights, which
+    keeps every activation (the bit-for-bit check against the engine without checkpointing is a unit test)."""
+    import dataclasses
+
+    from elastic.driver.resharder import plan_move, reshard
+
+    cfg = tiny_config(dtype="float64", steps=STEPS)
+    ref = train_reference(cfg)
+    pool.cfg = cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True))
+    workers = tuple(pool.warm()[:4])
+    first = Placement(Layout(fsdp=2, tp=2), workers)
+    pool.setup(first)
+    losses = [summarize(pool.step(), first, 0.0).loss for _ in range(STEPS // 2)]
+    second = Placement(Layout(dp=2, pp=2, microbatches=2), workers[::-1])
+    reshard(pool, plan_move(pool, second), STEPS // 2, "activation checkpointing")
+    losses += [summarize(pool.step(), second, 0.0).loss for _ in range(STEPS - STEPS // 2)]
+    step, state = pool.gather_tensors()
+    assert step == STEPS and pool.placement == second
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True)) <= 1e-9
+    err, name = worst_state_err(state, ref.tensors)
+    assert err <= 1e-9, f"{name}: {err:.2e}"
