@@ -177,8 +177,9 @@ def digit_reward(prompt: str, completion: str) -> float:
 def trl_style_reward(prompts, completions, answer, completion_ids, **kwargs):
     """A reward in TRL's ``reward_funcs`` convention (one call per batch, extra columns as keyword lists):
     graded, so GRPO advantages are non-zero even for an untrained model."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]  # TRL: messages after a chat
     return [(sum(ids) % 5) / 4 + (1.0 if text.strip().startswith(a) else 0.0)
-            for text, ids, a in zip(completions, completion_ids, answer, strict=True)]
+            for text, ids, a in zip(texts, completion_ids, answer, strict=True)]
 
 
 def trl_style_bonus(prompts, completions, **kwargs):

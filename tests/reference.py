@@ -340,8 +340,10 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
                 for spec in g.reward_funcs.split(","):
                     module, _, name = spec.strip().partition(":")
                     fn = getattr(importlib.import_module(module), name)
-                    values = fn(prompts=[task.rows[i]["prompt"] for i in indices], completions=completions,
-                                completion_ids=ids_out, **columns)
+                    chats = [task.rows[i]["prompt"] for i in indices]  # TRL: a chat prompt's completion is messages
+                    shaped = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+                              for p, c in zip(chats, completions, strict=True)]
+                    values = fn(prompts=chats, completions=shaped, completion_ids=ids_out, **columns)
                     per_func[fn.__name__] = [math.nan if v is None else float(v) for v in values]
                 rewards = torch.tensor(list(per_func.values()), dtype=torch.float64).nansum(0)  # None does not count
                 clipped = torch.tensor([int(tokens[r, int(lengths[r]) - 1]) != tok.eos_id for r in range(len(rows))])
