@@ -15,6 +15,11 @@ alone, so training is the same with and without it. A worker lost during an eval
 one lost during a step; the step was already counted, and the evaluation of that step is not redone. A
 replayed step is evaluated again, replacing its first result.
 
+A workload may answer that the current layout cannot evaluate (GRPO's greedy sampling needs a data-parallel
+layout, ``recipes/grpo/evaluation.py``): the evaluation is then put off and tried before each following tick
+(``before_step``), for instance once the rollout phase's relayout is done, as long as no optimizer step comes
+first; otherwise it is dropped, with a journal line.
+
 Results go to ``metrics.jsonl`` (``eval_loss``, ``eval_samples``, ``eval_runtime``: a row of its own at the
 step, which ``read_run`` merges into that step's row), TensorBoard (``eval/loss``) and one journal line.
 """
@@ -47,10 +52,10 @@ def combine_losses(results: Mapping[int, tuple[float, int, int]], placement: Pla
 class Evaluation:
     """When to evaluate, and where the results go. ``history``: step -> the metrics logged there."""
 
-    def __init__(self, every: int, metrics: MetricsWriter | None,
-                 record: Callable[..., dict]) -> None:
+    def __init__(self, every: int, metrics: MetricsWriter | None, record: Callable[..., dict]) -> None:
         self.every, self.metrics, self.record = every, metrics, record
         self.history: dict[int, dict[str, float]] = {}
+        self.pending: int | None = None  # the committed step of an evaluation the layout put off
 
     def due(self, committed: int) -> bool:
         return self.every > 0 and committed > 0 and committed % self.every == 0
@@ -58,16 +63,36 @@ class Evaluation:
     def after_step(self, ctl: Controller) -> None:
         """Evaluate when ``ctl.step`` committed steps are a multiple of ``every``. Raises ``WorkerFailure`` if a
         worker is lost meanwhile (the caller recovers as from a failed step)."""
-        committed = ctl.step
-        if not self.due(committed):
+        if self.due(ctl.step):
+            self._evaluate(ctl)
+
+    def before_step(self, ctl: Controller) -> None:
+        """An evaluation the layout put off (see the module docstring), tried again before the workload's next
+        tick; dropped, with a journal line, once an optimizer step has come since (the weights moved on)."""
+        if self.pending is None:
             return
-        started = time.perf_counter()
+        if ctl.step != self.pending:
+            self.record(RecordKind.EVAL, text=f"the evaluation of step {self.pending} was not done: no layout that "
+                                              "can evaluate came before the next optimizer step")
+            self.pending = None
+            return
+        self._evaluate(ctl)
+
+    def _evaluate(self, ctl: Controller) -> None:
+        committed, started = ctl.step, time.perf_counter()
         values = ctl.workload.evaluate(ctl)
+        if isinstance(values, str):  # not on this layout: try again before the next tick
+            if self.pending != committed:
+                self.record(RecordKind.EVAL, text=f"evaluation put off: {values}")
+            self.pending = committed
+            return
+        self.pending = None
         values["eval_runtime"] = time.perf_counter() - started
         step = committed - 1  # metrics.jsonl's step: the 0-based step just completed, whose update was evaluated
         self.history[step] = values
         if self.metrics is not None:
             self.metrics.eval(step, values)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k not in ("eval_runtime", "eval_samples"))
+        main = [k for k in ("eval_loss", "eval_reward") if k in values]
+        shown = ", ".join(f"{k} {values[k]:.4f}" for k in main)
         self.record(RecordKind.EVAL, text=f"{shown} on {values.get('eval_samples', 0):.0f} held-out rows "
                                           f"({values['eval_runtime']:.2f} s)", **values)

@@ -233,6 +233,11 @@ def train(ctl: Controller, fresh: bool) -> bool | WorkerFailure:
     """One tick of the workload: True if an optimizer step was counted, False if it did other work (a
     rollout, a phase change); the failure if a worker died (during the step, a snapshot, a checkpoint or an
     evaluation)."""
+    try:
+        ctl.evaluation.before_step(ctl)  # an evaluation put off for a layout that can do it (GRPO's rollouts)
+    except WorkerFailure as failure:
+        ctl.failed(failure, f"while evaluating after step {ctl.step}")
+        return failure
     placement, started = ctl.group.placement, time.perf_counter()
     try:
         results = ctl.workload.step(ctl)

@@ -58,11 +58,13 @@ class MetricsWriter:
 
     def eval(self, step: int, values: dict[str, float]) -> None:
         """An evaluation's row at ``step`` (``eval_loss`` ...; ``control/evaluation.py``); ``read_run`` merges it
-        into that step's training row (whose times it leaves alone)."""
+        into that step's training row (whose times it leaves alone). Not finite: null, as in ``step``."""
+        values = {k: float(v) if math.isfinite(v) else None for k, v in values.items()}
         self._steps.write(json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:
             for key, value in values.items():
-                self._tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
+                if value is not None:
+                    self._tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
 
     def event(self, entry: dict) -> None:
         row = {k: v for k, v in entry.items() if isinstance(v, (str, int, float, bool, list, type(None)))}

@@ -127,3 +127,38 @@ def test_flags_and_trl_names_reach_the_config(tmp_path):
     assert (cfg.train.eval_every, cfg.data.eval_data, cfg.data.eval_fraction) == (3, str(held), 0.1)
     trl = parser().parse_args(["train", "--recipe", "pretrain", "--model", "tiny", "--eval_steps", "5"])
     assert build_config(trl)[0].train.eval_every == 5
+
+
+def test_an_evaluation_the_layout_puts_off_runs_before_the_next_step_or_is_dropped():
+    """GRPO's sampling needs a data-parallel layout: ``evaluate`` answers why not, and the evaluation is tried
+    again before each tick while the committed step stays; once a step comes, it is dropped, with a line."""
+    from types import SimpleNamespace
+
+    answers = iter(["not on fsdp=2", "not on fsdp=2", {"eval_reward": 0.5, "eval_samples": 7}, "not on fsdp=2"])
+    lines: list[str] = []
+    ev = Evaluation(2, None, lambda kind, **d: lines.append(d["text"]) or d)
+    ctl = SimpleNamespace(step=2, workload=SimpleNamespace(evaluate=lambda c: next(answers)))
+    ev.after_step(ctl)
+    ev.before_step(ctl)  # still not: one line only for the first answer
+    assert ev.pending == 2 and not ev.history and lines == ["evaluation put off: not on fsdp=2"]
+    ev.before_step(ctl)  # the rollout phase's layout: done, logged at step 2's 0-based row
+    assert ev.pending is None and ev.history[1]["eval_reward"] == 0.5
+    ctl.step = 4
+    ev.after_step(ctl)
+    ctl.step = 5
+    ev.before_step(ctl)  # a step came first: dropped
+    assert ev.pending is None and 3 not in ev.history and "evaluation of step 4 was not done" in lines[-1]
+
+
+def test_grpo_on_a_prompt_file_without_held_out_prompts_is_refused_at_start(tmp_path):
+    from elastic.recipes.grpo.config import GRPOConfig
+    from elastic.recipes.grpo.workload import GRPOWorkload
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(8)))
+    cfg = tiny_config(dataset="arithmetic", seq_len=12).replace(grpo=GRPOConfig(prompts=str(prompts), max_new_tokens=4))
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_every=2))
+    with pytest.raises(ValueError, match=r"p.jsonl has no held-out prompts; give grpo.eval_prompts FILE"):
+        GRPOWorkload(cfg)
+    assert GRPOWorkload(cfg.replace(grpo=GRPOConfig(prompts=str(prompts), max_new_tokens=4,
+                                                    eval_prompts=str(prompts)))).held.n == 8

@@ -40,6 +40,8 @@ class GRPOConfig:
                               "empty: the task's exact-answer reward")
     prompts: str = knob("", "a JSON/JSONL/Parquet file of prompts in TRL's prompt-only format ('prompt' as text "
                             "or messages, plus extra columns); empty: the built-in task's prompts")
+    eval_prompts: str = knob("", "held-out prompts for train.eval_every (eval_reward: one greedy completion each), a "
+                                 "file like grpo.prompts; empty: the built-in task's held-out problems")
     reward_funcs: str = knob("", "TRL-style reward functions 'pkg.mod:fn[,pkg.mod:fn2]', each called as "
                                  "fn(prompts, completions, **columns) -> list of floats; they add up; empty: "
                                  "exact-match accuracy on the 'answer' column")

@@ -27,6 +27,7 @@ from elastic.control.workload import JobView
 from elastic.core.config import Config
 from elastic.core.layout import Layout
 from elastic.driver.summary import StepResults
+from elastic.recipes.grpo.evaluation import HeldOutPrompts, eval_reward
 from elastic.recipes.grpo.loop import GRPOLoop, StepBatch
 from elastic.recipes.grpo.worker import GRPOStep, Rollout
 
@@ -44,10 +45,16 @@ class GRPOWorkload:
         self.batches: dict[int, StepBatch] = {}
         self.seconds = {"rollout": 0.0, "train": 0.0}
         self.stats: dict[int, dict] = {}
+        # train.eval_every's held-out prompts (evaluation.py), built now so that a run without any fails at start
+        self.held = HeldOutPrompts(self.loop) if cfg.train.eval_every else None
 
     def phase_filters(self) -> dict:
         # Rollouts need the full policy on every worker; the GRPO step has no pipeline schedule.
         return {"rollout": data_parallel_only, "train": lambda layout: layout.pp == 1}
+
+    def evaluate(self, job: JobView) -> dict[str, float] | str:
+        """TRL's ``eval_reward`` ... of greedy completions of the held-out prompts, or why not on this layout."""
+        return eval_reward(self.held, job)
 
     def _want(self, job: JobView, phase: str) -> bool:
         if job.phase == phase:
