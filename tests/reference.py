@@ -8,9 +8,12 @@ resumes, LoRA, GRPO) against this, never against the engine itself. From ``elast
   ``get_peft_model`` on that model, with our initial A copied in;
 - the data: the dataset's samples by global index, and the epoch permutation (``GlobalSampler.index_at``);
 - the seed function (``core/seeds.stable_seed``), which defines every random draw;
-- for GRPO: the prompt sets and the tokenizer (``PromptTask``, ``load_tokenizer``), and the sampler's
-  decode loop (``model/generate.sample``), called with ``share_prefill=False`` so that the workers'
-  shared prefill is compared with the plain one, each prompt group sampled alone and unpadded.
+- for GRPO: the prompt sets and the tokenizer (``PromptTask``, ``load_tokenizer``).
+
+Sampling is written here too (``reference_sample``), not taken from ``model/generate.py``: each
+completion alone, unpadded, every token from a full forward of everything so far (no KV cache), then
+softmax(logits / T), a hand-written top-p, and a categorical draw by the exponential race from the
+sample's seeded generator. ``tests/unit/test_sampling.py`` checks ``generate.sample`` against it.
 
 What a shared bug could hide is written here again, from the config's numbers and DESIGN.md: which
 positions a step consumes, the loss normaliser (cross-entropy summed over the global batch divided by
@@ -202,6 +205,52 @@ def train_reference(cfg: Config, steps: int | None = None) -> Reference:
     return out
 
 
+# ---- Sampling --------------------------------------------------------------------------------------
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of one distribution [V]: the most probable tokens, in order, while the mass
+    before each is below ``top_p`` (so always the top one), renormalised; the rest get 0."""
+    if top_p >= 1:
+        return probs
+    values = probs.tolist()
+    kept, mass = [0.0] * len(values), 0.0
+    for token in sorted(range(len(values)), key=lambda t: -values[t]):
+        if mass >= top_p:
+            break
+        kept[token] = values[token]
+        mass += values[token]
+    kept = torch.tensor(kept, dtype=probs.dtype)
+    return kept / kept.sum()
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from ``probs`` [V] (unnormalised is fine): the exponential race, argmax_i p_i / E_i with
+    E_i ~ Exp(1) i.i.d., is distributed as p (Gumbel-max after a log). ``torch.multinomial`` draws one
+    sample by the same race, so from the same generator state both pick the same token; the test of
+    this definition against the frequencies it should give is ``tests/unit/test_sampling.py``."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return int((probs / race).argmax())
+
+
+@torch.no_grad()
+def reference_sample(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float,
+                     top_p: float, stop_ids: tuple[int, ...], generator: torch.Generator) -> list[int]:
+    """One completion of ``prompt``, each token from a full forward of the prompt and the tokens so far
+    (no KV cache, no padding, no batch-mates): greedy at temperature 0, else softmax(logits / T) in
+    float64, then top-p, then a categorical draw. The new tokens, up to and including the first stop."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids]))[0, -1].double()
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = categorical(top_p_filter(torch.softmax(logits / temperature, -1), top_p), generator)
+        ids.append(token)
+        if token in stop_ids:
+            break
+    return ids[len(prompt):]
+
+
 # ---- GRPO ------------------------------------------------------------------------------------------
 
 def trl_advantages(rewards: torch.Tensor, group: int, scale_rewards: str) -> torch.Tensor:
@@ -289,14 +338,23 @@ def row_entropies(model: torch.nn.Module, prompts: list[list[int]], tokens: torc
     return torch.cat(out)
 
 
-def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Reference:
-    """GRPO as one process would run it: sample each prompt's completions (our sampler, seeded per global
-    prompt and sample), score them with ``reward_fn``, TRL's advantages and loss, torch's AdamW. Exact rewards
-    (no injected noise), ``beta = 0``, no LoRA."""
+def user_function(spec: str):
+    """A user's reward function from ``package.module:function``, imported by name; a module of elastic is
+    refused, so that the reference cannot reach our training code this way."""
     import importlib
 
+    module, _, name = spec.strip().partition(":")
+    if module.split(".")[0] == "elastic":
+        raise ValueError(f"{spec}: the reference imports no module of elastic by name; reward functions are the "
+                         "user's (e.g. tests.helpers)")
+    return getattr(importlib.import_module(module), name)
+
+
+def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Reference:
+    """GRPO as one process would run it: sample each prompt's completions (``reference_sample``, seeded per global
+    prompt and sample), score them with ``reward_fn``, TRL's advantages and loss, torch's AdamW. Exact rewards
+    (no injected noise), ``beta = 0``, no LoRA."""
     from elastic.core.tokenizer import load_tokenizer
-    from elastic.model.generate import SamplingConfig, sample
     from elastic.recipes.grpo.config import GRPOConfig
     from elastic.recipes.grpo.prompts import PromptTask
     from elastic.recipes.grpo.rewards import build_task
@@ -316,21 +374,20 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
         prompt_of = task.prompt_ids
     order = GlobalSampler(len(task), cfg.train.global_batch, cfg.train.seed)
     out, G = Reference(), g.num_generations
-    sampling = SamplingConfig(g.max_new_tokens, g.temperature, g.top_p, (tok.eos_id,))
     for step in range(cfg.train.steps if steps is None else steps):
         k, iteration = divmod(step, g.num_iterations)
         if iteration == 0:
             prompts = [order.index_at(p) for p in step_positions(k, cfg.train.global_batch)]
             rows, tokens, lengths = [], [], []
-            for i in prompts:  # one group at a time: G copies of one prompt, no padding
-                gens = [torch.Generator().manual_seed(stable_seed(cfg.train.seed, "rollout", k, i, s))
-                        for s in range(G)]
-                with torch.no_grad():  # G copies prefilled as they are, not the workers' shared prefill
-                    t, n = sample(model, torch.tensor([prompt_of(i)] * G), sampling, gens, share_prefill=False)
-                rows += [prompt_of(i)] * G
-                tokens.append(t)
-                lengths.append(n)
-            tokens, lengths = torch.cat(tokens), torch.cat(lengths)
+            for i in prompts:  # one completion at a time, seeded by (step, prompt, sample), never padded
+                for s in range(G):
+                    gen = torch.Generator().manual_seed(stable_seed(cfg.train.seed, "rollout", k, i, s))
+                    new = reference_sample(model, prompt_of(i), g.max_new_tokens, g.temperature, g.top_p,
+                                           (tok.eos_id,), gen)
+                    rows.append(prompt_of(i))
+                    lengths.append(len(new))  # after the stop: its token again, masked out of the loss
+                    tokens.append(new + new[-1:] * (g.max_new_tokens - len(new)))
+            tokens, lengths = torch.tensor(tokens), torch.tensor(lengths)
             completions = [tok.decode(tokens[r, : int(lengths[r])]) for r in range(len(rows))]
             if g.reward_funcs:  # TRL's convention: each function once on the batch, extra columns as keywords
                 indices = [i for i in prompts for _ in range(G)]
@@ -338,8 +395,7 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
                 ids_out = [tokens[r, : int(lengths[r])].tolist() for r in range(len(rows))]
                 per_func = {}
                 for spec in g.reward_funcs.split(","):
-                    module, _, name = spec.strip().partition(":")
-                    fn = getattr(importlib.import_module(module), name)
+                    fn = user_function(spec)
                     chats = [task.rows[i]["prompt"] for i in indices]  # TRL: a chat prompt's completion is messages
                     shaped = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
                               for p, c in zip(chats, completions, strict=True)]

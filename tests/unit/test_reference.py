@@ -11,20 +11,95 @@ import pytest
 import torch
 
 from tests.helpers import tiny_config
-from tests.reference import lr_factor, our_name, step_positions, train_reference, trl_advantages, trl_loss
+from tests.reference import (
+    lr_factor,
+    our_name,
+    step_positions,
+    train_reference,
+    trl_advantages,
+    trl_loss,
+    user_function,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ALLOWED = {"elastic.core.config", "elastic.core.data", "elastic.model.init", "elastic.model.llama",
+           "elastic.model.lora", "elastic.core.seeds", "elastic.core.tokenizer",
+           "elastic.recipes.grpo.config", "elastic.recipes.grpo.rewards",
+           "elastic.recipes.grpo.prompts"}  # the data: a prompt file's rows and token ids (no padding used)
+DYNAMIC_OK = {"user_function"}  # imports a user's reward module by name, and refuses elastic's at run time
+
+
+def imports_of(source: str) -> tuple[set[str], list[str]]:
+    """Every module a source imports, in every form: ``import a.b``, ``from a import b`` (as ``a.b`` when
+    that is a module), relative imports, and ``importlib.import_module`` / ``__import__`` calls with a
+    literal name; and the functions that import by a name computed at run time (or ``exec``/``eval``)."""
+    import importlib.util
+
+    used, dynamic = set(), []
+
+    def imported_from(module: str, names: list[str]) -> None:
+        used.add(module)
+        for name in names:
+            try:
+                if importlib.util.find_spec(f"{module}.{name}") is not None:
+                    used.add(f"{module}.{name}")
+            except (ImportError, ValueError):
+                pass  # not a package: ``name`` is an attribute of ``module``
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Import):
+            used.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = "tests" * bool(node.level) + ("." if node.level and node.module else "") + (node.module or "")
+            imported_from(module, [a.name for a in node.names])
+        elif isinstance(node, ast.Call):
+            f = node.func
+            called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if called in ("import_module", "__import__", "exec", "eval", "spec_from_file_location"):
+                arg = node.args[0] if node.args else None
+                if called in ("import_module", "__import__") and isinstance(arg, ast.Constant) \
+                        and isinstance(arg.value, str):
+                    used.add(arg.value)
+                else:
+                    dynamic.append(function)
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(source), "<module>")
+    return used, dynamic
+
+
 def test_the_reference_imports_no_training_code_of_ours():
-    allowed = {"elastic.core.config", "elastic.core.data", "elastic.model.init", "elastic.model.llama",
-               "elastic.model.lora", "elastic.core.seeds", "elastic.core.tokenizer", "elastic.model.generate",
-               "elastic.recipes.grpo.config", "elastic.recipes.grpo.rewards",
-               "elastic.recipes.grpo.prompts"}  # the data: a prompt file's rows and token ids (no padding used)
-    tree = ast.parse((ROOT / "tests/reference.py").read_text())
-    used = {n.module for n in ast.walk(tree)
-            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("elastic")}
-    assert used <= allowed, f"the reference uses {sorted(used - allowed)}"
+    used, dynamic = imports_of((ROOT / "tests/reference.py").read_text())
+    ours = {m for m in used if m.split(".")[0] in ("elastic", "tests")}
+    assert ours and ours <= ALLOWED, f"the reference uses {sorted(ours - ALLOWED)}"
+    assert set(dynamic) <= DYNAMIC_OK, f"imports by a computed name in {sorted(set(dynamic) - DYNAMIC_OK)}"
+    with pytest.raises(ValueError, match="no module of elastic"):
+        user_function("elastic.runtime.engine:Engine")
+
+
+def test_the_import_guard_sees_every_form():
+    source = """
+import elastic.runtime.engine
+import elastic.control.controller as c
+from elastic.runtime import optim
+from elastic.model.generate import sample
+from . import helpers
+import importlib
+def f(name):
+    importlib.import_module("elastic.runtime.transfer")
+    __import__("elastic.recipes.grpo.worker")
+    importlib.import_module(name)
+"""
+    used, dynamic = imports_of(source)
+    assert {"elastic.runtime.engine", "elastic.control.controller", "elastic.runtime.optim",
+            "elastic.model.generate", "tests.helpers", "elastic.runtime.transfer",
+            "elastic.recipes.grpo.worker"} <= used
+    assert dynamic == ["f"]
 
 
 def test_warmup_then_cosine_by_hand():
