@@ -94,8 +94,13 @@ class GRPOLoop:
         if self.grpo.beta > 0 and cfg.lora is None:
             raise ValueError("grpo.beta > 0 needs a reference model; use LoRA (its frozen base is the reference) "
                              "or set grpo.beta = 0")
-        used = {self.group_of(self.task.row(i)) for i in range(len(self.task))}  # the rates prompts meet
-        warn_if_no_op(g, self.rates.used_by(used), cfg.optim.grad_clip)
+        if g.correction == "dr_grpo" and g.beta == 0:  # only then can the warning fire; reading groups costs
+            warn_if_no_op(g, self.rates.used_by(self.groups_met()), cfg.optim.grad_clip)
+
+    def groups_met(self) -> set[str]:
+        """The rate groups of the prompts the run's steps take (every prompt once the steps cover an epoch)."""
+        steps = min(self.cfg.train.steps, -(-len(self.task) // self.cfg.train.global_batch))
+        return {self.group_of(self.task.row(i)) for k in range(steps) for i in self.sampler.step_indices(k)}
 
     def prompts(self, k: int) -> list[tuple[int, list[int], list[bool] | None]]:
         """(global index, token ids, mask of the real tokens or None when all are) of step ``k``'s prompts."""
