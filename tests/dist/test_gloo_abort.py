@@ -1,8 +1,9 @@
 """Gloo without Ray: cutting a rank's gloo sockets releases peers blocked on it at once.
 
 Without the cut, a rank blocked on a live-but-stuck peer waits out the collective timeout
-(the failure this module exists to prevent); the test shows the cut brings that to well under
-a second even with a 60 s timeout.
+(the failure this module exists to prevent); the test shows that the peers are released by the cut
+(their error is the closed connection, not the 60 s timeout). How long that takes is a benchmark's
+question: ``bench/abort_release.py`` prints it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
             dist.all_reduce(torch.ones(10), group=group)
             queue.put((rank, "completed", 0, time.monotonic() - started))
     except Exception as err:  # the expected path for ranks 1..
-        queue.put((rank, "released", str(err)[:80], time.monotonic() - started))
+        queue.put((rank, "released", str(err)[:300], time.monotonic() - started))
 
 
 @pytest.mark.timeout(60)
@@ -66,6 +67,8 @@ def test_cutting_sockets_releases_blocked_peers():
         p.join(timeout=10)
     assert events[0][0] == "cut" and events[0][1] >= 2  # it held a connection to each peer
     for rank in range(1, world):
-        what, _, seconds = events[rank]
+        what, detail, _ = events[rank]
         assert what == "released", events
-        assert seconds < 0.5 + 2.0, f"rank {rank} released after {seconds:.2f} s"
+        # Released by the cut (gloo: the peer closed the connection), not by the 60 s collective timeout
+        # ("Timed out"). How soon: bench/abort_release.py prints it.
+        assert "Connection closed by peer" in detail and "Timed out" not in detail, detail

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -209,18 +208,16 @@ def expected_bytes(placement, specs, sizes, n_layers):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_70b_on_1024_workers_plans_in_well_under_a_minute():
+def test_70b_on_1024_workers_plans_every_byte_once():
+    """A 70B plan at 1,024 workers is complete and exact (how long it takes: bench/plan_scale.py prints it)."""
     params = tensor_specs(LLAMA_70B)
     specs = tuple(params + [p.renamed(f"{p.name}::{k}") for p in params for k in ("exp_avg", "exp_avg_sq")])
     ids = tuple(range(1024))
     old = Placement(Layout(dp=2, fsdp=16, tp=8, pp=4, microbatches=8), ids)
     lost_node = frozenset(ids[512:520])
     new = Placement(Layout(fsdp=127, tp=8), tuple(w for w in ids if w not in lost_node))
-    started = time.perf_counter()
     plan = make_plan(old, new, specs, LLAMA_70B.n_layers, SIZES, alive=frozenset(ids) - lost_node)
     sent, received = plan.load_arrays()
-    elapsed = time.perf_counter() - started
-    assert elapsed < 60, f"planning took {elapsed:.1f} s"
     # Every byte arrives exactly once: what each worker receives plus what it keeps is its new share.
     have = dict(zip(plan.worker_ids.tolist(), (received + plan.copied_array()).tolist(), strict=True))
     assert {w: have[w] for w in new.workers} == expected_bytes(new, specs, SIZES, LLAMA_70B.n_layers)
