@@ -62,7 +62,8 @@ class StepResult:
     samples: list[int] = field(default_factory=list)  # global indices this rank fed in (first stage)
     seconds: float = 0.0
     apply_seconds: float = 0.0  # applying the previous step's update (done at the start of this call)
-    metrics: dict = field(default_factory=dict)  # workload-specific sums (e.g. GRPO's KL and clip counts)
+    metrics: dict = field(default_factory=dict)  # a workload's name -> (sum, count) over this rank's rows (GRPO's kl,
+    # entropy and clip ratios, TRL's names); the driver adds the data shards' pairs (``driver/summary.py``)
 
 
 class Engine:
