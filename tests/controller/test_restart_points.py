@@ -76,7 +76,9 @@ def test_resuming_a_checkpoint_between_restart_points_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"step 3, which is not a restart point .*\(a multiple of 2 steps\)"):
         Controller(with_control(cfg, resume=str(folder)), workload=EveryOther())
     write_checkpoint(tmp_path, cfg, full, Placement(Layout(), (0,)), step=4)
-    Controller(with_control(cfg, resume=str(tmp_path / "step_000004")), workload=EveryOther(), group=_NoGroup(cfg))
+    resumed = Controller(with_control(cfg, resume=str(tmp_path / "step_000004")), workload=EveryOther(),
+                         group=_NoGroup(cfg))
+    assert resumed.resume_from == tmp_path / "step_000004"  # a restart point: accepted, and resumed from
 
 
 class _NoGroup:

@@ -45,6 +45,12 @@ def test_save_in_one_layout_read_in_another(tmp_path, trained):
     folder = write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=2, tp=2), (0, 1, 2, 3)))
     assert ckpt.latest(tmp_path) == folder
     specs = training_specs(cfg)
+    # Every training tensor is in some shard file, both AdamW moments included (before open_checkpoint would
+    # refuse the folder for it).
+    manifest = json.loads((folder / "manifest.json").read_text())
+    written = {name for f in manifest["files"] for name, _ in f["tensors"]}
+    assert written == {s.name for s in specs}, sorted({s.name for s in specs} ^ written)[:4]
+    assert any(name.endswith("::exp_avg_sq") for name in written)
     checkpoint = ckpt.open_checkpoint(folder, cfg, specs)
     assert checkpoint.step == 4
     target = Placement(Layout(fsdp=3), (7, 8, 9))
@@ -54,7 +60,6 @@ def test_save_in_one_layout_read_in_another(tmp_path, trained):
         for name, box in wanted.items():
             assert torch.equal(got[name], full[name][tuple(slice(a, b) for a, b in box)])
     # Replicas are written once: dp=2 x tp=2 writes as many bytes as one replica holds.
-    manifest = json.loads((folder / "manifest.json").read_text())
     written = sum(f["bytes"] for f in manifest["files"])
     assert written < 1.2 * sum(v.numel() * 8 for v in full.values())
 
@@ -111,7 +116,7 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, trained):
     tmp = ckpt.new_folder(tmp_path, 8, "job")  # a second write that crashes before finalize
     (tmp / "shard-00000.safetensors").write_bytes(b"partial")
     assert ckpt.latest(tmp_path) == first
-    ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg))
+    assert ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg)).step == 4  # complete, and opens
     write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=12)
     ckpt.sweep(tmp_path, "job")
     assert not list(tmp_path.glob(".step_*"))  # this job's stale temporary folders are cleaned up
@@ -138,7 +143,7 @@ def test_a_replay_reaching_a_step_on_disk_keeps_that_copy_and_latest_never_dangl
         write_checkpoint(tmp_path, cfg, full, Placement(Layout(dp=1), (0,)), step=8)
     monkeypatch.setattr(ckpt.os, "replace", real)
     assert ckpt.latest(tmp_path) == first
-    ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg))
+    assert ckpt.open_checkpoint(ckpt.latest(tmp_path), cfg, training_specs(cfg)).step == 4  # complete, and opens
 
 
 def test_sweep_touches_only_its_own_writers_leftovers_and_prune_keeps_the_newest(tmp_path, trained):
