@@ -415,8 +415,9 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
             out.samples.append(prompts)
         logps = row_logps(model, rows, tokens)
         keep = None
-        with torch.no_grad():
-            entropy = row_entropies(model, rows, tokens)
+        if g.reward_funcs or g.top_entropy_quantile < 1:  # the metrics TRL logs, or its high-entropy mask
+            with torch.no_grad():
+                entropy = row_entropies(model, rows, tokens)
         if g.reward_funcs:
             out.metrics.append({**rollout_metrics, **trl_step_metrics(logps, old, advantages, mask, g.epsilon,
                                                                       g.epsilon_high, entropy)})
