@@ -91,6 +91,15 @@ def test_full_fine_tune_writes_an_hf_folder_with_our_logits(tmp_path, base):
         theirs = transformers.AutoModelForCausalLM.from_pretrained(str(written["model"])).eval()(input_ids=X).logits
         logits_close(ours(X), theirs)
     assert (written["model"] / "tokenizer.json").is_file()
+    # The command line's full fine-tune: pretrain --base FOLDER --data FILE (no adapters, the folder's weights).
+    from elastic.recipes.pretrain.recipe import finetune_config
+
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": "def f(): return 1"}) + "\n")
+    tuned = finetune_config(base, str(data))
+    assert (tuned.lora, tuned.train.init_from, tuned.data.dataset) == (None, str(base), str(data))
+    with pytest.raises(ValueError, match="give --data FILE"):
+        finetune_config(base, None)
 
 
 def test_a_random_base_is_written_for_the_adapter_and_names_are_kept(tmp_path, base):
