@@ -14,12 +14,18 @@ import importlib.util
 import os
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from elastic.driver.connect import use_token_auth
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 use_token_auth()
+
+# No example may fail for taking long: hypothesis's default 200 ms deadline is a wall-clock assertion, and it
+# failed test_layout's round trip on a loaded machine.
+hypothesis.settings.register_profile("elastic", deadline=None)
+hypothesis.settings.load_profile("elastic")
 
 DEV_EXTRAS = ("transformers", "datasets", "peft", "trl", "hypothesis", "pytest_timeout")  # [dev] and runtime
 
@@ -39,6 +45,10 @@ def pytest_collection_finish(session):
 
     files = {Path(str(item.fspath)).name for item in session.items}
     background.start([name for name, test in background.SCENARIOS.items() if test in files])
+    # The session's Ray too: its idle worker processes then import torch (PRELOAD) while the unit tier runs,
+    # and the pool's workers land on them.
+    if any("ray_session" in item.fixturenames for item in session.items):
+        start_ray()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -47,11 +57,20 @@ def pytest_sessionfinish(session, exitstatus):
     background.stop_all()
 
 
-@pytest.fixture(scope="session")
-def ray_session():
+def start_ray():
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    from elastic.driver.connect import PRELOAD
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 _system_config=PRELOAD)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = start_ray()
     yield ray
     ray.shutdown()
 
