@@ -12,12 +12,14 @@ A seeded schedule kills worker processes from outside (by PID), each in a phase 
 - the final gather of the tensors, after the last step.
 
 The float64 run must end with the reference's weights, consume every sample exactly once, and each
-loss must be noticed and recovered from within 15 s. Stalls and delays are test-side worker tasks.
+loss must be noticed (naming its victim) and recovered from before the next kill; how long that takes is
+printed, and measured by ``bench/failures.py``. Stalls and delays are test-side worker tasks.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -187,17 +189,24 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session, tmp_path):
     recovered = [e for e in result.events if e["kind"] == "recovered"]
     print("\nkills and recoveries:")
     started = controller.journal.started
-    for kill in monkey.kills:
+    ends = [k["at"] for k in monkey.kills[1:]] + [float("inf")]
+    for kill, next_kill in zip(monkey.kills, ends, strict=True):
         after = [started + e["time"] for e in result.events
                  if e["kind"] in ("recovered", "reshard", "reshard failed") and started + e["time"] > kill["at"]]
-        noticed = [started + e["time"] for e in result.events
+        noticed = [e for e in result.events
                    if e["kind"] in ("failure", "reshard failed") and started + e["time"] > kill["at"]]
-        assert after and min(after) - kill["at"] < 15.0, (kill, result.events)
+        # Each loss is noticed, naming its victim, and the job trains again, before the next kill. Timings are
+        # printed here and measured by bench/failures.py (notice, training again) and bench/abort_release.py.
+        assert noticed and after, (kill, result.events)
+        assert started + noticed[0]["time"] <= min(after) < next_kill, (kill, result.events)
+        named = re.compile(rf"worker(\(s\))? \[?{kill['worker']}\b")
+        assert any(kill["worker"] in e.get("dead", []) or named.search(e.get("text", ""))
+                   for e in noticed if started + e["time"] < next_kill), (kill, noticed)
         print(f"  {kill['phase']:10} worker {kill['worker']} at step {kill['step']} ({kill['layout']}, "
-              f"{kill['state']}): noticed after {min(noticed) - kill['at']:.2f} s, "
+              f"{kill['state']}): noticed after {started + noticed[0]['time'] - kill['at']:.2f} s, "
               f"training again after {min(after) - kill['at']:.2f} s")
-        if kill["phase"] == "collective":  # the peers were released at once, not after the victim's stall
-            assert min(noticed) - kill["at"] < ChaosMonkey.STALL_S
+        if kill["phase"] == "collective":  # the peers were released by the cut: the victim's death, no timeout
+            assert "timed out" not in noticed[0].get("text", "").lower(), noticed[0]
     assert len(recovered) >= len(SCHEDULE) - 1
     err, name = worst_state_err(result.tensors, ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"

@@ -68,4 +68,5 @@ def test_dcp_checkpoints_reshard_across_layouts_bit_for_bit(pool, tmp_path, save
     assert set(pool.run({w: DcpLoad(str(tmp_path)) for w in pool.placement.workers}).values()) == {2}
     step, after = pool.gather_tensors()
     assert step == 2 and set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
-    pool.step()  # and it trains on
+    trained = pool.step()  # and it trains on, at step 2, from the loaded state
+    assert {r.step for r in trained.values()} == {2} and pool.committed == 3

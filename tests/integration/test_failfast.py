@@ -1,9 +1,8 @@
-"""Invariant 4: a worker killed during a step makes the step fail fast, naming the worker."""
+"""Invariant 4: a worker killed during a step makes that step fail, naming the worker (how fast: bench/failures.py)."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,20 +13,29 @@ from tests.helpers import tiny_config
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("layout_text", ["fsdp=2,tp=2", "dp=2,pp=2,mb=2"])
-def test_killed_worker_fails_the_step_within_seconds(fresh_pool, layout_text):
+def test_killed_worker_fails_the_step_in_flight(fresh_pool, layout_text):
     pool = fresh_pool
     pool.cfg = tiny_config(dtype="float32", steps=10_000, global_batch=16, seq_len=32)
     placement = Placement(Layout.parse(layout_text), tuple(pool.warm()[:4]))
     pool.setup(placement)
     pool.step()
     victim = placement.workers[1]
-    started = time.monotonic()
-    threading.Timer(0.3, pool.kill, args=(victim,)).start()
+    killed = threading.Event()
+
+    def kill():
+        pool.kill(victim)
+        killed.set()
+
+    threading.Timer(0.3, kill).start()  # lands during some step
+    completed_after_the_kill = 0
     with pytest.raises(WorkerFailure) as failure:
         for _ in range(1000):
+            after = killed.is_set()  # the SIGKILL was sent before this step began
             pool.step()
-    elapsed = time.monotonic() - started - 0.3
-    assert elapsed < 10, f"failure took {elapsed:.1f} s"
+            completed_after_the_kill += after
+    # The step in flight (or, at the latest, the next one) fails: no step begun after the kill completes, and
+    # none waits out a collective timeout (the test's own timeout would end it). How soon: bench/failures.py.
+    assert killed.is_set() and completed_after_the_kill == 0
     assert victim in failure.value.dead and f"worker {victim}" in str(failure.value)
     # Survivors were released (no hang) and still answer.
     survivors = [w for w in placement.workers if w != victim]

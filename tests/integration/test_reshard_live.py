@@ -66,7 +66,10 @@ def test_drain_add_relayout_and_back_equals_single_process(fresh_pool, tmp_path)
     starts = [i for i in range(1, len(layouts)) if layouts[i] != layouts[i - 1]]
     wait = cfg.section("control").prepare_wait_steps
     assert all(0 <= s - arrived <= wait for s, arrived in zip(starts, (3, 7, 9, 12), strict=True)), layouts
-    assert len(result.reshards) == 4 and all(r.total_seconds < 5 for r in result.reshards)
+    # One live reshard per change of layout, in order, each at the step its layout starts (how long each
+    # took is bench/reshard.py's question).
+    assert [(r.old, r.new) for r in result.reshards] == list(zip(runs, runs[1:], strict=False)), result.reshards
+    assert [r.step for r in result.reshards] == starts
     err, name = worst_state_err(result.tensors, ref_state)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     assert_exactly_once(cfg, result.history)
