@@ -1,7 +1,7 @@
 """GRPO on users' prompts: a Qwen2 folder with its own tokenizer and chat template, a JSONL of prompts
 of different lengths (texts and conversations, with an ``answer`` column), and two TRL-style reward
 functions, and TRL's top_entropy_quantile. Rollouts run left-padded on data-parallel layouts, updates on
-dp=2 x tp=2 until a worker is drained, then on tp=2:
+dp=2 x tp=2 until a worker is drained, then on dp=3 (the three left, ``objective=use_all``):
 the weights equal the single-process reference, which samples and scores every prompt group alone at
 its own length, never padded (float64, 1e-9); so do the metrics TRL logs (rewards per function,
 completion lengths, entropy, clip ratios), each a global mean of the shards' sums.
@@ -59,7 +59,9 @@ def test_grpo_on_a_prompt_file_with_reward_funcs_equals_single_process(fresh_poo
     finally:
         controller.shutdown()
     layouts = [h.layout for h in result.history]
-    assert layouts[:2] == ["dp=2,tp=2"] * 2, layouts  # two data shards: entropies gathered across them
+    # The operator's dp=2 x tp=2 until the drain; then the three workers left all train (use_all) as dp=3. Two
+    # and then three data shards: the entropy quantile is gathered across both.
+    assert layouts == ["dp=2,tp=2"] * 2 + ["dp=3"] * 2, layouts
     assert any(e["kind"] == "drained" for e in result.events)
     err, name = worst_state_err(result.tensors, reference.tensors)
     assert err <= 1e-9, f"{name}: {err:.2e}"

@@ -13,7 +13,9 @@ from elastic.core.config import MODEL_PRESETS, ModelConfig
 from elastic.core.layout import Layout, Placement, enumerate_layouts
 from elastic.model.llama import tensor_specs
 
-MODEL = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=60, vocab_size=37)
+# With attention biases (Qwen2, Llama's attention_bias): q/k/v biases are split by tp, o_proj's is replicated.
+MODEL = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=60, vocab_size=37, qkv_bias=True,
+                    o_bias=True)
 
 
 def layouts(max_world: int = 12):
