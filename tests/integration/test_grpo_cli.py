@@ -36,13 +36,20 @@ def test_grpo_cli_saves_an_adapter_peft_loads_and_logs_trls_metrics(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"{i}+{2 * i}=", "answer": str(3 * i)}) + "\n"
                                for i in range(8)))
     run_dir = tmp_path / "run"
+    # Most of the run's choices in TRL's own YAML (GRPOConfig's and ModelConfig's names), the rest as flags.
+    trl_yaml = tmp_path / "grpo.yaml"
+    trl_yaml.write_text("reward_funcs: tests.helpers:trl_style_reward\nmax_steps: 2\nnum_generations: 2\n"
+                        "max_completion_length: 4\nbeta: 0.04\nlora_r: 4\nreport_to: none\nlogging_steps: 1\n")
     out = subprocess.run([sys.executable, "-m", "launch", "train", "--recipe", "grpo", "--base", str(base),
-                          "--data", str(prompts), "--grpo.reward_funcs", "tests.helpers:trl_style_reward",
-                          "--steps", "2", "--workers", "1", "--train.global_batch", "2",
-                          "--grpo.num_generations", "2", "--grpo.max_new_tokens", "4", "--grpo.beta", "0.04",
-                          "--lora.r", "4", "--run-dir", str(run_dir), "--no-progress"],
+                          "--data", str(prompts), "--config", str(trl_yaml), "--workers", "1",
+                          "--train.global_batch", "2", "--run-dir", str(run_dir), "--no-progress"],
                          cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "report_to" in out.stdout and "logging_steps" in out.stdout  # accepted, and listed as changing nothing
+    recorded = (run_dir / "config.toml").read_text()
+    for line in ("steps = 2", "num_generations = 2", "max_new_tokens = 4", "beta = 0.04", "r = 4",
+                 'reward_funcs = "tests.helpers:trl_style_reward"'):
+        assert line in recorded, (line, recorded)
     adapter = run_dir / "adapter"
     assert f"elastic generate --base {base} --adapter {adapter}" in out.stdout, out.stdout[-2000:]
 
