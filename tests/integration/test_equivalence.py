@@ -52,6 +52,34 @@ def test_layout_matches_single_process(pool, reference, layout_text):
                    train_reference(cfg, steps=0).tensors["model.layers.0.mlp.up_proj.weight"]) > 1e-3
 
 
+# Layouts users run that the grid above does not: tp x pp, one and four pipeline micro-batches, and gradient
+# accumulation without a pipeline (micro-batches on a data-parallel layout). float64 only: exactness is the point.
+MORE_LAYOUTS = ["tp=2,pp=2,mb=2", "pp=2,mb=1", "pp=2,mb=4", "fsdp=2,mb=4", "dp=2,mb=2"]
+
+
+@pytest.fixture(scope="module")
+def reference64():
+    cfg = tiny_config(dtype="float64", steps=STEPS)
+    return cfg, train_reference(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("layout_text", MORE_LAYOUTS)
+def test_more_layouts_match_single_process(pool, reference64, layout_text):
+    cfg, ref = reference64
+    layout = Layout.parse(layout_text)
+    pool.cfg = cfg
+    placement = Placement(layout, tuple(pool.warm()[: layout.world]))
+    pool.setup(placement)
+    losses = [summarize(pool.step(), placement, 0.0).loss for _ in range(STEPS)]
+    step, state = pool.gather_tensors()
+    assert step == STEPS
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True)) <= 1e-9
+    err, name = worst_state_err(state, ref.tensors)
+    assert err <= 1e-9, f"{layout}: {name} rel err {err:.2e}"
+
+
 @pytest.mark.timeout(120)
 def test_uneven_data_parallel_split_matches(pool):
     """Three data-parallel ranks share a batch of 8 as 3+3+2: still the same gradient."""
