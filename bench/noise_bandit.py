@@ -239,19 +239,40 @@ def settings(quick: bool) -> list[Setting]:
     return primary + control + secondary
 
 
-def run(quick: bool, log=print) -> str:
-    """Every setting's table, the Holm-adjusted contrasts and the decision rule's verdict; printed and returned."""
+def expected_seconds(setting: Setting, measured: dict[Setting, float]) -> float:
+    """A setting's expected time from the settings already run: the work per step grows with the batch, and a
+    beta > 0 adds three beta' arms to the nine."""
+    if not measured:
+        return 0.0
+    per_unit = sum(t / (s.batch * (1 + (s.beta > 0) / 3)) for s, t in measured.items()) / len(measured)
+    return per_unit * setting.batch * (1 + (setting.beta > 0) / 3)
+
+
+def run(quick: bool, log=print, budget_minutes: float | None = None) -> str:
+    """Every setting's table, the Holm-adjusted contrasts and the decision rule's verdict; printed and returned.
+    ``budget_minutes``: skip (and list) the settings that would end after it, so the report always prints."""
     from noise_bandit_report import report_all, setting_table
 
     torch.set_num_threads(1)  # the tensors are small: a second thread costs more than it saves
     log(check_against_package())
     n_tune, n_report = (10, 30) if quick else (30, 100)
     tuning, report = list(range(n_tune)), list(range(10_000, 10_000 + n_report))  # disjoint seeds
-    tuned, out = [], []
-    for setting in settings(quick):
+    tuned, out, measured, skipped = [], [], {}, []
+    started_all = time.perf_counter()
+    for setting in sorted(settings(quick), key=lambda s: s.batch):  # cheap settings first
+        spent = time.perf_counter() - started_all
+        if budget_minutes is not None and spent + expected_seconds(setting, measured) > 60 * budget_minutes:
+            skipped.append(f"{setting.name} (expected {expected_seconds(setting, measured) / 60:.0f} min, "
+                           f"{budget_minutes - spent / 60:.0f} min of the budget left)")
+            continue
         started = time.perf_counter()
         tuned.append(tune_and_report(setting, tuning, report, log))
-        out.append(setting_table(tuned[-1], n_tune, n_report, STEPS) + f"\n({time.perf_counter() - started:.0f} s)")
+        measured[setting] = time.perf_counter() - started
+        out.append(setting_table(tuned[-1], n_tune, n_report, STEPS) + f"\n({measured[setting]:.0f} s)")
+        log(out[-1] + "\n")
+    if skipped:
+        out.append(f"NOT RUN (time budget of {budget_minutes:g} min on this machine):\n  "
+                   + "\n  ".join(skipped))
         log(out[-1] + "\n")
     out.append(report_all(tuned))
     log(out[-1])
@@ -261,6 +282,8 @@ def run(quick: bool, log=print) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 settings (batch 8), 10 tuning and 30 report seeds")
+    parser.add_argument("--budget-minutes", type=float, help="skip the settings that would end after this")
+    args = parser.parse_args()
     start = time.perf_counter()
-    run(parser.parse_args().quick)
+    run(args.quick, budget_minutes=args.budget_minutes)
     print(f"{time.perf_counter() - start:.1f} s")
