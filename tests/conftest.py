@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import hypothesis
@@ -20,6 +21,8 @@ import pytest
 from elastic.driver.connect import use_token_auth
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Tokenised data files are cached per session, not in the user's ~/.cache (set before Ray starts: workers inherit it).
+os.environ.setdefault("ELASTIC_CACHE_DIR", tempfile.mkdtemp(prefix="elastic-cache-"))
 use_token_auth()
 
 # No example may fail for taking long: hypothesis's default 200 ms deadline is a wall-clock assertion, and it

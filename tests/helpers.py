@@ -137,6 +137,17 @@ class StallFinalGather(_OneStall):
         return engine.step >= engine.cfg.train.steps
 
 
+class TokenisedFiles:
+    """A worker task: how many data files this worker process has tokenised (``core/token_cache.py``)."""
+
+    needs_engine = False  # a probe of the process: runs on an idle worker too
+
+    def run(self, ctx) -> int:
+        from elastic.core import token_cache
+
+        return token_cache.TOKENISED["files"]
+
+
 def assert_exactly_once(history, steps: int, batch: int, num_samples: int) -> None:
     """The ledger, from what the ranks reported: steps 0..steps-1 once each, and sample j of step s is
     position s * batch + j, so every epoch (``num_samples`` positions) uses each index exactly once and a

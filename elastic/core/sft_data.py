@@ -16,7 +16,8 @@ prompt, then of ``messages[:i+1]``; what the second adds is turn ``i``. This nee
 rendering of a prefix is a prefix of the whole (true of the Llama 3, Qwen2 and ChatML templates);
 a template that breaks it is refused rather than masked wrongly.
 
-Rows are tokenized once when the dataset is built; the global-index sampler addresses them as any
+Rows are tokenized once per job (``token_cache.py``: kept on disk and in the process, so a reshard, a
+recovery or a new worker reads them instead of the file); the global-index sampler addresses them as any
 other dataset. Pure Python and torch.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from elastic.core.dataset import IGNORE, Dataset, held_out
+from elastic.core.token_cache import tokenized_rows
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +125,30 @@ class RecordsDataset(Dataset):
 
     def __init__(self, path: Path, tok, seq_len: int, eval_fraction: float) -> None:
         self.path, self.seq_len, self.pad_id = path, seq_len, tok.pad_id
-        rows = read_rows(path)
-        if len(rows) < 2:
-            raise ValueError(f"{path} has {len(rows)} rows; need at least 2")
-        self.format = detect_format(rows, path)
-        self.samples = [tokenize_row(tok, row, self.format, f"{path} row {i}") for i, row in enumerate(rows)]
-        self.truncated = sum(len(ids) > seq_len + 1 for ids, _ in self.samples)
+
+        def tokenize():
+            rows = read_rows(path)
+            if len(rows) < 2:
+                raise ValueError(f"{path} has {len(rows)} rows; need at least 2")
+            fmt = detect_format(rows, path)
+            return fmt, [tokenize_row(tok, row, fmt, f"{path} row {i}") for i, row in enumerate(rows)]
+
+        # Once per job: a reshard, a recovery or a new worker reads the tokenized rows, not the file.
+        self.rows = tokenized_rows(path, str(getattr(tok, "folder", "")), tokenize)
+        self.format, n_rows = self.rows.fmt, len(self.rows)
+        lengths = self.rows.offsets.diff()
+        self.truncated = int((lengths > seq_len + 1).sum())
         # A sample whose loss tokens all lie beyond the cut trains nothing; a batch of only such samples
         # would divide by zero target tokens.
-        self.no_loss = sum(not any(mask[1: seq_len + 1]) for _, mask in self.samples)
-        if self.no_loss == len(rows):
+        self.no_loss = sum(not bool(self.rows.row(i)[1][1: seq_len + 1].any()) for i in range(n_rows))
+        if self.no_loss == n_rows:
             raise ValueError(f"{path}: truncated to data.seq_len={seq_len}, no sample keeps a token that carries "
                              f"loss (the {self.format} format's loss starts later); raise data.seq_len")
         if self.truncated:
             log.info("%s: %d of %d samples truncated to %d tokens (data.seq_len + 1), %d of them with no loss "
-                     "token left", path, self.truncated, len(rows), seq_len + 1, self.no_loss)
-        self.n_holdout = held_out(len(rows), eval_fraction)  # the last rows: never sampled for training
-        self.n_train = len(rows) - self.n_holdout
+                     "token left", path, self.truncated, n_rows, seq_len + 1, self.no_loss)
+        self.n_holdout = held_out(n_rows, eval_fraction)  # the last rows: never sampled for training
+        self.n_train = n_rows - self.n_holdout
 
     def __len__(self) -> int:
         return self.n_train
@@ -148,7 +157,7 @@ class RecordsDataset(Dataset):
         return self.n_holdout
 
     def sample(self, index: int, split: str = "train"):
-        ids, mask = self.samples[index if split == "train" else self.n_train + index]
+        ids, mask = self.rows.row(index if split == "train" else self.n_train + index)
         return pack(ids, mask, self.seq_len, self.pad_id)
 
 
@@ -158,8 +167,8 @@ def pack(ids: list[int], mask: list[bool], seq_len: int, pad_id: int) -> tuple[t
     ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
     n = len(ids)
     tokens = torch.full((seq_len + 1,), pad_id, dtype=torch.long)
-    tokens[:n] = torch.tensor(ids, dtype=torch.long)
+    tokens[:n] = torch.as_tensor(ids, dtype=torch.long)
     keep = torch.zeros(seq_len + 1, dtype=torch.bool)
-    keep[:n] = torch.tensor(mask, dtype=torch.bool)
+    keep[:n] = torch.as_tensor(mask, dtype=torch.bool)
     labels = torch.where(keep[1:], tokens[1:], torch.full((seq_len,), IGNORE, dtype=torch.long))
     return tokens[:-1], labels

@@ -24,7 +24,7 @@ from elastic.core.layout import Layout
 from elastic.recipes.lora import RECIPE
 from elastic.recipes.lora.recipe import lora_config
 from elastic.tools.tiny_hf import write_tokenizer
-from tests.helpers import worst_state_err
+from tests.helpers import TokenisedFiles, worst_state_err
 from tests.reference import train_reference
 from tests.unit.test_families import write_folder
 
@@ -56,11 +56,15 @@ def test_lora_on_a_qwen2_folder_with_chats(pool, tmp_path):
     script = ScriptedEvents({3: [Relayout(reason="test", layout=Layout.parse("dp=2,tp=2"))]})
     cfg = with_control(cfg, layout="fsdp=4", prepare_wait_steps=0)
     controller = Controller(cfg, group=pool, sources=[script], progress=False)
+    tokenised = pool.run({w: TokenisedFiles() for w in pool.warm()})
     try:
         result = controller.run()
     finally:
         controller.shutdown()
     assert [h.layout for h in result.history] == ["fsdp=4"] * 3 + ["dp=2,tp=2"] * 3
+    # The chats were tokenised once, before any worker built an engine: no build, first or after the reshard,
+    # read the file again (each worker memory-maps the cached rows).
+    assert pool.run({w: TokenisedFiles() for w in tokenised}) == tokenised
     err, name = worst_state_err(result.tensors, ref.tensors)
     assert err <= 1e-9, f"{name} rel err {err:.2e}"
     assert ref.losses[-1] < ref.losses[0]

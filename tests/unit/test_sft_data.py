@@ -113,3 +113,32 @@ def test_vocabulary_mismatch_is_refused_before_any_worker(tmp_path, tok_dir):
                  train=TrainConfig(steps=1))
     with pytest.raises(ValueError, match="has 400 tokens but the model has vocab_size=300"):
         check_data(cfg)
+
+
+def test_a_file_is_tokenised_once_then_read_from_the_process_or_the_disk_cache(tmp_path, tok_dir, monkeypatch):
+    """What every engine build (each reshard, recovery and new worker) does: build the dataset again. Only the
+    first build may read and tokenise the file; later builds read the rows this process holds, or the cache
+    another process wrote, and give the same samples. A changed file is tokenised again."""
+    from elastic.core import sft_data, token_cache
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}] * 3 + [{"messages": CHAT[:3]}] * 2)
+    before = token_cache.TOKENISED["files"]
+    first = dataset(path, tok_dir)
+    assert token_cache.TOKENISED["files"] == before + 1
+    expected = [first.sample(i) for i in range(len(first))]
+
+    def no_reading(path):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(sft_data, "read_rows", no_reading)
+    again = dataset(path, tok_dir)  # in this process: nothing read
+    token_cache.forget_in_process()
+    from_disk = dataset(path, tok_dir)  # as a new worker on this machine: the cache folder, memory-mapped
+    for other in (again, from_disk):
+        assert other.format == "conversational" and len(other) == len(first)
+        assert all(torch.equal(a, b) for i in range(len(first)) for a, b in zip(other.sample(i), expected[i],
+                                                                                 strict=True))
+    assert token_cache.TOKENISED["files"] == before + 1
+    monkeypatch.undo()
+    write_jsonl(path, [{"messages": CHAT[:3]}] * 4)  # the file changed: its rows are tokenised again
+    assert len(dataset(path, tok_dir)) == 4 and token_cache.TOKENISED["files"] == before + 2
