@@ -1,6 +1,7 @@
-"""Invariant 1 for every model family: a run from a Hugging Face folder that reshards live through
-fsdp=2 x tp=2, dp=2 x tp=2, fsdp=4 and dp=4 ends with the weights of transformers' own model trained in one
-process (``tests/reference.py`` with ``AutoModelForCausalLM``), in float64 at 1e-9.
+"""Invariant 1 for every model family (Llama 3 tied, Llama with q/k/v/o biases, Qwen2, Qwen3, Mistral): a
+run from a Hugging Face folder that reshards live through fsdp=2 x tp=2, dp=2 x tp=2, fsdp=4 and dp=4 ends
+with the weights of transformers' own model trained in one process (``tests/reference.py`` with
+``AutoModelForCausalLM``), in float64 at 1e-9.
 
 tp shards the q/k/v biases with their projections, the per-head q/k norms stay whole (their gradient
 summed over tp), and tied embeddings stay one tensor; the exported folder loads in transformers.
@@ -29,7 +30,7 @@ SCRIPT = {2: "dp=2,tp=2", 4: "fsdp=4", 6: "dp=4"}
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("family", ["llama3-tied", "qwen2-tied", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3-tied", "llama-bias", "qwen2-tied", "qwen3", "mistral"])
 def test_family_trains_and_reshards_like_transformers(pool, tmp_path, family):
     folder, _ = write_folder(tmp_path / "base", family)
     cfg = Config(model=model_config_of(folder),
