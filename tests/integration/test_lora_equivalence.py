@@ -5,12 +5,15 @@ row-parallel: A split on its input, B replicated); the frozen base moves as para
 optimizer state. With ``lora.dropout`` the masks are seeded per (step, sample, module), so tp (the
 row-parallel adapters' inputs split on their features), fsdp (the batch split) and pp (the batch cut
 into chunks) draw exactly the single-process run's masks; the reference draws them by the same rule,
-written again (``tests/reference.SeededDropout``).
+written again (``tests/reference.SeededDropout``). Across reshards, a worker is also SIGKILLed mid-step
+(inside the clip all-reduce, on a layout with no replica): the recovery still ends at the reference, with
+every sample used once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -18,9 +21,17 @@ from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain, Relayout
 from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
+from elastic.control.states import Running
 from elastic.core.config import LoraConfig
 from elastic.core.layout import Layout, Placement
-from tests.helpers import WaitForWorkers, rel_err, tiny_config, worst_state_err
+from tests.helpers import (
+    StallBeforeClip,
+    WaitForWorkers,
+    assert_exactly_once,
+    rel_err,
+    tiny_config,
+    worst_state_err,
+)
 from tests.reference import train_reference
 
 STEPS = 8
@@ -84,13 +95,29 @@ def test_lora_across_live_reshards(fresh_pool):
     group = fresh_pool
     cfg = with_control(cfg, layout=Layout(tp=2, dp=2), objective="use_all")
     controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False)
+    killed = []
+
+    def kill_mid_step(transition):
+        """In step 10, on fsdp=2,tp=2 (no replica): the victim stalls before its clip all-reduce, its peers wait
+        inside that collective, and it is SIGKILLed there."""
+        placement = controller.group.placement
+        if killed or controller.step != 10 or not isinstance(transition.next, Running) or placement is None:
+            return
+        victim = placement.workers[1]
+        controller.group.run({victim: StallBeforeClip(3.0)})
+        killed.append(victim)
+        threading.Timer(1.0, controller.group.kill, args=(victim,)).start()
+
+    controller.listeners.append(kill_mid_step)
     try:
         result = controller.run()
     finally:
         controller.shutdown()
-    assert len(result.reshards) == 3
+    assert killed and len(result.recoveries) == 1, result.recoveries
+    assert len(result.reshards) >= 3
     err, name = worst_state_err(result.tensors, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"
+    assert_exactly_once(result.history, cfg.train.steps, cfg.train.global_batch, cfg.data.num_samples)
 
 
 @pytest.mark.timeout(180)
