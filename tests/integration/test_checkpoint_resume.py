@@ -16,6 +16,36 @@ from tests.reference import train_reference
 
 
 @pytest.mark.timeout(300)
+def test_a_loss_with_no_replica_and_no_snapshot_recovers_from_the_disk_checkpoint(fresh_pool, tmp_path):
+    """fsdp=4 (no replica), snapshots off, a checkpoint every 3 steps: a worker killed after step 5 leaves only the
+    checkpoint of step 3, which the recovery loads (through the same reshard path) before replaying two steps."""
+    from elastic.control.states import Running
+    from tests.helpers import assert_exactly_once
+
+    cfg = tiny_config(steps=8)
+    ref = train_reference(cfg).tensors
+    cfg = with_control(cfg, layout="fsdp=4", snapshot_every=0, checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    controller = Controller(cfg, group=fresh_pool, progress=False)
+    killed = []
+
+    def kill_after_step_5(transition):  # once the step-3 checkpoint (written in the background) is complete
+        if not killed and 5 <= controller.step < 6 and isinstance(transition.next, Running) \
+                and ckpt.latest(tmp_path) is not None:
+            killed.append((controller.group.placement.workers[2], controller.step))
+            controller.group.kill(killed[0][0])
+
+    controller.listeners.append(kill_after_step_5)
+    try:
+        result = controller.run()
+    finally:
+        controller.shutdown()
+    assert killed and [(r["how"], r["steps_lost"]) for r in result.recoveries] == [("checkpoint of step 3", 2)]
+    err, name = worst_state_err(result.tensors, ref)
+    assert err <= 1e-9, f"{name}: {err:.2e}"
+    assert_exactly_once(result.history, cfg.train.steps, cfg.train.global_batch, cfg.data.num_samples)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("saved, resumed, workers", [("dp=2,tp=2", "fsdp=3", 4), ("fsdp=2,pp=2,mb=2", "tp=2", 4)])
 def test_save_in_one_layout_resume_in_another_equals_uninterrupted(fresh_pool, tmp_path, saved, resumed, workers):
     cfg = tiny_config(steps=8)
