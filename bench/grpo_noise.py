@@ -1,7 +1,8 @@
 """Does noise-corrected GRPO help, and exactly when? The experiments of docs/grpo_noise.md, one report.
 
-    .venv/bin/python bench/grpo_noise.py --quick      # the bandit, 2 settings, fewer seeds: a few minutes
-    .venv/bin/python bench/grpo_noise.py              # the bandit in full: 10-20 minutes on 2 idle cores
+    .venv/bin/python bench/grpo_noise.py --quick      # the bandit, 2 settings, fewer seeds: under a minute
+    .venv/bin/python bench/grpo_noise.py              # the bandit in full: 8 minutes on a lightly loaded
+                                                      # 2-core machine (40 under a load average of 5-35)
     .venv/bin/python bench/grpo_noise.py --gradient   # adds the gradient study (an SFT warm-up, then gradients)
     .venv/bin/python bench/grpo_noise.py --lm         # adds the LM confirmation: about 40 minutes
                                                       # (with --quick: a tiny run that checks the machinery)
