@@ -6,6 +6,7 @@
     elastic generate --base MODEL_DIR --adapter runs/NAME/adapter "What is 2 + 3?"
     elastic events --job NAME status | add-workers N | drain WORKER | relayout dp=2,tp=2 | pause | resume | stop
     elastic plot runs/NAME
+    elastic export runs/NAME/checkpoints --out policy     # a checkpoint's model as an adapter or HF folder
 
 Without ``--address`` training starts an embedded local Ray; inside ``ray job submit`` it attaches
 to the job's cluster (RAY_ADDRESS). ``elastic events`` attaches to the job's cluster: ``--address``,
@@ -22,6 +23,7 @@ import os
 import socket
 import sys
 
+from launch.export import add_parser as add_export_parser
 from launch.generate import add_parser as add_generate_parser
 
 EVENTS = ("status", "add-workers", "drain", "relayout", "pause", "resume", "stop")
@@ -208,6 +210,7 @@ def parser(config_flags: bool = True, shown=None, note: str = "") -> argparse.Ar
     events.set_defaults(handler=cmd_events)
 
     add_generate_parser(sub)
+    add_export_parser(sub)
 
     plot = sub.add_parser("plot", help="write a PNG timeline of a run directory")
     plot.add_argument("run_dir")

@@ -2,7 +2,8 @@
 LoRA on a random Qwen2 folder and a prompt file, as a process (its own local Ray). The run leaves a PEFT
 adapter that ``AutoPeftModelForCausalLM`` loads by itself (the adapter names its base), a metrics.jsonl
 whose every row has what TRL's GRPOTrainer logs, finite, and prints the ``elastic generate`` command,
-which then samples from the adapter for the prompt file.
+which then samples from the adapter for the prompt file; ``elastic export`` turns the run's checkpoint into
+the same adapter.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import peft
 import pytest
+import torch
 
 from elastic.tools.tiny_hf import write_model, write_tokenizer
 from launch.cli import main
@@ -61,6 +63,14 @@ def test_grpo_cli_saves_an_adapter_peft_loads_and_logs_trls_metrics(tmp_path):
         missing = [name for name in TRL_METRICS if not isinstance(row.get(name), float) or not math.isfinite(row[name])]
         assert not missing, (missing, row)
         assert 1 <= row["completions/min_length"] <= row["completions/mean_length"] <= 4
+
+    # Any checkpoint of the run gives the policy too (here the final one, written at the end): the same adapter.
+    from safetensors.torch import load_file
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    exported = tmp_path / "exported" / "adapter"
+    ours, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (exported, adapter))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     completions = tmp_path / "out.jsonl"
     assert main(["generate", "--base", str(base), "--adapter", str(adapter), "--prompts", str(prompts),
