@@ -18,8 +18,11 @@ def cited_paths(text: str) -> set[str]:
     return set(CITED.findall(text))
 
 
+GENERATED = ("bench/out/",)  # benchmark outputs: written by `make bench`, not kept in the repository (.gitignore)
+
+
 def resolves(path: str) -> bool:
-    if (ROOT / path).exists():
+    if path.startswith(GENERATED) or (ROOT / path).exists():
         return True
     module, _, attr = path.rpartition(".")  # tests/helpers.DelayTransfers -> tests/helpers.py
     return bool(attr) and (ROOT / f"{module}.py").is_file()
