@@ -91,8 +91,12 @@ def pytest(tree: Path, paths: list[str], deselect: set[str], timeout: float,
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.mutation.outcomes",
            *[f"--deselect={t}" for t in sorted(deselect)], *paths]
     try:
-        code = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout).returncode
+        out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        code = out.returncode
         found = json.loads(records.read_text() or "[]") if records.stat().st_size else []
+        if code not in (0, 1) and not any(r[1] == "error" for r in found):  # pytest itself failed: say how
+            tail = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()][-3:]
+            found.append(["<run>", "error", f"pytest exited with {code}: " + " | ".join(tail)])
     except subprocess.TimeoutExpired:
         code, found = -1, [["<run>", "error", f"the run took longer than {timeout:.0f} s"]]
     finally:
@@ -124,12 +128,18 @@ class Runner:
             tree = Path(tmp)
             copy_repo(tree, self.worktree)
             apply(m, tree)
-            while True:
+            for _attempt in range(3):
                 code, records = pytest(tree, paths, self.failing_clean, RUN_TIMEOUT_S, m.first)
+                if code != 3 or any(r[0] != "<run>" for r in records):
+                    break  # pytest ran the tests; 3 with no test run is its own INTERNALERROR (e.g. a
+                time.sleep(30)  # session-start Ray that timed out on a loaded machine): not the mutant's doing
+            while True:
                 tests += sum(1 for r in records if r[1] in ("passed", "assertion"))
                 caught = next((r for r in records if r[1] == "assertion"), None)
                 if caught is not None and not self.passes_clean(caught[0]):
-                    continue  # it fails without the mutant too: set aside, run the tier again without it
+                    # it fails without the mutant too: set aside, run the tier again without it
+                    code, records = pytest(tree, paths, self.failing_clean, RUN_TIMEOUT_S, m.first)
+                    continue
                 seconds = time.perf_counter() - started
                 if caught is not None:
                     return Outcome("CAUGHT", seconds, tests, f"{caught[0]}: {caught[2]}")
