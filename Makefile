@@ -44,7 +44,8 @@ bench-peers: $(STAMP)
 	RAY_TRAIN_V2_ENABLED=1 $(BIN)/python bench/goodput.py | tee bench/out/goodput.txt
 	$(BIN)/python bench/to_readme.py
 
-# About an hour on 2 cores; `--quick` (one LM seed) about 10 to 15 minutes. Prints verdicts, never fails.
+# The bandit study: 8 minutes on 2 cores at load 6-10 (2026-12-07); `--quick` under a minute; `--gradient` and
+# `--lm` (about 40 minutes, not yet run in full) add the other studies. Prints verdicts, never fails.
 bench-noise: $(STAMP)
 	mkdir -p bench/out
 	$(BIN)/python bench/grpo_noise.py | tee bench/out/grpo_noise.txt

@@ -80,6 +80,8 @@ def previous(block: str) -> dict[str, str]:
     for part in re.split(r"^### ", block, flags=re.M)[1:]:
         heading, _, body = part.partition("\n")
         body = body.strip()
+        if "```" in body:  # a section ends with its table; what follows is the block's trailer, written anew
+            body = body[: body.rindex("```") + 3]
         if not body.startswith("Measured ") and dated:
             body = f"Measured {dated.group(1)} or earlier (before each section carried its own date).\n\n{body}"
         sections[heading.strip()] = f"### {heading.strip()}\n\n{body}\n"
@@ -105,9 +107,9 @@ def section(out: Path, old: str = "") -> str:
             plot = f"![{heading}](docs/{name}.png)\n\n"
         parts.append(f"### {heading}\n\n{stamp(path)} {note} Source: `bench/{name}.py`.\n\n{plot}```text\n"
                      f"{table}\n```\n")
-    parts.append("When a reward-noise correction helps GRPO (gradient, bandit and language-model experiments, "
-                 "an hour: `make bench-noise`): the results and their verdicts are summarised in "
-                 "[docs/grpo_noise.md](docs/grpo_noise.md).\n")
+    parts.append("When a reward-noise correction helps GRPO (a shared-parameter bandit with every arm at its best "
+                 "learning rate, about 8 minutes, and gradient and language-model studies on request: "
+                 "`make bench-noise`): the tables and the verdict are in [docs/grpo_noise.md](docs/grpo_noise.md).\n")
     parts.append("Planning at cluster scale (8B/70B/405B, up to 4,096 simulated workers): "
                  "[docs/scale.md](docs/scale.md), from `bench/plan_scale.py`.\n")
     return "\n".join(parts)

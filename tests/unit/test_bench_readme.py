@@ -52,3 +52,18 @@ def test_a_section_without_a_new_output_keeps_its_text_and_a_new_one_carries_its
     assert "### Recovery from a SIGKILL\n\nMeasured 2026-12-01 or earlier" in text and "│ 25m │ 2.12 │" in text
     assert "### Live reshard against a fair checkpoint-restart\n\nMeasured 20" in text
     assert "; copied here at commit " in text
+
+
+def test_running_it_again_does_not_repeat_the_trailer(tmp_path):
+    """A kept section ends at its table: the block's closing paragraphs were once kept with the last section and
+    written again after it, one more copy per run (the README had four)."""
+    (tmp_path / "out").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n### Recovery from a SIGKILL\n\nMeasured 2026-12-01.\n\n```text\n"
+                      "│ 25m │ 2.12 │\n```\n<!-- bench:end -->\n")
+    for _ in range(3):
+        subprocess.run([sys.executable, str(ROOT / "bench/to_readme.py"), "--readme", str(readme), "--out",
+                        str(tmp_path / "out")], check=True, capture_output=True)
+    text = readme.read_text()
+    assert text.count("[docs/grpo_noise.md]") == 1 and text.count("[docs/scale.md]") == 1, text
+    assert text.count("│ 25m │ 2.12 │") == 1
