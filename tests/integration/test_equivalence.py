@@ -21,6 +21,17 @@ TOLERANCE = {"float64": 1e-9, "float32": 5e-4}
 STEPS = 10
 
 
+def train_on(pool, cfg, layout: Layout) -> tuple[list[float], dict]:
+    """STEPS steps of ``cfg`` on the pool's first workers in ``layout``: the losses and the gathered state."""
+    pool.cfg = cfg
+    placement = Placement(layout, tuple(pool.warm()[: layout.world]))
+    pool.setup(placement)
+    losses = [summarize(pool.step(), placement, 0.0).loss for _ in range(STEPS)]
+    step, state = pool.gather_tensors()
+    assert step == STEPS
+    return losses, state
+
+
 @pytest.fixture(scope="module", params=["float64", "float32"])
 def reference(request):
     cfg = tiny_config(dtype=request.param, steps=STEPS)
@@ -35,13 +46,8 @@ def reference(request):
 def test_layout_matches_single_process(pool, reference, layout_text):
     cfg, ref_losses, ref_state = reference
     layout = Layout.parse(layout_text)
-    pool.cfg = cfg
-    placement = Placement(layout, tuple(pool.warm()[: layout.world]))
-    pool.setup(placement)
-    losses = [summarize(pool.step(), placement, 0.0).loss for _ in range(STEPS)]
-    step, state = pool.gather_tensors()
+    losses, state = train_on(pool, cfg, layout)
     tol = TOLERANCE[cfg.train.dtype]
-    assert step == STEPS
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
     assert loss_err <= tol, f"{layout}: loss rel err {loss_err:.2e}"
     err, name = worst_state_err(state, ref_state)
@@ -69,12 +75,7 @@ def reference64():
 def test_more_layouts_match_single_process(pool, reference64, layout_text):
     cfg, ref = reference64
     layout = Layout.parse(layout_text)
-    pool.cfg = cfg
-    placement = Placement(layout, tuple(pool.warm()[: layout.world]))
-    pool.setup(placement)
-    losses = [summarize(pool.step(), placement, 0.0).loss for _ in range(STEPS)]
-    step, state = pool.gather_tensors()
-    assert step == STEPS
+    losses, state = train_on(pool, cfg, layout)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True)) <= 1e-9
     err, name = worst_state_err(state, ref.tensors)
     assert err <= 1e-9, f"{layout}: {name} rel err {err:.2e}"
