@@ -156,14 +156,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser(config_flags: bool = True, shown=None, note: str = "") -> argparse.ArgumentParser:
-    """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe). ``shown``:
-    the config whose values the flags' help gives as defaults (``help_config``); ``note`` says whose they are."""
+def add_train_parser(sub, config_flags: bool, shown, note: str) -> None:
+    """``elastic train``: the common choices, then (``config_flags``) a flag per config field."""
     raw = argparse.RawDescriptionHelpFormatter
-    top = argparse.ArgumentParser(prog="elastic", description=__doc__, formatter_class=raw)
-    top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = top.add_subparsers(dest="command", required=True)
-
     train = sub.add_parser("train", help="run a training recipe", formatter_class=raw,
                            description="Train a recipe. Every config field can be set with --<section>.<field> (or "
                                        "its TRL name); flags override --config, which overrides the recipe's "
@@ -201,6 +196,16 @@ def parser(config_flags: bool = True, shown=None, note: str = "") -> argparse.Ar
 
         add_config_flags(train, *(shown or (None, "")))
     train.set_defaults(handler=cmd_train)
+
+
+def parser(config_flags: bool = True, shown=None, note: str = "") -> argparse.ArgumentParser:
+    """The argument parser; ``config_flags`` adds a flag per config field (it imports every recipe). ``shown``:
+    the config whose values the flags' help gives as defaults (``help_config``); ``note`` says whose they are."""
+    raw = argparse.RawDescriptionHelpFormatter
+    top = argparse.ArgumentParser(prog="elastic", description=__doc__, formatter_class=raw)
+    top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = top.add_subparsers(dest="command", required=True)
+    add_train_parser(sub, config_flags, shown, note)
 
     events = sub.add_parser("events", help="talk to a running job")
     events.add_argument("action", help=f"one of {', '.join(EVENTS)}")

@@ -79,28 +79,12 @@ class Engine:
         self.dtype = DTYPE[cfg.train.dtype]
         self.step = step
         self.pending: int | None = None  # a computed step whose update awaits the driver's commit
-        n_layers = cfg.model.n_layers
         self.first, self.last = self.coord.pp == 0, self.coord.pp == layout.pp - 1
         if layout.world > 1 and mesh is None:
             raise ValueError(f"layout {layout} has {layout.world} ranks but no device mesh was given")
-
-        with torch.device("meta"):
-            module = LlamaStage(cfg.model, layout.stage_layers(self.coord.pp, n_layers), self.first, self.last)
-            if cfg.lora is not None:
-                apply_lora(module, cfg.lora)
-        checkpoint_layers(module, cfg.train.activation_checkpointing)
-        module.to(self.dtype)
         self.specs = {s.name: s for s in param_specs(cfg)}
-        for name, p in module.named_parameters():
-            p.requires_grad_(self.specs[name].trainable)
         self.fsdp = layout.data_parallel > 1
-        with shared_mesh_slices():  # FSDP would otherwise build a sub-mesh per parameter
-            if layout.tp > 1:
-                apply_tensor_parallel(module, mesh["tp"])
-            if self.fsdp:
-                apply_fsdp(module, data_mesh(mesh))
-        module.to_empty(device="cpu")
-        self.module = module
+        self.module = module = self._build_module()
         # The sharded parameters, as the optimizer knows them. FSDP registers unsharded parameters on
         # the module while a step runs, so after a failed step only these still name the shards.
         self.named_params = list(module.named_parameters())
@@ -128,6 +112,26 @@ class Engine:
             self._free_storage()
         else:
             self._build_schedule()
+
+    def _build_module(self) -> LlamaStage:
+        """This rank's stage, built on meta, wrapped for its layout (tp, then FSDP2), its storage allocated empty."""
+        cfg, layout = self.cfg, self.layout
+        with torch.device("meta"):
+            module = LlamaStage(cfg.model, layout.stage_layers(self.coord.pp, cfg.model.n_layers), self.first,
+                                self.last)
+            if cfg.lora is not None:
+                apply_lora(module, cfg.lora)
+        checkpoint_layers(module, cfg.train.activation_checkpointing)
+        module.to(self.dtype)
+        for name, p in module.named_parameters():
+            p.requires_grad_(self.specs[name].trainable)
+        with shared_mesh_slices():  # FSDP would otherwise build a sub-mesh per parameter
+            if layout.tp > 1:
+                apply_tensor_parallel(module, self.mesh["tp"])
+            if self.fsdp:
+                apply_fsdp(module, data_mesh(self.mesh))
+        module.to_empty(device="cpu")
+        return module
 
     def _build_schedule(self) -> None:
         # Imported here: torch.distributed.pipelining pulls in torch.export and dynamo, about a third of a
