@@ -92,6 +92,11 @@ class GRPOConfig:
         key = self.scale_rewards.lower() if isinstance(self.scale_rewards, str) else self.scale_rewards
         if isinstance(key, bool) or key in ("true", "false"):
             object.__setattr__(self, "scale_rewards", alias[key])
+        self._check_rewards_sampling_and_loss()
+        self._check_noise_and_correction()
+
+    def _check_rewards_sampling_and_loss(self) -> None:
+        """Reward functions, sampling and TRL's loss knobs (one clear error each)."""
         _require(self.task in (*TASKS, "mixed"), f"grpo.task={self.task!r} is not one of {sorted(TASKS)} or 'mixed'")
         _require(self.reward_fn == "" or (self.reward_fn.count(":") == 1 and all(self.reward_fn.split(":"))),
                  f"grpo.reward_fn={self.reward_fn!r} must be empty or an import path 'package.module:function'")
@@ -128,6 +133,9 @@ class GRPOConfig:
             _require(_is_number(value) and value > 0, f"grpo.{name}={value!r} must be > 0")
         _require(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
                  f"grpo.num_iterations={self.num_iterations!r} must be an integer >= 1")
+
+    def _check_noise_and_correction(self) -> None:
+        """The noise model, the correction and what it needs (rates given or estimated, calibration)."""
         _require(self.correction in CORRECTIONS, f"grpo.correction={self.correction!r} is not one of {CORRECTIONS}")
         _require(self.correction not in ("dr_grpo", "posterior") or self.scale_rewards == "none",
                  f"grpo.correction={self.correction!r} divides by no std but grpo.scale_rewards="
