@@ -227,3 +227,22 @@ class SlowNextStep:
         slow.unslowed = original
         Engine.compute = slow
         return True
+
+
+def peaked_stage():
+    """A tiny model with q/k norms and q/k/v biases, float64 weights of std 0.3 (seeded): peaked next-token
+    distributions, so that a wrong logit changes the samples. For sampling and padding tests."""
+    import dataclasses
+
+    import torch
+
+    from elastic.core.config import MODEL_PRESETS
+    from elastic.model.llama import LlamaStage
+
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], qk_norm=True, qkv_bias=True)
+    torch.manual_seed(0)
+    m = LlamaStage(cfg).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m

@@ -4,24 +4,11 @@ does not depend on its batch-mates."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from elastic.core.config import MODEL_PRESETS
 from elastic.model.generate import SamplingConfig, sample
-from elastic.model.llama import LlamaStage, padding_for
-
-CFG = dataclasses.replace(MODEL_PRESETS["tiny"], qk_norm=True, qkv_bias=True)
-
-
-def model() -> LlamaStage:
-    torch.manual_seed(0)
-    m = LlamaStage(CFG).double().eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+from elastic.model.llama import padding_for
+from tests.helpers import peaked_stage
 
 
 def left_pad(rows: list[list[int]], width: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +22,7 @@ PROMPTS = [[5, 17, 200, 3, 9, 44], [61, 2], [8, 8, 90, 120]]
 
 @torch.no_grad()
 def test_padded_rows_equal_unpadded_rows():
-    m = model()
+    m = peaked_stage()
     ids, mask = left_pad(PROMPTS, 9)
     logits = m(ids, 0, None, padding_for(mask))
     for row, prompt in enumerate(PROMPTS):
@@ -46,7 +33,7 @@ def test_padded_rows_equal_unpadded_rows():
 
 @torch.no_grad()
 def test_sampling_is_independent_of_padding_and_batch_mates():
-    m = model()
+    m = peaked_stage()
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, stop_ids=(258,))
 
     def gens():

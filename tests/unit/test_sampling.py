@@ -14,29 +14,17 @@ At temperature 0.7 and top-p 0.9 (the filter keeps fewer tokens than the vocabul
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from elastic.core.config import MODEL_PRESETS
 from elastic.model.generate import SamplingConfig, sample
 from elastic.model.llama import LlamaStage
+from tests.helpers import peaked_stage
 from tests.reference import categorical, reference_sample, top_p_filter
 
-CFG = dataclasses.replace(MODEL_PRESETS["tiny"], qk_norm=True, qkv_bias=True)
 PROMPTS = [[5, 17, 33, 2, 90], [41, 7], [12, 250, 3, 77, 8, 19, 64], [99, 98, 97]]
 NEW = 8
 
-
-def model() -> LlamaStage:
-    """Float64 weights of std 0.3: peaked next-token distributions, so that a wrong logit changes the samples."""
-    torch.manual_seed(0)
-    m = LlamaStage(CFG).double().eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
 
 
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +78,7 @@ def cut(rows: list[list[int]], stop: int) -> list[list[int]]:
 @pytest.mark.parametrize("temperature,top_p,share_prefill", [(0.7, 0.9, True), (0.7, 0.9, False), (0, 1.0, True)],
                          ids=["T0.7-p0.9-shared-prefill", "T0.7-p0.9-plain-prefill", "greedy"])
 def test_sample_draws_the_reference_tokens(temperature, top_p, share_prefill):
-    m = model()
+    m = peaked_stage()
     unstopped = reference(m, SamplingConfig(NEW, temperature, top_p), 0)
     # A stop token that ends one completion early (the third or fourth token a prompt draws) and not another.
     stop = next(t for row in unstopped for t in row[2:4] if any(t not in other for other in unstopped))
