@@ -61,8 +61,10 @@ def run(cluster: Cluster, node, layout: str, run_dir: str) -> dict:
         placement = controller.group.placement
         nodes = controller.group.nodes()
         on_node = sorted(w for w in placement.workers if nodes.get(w) == node.node_id)
-        killed_at = time.perf_counter()
+        killed_at, kill_step = time.perf_counter(), controller.step
         cluster.remove_node(node, allow_graceful=False)
+        # remove_node takes a while to kill the raylet and its workers, and the job may commit steps meanwhile.
+        gone_step = controller.step
         thread.join(timeout=240)
     finally:
         controller.shutdown()
@@ -78,7 +80,7 @@ def run(cluster: Cluster, node, layout: str, run_dir: str) -> dict:
             "recoveries": [{k: e[k] for k in ("text", "steps_lost", "how")} for e in recovered],
             "failures": [e["text"] for e in failures], "node": node.node_id[:8],
             "placement_nodes": [nodes.get(w, "")[:8] for w in placement.workers],
-            "events": [e.get("text", "") for e in result.events]}
+            "events": [e.get("text", "") for e in result.events], "kill_step": kill_step, "gone_step": gone_step}
 
 
 def main() -> None:

@@ -35,8 +35,10 @@ def test_a_node_lost_without_a_replica_replays_at_most_one_snapshot_interval(sce
     assert recovery["how"].startswith("snapshot of step"), out["events"]
     every = max(int(t.split("snapshots every ")[1].split()[0]) for t in out["events"] if "snapshots every " in t)
     # A snapshot counts once its parts sit on the driver's node; the one taken at the last committed step may
-    # still be on its way there, so the newest counted one can be a whole interval old.
-    assert recovery["steps_lost"] <= every, (recovery, every)
+    # still be on its way there, so the newest counted one can be a whole interval old at the moment the node
+    # is told to die, plus the steps committed while Ray was still killing it (it failed once at 4 > 3 when one
+    # step committed during remove_node).
+    assert recovery["steps_lost"] <= every + (out["gone_step"] - out["kill_step"]), (recovery, every, out)
     assert out["err"] <= 1e-9, out
 
 
