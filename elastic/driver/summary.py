@@ -31,6 +31,7 @@ class StepSummary:
     samples: list[int] = field(default_factory=list)  # what the ranks report they trained on, in data order
     ended: float = 0.0  # time.perf_counter() on the driver when the step's results were all in
     metrics: dict[str, float] = field(default_factory=dict)  # a workload's own, by TRL's names (e.g. GRPO's reward)
+    peak_bytes: int = 0  # the largest peak RSS above idle a rank reported for the step (0: not known)
 
 
 class StepResults(dict):
@@ -62,4 +63,5 @@ def summarize(results: dict[int, StepResult], placement: Placement, seconds: flo
     metrics.update(getattr(results, "metrics", {}))
     return StepSummary(step=any_result.step, loss=loss, grad_norm=any_result.grad_norm, lr=any_result.lr,
                        tokens=any_result.tokens, seconds=seconds, workers=layout.world, layout=str(layout),
-                       samples=samples, ended=time.perf_counter(), metrics=metrics)
+                       samples=samples, ended=time.perf_counter(), metrics=metrics,
+                       peak_bytes=max((r.peak_bytes for r in results.values()), default=0))

@@ -64,6 +64,7 @@ class StepResult:
     apply_seconds: float = 0.0  # applying the previous step's update (done at the start of this call)
     metrics: dict = field(default_factory=dict)  # a workload's name -> (sum, count) over this rank's rows (GRPO's kl,
     # entropy and clip ratios, TRL's names); the driver adds the data shards' pairs (``driver/summary.py``)
+    peak_bytes: int = 0  # the worker's peak RSS above its idle process during the call (0: not known; worker.py)
 
 
 class Engine:

@@ -58,6 +58,7 @@ from elastic.runtime.failures import StepFailed, failure
 from elastic.runtime.liveness import ComputeThread
 from elastic.runtime.parallel import connections
 from elastic.runtime.parallel.groups import LayoutGroups
+from elastic.runtime.rss import PeakWatch, current
 from elastic.runtime.skeletons import BuildOrder, Skeleton, SkeletonCache
 from elastic.runtime.tasks import TaskContext, WorkerTask
 
@@ -102,6 +103,7 @@ class Worker:
         self._snapshot = None
         self._checkpoint = None  # (step, placement, copies) until the io thread has written them
         self.compute = ComputeThread()
+        self.idle_rss = 0  # resident bytes after warm-up, before any model: what a step's peak is measured above
         self._lock = threading.Lock()  # staged and _snapshot: written by the compute and the control threads
 
     # ---- identity, liveness and warm-up -----------------------------------------------------
@@ -126,7 +128,8 @@ class Worker:
             from elastic.runtime.parallel.warm import warm_up
 
             warm_up(self.cfg)
-        return self.info()
+        self.idle_rss = current()
+        return {**self.info(), "idle_rss": self.idle_rss}
 
     # ---- skeletons (the build thread) -----------------------------------------------------
     @BUILD
@@ -248,12 +251,16 @@ class Worker:
             raise StepFailed(self.id, "has no engine (never set up)")
         try:
             t0 = time.perf_counter()
+            watch = PeakWatch()
+            watch.start()
             if engine is not None:
                 engine.sync(committed)
             t1 = time.perf_counter()
             result = task.run(TaskContext(self.id, engine, self.scratch, self.skeletons))
-            if isinstance(result, StepResult):
+            if isinstance(result, StepResult):  # the step's peak, for the planner's memory model
                 result.apply_seconds = t1 - t0
+                peak = watch.peak()
+                result.peak_bytes = max(0, peak - self.idle_rss) if peak and self.idle_rss else 0
             return result
         except Exception as err:  # a dead peer, an abort, or a real bug: fail fast with the reason
             what = f"{type(task).__name__} at step {engine.step}" if engine is not None else type(task).__name__
