@@ -102,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {len(result.history)} steps in {result.seconds:.0f} s, final loss "
           f"{last.loss if last else float('nan'):.4f}, {len(result.reshards)} reshards, "
           f"{len(result.recoveries)} recoveries; plot it with: elastic plot {run_dir}")
+    for line in controller.policy.memory.lines():
+        print(line)
     for line in recipe.finish(cfg, result, run_dir, workload) if recipe.finish else []:
         print(line)
     persist(storage)

@@ -53,6 +53,7 @@ from elastic.driver.summary import StepSummary
 from elastic.model.specs import itemsize
 from elastic.plan.costmodel import CostModel
 from elastic.plan.domains import survives_one_loss
+from elastic.plan.memory import MemoryModel
 from elastic.plan.policy import Policy
 from elastic.tools.metrics import MetricsWriter
 from elastic.tools.progress import log_above_bar
@@ -94,7 +95,7 @@ class Controller:
         self.cost = CostModel(cfg.model, cfg.train.global_batch, cfg.data.seq_len, itemsize(cfg),
                               cores=group.cluster_cpus())
         self.policy = policy or Policy(cfg, self.cost, self.control.objective, self.control.min_workers,
-                                       require_replica=self.control.require_replica)
+                                       require_replica=self.control.require_replica, memory=MemoryModel(cfg))
         self.policy.phase_filter.update(self.workload.phase_filters())
         self.safe = Safekeeping(group, self.control, restart_every, self.checkpoint_root, job_name or "run")
         self.recovery = Recovery(group, self.policy, self.safe.snapshots, self.checkpoint_root, self.resume_from)
@@ -115,7 +116,7 @@ class Controller:
         self.state = Planning()
         self.mover = Mover(cfg, group, self.cost, self.recovery, self.wishes,
                            lambda kind, **details: self.record(kind, **details))
-        self.steps = StepLog(self.cost, self.metrics)
+        self.steps = StepLog(self.cost, self.metrics, self.policy.memory)
         self.evaluation = Evaluation(cfg.train.eval_every, self.metrics, self.record)
         self.listeners: list[Callable[[Transition], None]] = []  # called after every transition
         self.step_failures: dict[int, list[int]] = {}  # committed step -> the culprit of each failure there
@@ -242,7 +243,8 @@ class Controller:
             result = RunResult(self.history, self.reshards, self.recoveries, self.events, self.state.tensors,
                                time.perf_counter() - self._started, self.group.placement)
             if self.metrics is not None:
-                self.metrics.summary(run_summary(result, self.safe.snapshots, self.step >= self.cfg.train.steps))
+                self.metrics.summary(run_summary(result, self.safe.snapshots, self.step >= self.cfg.train.steps,
+                                                 self.policy.memory))
             return result
         finally:
             self.steps.close_bar()

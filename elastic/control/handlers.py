@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from elastic.control.events import Event
+from elastic.control.memory_budget import see_cluster
 from elastic.control.states import (
     Done,
     Finishing,
@@ -272,7 +273,7 @@ def decide(ctl: Controller, forced: Layout | None, must: bool, reason: str) -> D
     usable = sorted(ctl.usable(), key=lambda w: (current is None or current.rank_of(w) is None, w))
     pool = usable + ctl.group.starting
     budget = ctl.wishes.budget
-    ctl.policy.nodes = ctl.group.nodes()
+    see_cluster(ctl.policy, ctl.group)
     candidates = (pool + [-(i + 1) for i in range(max(0, budget - len(pool)))])[:budget]
     return ctl.policy.decide(current, candidates, ctl.remaining, forced, must, reason, ctl.phase,
                              alive=ctl.group.live())

@@ -44,7 +44,8 @@ class Mover:
             self.group.release([w for w in old.workers if w in live and w not in move.placement.workers], wait=False)
             return how, at
         step = self.group.committed
-        report = reshard(self.group, move.plan, step, move.reason, frozen_from_disk(self.cfg, self.cost))
+        report = reshard(self.group, move.plan, step, move.reason, frozen_from_disk(self.cfg, self.cost),
+                         move.round_bytes)
         self.reshards.append(report)
         self.cost.observe_reshard(report.max_worker_bytes, report.transfer_seconds,
                                   report.plan_seconds + report.commit_seconds)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from elastic.control.memory_budget import see_cluster
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Placement
 from elastic.driver.group import WorkerFailure, WorkerGroup
@@ -49,7 +50,7 @@ class Recovery:
 
     def _decide(self, usable: list[int], remaining: int, dead: list[int], phase: str,
                 alive: frozenset[int]) -> Decision:
-        self.policy.nodes = self.group.nodes()
+        see_cluster(self.policy, self.group)
         return self.policy.decide(self.group.placement, usable, remaining, must_move=True,
                                   reason=f"recover from the loss of workers {dead}", phase=phase, alive=alive)
 

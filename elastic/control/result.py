@@ -10,6 +10,7 @@ from elastic.core.layout import Placement
 from elastic.driver.resharder import ReshardReport
 from elastic.driver.snapshots import Snapshotter
 from elastic.driver.summary import StepSummary
+from elastic.plan.memory import MemoryModel
 
 
 @dataclass
@@ -25,12 +26,14 @@ class RunResult:
     final_placement: Placement | None = None
 
 
-def run_summary(result: RunResult, snapshots: Snapshotter, finished: bool) -> dict:
-    """The figures ``summary.json`` keeps; ``finished``: every step was done (a re-run says so and stops)."""
+def run_summary(result: RunResult, snapshots: Snapshotter, finished: bool, memory: MemoryModel | None = None) -> dict:
+    """The figures ``summary.json`` keeps; ``finished``: every step was done (a re-run says so and stops).
+    ``memory``: each layout's predicted peak per worker beside the peak its workers reported."""
     placement = result.final_placement
     return {"steps": len(result.history), "finished": finished,
             "last_step": result.history[-1].step + 1 if result.history else 0, "seconds": result.seconds,
             "final_loss": result.history[-1].loss if result.history else None,
             "final_layout": str(placement.layout) if placement else None,
             "reshards": len(result.reshards), "recoveries": result.recoveries,
-            "snapshots": snapshots.taken, "snapshot_stall_s": round(snapshots.stall_total, 3)}
+            "snapshots": snapshots.taken, "snapshot_stall_s": round(snapshots.stall_total, 3),
+            "memory": memory.report() if memory is not None else []}

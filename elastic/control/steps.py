@@ -2,8 +2,9 @@
 
 ``StepLog.count`` takes one committed step's per-rank results: it keeps the summary (a replayed step
 replaces its first try, so the history holds each step once), writes its ``metrics.jsonl`` line, lets the
-cost model learn the step time (not from a placement's first step, which pays one-off costs) and moves the
-progress bar. Issue 28's exactly-once ledger reads the ranks' own reports, not this de-duplicated list.
+cost model learn the step time (not from a placement's first step, which pays one-off costs) and the memory
+model the step's peak (from every step: a first step's peak is a peak too), and moves the progress bar.
+Issue 28's exactly-once ledger reads the ranks' own reports, not this de-duplicated list.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import time
 from elastic.core.layout import Placement
 from elastic.driver.summary import StepSummary, summarize
 from elastic.plan.costmodel import CostModel
+from elastic.plan.memory import MemoryModel
 from elastic.tools.metrics import MetricsWriter
 from elastic.tools.progress import describe, progress_bar
 
 
 class StepLog:
-    def __init__(self, cost: CostModel, metrics: MetricsWriter | None) -> None:
-        self.cost, self.metrics = cost, metrics
+    def __init__(self, cost: CostModel, metrics: MetricsWriter | None, memory: MemoryModel | None = None) -> None:
+        self.cost, self.metrics, self.memory = cost, metrics, memory
         self.history: list[StepSummary] = []
         self.bar = None
 
@@ -33,6 +35,8 @@ class StepLog:
             self.metrics.step(summary)
         if not fresh:  # a placement's first step pays one-off costs; do not calibrate on it
             self.cost.observe_step(placement.layout, summary.seconds)
+        if self.memory is not None:
+            self.memory.observe(placement.layout, summary.peak_bytes)
         if self.bar is not None:
             self.bar.set_postfix(describe(summary), refresh=False)
             self.bar.n = committed

@@ -209,8 +209,9 @@ class RuntimeConfig:
     base_from: str = knob("auto", "where a reshard takes a LoRA run's frozen base pieces from when train.init_from "
                           "names its folder: auto (the cost model's faster of the two), peer, or disk")
     memory_per_worker_gb: float = knob(
-        0.0, "policy: skip layouts whose training state per worker (weights, gradients, AdamW moments, "
-        "and a reshard's staged copy) would exceed this many GB; 0: no limit")
+        0.0, "policy: skip layouts whose predicted peak per worker above its idle process (state, gradients, "
+        "FSDP gathers, activations, logits, a reshard's staged copy; plan/memory.py) exceeds this many GB; "
+        "0: 80% of the memory Ray found on the worker's node, shared by the job's workers there")
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
@@ -227,7 +228,7 @@ class RuntimeConfig:
                  f"runtime.base_from={self.base_from!r} must be one of auto, peer, disk")
         _require(self.skeletons >= 0, f"runtime.skeletons={self.skeletons} must be >= 0 (0: keep none)")
         _require(self.memory_per_worker_gb >= 0, f"runtime.memory_per_worker_gb={self.memory_per_worker_gb} "
-                 "must be >= 0 (0: no limit)")
+                 "must be >= 0 (0: from the memory Ray reports per node)")
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

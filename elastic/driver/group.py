@@ -84,6 +84,10 @@ class WorkerGroup(Protocol):
         """Every worker process still alive, warm or warming."""
     def nodes(self) -> dict[int, str]:
         """worker -> the node it runs on (warm workers): the unit that fails together."""
+    def node_memory(self) -> dict[str, int]:
+        """node -> bytes of memory the cluster says it has for the workers ({}: not known, memory limits nothing)."""
+    def idle_bytes(self) -> dict[int, int]:
+        """worker -> its resident bytes when idle (warm, no model), where it reported them."""
     def draining_nodes(self) -> dict[str, float | None]:
         """Nodes the cluster announced it will take away: node -> deadline (seconds since the epoch) or None."""
     def spawn(self, n: int) -> list[int]:

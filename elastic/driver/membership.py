@@ -144,6 +144,17 @@ class Membership:
         """worker -> the id of the Ray node it runs on (warm workers)."""
         return {w: self.info[w]["node_id"] for w in self.actors if w in self.info}
 
+    def idle_bytes(self) -> dict[int, int]:
+        """worker -> its resident bytes after warm-up, before any model (warm workers that reported it)."""
+        return {w: self.info[w]["idle_rss"] for w in self.actors if self.info.get(w, {}).get("idle_rss")}
+
+    def node_memory(self) -> dict[str, int]:
+        """node -> the bytes Ray found available there when the node started (its ``memory`` resource for tasks
+        and actors plus its object store's share), for the nodes of live workers."""
+        mine = {self.info[w]["node_id"] for w in self.actors if w in self.info}
+        return {n["NodeID"]: int(n["Resources"].get("memory", 0) + n["Resources"].get("object_store_memory", 0))
+                for n in ray.nodes() if n.get("Alive") and n["NodeID"] in mine}
+
     def dead_nodes(self, workers: Iterable[int]) -> set[str]:
         """The nodes of ``workers`` that Ray's GCS no longer reports alive."""
         mine = {self.info[w]["node_id"] for w in workers if w in self.info}
@@ -218,6 +229,12 @@ class MembershipView:
 
     def nodes(self) -> dict[int, str]:
         return self.members.nodes()
+
+    def node_memory(self) -> dict[str, int]:
+        return self.members.node_memory()
+
+    def idle_bytes(self) -> dict[int, int]:
+        return self.members.idle_bytes()
 
     def remove(self, workers: Iterable[int]) -> None:
         self.members.remove(workers)

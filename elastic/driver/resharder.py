@@ -77,9 +77,11 @@ def frozen_from_disk(cfg, cost=None) -> frozenset[str]:
 
 
 def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str,
-            from_disk: frozenset[str] = frozenset()) -> ReshardReport:
+            from_disk: frozenset[str] = frozenset(), round_bytes: int = 0) -> ReshardReport:
     """Move the job from ``plan.old`` (the group's placement) to ``plan.new`` at optimizer step ``step``;
     remote pieces of the tensors in ``from_disk`` are read from the base folder (``frozen_from_disk``).
+    ``round_bytes``: what a worker may send plus receive per round (the policy's ``Move.round_bytes``, from
+    the headroom of the workers taking part; 0: ``runtime.reshard_round_bytes``).
 
     Raises ReshardFailed if a transfer fails (``old_intact`` says whether the old placement still
     trains), and WorkerFailure if a worker dies while committing (the job must then recover).
@@ -88,7 +90,7 @@ def reshard(group: WorkerGroup, plan: Plan, step: int, reason: str,
     old, new = group.placement, plan.new
     if plan.old != old:
         raise ValueError(f"the plan moves from {plan.old}, but the job is on {old}; plan again")
-    work = transfer_work(plan, group.cfg.runtime.reshard_round_bytes, from_disk)
+    work = transfer_work(plan, round_bytes or group.cfg.runtime.reshard_round_bytes, from_disk)
     planned = time.perf_counter()
     try:
         stats = group.transfer(new, work, step)

@@ -28,9 +28,11 @@ class Move:
     """Go to ``placement``, for ``reason``, with what the cost model expects.
 
     ``plan`` is the reshard plan from the current placement that the cost was computed from (the resharder
-    runs exactly it). ``rebuild`` is set when some shard has no live holder: no plan can be made, and every
-    rank is rebuilt from the newest snapshot, checkpoint or the seed instead. A placement may name workers
-    not started yet (negative ids): the controller starts them first.
+    runs exactly it), ``round_bytes`` the bytes a worker may send plus receive per round of it (the headroom
+    of the workers taking part; 0: ``runtime.reshard_round_bytes``). ``rebuild`` is set when some shard has
+    no live holder: no plan can be made, and every rank is rebuilt from the newest snapshot, checkpoint or
+    the seed instead. A placement may name workers not started yet (negative ids): the controller starts
+    them first.
     """
 
     placement: Placement
@@ -40,6 +42,7 @@ class Move:
     current_step_seconds: float | None = None
     plan: Plan | None = field(default=None, compare=False, repr=False)
     rebuild: bool = False
+    round_bytes: int = field(default=0, compare=False)
 
     def describe(self) -> str:
         now = f", now {self.current_step_seconds:.3f} s/step" if self.current_step_seconds else ""

@@ -95,6 +95,7 @@ class FakeWorkerGroup:
         self.prepared_placements: list[Placement] = []  # what the controller asked to build ahead, in order
         self._build_asks: dict[Placement, int] = {}
         self.node_of: dict[int, str] = {}  # worker -> node, set by tests of failure domains
+        self.node_bytes: dict[str, int] = {}  # node -> its memory, set by tests of memory budgets
         self.draining: dict[str, float | None] = {}  # node -> deadline: the cluster's drain notices, set by tests
         self.trouble: str | None = None  # what start_trouble() answers (a test sets it)
         self.fail_starts = False  # workers started from now on fail their warm-up
@@ -187,6 +188,13 @@ class FakeWorkerGroup:
 
     def cluster_cpus(self) -> float:
         return 2.0
+
+    def node_memory(self) -> dict[str, int]:
+        """{} unless the test gives nodes a size (``node_bytes``): no memory budget, as before issue 25."""
+        return dict(self.node_bytes)
+
+    def idle_bytes(self) -> dict[int, int]:
+        return {}
 
     def shutdown(self) -> None:
         self.workers.clear()

@@ -89,23 +89,28 @@ def test_memory_budget_rules_out_layouts_that_would_not_fit():
 
     cfg = tiny_config(global_batch=16)
     cost = CostModel(cfg.model, 16, cfg.data.seq_len, 8, cores=4)
-    n = cfg.model.num_params()  # float64, every parameter trainable: weights + 2 moments + grads
+    n = cfg.model.num_params()  # float64, every parameter trainable
     unlimited = Policy(cfg, cost)
-    # Replicated: 2 copies of (weights + moments) + grads = 7 * n items per rank; fsdp=4 a quarter of it.
-    assert unlimited.peak_state_bytes(Layout(dp=4)) == 7 * n * 8
-    assert unlimited.peak_state_bytes(Layout(fsdp=4)) == pytest.approx(7 * n * 8 / 4, rel=0.02)
+    # The state terms are the boxes' bytes: weights + 2 moments + grads, whole under dp, a quarter under fsdp=4.
+    whole, quarter = unlimited.memory.estimate(Layout(dp=4)).terms, unlimited.memory.estimate(Layout(fsdp=4)).terms
+    assert whole["weights"] == whole["grads"] == n * 8 and whole["moments"] == 2 * n * 8 and whole["gather"] == 0
+    assert quarter["weights"] + quarter["moments"] == pytest.approx(3 * n * 8 / 4, rel=0.02) and quarter["gather"] > 0
     assert Layout(dp=4) in unlimited.layouts(4)
 
-    budget = 7 * n * 8 / 2 / 1e9  # room for half the replicated state: only layouts sharding by >= 2 fit
-    tight = Policy(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, memory_per_worker_gb=budget)),
-                   cost)
+    budget = unlimited.memory.peak(Layout(fsdp=4)) * 1.05  # fits sharding by 4, not replicating
+    assert unlimited.memory.peak(Layout(dp=4)) > budget
+    runtime = dataclasses.replace(cfg.runtime, memory_per_worker_gb=budget / 1e9)
+    tight = Policy(dataclasses.replace(cfg, runtime=runtime), cost)
     allowed = tight.layouts(4)
-    assert allowed and Layout(dp=4) not in allowed
-    assert all(tight.peak_state_bytes(l) <= budget * 1e9 for l in allowed)
+    assert allowed and Layout(dp=4) not in allowed and Layout(fsdp=4) in allowed
+    assert all(tight.memory.peak(l) <= budget for l in allowed)
     assert tight.decide(None, [0, 1, 2, 3], 100).placement.layout in allowed
-    # One worker cannot hold it all: the job pauses and says which limit binds.
+    refused = tight.decide(None, [0, 1, 2, 3], 100, forced=Layout(dp=4))  # an operator's request too
+    assert isinstance(refused, Refuse) and "above the" in refused.reason and "memory_per_worker_gb" in refused.reason
+    # One worker cannot hold it all: the job pauses and says which limit binds, by how much, and what would fit.
     paused = tight.decide(Placement(Layout(dp=2), (0, 1)), [0], 100, must_move=True)
-    assert isinstance(paused, Pause) and "GB per-worker memory" in paused.reason
+    assert isinstance(paused, Pause) and "no layout fits 1 workers in" in paused.reason, paused
+    assert "memory_per_worker_gb" in paused.reason and "it would take 2 workers (pp=2" in paused.reason, paused
 
 
 def test_use_all_says_so_when_growing_is_not_predicted_faster():
