@@ -15,7 +15,8 @@ Peak bytes above a worker's idle process (torch and Ray loaded, no model), on th
   flight: one micro-batch, or, under a pipeline, the chunks its schedule holds (1F1B: pp, GPipe: all).
   With ``train.activation_checkpointing`` only each layer's input is kept plus one layer's full set;
 - **logits** (last stage): micro-batch rows x seq_len x vocab x (itemsize + 4 bytes): the logits and the
-  float32 log-softmax cross-entropy keeps (the LM head stays whole under tp);
+  float32 log-softmax cross-entropy keeps (the LM head stays whole under tp). Activations and logits are at
+  the compute dtype's itemsize (bf16 under ``train.mixed_precision``), the state at ``train.dtype``'s;
 - **overhead**: a constant learned from the workers' reports (allocator caches, optimizer temporaries).
 
 A step's peak is the sum of these. A reshard into the layout holds the old and the new state at once plus
@@ -89,6 +90,10 @@ class MemoryModel:
     def __post_init__(self) -> None:
         self.specs: tuple[TensorSpec, ...] = tuple(param_specs(self.cfg))
         self.itemsize = itemsize(self.cfg)
+        # Activations and logits are kept at the compute dtype: bf16 under train.mixed_precision (read with a
+        # default, so this model does not depend on which sections a config carries).
+        bf16 = getattr(self.cfg.train, "mixed_precision", "no") == "bf16"
+        self.compute_itemsize = 2 if bf16 else self.itemsize
         self._cache: dict[tuple, MemoryEstimate] = {}
 
     # ---- prediction ------------------------------------------------------------------
@@ -175,8 +180,8 @@ class MemoryModel:
             acts = in_flight * seq * m.dim * n_layers + micro * seq * per_token
         else:
             acts = in_flight * seq * per_token * n_layers
-        logits = micro * seq * m.vocab_size * (self.itemsize + 4) if stage == layout.pp - 1 else 0
-        return acts * self.itemsize, logits
+        logits = micro * seq * m.vocab_size * (self.compute_itemsize + 4) if stage == layout.pp - 1 else 0
+        return acts * self.compute_itemsize, logits
 
     # ---- calibration -----------------------------------------------------------------
     def observe(self, layout: Layout, peak_bytes: int) -> None:
@@ -184,7 +189,7 @@ class MemoryModel:
         if peak_bytes <= 0:
             return
         key = str(layout)
-        self.predicted.setdefault(key, self.peak(layout))
+        self.predicted.setdefault(key, self.estimate(layout).step_bytes)  # a step's peak is what was measured
         if peak_bytes <= self.seen.get(key, (layout, 0))[1]:
             return
         self.seen[key] = (layout, peak_bytes)
@@ -215,17 +220,22 @@ class MemoryModel:
         return static, sum(self._activations(layout, stage))
 
     def report(self) -> list[dict]:
-        """Each layout that reported a peak: predicted (before it ran, and now) against measured, in GB."""
-        return [{"layout": key, "predicted_gb": round(self.predicted[key] / GB, 3),
-                 "calibrated_gb": round(self.peak(layout) / GB, 3), "measured_gb": round(peak / GB, 3),
-                 "terms_gb": {k: round(v / GB, 3) for k, v in self.estimate(layout).terms.items()}}
-                for key, (layout, peak) in self.seen.items()]
+        """Each layout that reported a peak: a step's predicted peak (before it ran, and now) against the measured
+        one, in GB, with the terms and the predicted peak of a reshard into it."""
+        rows = []
+        for key, (layout, peak) in self.seen.items():
+            estimate = self.estimate(layout)
+            rows.append({"layout": key, "predicted_gb": round(self.predicted[key] / GB, 3),
+                         "calibrated_gb": round(estimate.step_bytes / GB, 3), "measured_gb": round(peak / GB, 3),
+                         "reshard_gb": round(estimate.reshard_bytes / GB, 3),
+                         "terms_gb": {k: round(v / GB, 3) for k, v in estimate.terms.items()}})
+        return rows
 
     def lines(self) -> list[str]:
         """One line per layout that ran: the prediction beside the measured peak (what the CLI prints)."""
-        return [f"memory on {r['layout']}: predicted {r['predicted_gb']:.3f} GB per worker before it ran "
-                f"({r['calibrated_gb']:.3f} GB calibrated), measured {r['measured_gb']:.3f} GB (peak RSS above idle, "
-                f"busiest worker)" for r in self.report()]
+        return [f"memory on {r['layout']}: a step's peak predicted {r['predicted_gb']:.3f} GB per worker before it "
+                f"ran ({r['calibrated_gb']:.3f} GB calibrated), measured {r['measured_gb']:.3f} GB (peak RSS above "
+                f"idle, busiest worker); a reshard into it {r['reshard_gb']:.3f} GB" for r in self.report()]
 
 
 def node_budgets(nodes: dict[int, str], node_bytes: dict[str, int], idle: dict[int, int],

@@ -7,6 +7,7 @@ through Ray's JobSubmissionClient, polls it to SUCCEEDED, checks the logs, and s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -189,6 +190,10 @@ def test_a_lost_driver_is_resumed_by_running_the_same_command_again(head_node, t
     print(f"the same command again took {time.monotonic() - again_at:.0f} s")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints'}" in second.stdout, second.stdout[-3000:]
+    # The workers reported their steps' peak RSS, and the job printed the memory model's prediction beside it.
+    assert "memory on dp=2: a step's peak predicted " in second.stdout, second.stdout[-3000:]
+    measured = json.loads((run_dir / "summary.json").read_text())["memory"]
+    assert [m["layout"] for m in measured] == ["dp=2"] and measured[0]["measured_gb"] > 0, measured
     cfg = build_config(parser().parse_args(args))[0]
     assert (cfg.train.steps, cfg.train.global_batch, cfg.data.seq_len) == (40, 8, 16)
     assert "accepted, changes nothing here: report_to" in second.stdout

@@ -52,7 +52,8 @@ def test_calibration_fits_a_constant_then_a_factor_on_activations():
     rows = {r["layout"]: r for r in model.report()}
     assert rows["dp=2"]["predicted_gb"] == before and set(rows) == {"dp=2", "dp=4"}
     assert rows["dp=4"]["measured_gb"] == pytest.approx(truth.estimate(Layout(dp=4)).step_bytes / 1e9, abs=1e-3)
-    assert model.lines()[0].startswith("memory on dp=2: predicted")
+    assert model.lines()[0].startswith("memory on dp=2: a step's peak predicted")
+    assert rows["dp=4"]["calibrated_gb"] == pytest.approx(rows["dp=4"]["measured_gb"], abs=2e-3)
 
 
 def test_budgets_share_a_node_among_its_workers_less_their_idle_memory():
