@@ -90,8 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(line)
     print(f"its configuration: {run_dir / 'config.toml'} (rerun it with --config)")
     workload = recipe.workload(cfg) if recipe.workload else None
+    # The workers write the model into the run folder at the end; the driver never gathers the state.
     controller = Controller(cfg, workload=workload, job_name=job, run_dir=str(run_dir),
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, gather_tensors=False, export_dir=str(run_dir))
     if controller.resume_from is not None:
         print(f"resuming from {controller.resume_from} (the newest checkpoint of this job)")
     try:

@@ -65,16 +65,17 @@ class Controller:
     def __init__(self, cfg: Config, group: WorkerGroup | None = None, workload: Workload | None = None,
                  policy: Policy | None = None, plane: PlaneLink | None = None, *, sources: Iterable = (),
                  job_name: str | None = None, run_dir: str | None = None, progress: bool = True,
-                 gather_tensors: bool = True) -> None:
+                 gather_tensors: bool = True, export_dir: str | None = None) -> None:
         """``cfg`` holds everything configurable (its ``[control]`` section: ``ControlConfig``). The rest is how
         this run is wired: ``sources`` (extra event sources with ``poll(step)``), ``job_name`` (registers the
         named control-plane actor), ``run_dir`` (metrics.jsonl, events.jsonl, summary.json), ``progress`` (the
-        bar) and ``gather_tensors`` (assemble the final full tensors on the driver)."""
+        bar), ``gather_tensors`` (assemble the final full tensors on the driver) and ``export_dir`` (the workers
+        write the model there at the end, ``driver/exporter.py``; the CLI's run folder)."""
         self.cfg, self.control = cfg, ControlConfig.of(cfg)
         if cfg.runtime.workers > self.control.max_workers:
             raise ValueError(f"runtime.workers={cfg.runtime.workers} exceeds control.max_workers="
                              f"{self.control.max_workers}; start fewer workers or raise the cap")
-        self.progress, self.gather_tensors = progress, gather_tensors
+        self.progress, self.gather_tensors, self.export_dir = progress, gather_tensors, export_dir
         self._started = time.perf_counter()
         check_data(cfg)  # a bad data file, column or tokenizer fails here, before any worker starts
         self.workload = workload or LMWorkload()
@@ -241,7 +242,7 @@ class Controller:
                     self.tick()
             self.steps.close_bar()
             result = RunResult(self.history, self.reshards, self.recoveries, self.events, self.state.tensors,
-                               time.perf_counter() - self._started, self.group.placement)
+                               time.perf_counter() - self._started, self.group.placement, self.state.export)
             if self.metrics is not None:
                 self.metrics.summary(run_summary(result, self.safe.snapshots, self.step >= self.cfg.train.steps,
                                                  self.policy.memory))

@@ -31,6 +31,7 @@ from elastic.control.states import (
 from elastic.core.layout import Layout
 from elastic.core.records import RecordKind
 from elastic.driver.checkpoints import resume_checkpoint
+from elastic.driver.exporter import export_from_workers
 from elastic.driver.group import WorkerFailure
 from elastic.driver.resharder import ReshardFailed
 from elastic.plan.decisions import Decision, Move, Pause, Refuse, Stay
@@ -185,19 +186,30 @@ def paused(ctl: Controller, state: Paused):
 
 
 def finishing(ctl: Controller, state: Finishing):
-    tensors = None
+    tensors = export = None
     try:
         ctl.safe.final(ctl.step, lambda kind, text, **more: ctl.record(kind, text=text, **more))
     except WorkerFailure as failure:  # recover, and write it again from the survivors
         ctl.failed(failure, "while writing the final checkpoint")
         return Recovering(failure)
+    if ctl.export_dir is not None and ctl.group.placement is not None:
+        try:  # the workers write the model from their shards; the driver holds no tensor (driver/exporter.py)
+            export = export_from_workers(ctl.group, ctl.cfg, ctl.export_dir)
+        except WorkerFailure as failure:  # recover, and write it again from the survivors
+            ctl.failed(failure, "while writing the model")
+            return Recovering(failure)
+        writers = sorted({w for w in export.writers.values() if w is not None})
+        ctl.record(RecordKind.EXPORT, text=f"workers {writers} wrote {', '.join(map(str, export.folders.values()))} "
+                   f"({export.written_bytes / 1e6:.1f} MB in {export.seconds:.2f} s; the driver received "
+                   f"{export.driver_bytes} tensor bytes)", folders={k: str(v) for k, v in export.folders.items()},
+                   driver_bytes=export.driver_bytes)
     if ctl.gather_tensors:
         try:
             tensors = ctl.group.gather_tensors()[1]
         except WorkerFailure as failure:  # recover, and gather again from the survivors
             ctl.failed(failure, "while gathering the final tensors")
             return Recovering(failure)
-    return Done(state.reason, tensors)
+    return Done(state.reason, tensors, export)
 
 
 

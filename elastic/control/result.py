@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from elastic.core.config import Config
 from elastic.core.layout import Placement
+from elastic.driver.exporter import ExportReport
 from elastic.driver.resharder import ReshardReport
 from elastic.driver.snapshots import Snapshotter
 from elastic.driver.summary import StepSummary
@@ -24,6 +27,18 @@ class RunResult:
     tensors: dict[str, torch.Tensor] | None
     seconds: float
     final_placement: Placement | None = None
+    export: ExportReport | None = None  # what the workers wrote of the model (a controller given ``export_dir``)
+
+    def model_folders(self, cfg: Config, run_dir: str | Path) -> dict[str, Path]:
+        """Where the run's model is: the folders its workers wrote at its end, else (the library API, which
+        gathers) the folders written now under ``run_dir`` from the gathered tensors; {} when neither."""
+        if self.export is not None:
+            return dict(self.export.folders)
+        if self.tensors is None:
+            return {}
+        from elastic.model.export import export_model
+
+        return export_model(run_dir, cfg, self.tensors)
 
 
 def run_summary(result: RunResult, snapshots: Snapshotter, finished: bool, memory: MemoryModel | None = None) -> dict:

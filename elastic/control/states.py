@@ -139,10 +139,12 @@ class Finishing:
 
 @dataclass(frozen=True)
 class Done:
-    """The run is over; ``tensors`` are its final training tensors (None when not gathered)."""
+    """The run is over; ``tensors`` are its final training tensors (None when not gathered); ``export`` what the
+    workers wrote of its model (``driver/exporter.ExportReport``; None when the run writes none)."""
 
     reason: str
     tensors: Any = field(default=None, compare=False, repr=False)
+    export: Any = field(default=None, compare=False, repr=False)
 
 
 STATES = (Planning, Launching, Resuming, Preparing, Resharding, Running, Recovering, Paused, Finishing, Done)

@@ -31,4 +31,5 @@ class RecordKind(enum.StrEnum):
     WORKERS_READY = "workers ready"
     DRAINED = "drained"  # workers left after their shards moved off them
     CHECKPOINT = "checkpoint"
+    EXPORT = "export"  # the workers wrote the run's model (``folders``, ``writers``, ``driver_bytes``)
     EVAL = "eval"  # an evaluation on the held-out rows (``eval_loss``, ``eval_samples``, ``eval_runtime``)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
+import torch
 import torch.distributed as dist
 from ray.exceptions import (
     ActorUnavailableError,
@@ -47,10 +48,23 @@ log = logging.getLogger(__name__)
 REABORT_EVERY_S = 1.0  # how often a failing gather cuts the gloo groups of members that have not answered
 
 
+def tensor_bytes(value: Any, depth: int = 3) -> int:
+    """Bytes of the tensors in a call's result (in dicts, lists and tuples, ``depth`` levels down): what the
+    driver received, counted so that a test can show an export never brought the state here."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if depth and isinstance(value, dict):
+        return sum(tensor_bytes(v, depth - 1) for v in value.values())
+    if depth and isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v, depth - 1) for v in value)
+    return 0
+
+
 class Calls:
     def __init__(self, members: Membership, store: dist.Store, runtime: RuntimeConfig) -> None:
         self.members, self.store = members, store
         self.on_lost: list[Callable[[set[int]], None]] = []
+        self.received_bytes = 0  # tensor bytes in every result received (``tensor_bytes``)
         self.configure(runtime)
 
     def configure(self, runtime: RuntimeConfig) -> None:
@@ -110,6 +124,7 @@ class Calls:
             outcome = self._outcome(ready[0])
             if outcome[0] == "ok":
                 results[wid] = outcome[1]
+                self.received_bytes += tensor_bytes(outcome[1])
             elif outcome[0] == "dead":
                 dead[wid] = hung.get(wid, outcome[1])
             elif outcome[0] == "unreachable":  # its node is gone (a death), or it is cut off (killed: a hang)

@@ -153,3 +153,6 @@ class WorkerGroup(Protocol):
         """Form ``placement`` with every rank reading its boxes from the checkpoint ``folder`` (at ``step``)."""
     def gather_tensors(self) -> tuple[int, dict]:
         """(committed step, full training tensors) assembled on the driver (small models)."""
+    @property
+    def received_bytes(self) -> int:
+        """Tensor bytes the driver has received in call results so far (an export's test reads it)."""

@@ -76,6 +76,10 @@ class RayWorkerGroup(MembershipView):
         """Optimizer steps every rank has computed; their updates are applied or about to be."""
         return self._committed
 
+    @property
+    def received_bytes(self) -> int:
+        return self.calls.received_bytes
+
     def draining_nodes(self) -> dict[str, float | None]:
         return ray_compat.draining_nodes()
 

@@ -57,11 +57,10 @@ def _finish(cfg, result, run_dir, workload) -> list[str]:
     where the time went."""
     lines = [f"time in rollouts {workload.seconds['rollout']:.1f} s, in updates {workload.seconds['train']:.1f} s, "
              f"in reshards {sum(r.total_seconds for r in result.reshards):.1f} s ({len(result.reshards)} reshards)"]
-    if result.tensors is None:
-        return lines
-    from elastic.model.export import export_model, how_to_sample
+    from elastic.model.export import how_to_sample
 
-    return how_to_sample(export_model(run_dir, cfg, result.tensors), cfg.train.init_from) + lines
+    written = result.model_folders(cfg, run_dir)
+    return (how_to_sample(written, cfg.train.init_from) if written else []) + lines
 
 
 RECIPE = Recipe("grpo", "GRPO: noise-corrected rewards on a built-in task, or --data prompts with --grpo.reward_funcs",

@@ -32,11 +32,10 @@ def _preset(args: RecipeArgs) -> Preset:
 
 def _finish(cfg, result, run_dir: Path, workload) -> list[str]:
     """A PEFT adapter and/or a merged folder (``lora.export``), or a full fine-tune's HF folder (use_peft false)."""
-    if result.tensors is None:
-        return []
-    from elastic.model.export import export_model, how_to_sample
+    from elastic.model.export import how_to_sample
 
-    return how_to_sample(export_model(run_dir, cfg, result.tensors), cfg.train.init_from)
+    written = result.model_folders(cfg, run_dir)
+    return how_to_sample(written, cfg.train.init_from) if written else []
 
 
 RECIPE = Recipe("lora", "LoRA fine-tuning of --base (a Hugging Face folder) on --data; writes PEFT adapters",

@@ -25,15 +25,18 @@ def _preset(args: RecipeArgs) -> Preset:
 
 
 def _finish(cfg, result, run_dir, workload) -> list[str]:
-    if result.tensors is None:
-        return []
-    from elastic.model.export import export_model, how_to_sample
+    from elastic.model.export import how_to_sample
+    from elastic.model.hf import load_hf_model
     from elastic.recipes.pretrain.recipe import complete, load_model
 
-    saved = how_to_sample(export_model(run_dir, cfg, result.tensors), cfg.train.init_from)
+    written = result.model_folders(cfg, run_dir)
+    if not written:
+        return []
+    saved = how_to_sample(written, cfg.train.init_from)
     if cfg.train.init_from:  # a user's model: its own tokenizer, not the byte one the samples below use
         return saved
-    model = load_model(cfg, result.tensors)
+    # A built-in preset (at most 100M parameters): sample from the folder the run wrote.
+    model = load_model(cfg, result.tensors if result.tensors is not None else load_hf_model(written["model"])[1])
     return ["---\n" + text for text in complete(model, ["def ", "import "], max_new_tokens=60)] + saved
 
 
