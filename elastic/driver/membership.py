@@ -36,7 +36,8 @@ class Membership:
     def __init__(self, cfg: Config, store_host: str, store_port: int) -> None:
         self.cfg, self.store_addr = cfg, (store_host, store_port)
         self.actors: dict[int, ray.actor.ActorHandle] = {}
-        self.info: dict[int, dict] = {}  # id -> {"pid", "host", "node_id"} once warm
+        self.info: dict[int, dict] = {}  # id -> {"pid", "host", "node_id", "idle_rss"} once warm
+        self._node_bytes: dict[str, int] = {}  # node -> its memory as Ray reports it (node_memory)
         self._starting: dict[int, ray.ObjectRef] = {}
         self._next_id = 0
         self._warm_kind: dict[int, tuple[dict | None, bool]] = {}  # id -> (resources, full warm-up)
@@ -150,10 +151,17 @@ class Membership:
 
     def node_memory(self) -> dict[str, int]:
         """node -> the bytes Ray found available there when the node started (its ``memory`` resource for tasks
-        and actors plus its object store's share), for the nodes of live workers."""
+        and actors plus its object store's share), for the nodes of live workers. A node's size is fixed, so
+        the GCS is asked only when a worker runs on a node not seen before (the policy asks before every
+        decision, and for every fallback)."""
         mine = {self.info[w]["node_id"] for w in self.actors if w in self.info}
-        return {n["NodeID"]: int(n["Resources"].get("memory", 0) + n["Resources"].get("object_store_memory", 0))
-                for n in ray.nodes() if n.get("Alive") and n["NodeID"] in mine}
+        if not mine <= self._node_bytes.keys():
+            for n in ray.nodes():
+                if n.get("Alive"):
+                    resources = n.get("Resources", {})
+                    self._node_bytes[n["NodeID"]] = int(resources.get("memory", 0)
+                                                        + resources.get("object_store_memory", 0))
+        return {node: self._node_bytes[node] for node in mine if node in self._node_bytes}
 
     def dead_nodes(self, workers: Iterable[int]) -> set[str]:
         """The nodes of ``workers`` that Ray's GCS no longer reports alive."""

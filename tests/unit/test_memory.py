@@ -98,3 +98,17 @@ def test_a_sharded_layout_is_chosen_over_replicating_when_only_it_fits():
     paused = bounded.decide(current, [0, 1], 100, must_move=True)
     assert isinstance(paused, Pause) and "no layout fits 2 workers in 0.00 MB each (Ray's node memory" in paused.reason
     assert "no layout of up to 64 workers fits" in paused.reason and "the smallest predicted peak is" in paused.reason
+
+
+def test_node_memory_is_what_ray_reports_for_the_workers_nodes_asked_once(monkeypatch):
+    from elastic.driver import membership
+
+    asked = []
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"memory": 6e9, "object_store_memory": 2e9, "CPU": 2}},
+             {"NodeID": "b", "Alive": True, "Resources": {"memory": 1e9}},
+             {"NodeID": "gone", "Alive": False, "Resources": {"memory": 9e9}}]
+    monkeypatch.setattr(membership.ray, "nodes", lambda: asked.append(1) or nodes)
+    members = membership.Membership(tiny_config(), "127.0.0.1", 1)
+    members.actors, members.info = {0: None, 1: None}, {0: {"node_id": "a", "idle_rss": 5e8}, 1: {"node_id": "a"}}
+    assert members.node_memory() == {"a": 8_000_000_000} and members.idle_bytes() == {0: 5e8}
+    assert members.node_memory() == {"a": 8_000_000_000} and len(asked) == 1  # a node's size is asked once
