@@ -156,7 +156,12 @@ class Membership:
         decision, and for every fallback)."""
         mine = {self.info[w]["node_id"] for w in self.actors if w in self.info}
         if not mine <= self._node_bytes.keys():
-            for n in ray.nodes():
+            try:
+                nodes = ray.nodes()
+            except RayError as err:  # the GCS is busy (a node loss): no budget this time, asked again next time
+                log.warning("could not read the nodes' memory from Ray (%s); memory limits nothing this time", err)
+                nodes = []
+            for n in nodes:
                 if n.get("Alive"):
                     resources = n.get("Resources", {})
                     self._node_bytes[n["NodeID"]] = int(resources.get("memory", 0)
