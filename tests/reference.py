@@ -281,24 +281,29 @@ def trl_rollout_metrics(per_func: dict[str, list[float]], rewards: torch.Tensor,
 
 
 def trl_step_metrics(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
-                     epsilon: float, epsilon_high: float | None, entropy: torch.Tensor) -> dict[str, float]:
-    """TRL's ``_compute_loss`` logs (token-level ratio, beta = 0): the masked means of the entropy and of the
-    low, high and region clip indicators."""
+                     epsilon: float, epsilon_high: float | None, entropy: torch.Tensor,
+                     kl: torch.Tensor | None = None) -> dict[str, float]:
+    """TRL's ``_compute_loss`` logs (token-level ratio): the masked means of the entropy and of the low, high and
+    region clip indicators, and with beta > 0 of the k3 KL (``kl``, per token)."""
     old = logps.detach() if old is None else old
     coef_1, adv, m = torch.exp(logps.detach() - old), advantages.unsqueeze(1), mask.double()
     low = (coef_1 < 1 - epsilon) & (adv < 0)
     high = (coef_1 > 1 + (epsilon if epsilon_high is None else epsilon_high)) & (adv > 0)
     tokens = m.sum().clamp(min=1.0)
-    return {"entropy": float((entropy * m).sum() / tokens), "clip_ratio/low_mean": float((low * m).sum() / tokens),
-            "clip_ratio/high_mean": float((high * m).sum() / tokens),
-            "clip_ratio/region_mean": float(((low | high) * m).sum() / tokens)}
+    out = {"entropy": float((entropy * m).sum() / tokens), "clip_ratio/low_mean": float((low * m).sum() / tokens),
+           "clip_ratio/high_mean": float((high * m).sum() / tokens),
+           "clip_ratio/region_mean": float(((low | high) * m).sum() / tokens)}
+    if kl is not None:
+        out["kl"] = float((kl.detach() * m).sum() / tokens)
+    return out
 
 
 def trl_loss(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
              epsilon: float, epsilon_high: float | None, loss_type: str, max_completion_length: int,
-             keep: torch.Tensor | None = None) -> torch.Tensor:
-    """TRL's ``_compute_loss`` without KL (beta = 0) for one process and the whole batch; ``keep``: TRL's
-    high-entropy token mask (``top_entropy_quantile``), None for every token."""
+             keep: torch.Tensor | None = None, kl: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
+    """TRL's ``_compute_loss`` for one process and the whole batch; ``keep``: TRL's high-entropy token mask
+    (``top_entropy_quantile``), None for every token; ``kl``: the per-token k3 KL to the reference model
+    (``trl_kl``), added with weight ``beta`` after the mask, as TRL adds it."""
     old = logps.detach() if old is None else old
     coef_1 = torch.exp(logps - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
@@ -306,6 +311,8 @@ def trl_loss(logps: torch.Tensor, old: torch.Tensor | None, advantages: torch.Te
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)
     if keep is not None:
         per_token = per_token * keep.to(per_token.dtype)
+    if beta != 0:
+        per_token = per_token + beta * kl
     mask = mask.to(logps.dtype)
     if loss_type == "grpo":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -328,14 +335,45 @@ def row_logps(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Te
                       for r, p in enumerate(prompts)])
 
 
-def row_entropies(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor) -> torch.Tensor:
-    """Entropy [B, C] of the next-token distribution at each completion position, each row alone."""
-    out = []
+def policy_logps(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor, step: int,
+                 completions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy step's forward, each row alone on its own unpadded prompt: completion log-probs [B, C] (with
+    gradient) and the entropy [B, C] of each position's next-token distribution (detached), from the same
+    forward as TRL takes them. LoRA dropout acts here, row ``r`` named by its global completion index
+    ``completions[r]`` in optimizer step ``step`` (``SeededDropout``); nothing else in GRPO has dropout."""
+    logps, entropies = [], []
     for r, p in enumerate(prompts):
-        logits = model(torch.cat([torch.tensor([p]), tokens[r : r + 1]], dim=1))[:, len(p) - 1 : -1]
-        logp = F.log_softmax(logits, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+        SeededDropout.rows = (step, [completions[r]])
+        try:
+            logits = model(torch.cat([torch.tensor([p]), tokens[r : r + 1]], dim=1))[:, len(p) - 1 : -1]
+        finally:
+            SeededDropout.rows = None
+        every = F.log_softmax(logits, dim=-1)
+        logps.append(torch.gather(every, -1, tokens[r : r + 1].unsqueeze(-1)).squeeze(-1))
+        entropies.append(-(every.exp() * every).sum(-1).detach())
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def trl_kl(logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """TRL's per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1."""
+    return torch.exp(ref - logps) - (ref - logps) - 1
+
+
+def noisy_rewards(clean: torch.Tensor, prompts: list[int], group: int, grpo_step: int, seed: int, rho_plus: float,
+                  rho_minus: float) -> torch.Tensor:
+    """The simulated verifier's observed rewards, by its definition (``docs/grpo_noise.md``): completion ``s`` of
+    prompt ``i`` in GRPO step ``k`` draws u = stable_seed(seed, "reward-noise", "train", k, i, s) / 2**63; a true 1
+    becomes 0 when u < rho_minus, a true 0 becomes 1 when u < rho_plus."""
+    out = clean.clone()
+    for r, value in enumerate(clean.tolist()):
+        i, s = prompts[r // group], r % group
+        u = stable_seed(seed, "reward-noise", "train", grpo_step, i, s) / float(2**63)
+        if math.isnan(value):  # unscored (None from every function): stays unscored
+            continue
+        assert value in (0.0, 1.0), f"the flip channel takes 0/1 rewards, got {value}"
+        if u < (rho_minus if value == 1 else rho_plus):
+            out[r] = 1 - value
+    return out
 
 
 def user_function(spec: str):
@@ -352,15 +390,17 @@ def user_function(spec: str):
 
 def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Reference:
     """GRPO as one process would run it: sample each prompt's completions (``reference_sample``, seeded per global
-    prompt and sample), score them with ``reward_fn``, TRL's advantages and loss, torch's AdamW. Exact rewards
-    (no injected noise), ``beta = 0``, no LoRA."""
+    prompt and sample), score them with ``reward_fn`` (with ``inject_noise``, through the flip channel:
+    ``noisy_rewards``), TRL's advantages and loss (with beta > 0, its k3 KL to the reference model, which under
+    LoRA is the frozen base: PEFT's ``disable_adapter``), torch's AdamW. No noise correction."""
     from elastic.core.tokenizer import load_tokenizer
     from elastic.recipes.grpo.config import GRPOConfig
     from elastic.recipes.grpo.prompts import PromptTask
     from elastic.recipes.grpo.rewards import build_task
 
     g = GRPOConfig.of(cfg)
-    assert g.beta == 0 and not g.inject_noise and g.correction == "none" and cfg.lora is None, "not covered here"
+    assert g.correction == "none" and not (g.group_rates or g.rate_group or g.estimate_rates), "not covered here"
+    assert g.beta == 0 or cfg.lora is not None, "beta > 0 needs a reference model: LoRA's frozen base"
     model = build_model(cfg)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = adamw(named, cfg)
@@ -402,30 +442,36 @@ def train_grpo_reference(cfg: Config, reward_fn, steps: int | None = None) -> Re
                     values = fn(prompts=chats, completions=shaped, completion_ids=ids_out, **columns)
                     per_func[fn.__name__] = [math.nan if v is None else float(v) for v in values]
                 rewards = torch.tensor(list(per_func.values()), dtype=torch.float64).nansum(0)  # None does not count
-                clipped = torch.tensor([int(tokens[r, int(lengths[r]) - 1]) != tok.eos_id for r in range(len(rows))])
-                rollout_metrics = trl_rollout_metrics(per_func, rewards, lengths, clipped)
             else:
                 texts = [task.problem(i).prompt for i in prompts for _ in range(G)]
                 rewards = torch.tensor([float(reward_fn(text, completions[r])) for r, text in enumerate(texts)],
                                        dtype=torch.float64)
+            if g.inject_noise:  # what the (simulated) verifier reports
+                rewards = noisy_rewards(rewards, prompts, G, k, cfg.train.seed, g.rho_plus, g.rho_minus)
+            if g.reward_funcs:
+                clipped = torch.tensor([int(tokens[r, int(lengths[r]) - 1]) != tok.eos_id for r in range(len(rows))])
+                rollout_metrics = trl_rollout_metrics(per_func, rewards, lengths, clipped)
             advantages = trl_advantages(rewards, G, g.scale_rewards)
             mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-            with torch.no_grad():
+            with torch.no_grad():  # TRL: the old and reference log-probs once per generated batch, no dropout
                 old = row_logps(model, rows, tokens) if g.num_iterations > 1 else None
+                ref = None
+                if g.beta > 0:
+                    with model.disable_adapter():
+                        ref = row_logps(model, rows, tokens)
+            numbered = [i * G + s for i in prompts for s in range(G)]  # global completion indices
             out.samples.append(prompts)
-        logps = row_logps(model, rows, tokens)
+        logps, entropy = policy_logps(model, rows, tokens, step, numbered)
+        kl = None if ref is None else trl_kl(logps, ref)
         keep = None
-        if g.reward_funcs or g.top_entropy_quantile < 1:  # the metrics TRL logs, or its high-entropy mask
-            with torch.no_grad():
-                entropy = row_entropies(model, rows, tokens)
         if g.reward_funcs:
             out.metrics.append({**rollout_metrics, **trl_step_metrics(logps, old, advantages, mask, g.epsilon,
-                                                                      g.epsilon_high, entropy)})
+                                                                      g.epsilon_high, entropy, kl)})
         if g.top_entropy_quantile < 1:  # TRL: entropies of the whole batch, threshold at their quantile in float32
             threshold = torch.quantile(entropy[mask].float(), 1 - g.top_entropy_quantile)
             keep = ((entropy * mask) >= threshold) & mask
         loss = trl_loss(logps, old, advantages, mask, g.epsilon, g.epsilon_high, g.loss_type, g.max_new_tokens,
-                        keep)
+                        keep, kl, g.beta)
         loss.backward()
         update(named, opt, schedule, cfg)
         out.losses.append(float(loss.detach()))
