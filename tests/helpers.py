@@ -148,11 +148,15 @@ class TokenisedFiles:
         return token_cache.TOKENISED["files"]
 
 
-def assert_exactly_once(history, steps: int, batch: int, num_samples: int) -> None:
+def assert_exactly_once(history, steps: int, batch: int, num_samples: int, tries=None, recoveries=()) -> None:
     """The ledger, from what the ranks reported: steps 0..steps-1 once each, and sample j of step s is
     position s * batch + j, so every epoch (``num_samples`` positions) uses each index exactly once and a
-    complete epoch uses them all. Steps that cross an epoch boundary are split at the boundary."""
+    complete epoch uses them all. Steps that cross an epoch boundary are split at the boundary. ``tries``
+    (``RunResult.tries``, every step as the ranks reported it, before the controller keeps one try per step)
+    with the run's ``recoveries``: see ``assert_replays_explained``."""
     assert [h.step for h in history] == list(range(steps)), [h.step for h in history]
+    if tries is not None:
+        assert_replays_explained(tries, recoveries, steps)
     epochs: dict[int, list[int]] = {}
     for h in history:
         assert len(h.samples) == batch, f"step {h.step} reports {len(h.samples)} samples, not {batch}"
@@ -162,6 +166,29 @@ def assert_exactly_once(history, steps: int, batch: int, num_samples: int) -> No
         assert len(indices) == len(set(indices)), f"epoch {epoch} used a sample twice"
         complete = (epoch + 1) * num_samples <= steps * batch
         assert not complete or sorted(indices) == list(range(num_samples)), f"epoch {epoch} missed samples"
+
+
+def assert_replays_explained(tries, recoveries, steps: int) -> None:
+    """Issue 28 item 3: every try the ranks reported, in order, before the controller de-duplicates. Each step
+    follows the one before, except right after a recovery that restored an older state: a recovery that ended
+    at step ``at`` having lost ``steps_lost`` steps replays steps at .. at + steps_lost - 1, once. Any other
+    step reported again (a step applied twice: its update already in the state it ran on) fails; so does a
+    replay that trained on other samples than the first try."""
+    rollbacks = [(r["step"], r["steps_lost"]) for r in recoveries if r["steps_lost"] > 0]
+    first: dict[int, list[int]] = {}
+    expect = 0
+    for t in tries:
+        if t.step != expect:  # recoveries in a row (a loss during a recovery) roll back from where the last ended
+            now = expect
+            while rollbacks and now != t.step and sum(rollbacks[0]) == now:
+                now = rollbacks.pop(0)[0]
+            assert now == t.step, (
+                f"step {t.step} reported after step {expect - 1}, and no recovery explains it (rollbacks to "
+                f"(step, steps lost) {rollbacks}): a step applied twice; tries {[x.step for x in tries]}")
+        assert sorted(first.setdefault(t.step, sorted(t.samples))) == sorted(t.samples), (
+            f"step {t.step}'s replay trained on other samples than its first try")
+        expect = t.step + 1
+    assert expect == steps and not rollbacks, (expect, rollbacks, [x.step for x in tries])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,6 +210,70 @@ def digit_reward(prompt: str, completion: str) -> float:
     ASCII printable), so GRPO advantages are non-zero in tests."""
     return sum(32 <= ord(c) < 127 for c in completion) / max(len(completion), 1)
 
+
+
+def printable_majority(prompt: str, completion: str) -> float:
+    """A 0/1 reward (a verifier's verdict, so the flip channel of reward noise applies): 1 when most of the
+    completion's characters are ASCII printable. An untrained model's groups get both verdicts."""
+    return float(digit_reward(prompt, completion) >= 0.5)
+
+
+class KillInRollout:
+    """A worker task: the worker SIGKILLs its own process when it starts sampling GRPO step ``grpo_step``'s
+    rollouts (a crash during a rollout, at a known step). Test code only: it patches the worker process's
+    ``elastic.recipes.grpo.worker.rollout``."""
+
+    needs_engine = False  # installed on an idle worker, before the run gives it an engine
+
+    def __init__(self, grpo_step: int) -> None:
+        self.grpo_step = grpo_step
+
+    def run(self, ctx) -> bool:
+        import os
+        import signal
+
+        from elastic.recipes.grpo import worker
+
+        original = getattr(worker.rollout, "unkilled", worker.rollout)
+        at = self.grpo_step
+
+        def killed(engine, prompts, grpo, grpo_step, *args, **kwargs):
+            if grpo_step == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(engine, prompts, grpo, grpo_step, *args, **kwargs)
+
+        killed.unkilled = original
+        worker.rollout = killed
+        return True
+
+
+class KillAfterCommit:
+    """A worker task: the worker SIGKILLs its own process as it starts applying step ``step``'s update, that is
+    once every rank computed the step and the driver committed it (``Engine.sync``). Test code only: it patches
+    ``elastic.runtime.engine.Engine.sync`` in the worker's process."""
+
+    needs_engine = False
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def run(self, ctx) -> bool:
+        import os
+        import signal
+
+        from elastic.runtime.engine import Engine
+
+        original = getattr(Engine.sync, "unkilled", Engine.sync)
+        at = self.step
+
+        def killed(engine, committed):
+            if engine.pending == at and committed > at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(engine, committed)
+
+        killed.unkilled = original
+        Engine.sync = killed
+        return True
 
 
 def trl_style_reward(prompts, completions, answer, completion_ids, **kwargs):

@@ -242,7 +242,8 @@ class Controller:
                     self.tick()
             self.steps.close_bar()
             result = RunResult(self.history, self.reshards, self.recoveries, self.events, self.state.tensors,
-                               time.perf_counter() - self._started, self.group.placement, self.state.export)
+                               time.perf_counter() - self._started, self.group.placement, self.state.export,
+                               self.steps.tries)
             if self.metrics is not None:
                 self.metrics.summary(run_summary(result, self.safe.snapshots, self.step >= self.cfg.train.steps,
                                                  self.policy.memory))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class RunResult:
     seconds: float
     final_placement: Placement | None = None
     export: ExportReport | None = None  # what the workers wrote of the model (a controller given ``export_dir``)
+    tries: list[StepSummary] = field(default_factory=list)  # every counted step in order, replays too (``StepLog``)
 
     def model_folders(self, cfg: Config, run_dir: str | Path) -> dict[str, Path]:
         """Where the run's model is: the folders its workers wrote at its end, else (the library API, which

@@ -4,7 +4,8 @@
 replaces its first try, so the history holds each step once), writes its ``metrics.jsonl`` line, lets the
 cost model learn the step time (not from a placement's first step, which pays one-off costs) and the memory
 model the step's peak (from every step: a first step's peak is a peak too), and moves the progress bar.
-Issue 28's exactly-once ledger reads the ranks' own reports, not this de-duplicated list.
+``tries`` keeps every counted step as the ranks reported it, first tries and replays alike, in order: the
+tests' exactly-once ledger reads it (a step applied twice shows there, not in the history).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ class StepLog:
     def __init__(self, cost: CostModel, metrics: MetricsWriter | None, memory: MemoryModel | None = None) -> None:
         self.cost, self.metrics, self.memory = cost, metrics, memory
         self.history: list[StepSummary] = []
+        self.tries: list[StepSummary] = []  # every count, before a replay replaces its first try in ``history``
         self.bar = None
 
     def count(self, results: dict, placement: Placement, started: float, fresh: bool, committed: int) -> None:
         """Record the step whose per-rank ``results`` came back (timed from ``started``); ``committed``: the job's
         committed steps after it."""
         summary = summarize(results, placement, time.perf_counter() - started)
+        self.tries.append(summary)
         self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
         self.history.append(summary)
         if self.metrics is not None:
