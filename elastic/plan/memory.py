@@ -253,7 +253,7 @@ def node_budgets(nodes: dict[int, str], node_bytes: dict[str, int], idle: dict[i
             continue
         free = headroom * node_bytes[node] - sum(idle.get(w) or typical for w in workers)
         for w in workers:
-            budgets[w] = max(0, int(free / len(workers)))
+            budgets[w] = max(1, int(free / len(workers)))  # 1 byte, not 0: nothing fits (0 reads as no limit)
     return budgets
 
 

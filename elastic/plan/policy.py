@@ -83,7 +83,7 @@ class Policy:
                       default=None)
         what = f"the smallest predicted peak is {closest.describe()}" if closest else "no layout is valid"
         need = next(((n, e) for n in range(workers + 1, most + 1) if (e := self._fitting(n, budget, phase))), None)
-        more = (f"it would take {need[0]} workers ({need[1].describe(2)})" if need else
+        more = (f"it would take {need[0]} workers of {size(budget)} each ({need[1].describe(2)})" if need else
                 f"no layout of up to {most} workers fits")
         return (f"no layout fits {workers} workers in {size(budget)} each ({self._budget_source()}): "
                 f"{what}; {more}; waiting for workers")

@@ -60,6 +60,7 @@ def test_budgets_share_a_node_among_its_workers_less_their_idle_memory():
     budgets = node_budgets({0: "a", 1: "a", 2: "b", 3: "c"}, {"a": 10_000, "b": 4_000}, {0: 1_000, 1: 1_000, 2: 500})
     assert budgets == {0: 3_000, 1: 3_000, 2: 2_700}  # (0.8 * 10000 - 2000) / 2; 0.8 * 4000 - 500; c: unknown
     assert node_budgets({0: "a", 1: "a"}, {"a": 10_000}, {0: 1_000}) == {0: 3_000, 1: 3_000}  # 1's idle: typical
+    assert node_budgets({0: "a"}, {"a": 1_000}, {0: 2_000}) == {0: 1}  # nothing fits, which is not "no limit"
 
 
 def test_reshard_rounds_fit_the_headroom_of_the_workers_taking_part():

@@ -110,7 +110,8 @@ def test_memory_budget_rules_out_layouts_that_would_not_fit():
     # One worker cannot hold it all: the job pauses and says which limit binds, by how much, and what would fit.
     paused = tight.decide(Placement(Layout(dp=2), (0, 1)), [0], 100, must_move=True)
     assert isinstance(paused, Pause) and "no layout fits 1 workers in" in paused.reason, paused
-    assert "memory_per_worker_gb" in paused.reason and "it would take 2 workers (pp=2" in paused.reason, paused
+    assert "memory_per_worker_gb" in paused.reason, paused
+    assert "it would take 2 workers of 1.48 MB each (pp=2" in paused.reason, paused
 
 
 def test_use_all_says_so_when_growing_is_not_predicted_faster():
