@@ -110,6 +110,8 @@ def _add_trl_flags(parser: argparse.ArgumentParser, cfg: Config | None) -> None:
                        help="cosine (optim.min_lr_ratio 0) or constant_with_warmup (1)")
     group.add_argument("--use_peft", dest="trl__use_peft", type=_converter(bool), nargs="?", const=True,
                        metavar="BOOL", help="false: full fine-tuning instead of LoRA (lora, grpo)")
+    group.add_argument("--bf16", dest="trl__bf16", type=_converter(bool), nargs="?", const=True, metavar="BOOL",
+                       help="true: --train.mixed_precision bf16 (bf16 compute, float32 weights and AdamW moments)")
     group.add_argument("--num_train_epochs", dest="trl__num_train_epochs", type=float, metavar="FLOAT",
                        help="accepted with --max_steps only (which wins, as in transformers)")
     for name in sorted(INERT):

@@ -7,6 +7,8 @@ LoRA fields (``lora_r``, ``use_peft``, ``model_name_or_path``) or PEFT's ``LoraC
 - ``FIELDS``: one name, one field (``learning_rate`` -> ``optim.lr``), the value converted when the
   two spell it differently (a list of reward functions is our comma-separated string);
 - ``CHOICES``: names that choose the run rather than a field (``model_name_or_path`` is ``--base``);
+- ``bf16: true`` is ``train.mixed_precision = "bf16"``: bf16 compute over float32 weights and AdamW state, which
+  is what it means in transformers (``train.dtype = bfloat16`` is pure bf16, TRL's ``dtype: bfloat16``);
 - names whose value needs the rest of the run: ``per_device_train_batch_size`` x
   ``gradient_accumulation_steps`` x the workers is our global batch (completions for GRPO, so its prompts
   per step are that over ``num_generations``), ``warmup_ratio`` is a share of the steps (``resolve``).
@@ -56,8 +58,7 @@ INERT = frozenset((
 ONLY: dict[str, tuple[tuple, str]] = {
     "use_vllm": ((False,), "sampling runs in the workers' own model"),
     "packing": ((False,), "each row is one padded sequence"),
-    "bf16": ((False, None), "mixed precision does not exist here yet (train.dtype=bfloat16 trains in pure bf16)"),
-    "fp16": ((False, None), "mixed precision does not exist here yet"),
+    "fp16": ((False, None), "fp16 is not implemented on these CPU workers; bf16: true is mixed precision"),
     "bias": (("none",), "LoRA adapters train no biases"),
     "use_dora": ((False,), "DoRA is not implemented"),
     "load_in_4bit": ((False,), "quantized bases are not implemented"),
@@ -68,7 +69,7 @@ ONLY: dict[str, tuple[tuple, str]] = {
     "dataset_text_field": (("text",), "a text row's column is 'text'"),
     "eval_strategy": (("no", "steps"), "evaluation runs every eval_steps (train.eval_every; 0 or unset: none)"),
 }
-KNOWN = frozenset((*FIELDS, *CHOICES, *BATCH, "lr_scheduler_type", "warmup_ratio", "num_train_epochs",
+KNOWN = frozenset((*FIELDS, *CHOICES, *BATCH, "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "bf16",
                    *INERT, *ONLY))
 
 
@@ -132,6 +133,13 @@ def translate(raw: dict[str, Any], where: str) -> Translation:
                                  "linear warmup then a cosine decay to optim.min_lr_ratio of the peak; use "
                                  f"{' or '.join(map(repr, SCHEDULES))}")
             out.overrides.setdefault("optim", {})["min_lr_ratio"] = SCHEDULES[value]
+        elif name == "bf16":
+            if value not in (True, False, None):
+                raise ValueError(f"{where}: bf16={value!r} must be true or false")
+            if value:
+                out.overrides.setdefault("train", {})["mixed_precision"] = "bf16"
+            else:
+                out.inert.append(name)
         elif name == "num_train_epochs":
             if not steps_given:
                 raise ValueError(f"{where}: num_train_epochs={value!r} is not implemented here (a run counts "

@@ -205,6 +205,18 @@ def worst_state_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
     return errs[name], name
 
 
+def worst_update_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+                     start: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The worst parameter's ||(got - start) - (ref - start)|| / ||ref - start||: how far a run's weights are
+    from the reference's, against how far training moved them. For bf16 compute, where AdamW turns the
+    rounding of a near-zero gradient into a full +-lr step on that element, so a max-abs measure sees one
+    element's flips; moments are left out for the same reason (their dtypes are checked instead)."""
+    errs = {k: float(((got[k] - start[k]).double() - (ref[k] - start[k]).double()).norm()
+                     / (ref[k] - start[k]).double().norm().clamp_min(1e-300)) for k in ref if "::" not in k}
+    name = max(errs, key=errs.get)
+    return errs[name], name
+
+
 def digit_reward(prompt: str, completion: str) -> float:
     """A graded reward with spread even for an untrained model (the share of byte-tokens that are
     ASCII printable), so GRPO advantages are non-zero in tests."""

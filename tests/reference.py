@@ -20,6 +20,9 @@ positions a step consumes, the loss normaliser (cross-entropy summed over the gl
 its target tokens), the AdamW parameter groups, the warmup + cosine schedule (``LambdaLR``),
 ``torch.optim.AdamW`` (its reference implementation, ``foreach=False``) and ``clip_grad_norm_``, and
 LoRA dropout's seeded masks (``SeededDropout`` in place of PEFT's ``nn.Dropout``).
+Mixed precision (``train.mixed_precision = "bf16"``) is what users of transformers get from ``bf16=True``:
+the model's forward inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` over float32 weights, the loss
+on the logits upcast to float32 (transformers' ``ForCausalLMLoss``), float32 AdamW.
 GRPO's group advantages and clipped loss are TRL's formulas, written here and checked by hand in
 ``tests/unit/test_reference.py``.
 """
@@ -185,15 +188,19 @@ def train_reference(cfg: Config, steps: int | None = None) -> Reference:
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     dataset = build_dataset(cfg.data, cfg.train.seed)
     order = GlobalSampler(len(dataset), cfg.train.global_batch, cfg.train.seed)
+    mixed = cfg.train.mixed_precision == "bf16"
     out = Reference()
     for step in range(cfg.train.steps if steps is None else steps):
         indices = [order.index_at(p) for p in step_positions(step, cfg.train.global_batch)]
         x, y = dataset.batch(indices)
         SeededDropout.rows = (step, indices)
         try:
-            logits = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+                logits = model(x)
         finally:
             SeededDropout.rows = None
+        if mixed:
+            logits = logits.float()
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
                                 reduction="sum")
         loss = total / (y != -100).sum()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 DTYPES = ("float32", "float64", "bfloat16")
+MIXED_PRECISION = ("no", "bf16")
 
 
 def knob(default: Any, help: str) -> Any:
@@ -168,7 +169,10 @@ class TrainConfig:
     steps: int = knob(100, "optimizer steps to run")
     init_from: str = knob("", "Hugging Face Llama folder with the starting weights; empty: random init from the seed")
     global_batch: int = knob(16, "sequences per optimizer step, fixed whatever the layout")
-    dtype: str = knob("float32", "parameter and compute dtype: float32, float64 (exactness tests) or bfloat16")
+    dtype: str = knob("float32", "parameter and compute dtype: float32, float64 (exactness tests) or bfloat16 "
+                      "(pure bf16: bf16 weights and AdamW moments too; see mixed_precision)")
+    mixed_precision: str = knob("no", "'bf16': forward and backward in bf16 (torch.autocast) over float32 weights, "
+                                "gradients, reductions and AdamW moments (TRL's bf16: true); 'no': compute in dtype")
     seed: int = knob(0, "one seed for model init, data order and sampling")
     activation_checkpointing: bool = knob(False, "recompute each decoder layer's activations in backward instead "
                                           "of keeping them (less memory, one more forward; same weights)")
@@ -180,6 +184,13 @@ class TrainConfig:
         _require(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0 (0: no evaluation)")
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
         _require(self.dtype in DTYPES, f"train.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        _require(self.mixed_precision in MIXED_PRECISION,
+                 f"train.mixed_precision={self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)} "
+                 "(fp16 is not implemented: these workers are CPUs, whose half type is bf16)")
+        _require(self.mixed_precision == "no" or self.dtype == "float32",
+                 f"train.mixed_precision={self.mixed_precision!r} keeps float32 master weights and computes in bf16, "
+                 f"so it needs train.dtype='float32', not {self.dtype!r}; drop train.dtype (TRL's dtype/torch_dtype), "
+                 "or drop mixed_precision (TRL's bf16) for pure bf16")
 
 
 @dataclass(frozen=True)

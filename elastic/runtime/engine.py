@@ -45,6 +45,7 @@ from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
+from elastic.runtime.precision import apply_mixed_precision
 from elastic.runtime.torch_compat import local_tensor, shared_mesh_slices
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Engine:
                 apply_tensor_parallel(module, self.mesh["tp"])
             if self.fsdp:
                 apply_fsdp(module, data_mesh(self.mesh))
+        apply_mixed_precision(module, cfg.train.mixed_precision)  # autocast on every layout: runtime/precision.py
         module.to_empty(device="cpu")
         return module
 

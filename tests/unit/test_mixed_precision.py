@@ -1,0 +1,107 @@
+"""Mixed precision (``train.mixed_precision = "bf16"``): bf16 compute over float32 master state.
+
+One process, the engine itself at world 1 against the independent reference's autocast branch
+(``tests/reference.py``): same data, same order of operations, so the two agree far more closely than either
+agrees with a float32 run. That the engine's matmuls really ran in bf16 while its weights, gradients and AdamW
+moments stayed float32 is asserted directly. The layouts (fsdp, tp, dp, pp) across a live reshard are in
+``tests/integration/test_equivalence.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from elastic.core.config import LoraConfig, TrainConfig
+from elastic.core.layout import Layout, Placement
+from elastic.runtime.engine import Engine
+from tests.helpers import tiny_config, worst_update_err
+from tests.reference import train_reference
+
+STEPS = 4
+
+
+def mixed(cfg, mode: str = "bf16"):
+    return cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mode))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"mixed_precision": "fp16"}, "train.mixed_precision='fp16' is not one of no, bf16"),
+    ({"mixed_precision": "bf16", "dtype": "bfloat16"}, "needs train.dtype='float32', not 'bfloat16'"),
+    ({"mixed_precision": "bf16", "dtype": "float64"}, "needs train.dtype='float32', not 'float64'"),
+])
+def test_a_mixed_precision_that_makes_no_sense_is_refused(changes, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**changes)
+    assert TrainConfig(mixed_precision="bf16").dtype == "float32"
+
+
+def test_trl_bf16_is_mixed_precision():
+    from launch.cli import parser
+    from launch.run_config import plan_run
+    from launch.trl_names import translate
+
+    assert translate({"bf16": True}, "x").overrides == {"train": {"mixed_precision": "bf16"}}
+    assert translate({"bf16": False}, "x").inert == ["bf16"]
+    with pytest.raises(ValueError, match="fp16=True is not implemented here"):
+        translate({"fp16": True}, "x")
+    for flags in (["--bf16"], ["--bf16", "true"], ["--train.mixed_precision", "bf16"]):
+        cfg = plan_run(parser().parse_args(["train", "--model", "tiny", *flags])).cfg
+        assert cfg.train.mixed_precision == "bf16" and cfg.train.dtype == "float32", flags
+
+
+def run_engine(cfg):
+    """STEPS steps at world 1; the dtypes seen on the way: matmul outputs, stage output, gradients."""
+    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
+    seen = set()
+    proj = engine.module.model.layers["0"].self_attn.q_proj
+    hooks = [proj.register_forward_hook(lambda m, i, out: seen.add(("q_proj", out.dtype))),
+             engine.module.model.layers["0"].register_forward_hook(lambda m, i, out: seen.add(("layer", out.dtype)))]
+    losses = []
+    for _ in range(STEPS):
+        result = engine.compute()
+        seen |= {("grad", p.grad.dtype) for _, p, _ in engine.trainable}
+        engine.apply()
+        losses.append(result.loss)
+    for hook in hooks:
+        hook.remove()
+    return losses, engine.local_tensors(), seen
+
+
+# The worst parameter's update error against the autocast reference (tests/helpers.worst_update_err), measured
+# 1.4e-3 (full) and 1.6e-2 (LoRA: A's gradient is zero until B moves, so A starts from near-zero gradients whose
+# rounding AdamW turns into +-lr steps); a float32 run measured 9.6e-2 and 0.28 away.
+@pytest.mark.parametrize("lora, tolerance", [(None, 1e-2), (LoraConfig(r=4, alpha=8.0, dropout=0.3), 5e-2)],
+                         ids=["full", "lora-dropout"])
+def test_the_engine_computes_in_bf16_and_keeps_float32_state_as_the_autocast_reference(lora, tolerance):
+    cfg = tiny_config(dtype="float32", steps=STEPS).replace(lora=lora)
+    losses, state, seen = run_engine(mixed(cfg))
+    # bf16 matmuls; the residual stream (what pipeline stages pass on), gradients and every state tensor float32.
+    assert seen == {("q_proj", torch.bfloat16), ("layer", torch.float32), ("grad", torch.float32)}
+    assert {t.dtype for t in state.values()} == {torch.float32}
+    ref = train_reference(mixed(cfg))
+    start = train_reference(cfg, steps=0).tensors
+    err, name = worst_update_err(state, ref.tensors, start)
+    far, far_name = worst_update_err(state, train_reference(cfg).tensors, start)
+    # One process and one batch, as the reference: only float32 roundings differ (the engine's float64 clipping
+    # norm, AdamW's implementation: 2e-6 apart in float32), which bf16 roundings seldom turn into a flip. A
+    # float32 run, or an engine that ignored mixed_precision, is a bf16 rounding away in every matmul.
+    assert err <= tolerance, f"{name}: {err:.2e} from the autocast reference"
+    assert far >= 4 * tolerance, f"{far_name}: only {far:.2e} from the float32 run"
+    assert max(abs(a - b) / b for a, b in zip(losses, ref.losses, strict=True)) <= 1e-4
+
+
+def test_sampling_with_a_cache_and_left_padding_runs_in_bf16():
+    """GRPO's rollouts and evaluation call the same forward: its KV cache fills in bf16, and the samples
+    are tokens of the vocabulary (a smoke test: the sampler's own tests are float32 and float64)."""
+    from elastic.model.generate import SamplingConfig, sample
+
+    engine = Engine(mixed(tiny_config(dtype="float32")), Placement(Layout(), (0,)), 0)
+    prompts = torch.tensor([[0, 5, 6, 7], [3, 4, 5, 6]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with torch.no_grad():
+        tokens, _ = sample(engine.module, prompts, SamplingConfig(max_new_tokens=3), gens, prompt_mask=mask)
+    assert tokens.shape == (2, 3) and 0 <= int(tokens.min()) and int(tokens.max()) < engine.cfg.model.vocab_size
