@@ -72,14 +72,21 @@ class AddWorkers(Event):
 
 @dataclass(frozen=True)
 class Drain(Event):
-    """Worker ``worker`` is going away (preemption notice, operator): move its shards off it first."""
+    """Worker ``worker`` is going away (preemption notice, operator): move its shards off it first.
+    ``deadline``: when it goes, in seconds since the epoch (Ray's drain deadline; None: no deadline)."""
 
     kind: ClassVar[EventKind] = EventKind.DRAIN
     worker: int = -1
+    deadline: float | None = None
 
     def problem(self) -> str | None:
         ok = isinstance(self.worker, int) and not isinstance(self.worker, bool) and self.worker >= 0
-        return None if ok else f"a worker id must be a whole number >= 0, got {self.worker!r}"
+        if not ok:
+            return f"a worker id must be a whole number >= 0, got {self.worker!r}"
+        deadline = self.deadline
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, float | int)):
+            return f"a drain deadline must be seconds since the epoch or None, got {self.deadline!r}"
+        return None
 
 
 @dataclass(frozen=True)

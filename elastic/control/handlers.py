@@ -132,6 +132,15 @@ def resuming(ctl: Controller, state: Resuming):
 
 def resharding(ctl: Controller, state: Resharding):
     move = state.move
+    short = ctl.mover.short_notice(move)
+    if short is not None:  # the node may go mid-move: a snapshot of this step first, so that nothing is replayed
+        try:
+            done = ctl.safe.snapshot_now(ctl.group.committed, max(0.0, short[0]))
+        except WorkerFailure as failure:
+            ctl.failed(failure, "during a snapshot for a short drain notice")
+            return Recovering(failure, state.requests)
+        ctl.record(RecordKind.REDUNDANCY, text=f"a drain notice ends in {short[0]:.1f} s, under the {short[1]:.1f} s "
+                                              f"a live move is trusted with: {done}; the live move goes on")
     try:
         how, at = ctl.mover.execute(move)
     except ReshardFailed as err:

@@ -24,7 +24,11 @@ from elastic.driver.resharder import ReshardReport, frozen_from_disk, reshard
 from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Move
-from elastic.plan.domains import exposure
+from elastic.plan.domains import exposure, node_of
+
+# A drain is trusted to finish inside its notice when the notice is at least this many times the move's
+# predicted time: the cost model's reshard time is fitted from earlier moves, and a node's own load varies.
+NOTICE_MARGIN = 2.0
 
 
 class Mover:
@@ -55,6 +59,26 @@ class Mover:
         self.record(RecordKind.RESHARD, text=report.line(), seconds=report.total_seconds, bytes=report.bytes_moved,
                     old=report.old, new=report.new, reason=report.reason)
         return "replicas", step
+
+    def short_notice(self, move: Move) -> tuple[float, float] | None:
+        """(seconds left, seconds needed) when a worker ``move`` drains must be gone before the move is predicted
+        to finish, with a margin (``NOTICE_MARGIN``: the prediction is an estimate), and its node holds tensors no
+        other node does; None otherwise (no deadline, time enough, or replicas elsewhere serve a loss)."""
+        old = self.group.placement
+        if move.rebuild or old is None:
+            return None
+        leaving = [w for w in old.workers if w not in move.placement.workers]
+        deadline = self.wishes.earliest_deadline(leaving)
+        if deadline is None:
+            return None
+        left, needed = deadline - time.time(), NOTICE_MARGIN * move.reshard_seconds
+        if left >= needed:
+            return None
+        nodes = self.group.nodes()
+        exposed = exposure(old, nodes, training_specs(self.cfg), self.cfg.model.n_layers)
+        if not any(node_of(w, nodes) in exposed for w in leaving):
+            return None
+        return left, needed
 
     def answer_for(self, move: Move) -> str:
         """What the operator's requests riding on ``move`` are told once it is done."""
@@ -94,7 +118,7 @@ class Mover:
         leaving = sorted({w for w in idle if w in self.wishes.draining} | set(surplus))
         if leaving:
             self.group.remove(leaving)
-            self.wishes.draining -= set(leaving)
+            self.wishes.forget(leaving)
             self.record(RecordKind.DRAINED, text=f"workers {leaving} left after their shards moved", workers=leaving)
         self.top_up()
 

@@ -103,6 +103,25 @@ class Safekeeping:
                 return "during snapshot", failure
         return None
 
+    def snapshot_now(self, step: int, wait_s: float) -> str:
+        """Take a snapshot of committed step ``step`` now, unless one of it exists, and wait up to ``wait_s`` for
+        it to be held off its workers' nodes; returns what happened, for the journal. For a drain whose notice
+        ends before the live move is predicted to: if the node goes mid-move, the recovery restores this
+        snapshot and replays nothing. Raises ``WorkerFailure`` if a worker dies while copying."""
+        if step % self.restart_every:
+            return f"no snapshot: step {step} is not a restart point of the workload (every {self.restart_every})"
+        snaps = self.snapshots
+        newest = snaps.inflight or snaps.latest
+        if newest is None or newest.step != step:
+            snaps.usable(wait_s)  # one travels at a time: the one in flight lands (or is dropped) first
+            if snaps.take() is None:
+                return f"no snapshot of step {step}: the previous one is still travelling"
+        started = time.monotonic()
+        held = snaps.usable(wait_s)
+        if held is None or held.step != step:
+            return f"a snapshot of step {step} was taken but is not yet off its nodes after {wait_s:.1f} s"
+        return f"a snapshot of step {step} is held off the nodes (waited {time.monotonic() - started:.2f} s)"
+
     def _checkpoint(self, step: int, steps: int, record) -> None:
         writer = self.checkpoints
         if writer is None or self.control.checkpoint_every == 0 or step >= steps:  # the last one is final()'s

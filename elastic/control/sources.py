@@ -106,7 +106,8 @@ class DrainWatcher:
                 self.noticed.add(worker)
                 deadline = draining[node]
                 left = f", {deadline - time.time():.0f} s before its deadline" if deadline else ", no deadline"
-                events.append(Drain(reason=f"Ray drains node {node[:8]} (worker {worker}{left})", worker=worker))
+                events.append(Drain(reason=f"Ray drains node {node[:8]} (worker {worker}{left})", worker=worker,
+                                    deadline=deadline))
         if events:
             log.info("%s", "; ".join(e.reason for e in events))
         return events

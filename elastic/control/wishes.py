@@ -34,6 +34,7 @@ class Wishes:
     def __init__(self, budget: int, max_workers: int, phase_layouts: dict[str, Layout] | None = None) -> None:
         self.budget, self.max_workers = min(budget, max_workers), max_workers
         self.draining: set[int] = set()
+        self.drain_deadlines: dict[int, float] = {}  # draining worker -> when its notice says it goes (epoch s)
         self.phase = "train"
         self.paused = False
         self.phase_layouts = dict(phase_layouts or {})
@@ -43,8 +44,16 @@ class Wishes:
         return [w for w in warm if w not in self.draining]
 
     def forget(self, workers: Iterable[int]) -> None:
-        """Workers that died are no longer being drained."""
+        """Workers that died (or left) are no longer being drained."""
+        workers = list(workers)
         self.draining -= set(workers)
+        for w in workers:
+            self.drain_deadlines.pop(w, None)
+
+    def earliest_deadline(self, workers: Iterable[int]) -> float | None:
+        """The first drain deadline among ``workers`` (epoch seconds; None: none of them has one)."""
+        deadlines = [self.drain_deadlines[w] for w in workers if w in self.draining and w in self.drain_deadlines]
+        return min(deadlines, default=None)
 
     def fold(self, events: list[Event], live: frozenset[int], usable: int, starting: int,
              validate: Callable[[Layout, int], None]) -> Folded:
@@ -75,6 +84,9 @@ class Wishes:
                 if event.worker not in self.draining:
                     self.draining.add(event.worker)
                     usable -= 1
+                if event.deadline is not None:
+                    known = self.drain_deadlines.get(event.worker, event.deadline)
+                    self.drain_deadlines[event.worker] = min(known, event.deadline)
                 # The drained worker is not replaced here (a new one could land where it was); the budget falls
                 # to what is left, once: a node's capacity drop (cluster watcher) and its workers' drains are
                 # one loss, not two.

@@ -24,7 +24,8 @@ def _replica_sets(placement: Placement) -> list[list[int]]:
     return sets
 
 
-def _node(worker: int, nodes: Mapping[int, str]) -> str:
+def node_of(worker: int, nodes: Mapping[int, str]) -> str:
+    """The failure domain of ``worker``: its node, or the worker alone when its node is not known."""
     return nodes.get(worker, f"worker {worker}")
 
 
@@ -32,14 +33,14 @@ def _collisions(workers: list[int], sets: list[list[int]], nodes: Mapping[int, s
     """Replica pairs that share a node, over every replica set."""
     total = 0
     for ranks in sets:
-        seen = [_node(workers[r], nodes) for r in ranks]
+        seen = [node_of(workers[r], nodes) for r in ranks]
         total += len(seen) - len(set(seen))
     return total
 
 
 def spread_replicas(placement: Placement, nodes: Mapping[int, str]) -> Placement:
     """``placement`` with its workers swapped between ranks until no swap puts more replicas apart (greedy)."""
-    if placement.layout.dp < 2 or len({_node(w, nodes) for w in placement.workers}) < 2:
+    if placement.layout.dp < 2 or len({node_of(w, nodes) for w in placement.workers}) < 2:
         return placement
     sets, workers = _replica_sets(placement), list(placement.workers)
     best = _collisions(workers, sets, nodes)
@@ -63,7 +64,7 @@ def survives_one_loss(placement: Placement, nodes: Mapping[int, str], specs: Ite
     spans several (on one node, losing it loses the driver's job all at once: checkpoints serve that)."""
     if placement.layout.dp < 2:
         return False
-    if len({_node(w, nodes) for w in placement.workers}) < 2:
+    if len({node_of(w, nodes) for w in placement.workers}) < 2:
         return True
     return not exposure(placement, nodes, specs, n_layers)
 
@@ -75,7 +76,7 @@ def exposure(placement: Placement, nodes: Mapping[int, str], specs: Iterable[Ten
     for spec in specs:
         holders: dict = {}
         for worker, box in placement.holders(spec, n_layers):
-            holders.setdefault(box, set()).add(_node(worker, nodes))
+            holders.setdefault(box, set()).add(node_of(worker, nodes))
         for box_nodes in holders.values():
             if len(box_nodes) == 1:
                 node = next(iter(box_nodes))

@@ -124,6 +124,32 @@ def test_a_node_ray_drains_moves_its_workers_shards_off_live_once():
     assert_exactly_once(controller, group)
 
 
+@pytest.mark.parametrize("notice_s", [0.0, 3600.0])
+def test_a_notice_shorter_than_the_move_snapshots_first_so_a_node_lost_mid_move_replays_nothing(notice_s):
+    """fsdp=4 over two nodes, no periodic snapshots: node-b's shards have no copy elsewhere. Ray drains node-b and
+    the node dies during the move's transfer. With a notice shorter than the move is trusted with, the job
+    snapshots the step first, and the recovery restores it: nothing replayed. With an hour's notice it does
+    not (the move would have finished), and the same loss replays from the seed."""
+    import time
+
+    controller, group, _ = make(layout="fsdp=4", workers=4, snapshot_every=0)
+    group.node_of = {0: "node-a", 1: "node-b", 2: "node-a", 3: "node-b"}
+    tick_until(controller, at_step(3))
+    group.draining = {"node-b": time.time() + notice_s}
+    group.faults.kill_at(1, phase="transfer").kill_at(3, phase="transfer")
+    tick_until(controller, lambda c: c.recoveries)
+    snapshots = [call for call in group.calls if call[0] == "snapshot"]
+    recovery = controller.recoveries[0]
+    if notice_s == 0.0:
+        assert snapshots == [("snapshot", 3)], snapshots
+        assert any("a drain notice ends in" in e.get("text", "") for e in controller.events)
+        assert recovery["how"] == "snapshot of step 3" and recovery["steps_lost"] == 0, recovery
+    else:
+        assert snapshots == [] and recovery["how"].startswith("the seed") and recovery["steps_lost"] == 3, recovery
+    finish(controller)
+    assert_exactly_once(controller, group)
+
+
 def test_a_ray_without_the_drain_state_call_does_not_end_the_job(caplog):
     controller, group, _ = make(layout="dp=2", workers=2)
 
@@ -239,6 +265,29 @@ def test_a_worker_lost_while_the_final_tensors_are_gathered_is_survived():
     first = states.index("Finishing")
     assert states[first + 1] == "Recovering" and states[-2:] == ["Finishing", "Done"]
     assert controller.state.tensors == {"applied": list(range(6))}  # gathered from the survivors, complete
+    assert_exactly_once(controller, group)
+
+
+def test_a_worker_lost_while_the_workers_write_the_model_is_survived(monkeypatch, tmp_path):
+    """Finishing with ``export_dir``: the workers' export (``driver/exporter.py``, stood in for here by a call on
+    the fake group's workers) losing a worker recovers and exports again from the survivors; ``Done`` carries it."""
+    from elastic.control import handlers
+    from elastic.driver.exporter import ExportReport
+
+    def export(group, cfg, run_dir):
+        group._involve(group.placement.workers, "export", group.committed)
+        return ExportReport({"model": tmp_path / "model"}, {"model.safetensors": group.placement.workers[0]},
+                            1, 0, 1, 0.0)
+
+    monkeypatch.setattr(handlers, "export_from_workers", export)
+    controller, group, _ = make(steps=6)
+    controller.export_dir = str(tmp_path)
+    group.faults.kill_at(1, phase="export")
+    states = tick_until(controller, lambda c: isinstance(c.state, Done))
+    first = states.index("Finishing")
+    assert states[first + 1] == "Recovering" and states[-2:] == ["Finishing", "Done"]
+    assert controller.state.export.folders == {"model": tmp_path / "model"} and controller.state.tensors is None
+    assert [e["kind"] for e in controller.events].count("export") == 1
     assert_exactly_once(controller, group)
 
 
