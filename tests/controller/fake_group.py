@@ -189,6 +189,10 @@ class FakeWorkerGroup:
     def cluster_cpus(self) -> float:
         return 2.0
 
+    @property
+    def received_bytes(self) -> int:
+        return 0  # the fake holds no tensors, so no call result carries any
+
     def node_memory(self) -> dict[str, int]:
         """{} unless the test gives nodes a size (``node_bytes``): no memory budget, as before issue 25."""
         return dict(self.node_bytes)
