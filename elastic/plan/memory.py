@@ -167,11 +167,9 @@ class MemoryModel:
         m, seq = self.cfg.model, self.cfg.data.seq_len
         rows = math.ceil(self.cfg.train.global_batch / layout.data_parallel)
         micro = math.ceil(rows / layout.microbatches)
-        if layout.pp > 1:  # a 1F1B schedule holds up to pp chunks' activations, GPipe every chunk's
-            in_flight = micro * (min(layout.pp, layout.microbatches) if layout.microbatches >= layout.pp
-                                 else layout.microbatches)
-        else:
-            in_flight = micro
+        # A pipeline's 1F1B schedule (microbatches >= pp) holds up to pp chunks' activations, GPipe (fewer
+        # microbatches than stages) every chunk's: min(pp, microbatches) either way; no pipeline, one micro-batch.
+        in_flight = micro * min(layout.pp, layout.microbatches)
         head = m.head_size or m.dim // m.n_heads
         q, kv = m.n_heads * head, m.n_kv_heads * head
         per_token = 6 * m.dim + (2 * q + 2 * q + 3 * kv + 4 * m.ffn_dim) // layout.tp  # elements per layer
