@@ -222,7 +222,7 @@ class RuntimeConfig:
     memory_per_worker_gb: float = knob(
         0.0, "policy: skip layouts whose predicted peak per worker above its idle process (state, gradients, "
         "FSDP gathers, activations, logits, a reshard's staged copy; plan/memory.py) exceeds this many GB; "
-        "0: 80% of the memory Ray found on the worker's node, shared by the job's workers there")
+        "0: four fifths of the memory Ray found on the worker's node, shared by the job's workers there")
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
