@@ -15,7 +15,11 @@ Target: peak RSS per worker <= 1.5x its share. Never fails on timing. The planne
 (``plan/memory.py``) prints its prediction for fsdp=4, uncalibrated, beside the busiest worker's measured peak
 above idle (issue 25 asks them to agree within 25%).
 
-Usage: python bench/load.py [--batch 4] [--seq 16]
+``--mixed-precision``: both runs train as TRL's ``bf16: true`` does, bf16 matmuls over float32 weights and
+AdamW moments (ours ``train.mixed_precision = "bf16"``; transformers' model loaded in float32, its forward
+under ``torch.autocast``), so the state is float32 (twice the bytes of the default pure-bf16 runs).
+
+Usage: python bench/load.py [--batch 4] [--seq 16] [--mixed-precision]
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def rss_mb() -> dict[str, float]:
     return fields
 
 
-def transformers_run(batch: int, seq: int) -> None:
+def transformers_run(batch: int, seq: int, mixed: bool = False) -> None:
     """In a fresh process: from_pretrained + PEFT LoRA + one step. Prints RESULT json."""
     import peft
     import torch
@@ -72,13 +76,14 @@ def transformers_run(batch: int, seq: int) -> None:
 
     idle = rss_mb()["VmRSS"]
     started = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32 if mixed else torch.bfloat16)
     loaded, load_peak = time.perf_counter() - started, rss_mb()["VmHWM"]
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randint(0, 259, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
     loss.backward()
     opt.step()
     seconds = time.perf_counter() - started
@@ -86,7 +91,7 @@ def transformers_run(batch: int, seq: int) -> None:
                                   "load_peak": load_peak}))
 
 
-def elastic_run(batch: int, seq: int) -> dict:
+def elastic_run(batch: int, seq: int, mixed: bool = False) -> dict:
     import ray
 
     from elastic.core.layout import Layout, Placement
@@ -95,7 +100,9 @@ def elastic_run(batch: int, seq: int) -> dict:
     from elastic.plan.memory import MemoryModel
     from elastic.recipes.lora.recipe import lora_config
 
-    cfg = lora_config(FOLDER, steps=100, global_batch=batch, seq_len=seq, dtype="bfloat16")
+    cfg = lora_config(FOLDER, steps=100, global_batch=batch, seq_len=seq, dtype="float32" if mixed else "bfloat16")
+    if mixed:
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision="bf16"))
     cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
                       runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300))
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -113,7 +120,7 @@ def elastic_run(batch: int, seq: int) -> dict:
     finally:
         group.shutdown()
         ray.shutdown()
-    state = sum(s.numel for s in training_specs(cfg)) * 2 / 1e6  # every tensor is bf16
+    state = sum(s.numel for s in training_specs(cfg)) * (4 if mixed else 2) / 1e6  # every tensor at train.dtype
     predicted = MemoryModel(cfg).estimate(Layout(fsdp=4)).step_bytes / 1e6  # the planner's, uncalibrated
     return {"seconds": seconds, "peak": max(peaks.values()), "idle": max(idle.values()), "state": state,
             "load": loaded, "load_peak": load_peak, "predicted": predicted,
@@ -124,25 +131,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=16)  # bf16 matmuls are slow on this CPU: a small step
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="bf16 compute over float32 weights and moments in both runs (TRL's bf16: true)")
     parser.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     write_folder()
     if args.transformers_only:
-        transformers_run(args.batch, args.seq)
+        transformers_run(args.batch, args.seq, args.mixed_precision)
         return
     from rich.console import Console
     from rich.table import Table
 
-    ours = elastic_run(args.batch, args.seq)
+    ours = elastic_run(args.batch, args.seq, args.mixed_precision)
+    mixed = ["--mixed-precision"] if args.mixed_precision else []
     proc = subprocess.run([sys.executable, __file__, "--transformers-only", "--batch", str(args.batch),
-                           "--seq", str(args.seq)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+                           "--seq", str(args.seq), *mixed], capture_output=True, text=True, cwd=ROOT, timeout=1200)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise SystemExit(f"transformers run failed: {proc.stderr.strip().splitlines()[-1:]}")
     theirs = json.loads(lines[-1][7:])
     share = ours["state"] / 4
+    precision = "bf16 compute, float32 state" if args.mixed_precision else "pure bf16"
     table = Table(title=f"Load a 494M-parameter Qwen2 folder (bf16, tied) and take one LoRA r=16 step "
-                        f"(batch {args.batch} x {args.seq})")
+                        f"(batch {args.batch} x {args.seq}, {precision})")
     for col in ("run", "processes", "s to loaded", "s to first step", "x vs transformers",
                 "peak RSS MB loaded", "peak RSS MB after step", "above idle / share: loaded", "after step",
                 "predicted MB above idle", "measured MB above idle"):
@@ -156,7 +167,8 @@ def main() -> None:
                       f"{r['predicted']:,.0f}" if "predicted" in r else "-",
                       f"{r['above_idle']:,.0f}" if "above_idle" in r else "-")
     Console(width=200).print(table)
-    print(f"state: {ours['state']:,.0f} MB (bf16 base + adapters + moments); share per worker {share:,.0f} MB; "
+    dtype = "float32" if args.mixed_precision else "bf16"
+    print(f"state: {ours['state']:,.0f} MB ({dtype} base + adapters + moments); share per worker {share:,.0f} MB; "
           f"idle worker RSS {ours['idle']:,.0f} MB; x vs transformers: its seconds / ours (above 1: we are faster); "
           f"the baseline's share is the whole state (one process); transformers maps the file lazily, so its "
           f"'loaded' comes before the weights are read")
