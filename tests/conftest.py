@@ -42,8 +42,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """Start the cluster scenarios the selected tests need (tests/integration/background.py) right away, so
-    they run while the unit tier does."""
+    """Start the cluster scenarios and the job-submit head node the selected tests need
+    (tests/integration/background.py) right away, so they start while the unit tier runs."""
     from tests.integration import background
 
     files = {Path(str(item.fspath)).name for item in session.items}
@@ -60,6 +60,8 @@ def pytest_collection_finish(session):
             ray.shutdown()
             print(f"\nconftest: the session's Ray did not start at collection ({type(err).__name__}); "
                   "it starts with the first test that needs it")
+    if "test_job_submit.py" in files:  # after the session's Ray, whose start writes the auth token the head uses
+        background.start_head()
 
 
 def pytest_sessionfinish(session, exitstatus):

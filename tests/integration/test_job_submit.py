@@ -1,16 +1,13 @@
 """`ray job submit` against a real head node started with `ray start --head` (token auth).
 
-Starts its own cluster on free ports in a private temp dir, submits a short `elastic train` job
-through Ray's JobSubmissionClient, polls it to SUCCEEDED, checks the logs, and stops the cluster.
+Its own cluster (``background.start_head``: free ports, a private temp dir, started at collection beside
+the unit tier) takes a short `elastic train` job submitted through Ray's JobSubmissionClient; the test polls
+it to SUCCEEDED, checks the logs, and stops the cluster.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,55 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration import background
+
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def head_node():
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
-    temp = Path("/tmp") / f"elastic-job-{os.getpid()}"
-    # Every port explicit: the test session's own Ray holds the defaults (e.g. the agent's 52365).
-    agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(4))
-    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-             f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    node = background.head()  # started at collection (tests/conftest.py), beside the unit tier
     try:
-        yield f"http://127.0.0.1:{dashboard}", dict(env, ELASTIC_TEST_GCS_PORT=str(port))
+        yield f"http://127.0.0.1:{node.dashboard}", dict(node.env, ELASTIC_TEST_GCS_PORT=str(node.port))
     finally:
-        stop_cluster(temp)
-        assert not cluster_processes(temp), "the test cluster left processes behind"
-
-
-def cluster_processes(temp: Path) -> list[int]:
-    mine = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(temp) in cmdline and int(pid) != os.getpid():
-            mine.append(int(pid))
-    return mine
-
-
-def stop_cluster(temp: Path) -> None:
-    """Stop only this cluster's processes (`ray stop` would also kill the test session's own Ray)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in cluster_processes(temp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        time.sleep(1.0)
+        background.stop_head()
+        assert not background.cluster_processes(node.temp), "the test cluster left processes behind"
 
 
 @pytest.mark.timeout(120)
