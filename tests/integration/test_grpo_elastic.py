@@ -50,7 +50,7 @@ def grpo_cfg():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)  # the reference alone once ran past 300 s on this 2-core machine at load 30+
 def test_grpo_lora_kl_noise_with_drain_add_relayouts_and_kills_equals_single_process(fresh_pool):
     cfg = grpo_cfg()
     reference = train_grpo_reference(cfg, printable_majority)
