@@ -23,8 +23,9 @@ LoRA dropout's seeded masks (``SeededDropout`` in place of PEFT's ``nn.Dropout``
 Mixed precision (``train.mixed_precision = "bf16"``) is what users of transformers get from ``bf16=True``:
 the model's forward inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` over float32 weights, the loss
 on the logits upcast to float32 (transformers' ``ForCausalLMLoss``), float32 AdamW.
-GRPO's group advantages and clipped loss are TRL's formulas, written here and checked by hand in
-``tests/unit/test_reference.py``.
+GRPO's group advantages, clipped loss and k3 KL penalty (beta > 0; the reference model is LoRA's frozen
+base, through PEFT's ``disable_adapter``) are TRL's formulas, written here and checked by hand in
+``tests/unit/test_reference.py``; injected reward noise is the flip channel's definition (``noisy_rewards``).
 """
 
 from __future__ import annotations

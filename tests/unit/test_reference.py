@@ -13,10 +13,12 @@ import torch
 from tests.helpers import tiny_config
 from tests.reference import (
     lr_factor,
+    noisy_rewards,
     our_name,
     step_positions,
     train_reference,
     trl_advantages,
+    trl_kl,
     trl_loss,
     user_function,
 )
@@ -145,6 +147,36 @@ def test_trl_loss_by_hand():
     assert float(got) == pytest.approx(sum(per_seq) / 2)
     assert float(trl_loss(logps, old, adv, mask, 0.2, None, "dapo", 4)) == pytest.approx((sum(row0) + row1[0]) / 3)
     assert float(trl_loss(logps, old, adv, mask, 0.2, None, "dr_grpo", 4)) == pytest.approx((sum(row0) + row1[0]) / 8)
+
+
+def test_trl_kl_penalty_by_hand():
+    """TRL adds beta times the k3 estimate exp(ref - logp) - (ref - logp) - 1 to every token's loss before masking."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=torch.float64)
+    ref = logps + torch.tensor([[0.0, math.log(2)], [-math.log(2), 1.0]], dtype=torch.float64)
+    kl = trl_kl(logps, ref)
+    by_hand = [[0.0, 2 - math.log(2) - 1], [0.5 + math.log(2) - 1, math.e - 2]]
+    assert torch.allclose(kl, torch.tensor(by_hand, dtype=torch.float64))
+    adv, mask = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([[1, 1], [1, 0]])
+    plain = float(trl_loss(logps, None, adv, mask, 0.2, None, "dapo", 4))  # ratio 1: -A per token
+    assert plain == pytest.approx((-1 - 1 + 2) / 3)
+    with_kl = float(trl_loss(logps, None, adv, mask, 0.2, None, "dapo", 4, None, kl, 0.5))
+    assert with_kl == pytest.approx(plain + 0.5 * (by_hand[0][0] + by_hand[0][1] + by_hand[1][0]) / 3)
+
+
+def test_noisy_rewards_flip_by_key_at_their_rates():
+    """Zeros flip at rho_plus, ones at rho_minus, each completion by its own (step, prompt, sample) key: the same
+    completion gets the same verdict in any batch order, and another step draws again."""
+    prompts, group = list(range(200)), 4
+    zeros = torch.zeros(len(prompts) * group, dtype=torch.float64)
+    ones = torch.ones_like(zeros)
+    flipped_up = noisy_rewards(zeros, prompts, group, 3, 7, 0.3, 0.0)
+    assert set(flipped_up.tolist()) == {0.0, 1.0} and abs(float(flipped_up.mean()) - 0.3) < 0.05
+    assert torch.equal(noisy_rewards(ones, prompts, group, 3, 7, 0.3, 0.0), ones)  # rho_minus = 0: no 1 drops
+    assert abs(float(1 - noisy_rewards(ones, prompts, group, 3, 7, 0.0, 0.1).mean()) - 0.1) < 0.04
+    reversed_ = noisy_rewards(zeros, prompts[::-1], group, 3, 7, 0.3, 0.0).view(-1, group).flip(0).reshape(-1)
+    assert torch.equal(reversed_, flipped_up)
+    assert not torch.equal(noisy_rewards(zeros, prompts, group, 4, 7, 0.3, 0.0), flipped_up)
+    assert torch.isnan(noisy_rewards(torch.tensor([math.nan, 0.0]), [0], 2, 0, 7, 0.9, 0.0)[0])
 
 
 def test_the_reference_learns_and_repeats_itself():
