@@ -3,7 +3,8 @@
 Every system trains the project's 25m model (global batch 8 x 64, AdamW at 1e-4, float32) on the same
 capacity: a permanent node and a spot node with two workers each (0.5 CPU a worker; one machine of 2
 cores), and lives through the same trace (``bench/goodput_trace.py``: preemptions with 30 s notice,
-failures without one, capacity returning), at the same offsets from its own first step:
+failures without one, capacity returning, with up and down times drawn from SkyPilot's measured AWS spot
+trace and compressed 60x), at the same offsets from its own first step:
 
 - **this project**, through its command line (``elastic train --address ...``) with the defaults, the
   cluster watcher on and ``objective=use_all`` (every system uses all the workers it has). Its nodes are
@@ -47,7 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import goodput_systems  # noqa: E402
 from goodput_systems import BATCH, LABELS, SEQ, SYSTEMS  # noqa: E402
-from goodput_trace import Step, TraceEvent, account, back_after, describe, make_trace, timeline  # noqa: E402
+from goodput_trace import (  # noqa: E402
+    SOURCE,
+    Step,
+    TraceEvent,
+    account,
+    back_after,
+    describe,
+    make_trace,
+    timeline,
+)
 
 # ---- the table and the plot ---------------------------------------------------------------------------
 
@@ -152,7 +162,7 @@ def report(steady: dict, trace_runs: dict, trace: list[TraceEvent], window_s: fl
 def trace_label(args) -> str:
     if args.quick:
         return f"--quick: one of each, evenly spaced over {args.window or 180:.0f} s"
-    return f"seed {args.seed}, an event every {args.mean_gap:.0f} s on average"
+    return f"seed {args.seed}, {args.hour_s:g} s per hour of the measured trace ({SOURCE})"
 
 
 def main() -> None:
@@ -160,7 +170,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=float, default=None, help="seconds per system (600; --quick: 180)")
-    parser.add_argument("--mean-gap", type=float, default=60.0, help="mean seconds between trace events")
+    parser.add_argument("--hour-s", type=float, default=60.0, help="seconds of the bench per hour of the measured "
+                        "spot trace (bench/goodput_trace.py): 60 compresses it 60x")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--steady-s", type=float, default=45.0, help="the no-failure run's window per system")
     parser.add_argument("--report-only", action="store_true", help="print the table and plot of the last run "
@@ -173,7 +184,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(spec["system"], trace, spec["window"])), flush=True)
         return
     window = args.window or (180.0 if args.quick else 600.0)
-    trace = make_trace(args.seed, window, args.mean_gap, quick=args.quick)
+    trace = make_trace(args.seed, window, args.hour_s, quick=args.quick)
     out = ROOT / "bench/out"
     if args.report_only:
         raw = json.loads((out / "goodput_raw.json").read_text())

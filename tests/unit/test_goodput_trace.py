@@ -22,22 +22,35 @@ def load():
 
 def test_a_seed_gives_one_trace_that_alternates_loss_and_return_and_ends_in_time():
     g = load()
-    trace = g.make_trace(seed=3, duration_s=600, mean_gap_s=60)
-    assert trace == g.make_trace(seed=3, duration_s=600, mean_gap_s=60)
-    assert trace != g.make_trace(seed=4, duration_s=600, mean_gap_s=60)
+    trace = g.make_trace(seed=3, duration_s=600, hour_s=60)
+    assert trace == g.make_trace(seed=3, duration_s=600, hour_s=60)
+    assert trace != g.make_trace(seed=4, duration_s=600, hour_s=60)
     kinds = [e.kind for e in trace]
     assert len(trace) >= 3 and kinds[0] in ("preempt", "fail")
     assert all((a == "return") != (b == "return") for a, b in zip(kinds, kinds[1:], strict=False))
     assert all(e.notice == g.NOTICE_S for e in trace if e.kind == "preempt")
     assert all(a.lost_at <= b.at for a, b in zip(trace, trace[1:], strict=False))  # a deadline passes first
-    assert trace[-1].lost_at < 600
+    assert trace[-1].lost_at < 600 - g.END_S
     text = g.describe(trace)
     assert text.count("\n") == len(trace) - 1 and ("30 s notice" in text or "no notice" in text)
 
 
+def test_durations_follow_the_measured_traces_median_and_mean():
+    """The lognormal draws reproduce the (median, mean) taken from the spot trace, within sampling error."""
+    import random
+    import statistics
+
+    g = load()
+    rng = random.Random(0)
+    for median, mean in (g.UP_H, g.DOWN_H):
+        draws = [g.lognormal_hours(rng, (median, mean)) for _ in range(40000)]
+        assert abs(statistics.median(draws) / median - 1) < 0.03
+        assert abs(statistics.fmean(draws) / mean - 1) < 0.08  # heavy-tailed: the mean converges slowly
+
+
 def test_the_quick_trace_has_one_of_each():
     g = load()
-    assert [e.kind for e in g.make_trace(0, 180, 60, quick=True)] == ["preempt", "return", "fail", "return"]
+    assert [e.kind for e in g.make_trace(0, 180, quick=True)] == ["preempt", "return", "fail", "return"]
 
 
 def test_accounting_by_hand():
