@@ -32,7 +32,8 @@ class StepLog:
         committed steps after it."""
         summary = summarize(results, placement, time.perf_counter() - started)
         self.tries.append(summary)
-        self.history = [h for h in self.history if h.step < summary.step]  # a replayed step replaces its first try
+        while self.history and self.history[-1].step >= summary.step:  # a replayed step replaces its first try
+            self.history.pop()  # (from the end: a step in place of a copy of the whole history per step)
         self.history.append(summary)
         if self.metrics is not None:
             self.metrics.step(summary)
