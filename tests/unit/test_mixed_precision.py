@@ -53,14 +53,14 @@ def test_trl_bf16_is_mixed_precision():
 
 
 def run_engine(cfg):
-    """STEPS steps at world 1; the dtypes seen on the way: matmul outputs, stage output, gradients."""
+    """``cfg.train.steps`` steps at world 1; the dtypes seen on the way: matmul outputs, stage output, gradients."""
     engine = Engine(cfg, Placement(Layout(), (0,)), 0)
     seen = set()
     proj = engine.module.model.layers["0"].self_attn.q_proj
     hooks = [proj.register_forward_hook(lambda m, i, out: seen.add(("q_proj", out.dtype))),
              engine.module.model.layers["0"].register_forward_hook(lambda m, i, out: seen.add(("layer", out.dtype)))]
     losses = []
-    for _ in range(STEPS):
+    for _ in range(cfg.train.steps):
         result = engine.compute()
         seen |= {("grad", p.grad.dtype) for _, p, _ in engine.trainable}
         engine.apply()
@@ -105,3 +105,12 @@ def test_sampling_with_a_cache_and_left_padding_runs_in_bf16():
     with torch.no_grad():
         tokens, _ = sample(engine.module, prompts, SamplingConfig(max_new_tokens=3), gens, prompt_mask=mask)
     assert tokens.shape == (2, 3) and 0 <= int(tokens.min()) and int(tokens.max()) < engine.cfg.model.vocab_size
+
+
+def test_checkpointed_layers_recompute_under_autocast_bit_for_bit():
+    """The recompute in backward must run in bf16 as the forward did (torch.utils.checkpoint replays the
+    autocast state); in float32 it would give other gradients."""
+    cfg = mixed(tiny_config(dtype="float32", steps=2))
+    plain = run_engine(cfg)
+    ckpt = run_engine(cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True)))
+    assert plain[0] == ckpt[0] and all(torch.equal(plain[1][k], ckpt[1][k]) for k in plain[1])
