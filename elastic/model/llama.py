@@ -35,6 +35,8 @@ from torch import nn
 
 from elastic.core.config import ModelConfig
 from elastic.core.layout import TensorSpec
+from elastic.model.loss import causal_lm_loss_sum as causal_lm_loss_sum  # re-exported: its callers import it here
+from elastic.model.loss import lm_loss_sum
 
 # How tensor parallelism splits each linear (Megatron style): column-parallel layers split their
 # output features, row-parallel ones their input features. Embedding, norms and the LM head are
@@ -288,14 +290,21 @@ class LlamaStage(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                pad: Padding | None = None) -> torch.Tensor:
-        """Logits (last stage) or hidden states; ``pad``: left-padded rows (``Padding``), else every row is real."""
+                pad: Padding | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (last stage) or hidden states; ``pad``: left-padded rows (``Padding``), else every row is real.
+        ``labels`` (last stage): the summed loss instead of the logits, computed inside the forward (so FSDP has
+        the head gathered) in chunks over a large vocabulary (``model/loss.py``)."""
         h = self.model.embed_tokens(x) if self.first else x
         for layer in self.model.layers.values():
             h = layer(h, start, cache, pad)
         if not self.last:
             return h
         h = self.model.norm(h)
+        if labels is not None:
+            return lm_loss_sum(h, self._head, self.cfg.vocab_size, labels)
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)
@@ -327,14 +336,3 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     if not cfg.tie_embeddings:
         specs.append(TensorSpec("lm_head.weight", (cfg.vocab_size, cfg.dim), None, "head"))
     return specs
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over positions whose label is not -100.
-
-    Callers divide by the number of target tokens in the *global* batch, so the gradient is the
-    same however the batch is split across ranks and micro-batches.
-    """
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")

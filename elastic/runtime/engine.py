@@ -259,9 +259,8 @@ class Engine:
                 if self.fsdp:
                     self.module.set_requires_gradient_sync(i == len(micro) - 1)
                 x, y = self.dataset.batch(indices)
-                with self.dropout_rows(indices):
-                    logits = self.module(x)
-                loss = causal_lm_loss_sum(logits, y) / n_targets
+                with self.dropout_rows(indices):  # the loss inside the forward: chunked over the vocabulary
+                    loss = self.module(x, labels=y) / n_targets
                 loss.backward()
                 loss_total += loss.detach().double()
         else:
