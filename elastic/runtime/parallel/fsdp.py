@@ -26,6 +26,9 @@ def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
 def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
     for layer in stage.model.layers.values():
         fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    # Passed explicitly, also to the root: left to its default (None), FSDP2 keeps the root's parameters gathered
+    # from the forward to the end of the backward, and the root holds the (tied) embedding and LM head, the
+    # largest tensor of a real model (272 MB of Qwen2.5-0.5B's bf16 weights on every worker; bench/memory.py).
     fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     for module in stage.modules():
         if isinstance(module, FSDPModule):
