@@ -10,11 +10,13 @@ the group's ordinary ``step``.
 
 Printed per mode: phase x (peak and end RSS above the worker's idle RSS, MB, the busiest worker and each worker's
 peak) against the worker's share of the training state (its boxes of the weights plus AdamW moments, at
-``train.dtype``'s itemsize) and an activations estimate: the planner's uncalibrated ``activations + logits`` terms
-(``plan/memory.py``): rows per worker x seq_len x (layers x a decoder layer's kept elements per token + vocab)
-x bytes. Target (issue 25): peak above idle <= 1.5x (share + activations). Never fails.
+``train.dtype``'s itemsize) and an activations estimate: the planner's uncalibrated ``activations`` and ``logits``
+terms (``plan/memory.py``), with the logits cut to the one chunk the loss holds at a time (``model/loss.py``):
+rows x seq_len x layers x (6 dim + 4 q + 3 kv + 4 ffn) x b, plus min(rows x seq_len, chunk) x vocab x (b + 4),
+with rows per worker, q and kv the attention widths and b the compute itemsize. Target (issue 25): peak above
+idle <= 1.5x (share + activations). Never fails.
 
-Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full]
+Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full] [--whole-loss]
 """
 
 from __future__ import annotations
@@ -86,12 +88,19 @@ class Pid:
 
 @dataclass(frozen=True)
 class WatchPhases:
-    """Hook this worker's engine so that its next step samples memory at each phase boundary (into scratch)."""
+    """Hook this worker's engine so that its next step samples memory at each phase boundary (into scratch).
+    ``whole_loss``: compute the loss over the whole vocabulary at once, as before ``model/loss.py`` chunked it
+    (the before/after of that change in one build of the code)."""
 
+    whole_loss: bool = False
     needs_engine: ClassVar[bool] = True
 
     def run(self, ctx) -> bool:
+        from elastic.model import loss
         from elastic.runtime import engine as engine_module
+
+        if self.whole_loss:
+            loss.CHUNK_LOGIT_BYTES = 2**62
 
         phases = ctx.scratch.setdefault("phases", [])
         engine = ctx.engine
@@ -131,12 +140,13 @@ class ReadPhases:
         return phases
 
 
-def measure(base: Path, mode: str, batch: int, seq: int, workers: int = 4) -> dict:
+def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4) -> dict:
     """One mode's run: idle RSS, per-worker phase samples, share and activations estimate (bytes)."""
     import ray
 
     from elastic.core.layout import Layout, Placement
     from elastic.driver.ray_group import RayWorkerGroup
+    from elastic.model.loss import chunk_positions
     from elastic.model.specs import DTYPE, param_specs, training_specs
     from elastic.plan.memory import MemoryModel
     from elastic.recipes.lora.recipe import lora_config
@@ -154,7 +164,7 @@ def measure(base: Path, mode: str, batch: int, seq: int, workers: int = 4) -> di
         idle = {w: m["rss"] for w, m in memory(group, ids, reset_peak=True).items()}
         group.setup(Placement(layout, ids))
         loaded = {w: _status(pids[w]) for w in ids}  # before any task call restarts the peak
-        group.run({w: WatchPhases() for w in ids})
+        group.run({w: WatchPhases(whole_loss) for w in ids})
         group.step()
         phases = group.run({w: ReadPhases() for w in ids})
         for w in ids:
@@ -166,8 +176,11 @@ def measure(base: Path, mode: str, batch: int, seq: int, workers: int = 4) -> di
     trainable = sum(s.numel for s in param_specs(cfg) if s.trainable)
     state = sum(s.numel for s in training_specs(cfg)) * itemsize  # weights + moments of the trainable ones
     terms = MemoryModel(cfg).estimate(layout).terms
+    # The planner counts the micro-batch's whole logits; the loss keeps one chunk of them (model/loss.py).
+    positions = -(-batch // workers) * seq
+    logits = terms["logits"] * (1 if whole_loss else min(1.0, chunk_positions(cfg.model.vocab_size) / positions))
     return {"idle": idle, "phases": phases, "share": state / workers, "grads": trainable * itemsize / workers,
-            "activations": terms["activations"] + terms["logits"], "logits": terms["logits"]}
+            "activations": terms["activations"] + logits, "logits": logits}
 
 
 def report(mode: str, r: dict, batch: int, seq: int, layers: int) -> float:
@@ -206,10 +219,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--whole-loss", action="store_true", help="the loss over the whole vocabulary at once "
+                        "(as before model/loss.py chunked it)")
     args = parser.parse_args()
     base = folder(args.layers)
     for mode in args.modes.split(","):
-        report(mode, measure(base, mode, args.batch, args.seq), args.batch, args.seq, args.layers)
+        name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
+        report(name, measure(base, mode, args.batch, args.seq, args.whole_loss), args.batch, args.seq, args.layers)
 
 
 if __name__ == "__main__":
