@@ -28,31 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from load import FOLDER, SHAPE, write_folder
+from load import SHAPE, write_folder
 from probes import memory
 
 MB = 1e6
-
-
-def folder(layers: int) -> Path:
-    """The 24-layer bench folder, or one of ``layers`` layers at the same width (written once, random bf16)."""
-    if layers == SHAPE["num_hidden_layers"]:
-        return write_folder()
-    path = FOLDER.with_name(f"{FOLDER.name}-{layers}layers")
-    if (path / "model.safetensors").is_file():
-        return path
-    import torch
-    import transformers
-
-    from elastic.tools.tiny_hf import write_tokenizer
-
-    print(f"writing {path} once (random weights, bf16) ...", flush=True)
-    path.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(path)
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(**{**SHAPE, "num_hidden_layers": layers}, dtype="bfloat16")
-    transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
 
 
 def _status(pid: int | str = "self") -> tuple[int, int]:
@@ -222,7 +201,7 @@ def main() -> None:
     parser.add_argument("--whole-loss", action="store_true", help="the loss over the whole vocabulary at once "
                         "(as before model/loss.py chunked it)")
     args = parser.parse_args()
-    base = folder(args.layers)
+    base = write_folder(args.layers)  # bench/load.py's folder, or one of --layers layers beside it
     for mode in args.modes.split(","):
         name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
         report(name, measure(base, mode, args.batch, args.seq, args.whole_loss), args.batch, args.seq, args.layers)
