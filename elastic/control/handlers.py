@@ -138,7 +138,7 @@ def resharding(ctl: Controller, state: Resharding):
             done = ctl.safe.snapshot_now(ctl.group.committed, max(0.0, short[0]))
         except WorkerFailure as failure:
             ctl.failed(failure, "during a snapshot for a short drain notice")
-            return Recovering(failure, state.requests)
+            return Recovering(failure, state.requests, since=state.recovering)
         ctl.record(RecordKind.REDUNDANCY, text=f"a drain notice ends in {short[0]:.1f} s, under the {short[1]:.1f} s "
                                               f"a live move is trusted with: {done}; the live move goes on")
     try:
@@ -146,10 +146,10 @@ def resharding(ctl: Controller, state: Resharding):
     except ReshardFailed as err:
         ctl.inbox.answer(state.requests, f"reshard to {move.placement.layout} failed: {err}")
         ctl.record(RecordKind.RESHARD_FAILED, text=str(err))
-        return Running() if err.old_intact else Recovering(err.failure)
+        return Running() if err.old_intact else Recovering(err.failure, since=state.recovering)
     except WorkerFailure as failure:  # a worker died while committing the new placement, or rebuilding
         ctl.record(RecordKind.RESHARD_FAILED, text=f"during commit: {failure}")
-        return Recovering(failure, state.requests)
+        return Recovering(failure, state.requests, since=state.recovering)
     ctl.inbox.answer(state.requests, ctl.mover.answer_for(move))
     if state.recovering is not None:
         ctl.mover.recovered(state.recovering, move.placement, how, at)
@@ -159,22 +159,25 @@ def resharding(ctl: Controller, state: Resharding):
 
 
 def recovering(ctl: Controller, state: Recovering):
-    started = time.perf_counter()
     failure = culprits_dead(ctl, state.failure)
     dead = sorted(failure.dead)
     ctl.inbox.answer(state.requests, f"cancelled: workers {dead} were lost first; the job recovers, then "
                                       "ask again if it still applies")
     ctl.wishes.forget(dead)
+    # One report per recovery: a loss that interrupts one (``since``) joins it, timed from its start.
+    since = state.since
+    lost = (RecoveryStart(tuple(sorted({*since.dead, *dead})), since.started, since.step) if since else
+            RecoveryStart(tuple(dead), time.perf_counter(), ctl.step))
     try:
         decision = ctl.recovery.decide(failure, ctl.remaining, ctl.usable(), ctl.phase)
     except WorkerFailure as again:  # another loss while the survivors settled: start over
         ctl.failed(again, "during recovery")
-        return Recovering(again)
+        return Recovering(again, since=lost)
     match decision:
         case Move():
             ctl.record(RecordKind.DECISION, text=decision.describe(), layout=str(decision.placement.layout),
                        workers=list(decision.placement.workers))
-            return Resharding(decision, recovering=RecoveryStart(tuple(dead), started, ctl.step))
+            return Resharding(decision, recovering=lost)
         case Pause() | Refuse() | Stay():  # must_move: only a Move or a Pause comes back
             ctl.record(RecordKind.PAUSE, text=decision.describe())
             ctl.mover.top_up()  # replacements warm up meanwhile; Paused plans again once one is warm

@@ -117,10 +117,12 @@ class Running:
 @dataclass(frozen=True)
 class Recovering:
     """Workers died (``failure.dead``): settle the survivors and decide where to go. ``requests``: operator
-    requests that were waiting on a move the loss cancelled; they are told so."""
+    requests that were waiting on a move the loss cancelled; they are told so. ``since``: the start of a
+    recovery this loss interrupted, so that its report names every worker lost and times it from the first."""
 
     failure: Any
     requests: tuple = ()
+    since: RecoveryStart | None = None
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,20 @@ def test_crash_mid_commit_recovers():
     assert_exactly_once(controller, group)
 
 
+def test_a_second_loss_during_a_recovery_joins_its_report():
+    """Worker 1 dies in a step; worker 2 dies during the recovery's move. One recovery is reported, naming
+    both, timed from the first loss, with no step lost (replicas held every shard both times)."""
+    controller, group, _ = make(layout="dp=4", workers=4)
+    group.faults.kill_at(1, step=3, phase="step").kill_at(2, phase="transfer")
+    tick_until(controller, lambda c: c.recoveries)
+    assert [sorted(r["dead"]) for r in controller.recoveries] == [[1, 2]], controller.recoveries
+    assert controller.recoveries[0]["steps_lost"] == 0
+    assert [e["dead"] for e in controller.events if e["kind"] == RecordKind.FAILURE] == [[1]]
+    assert any("2" in e["text"] for e in controller.events if e["kind"] == RecordKind.RESHARD_FAILED)
+    finish(controller)
+    assert_exactly_once(controller, group)
+
+
 def test_no_replica_recovers_from_the_snapshot_and_replays():
     controller, group, _ = make(layout="fsdp=2", snapshot_every=2)
     group.faults.kill_at(1, step=5, phase="step")
