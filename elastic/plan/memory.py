@@ -14,8 +14,9 @@ Peak bytes above a worker's idle process (torch and Ray loaded, no model), on th
   RoPE, the attention output, the four SwiGLU products; the q/k/v and SwiGLU widths split by tp). Rows in
   flight: one micro-batch, or, under a pipeline, the chunks its schedule holds (1F1B: pp, GPipe: all).
   With ``train.activation_checkpointing`` only each layer's input is kept plus one layer's full set;
-- **logits** (last stage): micro-batch rows x seq_len x vocab x (itemsize + 4 bytes): the logits and the
-  float32 log-softmax cross-entropy keeps (the LM head stays whole under tp). Activations and logits are at
+- **logits** (last stage): micro-batch rows x seq_len positions, at most one chunk of ``model/loss.py``'s
+  (the loss holds one chunk at a time), x vocab x (itemsize + 4 bytes): the logits and the float32
+  log-softmax cross-entropy keeps (the LM head stays whole under tp). Activations and logits are at
   the compute dtype's itemsize (bf16 under ``train.mixed_precision``), the state at ``train.dtype``'s;
 - **overhead**: a constant learned from the workers' reports (allocator caches, optimizer temporaries).
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from elastic.core.boxes import box_numel
 from elastic.core.config import Config
 from elastic.core.layout import Coord, Layout, Placement, TensorSpec
+from elastic.model.loss import chunk_positions
 from elastic.model.specs import itemsize, param_specs
 
 GB = 1e9
@@ -178,7 +180,9 @@ class MemoryModel:
             acts = in_flight * seq * m.dim * n_layers + micro * seq * per_token
         else:
             acts = in_flight * seq * per_token * n_layers
-        logits = micro * seq * m.vocab_size * (self.compute_itemsize + 4) if stage == layout.pp - 1 else 0
+        # The loss holds one chunk of positions' logits at a time once the whole would pass model/loss's bound.
+        positions = min(micro * seq, chunk_positions(m.vocab_size))
+        logits = positions * m.vocab_size * (self.compute_itemsize + 4) if stage == layout.pp - 1 else 0
         return acts * self.compute_itemsize, logits
 
     # ---- calibration -----------------------------------------------------------------

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from elastic.core.layout import Layout, Placement
+from elastic.model.loss import chunk_positions
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Move, Pause, Stay
 from elastic.plan.memory import MemoryModel, held_bytes, node_budgets, round_bound
@@ -31,6 +32,10 @@ def test_terms_follow_the_layout_the_micro_batch_and_checkpointing():
     kept = ckpt.estimate(Layout(dp=2)).terms["activations"]
     assert kept < dp2["activations"] / 2
     assert kept == 8 * 16 * cfg.model.dim * 4 * 8 + dp2["activations"] // 4  # inputs of 4 layers + 1 layer's set
+    # A 152k vocabulary: the loss holds one chunk of positions' logits (model/loss.py), not the micro-batch's.
+    big = MemoryModel(tiny_config(global_batch=16, seq_len=512, vocab_size=151936, max_seq_len=512))
+    chunk = big.estimate(Layout(dp=2)).terms["logits"]
+    assert chunk == chunk_positions(151936) * 151936 * 12 and chunk < 8 * 512 * 151936 * 12 / 30
 
 
 def test_calibration_fits_a_constant_then_a_factor_on_activations():
