@@ -95,26 +95,34 @@ def test_uneven_data_parallel_split_matches(pool):
     assert err <= 1e-9, f"{name}: {err:.2e}"
 
 
+def across_a_live_reshard(pool, cfg, steps: int) -> tuple[list[float], dict]:
+    """Train ``steps`` steps on the pool: half on fsdp x tp, then a live reshard to dp x pp (the workers in
+    reverse order, so shards move) for the rest; the losses and the final gathered tensors."""
+    from elastic.driver.resharder import plan_move, reshard
+
+    pool.cfg = cfg
+    workers = tuple(pool.warm()[:4])
+    first = Placement(Layout(fsdp=2, tp=2), workers)
+    pool.setup(first)
+    losses = [summarize(pool.step(), first, 0.0).loss for _ in range(steps // 2)]
+    second = Placement(Layout(dp=2, pp=2, microbatches=2), workers[::-1])
+    reshard(pool, plan_move(pool, second), steps // 2, "fsdp x tp -> dp x pp")
+    losses += [summarize(pool.step(), second, 0.0).loss for _ in range(steps - steps // 2)]
+    step, state = pool.gather_tensors()
+    assert step == steps and pool.placement == second
+    return losses, state
+
+
 @pytest.mark.timeout(180)
 def test_activation_checkpointing_under_every_parallelism_across_a_live_reshard(pool):
     """Checkpointed layers under fsdp x tp, then (live reshard) dp x pp: still the reference's weights, which
     keeps every activation (the bit-for-bit check against the engine without checkpointing is a unit test)."""
     import dataclasses
 
-    from elastic.driver.resharder import plan_move, reshard
-
     cfg = tiny_config(dtype="float64", steps=STEPS)
     ref = train_reference(cfg)
-    pool.cfg = cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True))
-    workers = tuple(pool.warm()[:4])
-    first = Placement(Layout(fsdp=2, tp=2), workers)
-    pool.setup(first)
-    losses = [summarize(pool.step(), first, 0.0).loss for _ in range(STEPS // 2)]
-    second = Placement(Layout(dp=2, pp=2, microbatches=2), workers[::-1])
-    reshard(pool, plan_move(pool, second), STEPS // 2, "activation checkpointing")
-    losses += [summarize(pool.step(), second, 0.0).loss for _ in range(STEPS - STEPS // 2)]
-    step, state = pool.gather_tensors()
-    assert step == STEPS and pool.placement == second
+    losses, state = across_a_live_reshard(
+        pool, cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True)), STEPS)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True)) <= 1e-9
     err, name = worst_state_err(state, ref.tensors)
     assert err <= 1e-9, f"{name}: {err:.2e}"
@@ -145,22 +153,11 @@ def test_mixed_precision_is_layout_invariant_across_a_live_reshard(pool):
 
     import torch
 
-    from elastic.driver.resharder import plan_move, reshard
-
     steps = 6
     cfg = tiny_config(dtype="float32", steps=steps)
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision="bf16"))
     ref = train_reference(cfg)
-    pool.cfg = cfg
-    workers = tuple(pool.warm()[:4])
-    first = Placement(Layout(fsdp=2, tp=2), workers)
-    pool.setup(first)
-    losses = [summarize(pool.step(), first, 0.0).loss for _ in range(steps // 2)]
-    second = Placement(Layout(dp=2, pp=2, microbatches=2), workers[::-1])
-    reshard(pool, plan_move(pool, second), steps // 2, "mixed precision")
-    losses += [summarize(pool.step(), second, 0.0).loss for _ in range(steps - steps // 2)]
-    step, state = pool.gather_tensors()
-    assert step == steps and pool.placement == second
+    losses, state = across_a_live_reshard(pool, cfg, steps)
     assert {t.dtype for t in state.values()} == {torch.float32}
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True))
     assert loss_err <= MIXED["loss"], f"loss rel err {loss_err:.2e}"
