@@ -121,6 +121,7 @@ _MUST_BE_EMPTY = {
     "velora_config": "VeLoRA's compressed activations are not supported",
     "monteclora_config": "MonteCLoRA's sampled adapters are not supported",
     "kasa_config": "KaSA adapters are not supported",
+    "astra_config": "Astra adapter layers are not supported",  # PEFT 0.22
 }
 # Keys of PEFT's LoraConfig that do not change what a loaded adapter computes: bookkeeping, the
 # initialisation recipe (the saved tensors are what counts), and options that only apply with a
