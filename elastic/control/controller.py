@@ -101,17 +101,7 @@ class Controller:
         self.safe = Safekeeping(group, self.control, restart_every, self.checkpoint_root, job_name or "run")
         self.recovery = Recovery(group, self.policy, self.safe.snapshots, self.checkpoint_root, self.resume_from)
         self.wishes = Wishes(cfg.runtime.workers, self.control.max_workers, self.control.pinned())
-        sources = list(sources)
-        if self.control.watch_cluster:
-            sources.append(ClusterWatcher(cfg.runtime.cpus_per_worker, self.control.max_workers,
-                                          self.control.poll_interval_s))
-        if self.control.watch_drains:
-            sources.append(DrainWatcher(group, self.control.poll_interval_s))
-        if plane is None and job_name:
-            from elastic.control.control_plane import RayPlaneLink
-
-            plane = RayPlaneLink(job_name)
-        self.inbox = Inbox(sources, plane, self.control.poll_interval_s)
+        self.inbox = self._inbox(list(sources), plane, job_name)
         self.metrics = MetricsWriter(run_dir, append=self.resume_from is not None) if run_dir else None
         self.journal = Journal(self.metrics, self._started)
         self.state = Planning()
@@ -123,6 +113,21 @@ class Controller:
         self.step_failures: dict[int, list[int]] = {}  # committed step -> the culprit of each failure there
         self._cover: tuple = (None, False)  # (placement, whether it survives any one loss without a snapshot)
         self._snapshot_every: int | None = None
+
+    def _inbox(self, sources: list, plane: PlaneLink | None, job_name: str | None) -> Inbox:
+        """Where events come from: the caller's sources, Ray's cluster view and drain notices (as configured), and
+        the operator's control plane (the named actor of ``job_name``)."""
+        control = self.control
+        if control.watch_cluster:
+            sources.append(ClusterWatcher(self.cfg.runtime.cpus_per_worker, control.max_workers,
+                                          control.poll_interval_s))
+        if control.watch_drains:
+            sources.append(DrainWatcher(self.group, control.poll_interval_s))
+        if plane is None and job_name:
+            from elastic.control.control_plane import RayPlaneLink
+
+            plane = RayPlaneLink(job_name)
+        return Inbox(sources, plane, control.poll_interval_s)
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property
