@@ -1,22 +1,31 @@
-"""Where a worker's memory goes during one training step, by phase: the 494M Qwen2-shaped bf16 folder of
-``bench/load.py`` (or the same width with ``--layers N``), 4 workers on fsdp=4, LoRA r=16 and full fine-tuning.
+"""Where a worker's memory goes during a training step, by phase: the 494M Qwen2-shaped bf16 folder of
+``bench/load.py`` (or the same width with ``--layers N``), 4 workers on fsdp=4, LoRA r=16 and full fine-tuning,
+in mixed precision as ``bench/load.py`` runs them (bf16 autocast over float32 state; ``--dtype bfloat16``: pure
+bf16).
 
-Each worker samples its own resident memory (Linux's VmRSS, and VmHWM reset at every phase boundary, so each
-phase's own peak is read) at: after load, after the forward (a forward hook registered after FSDP's, so after its
-reshard), after the loss, after the backward (where the engine clips), after the optimizer step (AdamW's post
-hook), and after the step (the engine's update applied and its gradients dropped, after ``gc.collect``). The
-probes are worker tasks (``bench/probes.py``'s style) that hook the engine the worker built; the step itself is
-the group's ordinary ``step``.
+A first step warms glibc's heap and FSDP's lazy state, as a steady step finds them; the second is measured. Each
+worker samples its own resident memory (Linux's VmRSS, and VmHWM reset at every phase boundary, so each phase's
+own peak is read) at: after load; before the step; in the forward, before the first layer (the root's gather and
+the embedding), after the last layer (hooked before FSDP's reshard) and after the head and loss; in the
+backward, when the gradient reaches the last layer's output (the root's re-gather and the head's backward), when
+it reaches the first layer's input (full fine-tuning: the layers' backward), and where the engine clips (the
+rest: the embedding and the root's reduce-scatter); after the optimizer step (AdamW's hooks); after the step
+(``gc.collect``) and after ``malloc_trim``. The probes are worker tasks (``bench/probes.py``'s style) that hook
+the engine the worker built; the step itself is the group's ordinary ``step``. The forward also runs under
+``saved_tensors_hooks`` that count, once per storage, what autograd keeps for the backward: compute-dtype copies
+of weights (shaped like a parameter, or its transpose) and activations by dtype.
 
 Printed per mode: phase x (peak and end RSS above the worker's idle RSS, MB, the busiest worker and each worker's
 peak) against the worker's share of the training state (its boxes of the weights plus AdamW moments, at
-``train.dtype``'s itemsize) and an activations estimate: the planner's uncalibrated ``activations`` and ``logits``
-terms (``plan/memory.py``), with the logits cut to the one chunk the loss holds at a time (``model/loss.py``):
-rows x seq_len x layers x (6 dim + 4 q + 3 kv + 4 ffn) x b, plus min(rows x seq_len, chunk) x vocab x (b + 4),
-with rows per worker, q and kv the attention widths and b the compute itemsize. Target (issue 25): peak above
-idle <= 1.5x (share + activations). Never fails.
+``train.dtype``'s itemsize) and an activations estimate: the planner's uncalibrated activations and logits
+(``plan/memory.py``: rows x seq_len x layers x (6 dim + 4 q + 3 kv + 4 ffn) x b, plus min(rows x seq_len, one
+chunk of ``model/loss.py``) x vocab x (b + 4), with rows per worker, q and kv the attention widths and b the
+compute itemsize); what autograd kept; and the memory model's predicted step peak, its moment and terms, beside
+the measured one (target within 25%). Target (issue 25): peak above idle <= 1.5x (share + activations). Never
+fails.
 
 Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full] [--whole-loss]
+       [--dtype float32]
 """
 
 from __future__ import annotations
@@ -67,9 +76,10 @@ class Pid:
 
 @dataclass(frozen=True)
 class WatchPhases:
-    """Hook this worker's engine so that its next step samples memory at each phase boundary (into scratch).
-    ``whole_loss``: compute the loss over the whole vocabulary at once, as before ``model/loss.py`` chunked it
-    (the before/after of that change in one build of the code)."""
+    """Hook this worker's engine so that its next step samples memory at each phase boundary (into scratch), and
+    count what autograd keeps from the forward for the backward (``saved_tensors_hooks``: each saved storage once,
+    by kind). ``whole_loss``: compute the loss over the whole vocabulary at once, as before ``model/loss.py``
+    chunked it (the before/after of that change in one build of the code)."""
 
     whole_loss: bool = False
     needs_engine: ClassVar[bool] = True
@@ -80,31 +90,71 @@ class WatchPhases:
 
         if self.whole_loss:
             loss.CHUNK_LOGIT_BYTES = 2**62
-
         phases = ctx.scratch.setdefault("phases", [])
         engine = ctx.engine
+        layers = list(engine.module.model.layers.values())
+        first, last = layers[0], layers[-1]
         _sample(phases, "before the step")  # restarts the peak: the next phase's starts here
-        engine.module.register_forward_hook(lambda *_: _sample(phases, "forward"), always_call=True)
-        loss_sum, clip = engine_module.causal_lm_loss_sum, engine_module.clip_grad_norm_
 
-        def sampled_loss(*args, **kwargs):
-            out = loss_sum(*args, **kwargs)
-            _sample(phases, "loss")
-            return out
+        def before_layers(_module, args):  # prepended: before FSDP gathers the first layer
+            _sample(phases, "fwd: root gather, embedding")
+            if args[0].requires_grad:
+                args[0].register_hook(lambda g: _sample(phases, "bwd: layers"))
+
+        def after_layers(_module, _args, out):
+            _sample(phases, "fwd: layers")
+            out.register_hook(lambda g: _sample(phases, "bwd: root re-gather, head"))
+
+        first.register_forward_pre_hook(before_layers, prepend=True)
+        last.register_forward_hook(after_layers, prepend=True)
+        engine.module.register_forward_hook(lambda *_: _sample(phases, "fwd: norm, head, loss"), always_call=True)
+        clip = engine_module.clip_grad_norm_
 
         def sampled_clip(*args, **kwargs):
-            _sample(phases, "backward")
+            _sample(phases, "bwd: the rest, root reduce-scatter")
             return clip(*args, **kwargs)
 
-        engine_module.causal_lm_loss_sum, engine_module.clip_grad_norm_ = sampled_loss, sampled_clip
+        engine_module.clip_grad_norm_ = sampled_clip
         engine.optimizer.register_step_pre_hook(lambda *_: _sample(phases, "clip, wait for commit"))
         engine.optimizer.register_step_post_hook(lambda *_: _sample(phases, "optimizer step"))
+        _count_saved(engine, ctx.scratch.setdefault("saved", {}))
         return True
+
+
+def _count_saved(engine, saved: dict) -> None:
+    """Wrap the stage's forward so that autograd's saved tensors are counted once per storage, by kind: a
+    compute-dtype copy of a weight (shaped like a parameter), a parameter itself (FSDP's unsharded storage,
+    freed after the forward whatever autograd keeps: counted 0 here), or an activation (by dtype)."""
+    import torch
+
+    module = engine.module
+    shapes = {tuple(p.shape) for p in module.parameters()}  # DTensor shapes: the unsharded ones
+    shapes |= {s[::-1] for s in shapes}  # a linear saves its weight transposed
+    forward, seen = module.forward, set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key and key not in seen:
+            seen.add(key)
+            is_param = isinstance(t, torch.nn.Parameter) or tuple(t.shape) in shapes
+            kind = ("parameters" if t.dtype == torch.float32 else f"{t.dtype} weight copies") if is_param and \
+                t.dim() == 2 else f"activations {t.dtype}"
+            nbytes = 0 if kind == "parameters" else storage.nbytes()
+            saved[kind] = saved.get(kind, 0) + nbytes
+        return t
+
+    def counted(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return forward(*args, **kwargs)
+
+    module.forward = counted
 
 
 @dataclass(frozen=True)
 class ReadPhases:
-    """The samples of the step just taken, with one more after it: (phase, RSS bytes at its end, its peak)."""
+    """The samples of the step just taken, with one more after it: (phase, RSS bytes at its end, its peak), and
+    the bytes autograd kept from its forward, by kind."""
 
     needs_engine: ClassVar[bool] = True
 
@@ -116,23 +166,26 @@ class ReadPhases:
         _sample(phases, "after the step")
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # what glibc's arenas cache, not the state: returned to the OS
         _sample(phases, "after malloc_trim")
-        return phases
+        return {"phases": phases, "saved": ctx.scratch.get("saved", {})}
 
 
-def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4) -> dict:
-    """One mode's run: idle RSS, per-worker phase samples, share and activations estimate (bytes)."""
+def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4,
+            dtype: str = "float32") -> dict:
+    """One mode's run: idle RSS, per-worker phase samples of the second step (the first warms the allocator, as a
+    steady step finds it), what autograd kept, share, and the memory model's terms (bytes)."""
     import ray
 
     from elastic.core.layout import Layout, Placement
     from elastic.driver.ray_group import RayWorkerGroup
-    from elastic.model.loss import chunk_positions
     from elastic.model.specs import DTYPE, param_specs, training_specs
     from elastic.plan.memory import MemoryModel
     from elastic.recipes.lora.recipe import lora_config
 
-    cfg = lora_config(base, steps=100, global_batch=batch, seq_len=seq, dtype="bfloat16", peft=mode == "lora",
+    cfg = lora_config(base, steps=100, global_batch=batch, seq_len=seq, dtype=dtype, peft=mode == "lora",
                       workers=workers)
-    cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
+    mixed = "bf16" if dtype == "float32" else "no"  # float32 state: mixed precision, as bench/load.py
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed),
+                      data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
                       runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300))
     layout = Layout(fsdp=workers)
     ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -143,33 +196,35 @@ def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = Fals
         idle = {w: m["rss"] for w, m in memory(group, ids, reset_peak=True).items()}
         group.setup(Placement(layout, ids))
         loaded = {w: _status(pids[w]) for w in ids}  # before any task call restarts the peak
+        first = group.step()  # warms glibc's caches and FSDP's lazy state; its peak is the step's report
         group.run({w: WatchPhases(whole_loss) for w in ids})
-        group.step()
-        phases = group.run({w: ReadPhases() for w in ids})
-        for w in ids:
-            phases[w].insert(0, ("after load", *loaded[w]))
+        second = group.step()
+        read = group.run({w: ReadPhases() for w in ids})
+        phases = {w: [("after load", *loaded[w]), *read[w]["phases"]] for w in ids}
     finally:
         group.shutdown()
         ray.shutdown()
     itemsize = DTYPE[cfg.train.dtype].itemsize
     trainable = sum(s.numel for s in param_specs(cfg) if s.trainable)
     state = sum(s.numel for s in training_specs(cfg)) * itemsize  # weights + moments of the trainable ones
-    terms = MemoryModel(cfg).estimate(layout).terms
-    # The planner counts the micro-batch's whole logits; the loss keeps one chunk of them (model/loss.py).
-    positions = -(-batch // workers) * seq
-    logits = terms["logits"] * (1 if whole_loss else min(1.0, chunk_positions(cfg.model.vocab_size) / positions))
+    model = MemoryModel(cfg)
+    estimate, (acts, logits) = model.estimate(layout), model.activations(layout)
+    terms = {k: v for k, v in estimate.terms.items() if k != "reshard"}
     return {"idle": idle, "phases": phases, "share": state / workers, "grads": trainable * itemsize / workers,
-            "activations": terms["activations"] + logits, "logits": logits}
+            "activations": acts + logits, "logits": logits, "moment": estimate.moment,
+            "saved": read[ids[0]]["saved"], "terms": terms, "predicted": estimate.step_bytes,
+            "reported": [max(r.peak_bytes for r in step.values()) for step in (first, second)]}
 
 
 def report(mode: str, r: dict, batch: int, seq: int, layers: int) -> float:
-    """Print one mode's table; return its peak above idle / (share + activations)."""
+    """Print one mode's table, what autograd kept and the memory model beside the peak; return the peak above idle
+    / (share + activations)."""
     from rich.console import Console
     from rich.table import Table
 
     workers = sorted(r["phases"])
     names = [name for name, _, _ in r["phases"][workers[0]]]  # the same on every worker
-    table = Table(title=f"{mode}: one step, {layers} layers, fsdp={len(workers)}, batch {batch} x {seq}, "
+    table = Table(title=f"{mode}: the second step, {layers} layers, fsdp={len(workers)}, batch {batch} x {seq}, "
                         f"MB above each worker's idle RSS")
     for col in ("phase", "peak (busiest)", "end (busiest)", *(f"peak w{w}" for w in workers), "share",
                 "activations est."):
@@ -178,7 +233,7 @@ def report(mode: str, r: dict, batch: int, seq: int, layers: int) -> float:
     for i, name in enumerate(names):
         peaks = {w: (r["phases"][w][i][2] - r["idle"][w]) / MB for w in workers}
         ends = {w: (r["phases"][w][i][1] - r["idle"][w]) / MB for w in workers}
-        top = max(top, *peaks.values())
+        top = max(top, *peaks.values()) if name != "after load" else top
         table.add_row(name, f"{max(peaks.values()):,.0f}", f"{max(ends.values()):,.0f}",
                       *(f"{peaks[w]:,.0f}" for w in workers), f"{r['share'] / MB:,.0f}",
                       f"{r['activations'] / MB:,.0f}")
@@ -188,7 +243,15 @@ def report(mode: str, r: dict, batch: int, seq: int, layers: int) -> float:
     print(f"{mode}: peak {top:,.0f} MB above idle = {ratio:.2f}x (share {r['share'] / MB:,.0f} + activations "
           f"{r['activations'] / MB:,.0f} MB, of which logits {r['logits'] / MB:,.0f}; gradients "
           f"{r['grads'] / MB:,.0f} MB not in the floor); target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'}; "
-          f"idle RSS {max(r['idle'].values()) / MB:,.0f} MB", flush=True)
+          f"idle RSS {max(r['idle'].values()) / MB:,.0f} MB")
+    kept = ", ".join(f"{k} {v / MB:,.0f}" for k, v in sorted(r["saved"].items(), key=lambda kv: -kv[1]))
+    print(f"{mode}: autograd kept from the forward (worker 0, MB; each storage once): {kept}")
+    terms = ", ".join(f"{k} {v / MB:,.0f}" for k, v in r["terms"].items() if v)
+    steps = " and ".join(f"{p / MB:,.0f}" for p in r["reported"])
+    print(f"{mode}: memory model (uncalibrated): predicted {r['predicted'] / MB:,.0f} MB at {r['moment']} ({terms}); "
+          f"the steps "
+          f"reported {steps} MB (first, second), the phases {top:,.0f} MB: {r['predicted'] / MB / top:.2f}x "
+          f"(target within 25%: {'met' if abs(r['predicted'] / MB / top - 1) <= 0.25 else 'NOT met'})", flush=True)
     return ratio
 
 
@@ -200,11 +263,14 @@ def main() -> None:
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--whole-loss", action="store_true", help="the loss over the whole vocabulary at once "
                         "(as before model/loss.py chunked it)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="float32: bf16 mixed precision over float32 state (as bench/load.py); bfloat16: pure bf16")
     args = parser.parse_args()
     base = write_folder(args.layers)  # bench/load.py's folder, or one of --layers layers beside it
     for mode in args.modes.split(","):
         name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
-        report(name, measure(base, mode, args.batch, args.seq, args.whole_loss), args.batch, args.seq, args.layers)
+        report(name, measure(base, mode, args.batch, args.seq, args.whole_loss, dtype=args.dtype), args.batch,
+               args.seq, args.layers)
 
 
 if __name__ == "__main__":
