@@ -1,31 +1,69 @@
 """Predict a layout's peak memory per worker, calibrate it from the peaks workers report, and fit it to a budget.
 
-Peak bytes above a worker's idle process (torch and Ray loaded, no model), on the busiest rank of a layout:
+Peak bytes above a worker's idle process (torch and Ray loaded, no model), on the busiest rank of a layout: the
+state it holds, plus what the step holds at its worst moment. The state:
 
-- **state**: its boxes of the trainable weights (``weights``), the frozen ones (``frozen``, LoRA's base) and
-  the AdamW moments (``moments``, two per trainable element), all at ``train.dtype``'s itemsize;
-- **grads**: the trainable boxes once more (FSDP2 keeps sharded gradients; with dp they are whole);
-- **gather** (fsdp > 1 only): FSDP2 all-gathers a layer's parameters while it runs, with the next layer's
-  prefetched (two layers unsharded at a time), and keeps its root module (the embedding, the final norm
-  and the LM head of the stage) unsharded for the whole step; a layer's trainable gradients are unsharded
-  until their reduce-scatter. Counted as those unsharded bytes minus the rank's own shards of them;
-- **activations** for the micro-batch: rows in flight x seq_len x layers of the stage x bytes a decoder
-  layer keeps per token (what its backward reads: the residual and normed inputs, q/k/v before and after
-  RoPE, the attention output, the four SwiGLU products; the q/k/v and SwiGLU widths split by tp). Rows in
-  flight: one micro-batch, or, under a pipeline, the chunks its schedule holds (1F1B: pp, GPipe: all).
-  With ``train.activation_checkpointing`` only each layer's input is kept plus one layer's full set;
-- **logits** (last stage): micro-batch rows x seq_len positions, at most one chunk of ``model/loss.py``'s
-  (the loss holds one chunk at a time), x vocab x (itemsize + 4 bytes): the logits and the float32
-  log-softmax cross-entropy keeps (the LM head stays whole under tp). Activations and logits are at
-  the compute dtype's itemsize (bf16 under ``train.mixed_precision``), the state at ``train.dtype``'s;
-- **overhead**: a constant learned from the workers' reports (allocator caches, optimizer temporaries).
+- **weights**, **frozen** (LoRA's base) and **moments** (two AdamW moments per trainable element): the rank's
+  boxes, at ``train.dtype``'s itemsize.
 
-A step's peak is the sum of these. A reshard into the layout holds the old and the new state at once plus
-one round's buffers (``runtime.reshard_round_bytes``); the layout's peak is the larger of the two.
+On top of it, the largest of four moments of a step, each the sum of the terms below as they stand then (each
+term was found in, and is checked against, ``bench/memory.py``'s per-phase peaks and its count of what autograd
+keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
+
+1. *forward: the root's gather* (fsdp > 1). FSDP2 all-gathers a unit into one flat buffer and copies it out into
+   unsharded parameters, a new allocation beside the rank's own shard (not in place of it): two unsharded copies
+   until the buffer goes. In the forward the root's buffer lives until the first layer's copy-out (FSDP2's
+   implicit prefetch), so **gather** = 2 x the root (the tensors outside the decoder layers: embedding, final
+   norm, LM head) + 2 x the largest layer.
+2. *backward begins: the root's gather*. The root was resharded after the forward and is gathered again (2 x the
+   root) while all the forward kept for the backward is alive: **activations**, **logits**, and **casts**: under
+   mixed precision, autocast's bf16 copy of every matmul weight (each layer's linears, LoRA's adapters, the LM
+   head, which is the embedding when tied), made at each use (the cast cache is off, ``runtime/precision.py``)
+   and saved by autograd for the input's gradient until that weight's backward. With activation checkpointing,
+   one layer's copies at a time (its recompute) and the head's. Without mixed precision the matmuls save the
+   parameters themselves: no copies.
+3. *backward: the head's gradient* (when the head trains). The root gathered (its buffer gone), the casts,
+   activations and logits, and **grads**: the head's weight gradient in the compute dtype and again in
+   ``train.dtype`` (autocast's cast backward), each the whole [vocab, dim].
+4. *backward ends*. **grads**: the rank's gradient shards (whole under dp), and with fsdp > 1 the root's
+   unsharded gradients and parameters until its reduce-scatter; a trained tied embedding adds the lookup's dense
+   gradient, summed into the head's.
+
+The other terms: **activations** for the micro-batch: rows in flight x seq_len x layers of the stage x bytes a
+decoder layer keeps per token (what its backward reads: the residual and normed inputs, q/k/v before and after
+RoPE, the attention output, the four SwiGLU products; the q/k/v and SwiGLU widths split by tp). Rows in flight:
+one micro-batch, or, under a pipeline, the chunks its schedule holds (1F1B: pp, GPipe: all). With
+``train.activation_checkpointing`` only each layer's input is kept plus one layer's full set. **logits** (last
+stage): micro-batch rows x seq_len positions, at most one chunk of ``model/loss.py``'s (the loss holds one chunk
+at a time), x vocab x (itemsize + 4 bytes): the logits and the float32 log-softmax cross-entropy keeps (the LM
+head stays whole under tp). Activations, logits and casts are at the compute dtype's itemsize (bf16 under
+``train.mixed_precision``), the rest at ``train.dtype``'s. **heap**: glibc serves allocations under its mmap
+threshold (at most ``MMAP_MAX``, 32 MiB) from a heap that keeps freed memory for the next step, so a worker's
+RSS never falls below the heap's high-water mark: the layers' copies, two layers' unsharded parameters (the
+one running and the one prefetched) and one layer's gradients before and after the cast, each counted when
+its tensors are under the threshold; at each moment, less what is live in the heap then (the copies, or the
+layers' gradient shards). Larger tensors (a 152k x 896 embedding) are mmapped and returned when freed.
+**overhead**: a constant learned from the workers' reports (0 until one arrives).
+
+What the bench measured at 4 layers of the 494M shape, fsdp=4, mixed precision (LoRA; full fine-tuning the same
+way): the forward's first gather raises the peak by 1,089 MB, the float32 root twice (545 MB each), and layer 0
+adds 122 MB (its 60 MB twice) while the root's buffer is alive; autograd keeps 120 MB of bf16 layer weight
+copies plus the 272 MB bf16 head (saved transposed); the step peaks when the backward gathers the root again
+(1,874 MB above idle; predicted 1,826); between steps the worker keeps 530 MB, 271 MB of which
+``malloc_trim`` returns (full: 961 MB, 287 returned): the heap's high-water mark above the state.
+
+Not counted, each at most one layer's worth: a layer's gather during the backward, its weight gradients before
+the cast and reduce-scatter, FSDP2's reduce-scatter buffer; LoRA's first layer's q/k/v copies are counted though
+their input (the frozen embedding's output) needs no gradient. Layouts with fsdp = 1 gather nothing (FSDP2 over
+one-rank shard groups; not measured). The optimizer's update runs in a later call (the commit), with the
+gradient shards and AdamW's temporaries. The root's own tensors are taken as mmapped (no heap term).
+
+A reshard into the layout holds the old and the new state at once plus one round's buffers
+(``runtime.reshard_round_bytes``); the layout's peak is the larger of a step's and a reshard's.
 
 Calibration (``observe``): each step's summary carries the largest peak RSS above idle that a worker of the
 placement reported. The model keeps the largest per layout and fits ``measured = static + scale *
-(activations + logits) + overhead`` (static: state, grads, gather), like ``CostModel.observe_step`` does
+(activations + logits) + overhead`` (static: everything else at the peak moment), like ``CostModel.observe_step`` does
 for time. One layout cannot tell a per-token error from a constant one: ``scale`` stays at 1 (only lowered
 when the activations alone overshoot) and the rest becomes ``overhead``; once two layouts with different
 activations have run, both are fitted by least squares. Neither depends on the layout.
@@ -48,17 +86,20 @@ from elastic.model.specs import itemsize, param_specs
 GB = 1e9
 HEADROOM = 0.8  # share of a node's memory the workers placed there may use; the rest is the OS, driver, Ray
 SCALE_BOUNDS = (0.25, 8.0)  # the fitted activation factor stays in these bounds (a bad fit cannot zero it)
-STEP_TERMS = ("weights", "frozen", "moments", "grads", "gather", "activations", "logits", "overhead")
+STEP_TERMS = ("weights", "frozen", "moments", "grads", "gather", "casts", "activations", "logits", "heap", "overhead")
+EMBED = "model.embed_tokens.weight"
+MMAP_MAX = 32 * 2**20  # glibc's largest mmap threshold (64-bit): smaller allocations may come from its heap
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """A layout's predicted peak bytes per worker, by term, on its busiest rank."""
+    """A layout's predicted peak bytes per worker, by term, on its busiest rank, and the step's moment it is at."""
 
     layout: Layout
-    terms: dict[str, int]  # STEP_TERMS, plus "reshard" (the staged copy and one round, during a move)
+    terms: dict[str, int]  # STEP_TERMS at the step's peak moment, plus "reshard" (the staged copy and one round)
     step_bytes: int
     reshard_bytes: int
+    moment: str = ""  # when in the step the peak falls (a name of ``MemoryModel._moments``)
 
     @property
     def peak(self) -> int:
@@ -112,57 +153,103 @@ class MemoryModel:
     def peak(self, layout: Layout) -> int:
         return self.estimate(layout).peak
 
+    def activations(self, layout: Layout) -> tuple[int, int]:
+        """(activations, logits) bytes of the layout's stage that keeps the most, calibrated: what a step keeps
+        for its backward whichever moment its peak falls at (the floor ``bench/load.py`` measures against)."""
+        acts, logits = max((self._activations(layout, stage) for stage in range(layout.pp)), key=sum)
+        return int(self.scale * acts), int(self.scale * logits)
+
     def _stage(self, layout: Layout, stage: int) -> MemoryEstimate:
-        held, whole = self._held(layout, stage)
-        terms = {"weights": held["trainable"], "frozen": held["frozen"], "moments": 2 * held["trainable"],
-                 "grads": held["trainable"]}
-        terms["gather"] = self._gather(layout, held, whole)
-        acts, logits = self._activations(layout, stage)
-        terms["activations"] = int(self.scale * acts)
-        terms["logits"] = int(self.scale * logits)
-        terms["overhead"] = int(self.overhead)
+        moments = self._moments(layout, stage)
+        for terms in moments.values():
+            terms["activations"] = int(self.scale * terms["activations"])
+            terms["logits"] = int(self.scale * terms["logits"])
+            terms["overhead"] = int(self.overhead)
+        moment, terms = max(moments.items(), key=lambda kv: sum(kv[1][k] for k in STEP_TERMS))
         state = terms["weights"] + terms["frozen"] + terms["moments"]
         # The staged copy, and the least a reshard needs in flight: one message (``round_bound`` gives the
         # rounds the headroom allows, up to runtime.reshard_round_bytes).
         terms["reshard"] = state + min(self.cfg.runtime.reshard_chunk_bytes, state)
         step = sum(terms[k] for k in STEP_TERMS)
-        return MemoryEstimate(layout, terms, step, state + terms["reshard"] + terms["overhead"])
+        return MemoryEstimate(layout, terms, step, state + terms["reshard"] + terms["overhead"], moment)
 
-    def _held(self, layout: Layout, stage: int) -> tuple[dict[str, int], dict[str, int]]:
-        """Bytes the stage's rank 0 holds (trainable, frozen), and the stage's unsharded bytes per tp rank
-        (``root``: tensors outside the decoder layers; ``layer`` and ``layer_grads``: its largest layer)."""
-        n_layers = self.cfg.model.n_layers
+    def _moments(self, layout: Layout, stage: int) -> dict[str, dict[str, int]]:
+        """The step's candidate peaks (see the module docstring), each as STEP_TERMS before calibration."""
+        z = self._sizes(layout, stage)
+        sharded = layout.fsdp > 1
+        acts, logits = self._activations(layout, stage)
+        state = {"weights": z["trainable"], "frozen": z["frozen"], "moments": 2 * z["trainable"]}
+
+        def at(grads: int = 0, gather: int = 0, casts: int = 0, transient: bool = False, heap: float = 0):
+            return {**state, "grads": grads, "gather": gather, "casts": casts, "heap": max(0, int(heap)),
+                    "activations": acts if transient else 0, "logits": logits if transient else 0}
+
+        mixed = self.compute_itemsize != self.itemsize
+        casts = z["casts"] * self.compute_itemsize if mixed else 0
+        head_grads = z["head_trainable"] * (self.itemsize + mixed * self.compute_itemsize)
+        root = z["root"] if sharded else 0
+        # glibc's heap keeps its high-water mark: the layers' copies, two layers' unsharded parameters (the one
+        # running and the one prefetched) and one layer's gradients before and after the cast, when under MMAP_MAX.
+        heap = (z["small_casts"] * self.compute_itemsize * mixed + 2 * z["small_layer"] * sharded
+                + z["small_layer_grads"] * (1 + mixed * self.compute_itemsize / self.itemsize))
+        live_casts = z["small_casts"] * self.compute_itemsize * mixed
+        return {
+            "forward: the root's gather": at(gather=2 * root + 2 * z["layer"] * sharded,
+                                             heap=heap - z["small_layer"] * sharded),
+            "backward begins: the root's gather": at(gather=2 * root, casts=casts, transient=True,
+                                                     heap=heap - live_casts),
+            "backward: the head's gradient": at(grads=head_grads, gather=root, casts=casts, transient=True,
+                                                heap=heap - live_casts),
+            "backward ends": at(grads=z["grads"] + sharded * z["root_trainable"] + z["tied_fresh"], gather=root,
+                                heap=heap - z["layer_grad_shards"]),
+        }
+
+    def _sizes(self, layout: Layout, stage: int) -> dict[str, int]:
+        """Bytes of the stage's rank 0. Held: ``trainable``, ``frozen``, ``grads`` (its gradient shards). Per tp
+        rank, unsharded: ``root`` (tensors outside the decoder layers: FSDP's root unit), ``root_trainable``,
+        ``layer`` (the largest layer), ``tied_fresh`` (a trained tied embedding: the lookup's dense gradient,
+        added to the head's). Elements: ``head_trainable`` (the LM head's, when it trains), ``casts`` (every
+        matmul weight of the stage, layers and head; with checkpointing, one layer's and the head's)."""
+        n_layers, cfg = self.cfg.model.n_layers, self.cfg.model
         placement = Placement(layout, tuple(range(layout.world)))
         rank = layout.rank(Coord(pp=stage, dp=0, fsdp=0, tp=0))
-        held = {"trainable": 0, "frozen": 0, "root": 0, "layer": 0, "layer_grads": 0}
-        root, layers, layer_grads = 0, {}, {}
+        last = stage == layout.pp - 1
+        z = dict.fromkeys(("trainable", "frozen", "grads", "root", "root_trainable", "tied_fresh",
+                           "head_trainable", "head_casts", "layer_grad_shards"), 0)
+        # layer -> [unsharded bytes, matmul elements, and of those under MMAP_MAX: unsharded bytes, matmul
+        # elements, trainable elements]
+        layers: dict[int, list[int]] = {}
         for spec in self.specs:
             box = placement.box(spec, rank, n_layers)
             if box is None:
                 continue
             nbytes = box_numel(box) * self.itemsize
-            held["trainable" if spec.trainable else "frozen"] += nbytes
-            unsharded = nbytes * layout.fsdp  # FSDP splits dim 0 of the tp shard evenly, up to rounding
+            z["trainable" if spec.trainable else "frozen"] += nbytes
+            z["grads"] += nbytes * spec.trainable
+            whole = nbytes * layout.fsdp  # FSDP splits dim 0 of the tp shard evenly, up to rounding
+            head = last and (spec.name == "lm_head.weight" or (spec.name == EMBED and cfg.tie_embeddings))
+            matmul = len(spec.shape) == 2 and (spec.name != EMBED or head)
             if spec.owner == "layer":
-                layers[spec.layer] = layers.get(spec.layer, 0) + unsharded
-                layer_grads[spec.layer] = layer_grads.get(spec.layer, 0) + (unsharded if spec.trainable else 0)
-            else:
-                root += unsharded
-                held["root"] += nbytes
-        biggest = max(layers, key=layers.get, default=None)
-        whole = {"root": root, "layer": layers.get(biggest, 0), "layer_grads": layer_grads.get(biggest, 0)}
-        held["layer"] = whole["layer"] // layout.fsdp
-        return held, whole
-
-    def _gather(self, layout: Layout, held: dict[str, int], whole: dict[str, int]) -> int:
-        if layout.fsdp == 1:
-            return 0
-        layers = min(2, self._stage_layer_count(layout))
-        own = held["root"] + layers * held["layer"]
-        return max(0, whole["root"] + layers * whole["layer"] + whole["layer_grads"] - own)
-
-    def _stage_layer_count(self, layout: Layout) -> int:
-        return max(len(layout.stage_layers(s, self.cfg.model.n_layers)) for s in range(layout.pp))
+                small, elements = whole < MMAP_MAX, whole // self.itemsize
+                entry = layers.setdefault(spec.layer, [0] * 5)
+                for i, v in enumerate((whole, elements * matmul, whole * small,
+                                       elements * matmul * (elements * self.compute_itemsize < MMAP_MAX),
+                                       elements * small * spec.trainable)):
+                    entry[i] += v
+                z["layer_grad_shards"] += nbytes * spec.trainable
+                continue
+            z["root"] += whole
+            z["root_trainable"] += whole * spec.trainable
+            z["tied_fresh"] += whole * (spec.trainable and spec.name == EMBED and cfg.tie_embeddings)
+            z["head_trainable"] += whole // self.itemsize * (spec.trainable and head)
+            z["head_casts"] += whole // self.itemsize * matmul
+        largest = max(layers.values(), default=[0] * 5)
+        z["layer"], z["small_layer"], z["small_layer_grads"] = largest[0], largest[2], largest[4] * self.itemsize
+        kept, small = [v[1] for v in layers.values()], [v[3] for v in layers.values()]
+        if self.cfg.train.activation_checkpointing:  # the recompute casts one layer at a time, in backward
+            kept, small = [max(kept, default=0)], [max(small, default=0)]
+        z["casts"], z["small_casts"] = sum(kept) + z.pop("head_casts"), sum(small)
+        return z
 
     def _activations(self, layout: Layout, stage: int) -> tuple[int, int]:
         """(activation bytes, logit bytes) of the stage's busiest moment, before calibration."""
@@ -216,10 +303,11 @@ class MemoryModel:
         self.overhead = max(0.0, max(y - self.scale * x for y, x in points))
 
     def _raw(self, layout: Layout, stage: int) -> tuple[int, int]:
-        """(state, grads and gather; activations and logits before calibration) of one stage."""
-        held, whole = self._held(layout, stage)
-        static = 4 * held["trainable"] + held["frozen"] + self._gather(layout, held, whole)
-        return static, sum(self._activations(layout, stage))
+        """(everything but activations and logits; activations and logits, before calibration) of the stage's
+        uncalibrated peak moment."""
+        terms = max(self._moments(layout, stage).values(), key=lambda t: sum(t.values()))
+        transient = terms.pop("activations") + terms.pop("logits")
+        return sum(terms.values()), transient
 
     def report(self) -> list[dict]:
         """Each layout that reported a peak: a step's predicted peak (before it ran, and now) against the measured

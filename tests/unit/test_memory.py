@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from elastic.core.config import LoraConfig
 from elastic.core.layout import Layout, Placement
 from elastic.model.loss import chunk_positions
 from elastic.plan.costmodel import CostModel
@@ -18,24 +19,66 @@ from tests.helpers import tiny_config
 def test_terms_follow_the_layout_the_micro_batch_and_checkpointing():
     cfg = tiny_config(global_batch=16, seq_len=16, n_layers=4)  # float64: 8 bytes an element
     m, vocab = MemoryModel(cfg), cfg.model.vocab_size
-    dp2, dp4 = m.estimate(Layout(dp=2)).terms, m.estimate(Layout(dp=4)).terms
+    (acts2, logits2), (acts4, logits4) = m.activations(Layout(dp=2)), m.activations(Layout(dp=4))
     # Logits: the micro-batch's rows x seq x vocab x (8 bytes of logits + 4 of the float32 log-softmax).
-    assert dp2["logits"] == 8 * 16 * vocab * 12 and dp4["logits"] == 4 * 16 * vocab * 12
-    assert m.estimate(Layout(dp=2, microbatches=2)).terms["logits"] == 4 * 16 * vocab * 12
-    assert dp4["activations"] * 2 == dp2["activations"]  # half the rows per rank
-    assert dp2["gather"] == 0 < m.estimate(Layout(fsdp=2)).terms["gather"]  # only sharded parameters are gathered
+    assert logits2 == 8 * 16 * vocab * 12 and logits4 == 4 * 16 * vocab * 12
+    assert m.activations(Layout(dp=2, microbatches=2))[1] == 4 * 16 * vocab * 12
+    assert acts4 * 2 == acts2  # half the rows per rank
+    assert m.estimate(Layout(dp=2)).terms["gather"] == 0 < m.estimate(Layout(fsdp=2)).terms["gather"]
     # A pipeline: the first stage holds no logits, the last no embedding; the busier stage is reported.
     pp = m.estimate(Layout(pp=2, microbatches=4))
-    assert pp.terms["weights"] < dp2["weights"]
+    assert pp.terms["weights"] < m.estimate(Layout(dp=2)).terms["weights"]
     # Checkpointing keeps one dim-wide input per layer plus one layer's set: less, and less again with layers.
     ckpt = MemoryModel(cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True)))
-    kept = ckpt.estimate(Layout(dp=2)).terms["activations"]
-    assert kept < dp2["activations"] / 2
-    assert kept == 8 * 16 * cfg.model.dim * 4 * 8 + dp2["activations"] // 4  # inputs of 4 layers + 1 layer's set
+    kept = ckpt.activations(Layout(dp=2))[0]
+    assert kept < acts2 / 2
+    assert kept == 8 * 16 * cfg.model.dim * 4 * 8 + acts2 // 4  # inputs of 4 layers + 1 layer's set
     # A 152k vocabulary: the loss holds one chunk of positions' logits (model/loss.py), not the micro-batch's.
     big = MemoryModel(tiny_config(global_batch=16, seq_len=512, vocab_size=151936, max_seq_len=512))
-    chunk = big.estimate(Layout(dp=2)).terms["logits"]
+    chunk = big.activations(Layout(dp=2))[1]
     assert chunk == chunk_positions(151936) * 151936 * 12 and chunk < 8 * 512 * 151936 * 12 / 30
+
+
+def _mixed(cfg, on: bool = True, **train):
+    return cfg.replace(train=dataclasses.replace(cfg.train, dtype="float32", mixed_precision="bf16" if on else "no",
+                                                 **train))
+
+
+def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_principles():
+    """fsdp=2, full training, bf16 autocast over float32, tied embedding: the peak is the head's backward, with
+    the root (embedding + final norm) gathered, a bf16 copy of every matmul weight kept from the forward (the
+    layers' and the head's), and the head's gradient in bf16 and again in float32. Bytes from the model's
+    dimensions alone, not from the specs."""
+    cfg = _mixed(tiny_config(global_batch=16, seq_len=16, n_layers=4, vocab_size=4096, tie_embeddings=True))
+    c = cfg.model
+    q, kv = c.n_heads * (c.dim // c.n_heads), c.n_kv_heads * (c.dim // c.n_heads)
+    matmul = c.dim * q + 2 * c.dim * kv + q * c.dim + 3 * c.dim * c.ffn_dim  # one layer's linear weights
+    layer, head = matmul + 2 * c.dim, c.vocab_size * c.dim
+    total, root = c.n_layers * layer + head + c.dim, head + c.dim  # elements; root: embedding/head + final norm
+    m = MemoryModel(cfg)
+    acts, logits = m.activations(Layout(fsdp=2))
+    e = m.estimate(Layout(fsdp=2))
+    assert e.moment == "backward: the head's gradient"
+    # Every layer tensor is under glibc's mmap threshold: its heap keeps the step's high-water mark, the layers'
+    # copies (alive now) plus two layers' unsharded parameters and one layer's gradients in bf16 and float32.
+    expected = {"weights": 4 * total / 2, "moments": 8 * total / 2, "gather": 4 * root,
+                "casts": 2 * (c.n_layers * matmul + head), "grads": (2 + 4) * head, "heap": 2 * 4 * layer + 6 * layer}
+    for term, value in expected.items():
+        assert e.terms[term] == pytest.approx(value, rel=1e-3), term
+    assert e.step_bytes == pytest.approx(sum(expected.values()) + acts + logits, rel=1e-3)
+    # LoRA's frozen base: no head gradient, so the peak is the backward's re-gather (the gathered root and its
+    # all-gather buffer) with every bf16 weight copy held; the adapters add their own small state.
+    lora = MemoryModel(cfg.replace(lora=LoraConfig(r=4))).estimate(Layout(fsdp=2))
+    assert lora.moment == "backward begins: the root's gather" and lora.terms["grads"] == 0
+    assert lora.terms["gather"] == pytest.approx(2 * 4 * root, rel=1e-3)
+    assert lora.terms["casts"] > e.terms["casts"]  # the adapters' matmuls too
+    # No mixed precision: matmuls read the parameters themselves, no copies; checkpointing: one layer's at a time.
+    assert MemoryModel(_mixed(cfg, on=False)).estimate(Layout(fsdp=2)).terms["casts"] == 0
+    ckpt = MemoryModel(_mixed(cfg, activation_checkpointing=True)).estimate(Layout(fsdp=2))
+    assert ckpt.terms["casts"] == pytest.approx(2 * (matmul + head), rel=1e-3)
+    # Replicated (dp=2): nothing is gathered; the whole gradients at the end of the backward can be the peak.
+    dp = MemoryModel(cfg).estimate(Layout(dp=2))
+    assert dp.terms["gather"] == 0 and dp.step_bytes < e.step_bytes + 4 * total
 
 
 def test_calibration_fits_a_constant_then_a_factor_on_activations():

@@ -8,6 +8,7 @@ from elastic.core.config import MODEL_PRESETS
 from elastic.core.layout import Layout, Placement
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Move, Pause, Refuse, Stay
+from elastic.plan.memory import size
 from elastic.plan.policy import Policy
 from tests.helpers import tiny_config
 
@@ -91,9 +92,10 @@ def test_memory_budget_rules_out_layouts_that_would_not_fit():
     cost = CostModel(cfg.model, 16, cfg.data.seq_len, 8, cores=4)
     n = cfg.model.num_params()  # float64, every parameter trainable
     unlimited = Policy(cfg, cost)
-    # The state terms are the boxes' bytes: weights + 2 moments + grads, whole under dp, a quarter under fsdp=4.
+    # The state terms are the boxes' bytes: weights + 2 moments, whole under dp, a quarter under fsdp=4; the
+    # gradients are those alive at the step's peak moment (plan/memory.py), at most the whole of them under dp.
     whole, quarter = unlimited.memory.estimate(Layout(dp=4)).terms, unlimited.memory.estimate(Layout(fsdp=4)).terms
-    assert whole["weights"] == whole["grads"] == n * 8 and whole["moments"] == 2 * n * 8 and whole["gather"] == 0
+    assert whole["weights"] == n * 8 >= whole["grads"] and whole["moments"] == 2 * n * 8 and whole["gather"] == 0
     assert quarter["weights"] + quarter["moments"] == pytest.approx(3 * n * 8 / 4, rel=0.02) and quarter["gather"] > 0
     assert Layout(dp=4) in unlimited.layouts(4)
 
@@ -111,7 +113,7 @@ def test_memory_budget_rules_out_layouts_that_would_not_fit():
     paused = tight.decide(Placement(Layout(dp=2), (0, 1)), [0], 100, must_move=True)
     assert isinstance(paused, Pause) and "no layout fits 1 workers in" in paused.reason, paused
     assert "memory_per_worker_gb" in paused.reason, paused
-    assert "it would take 2 workers of 1.48 MB each (pp=2" in paused.reason, paused
+    assert f"it would take 2 workers of {size(budget)} each (pp=2" in paused.reason, paused
 
 
 def test_use_all_says_so_when_growing_is_not_predicted_faster():
