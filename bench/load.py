@@ -209,15 +209,15 @@ def elastic_run(folder: Path, mode: str, batch: int, seq: int, steps: int) -> di
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     model = MemoryModel(cfg)
-    terms = model.estimate(layout).terms
+    estimate = model.estimate(layout)
     return {"load_s": load_s, "load": load, "first": peaks[0], "steady": max(peaks[1:] or peaks),
             "first_s": seconds[0], "step_s": statistics.median(seconds[1:] or seconds), "idle": max(idle.values()),
             "export": export_peak, "driver_before": driver_before, "driver_peak": driver_peak,
             "driver_bytes": export.driver_bytes, "largest": export.largest_bytes / MB,
-            "written": export.written_bytes / MB, "predicted": model.estimate(layout).step_bytes / MB,
+            "written": export.written_bytes / MB, "predicted": estimate.step_bytes / MB, "moment": estimate.moment,
+            "terms": {k: v / MB for k, v in estimate.terms.items() if v and k != "reshard"},
             "state": sum(s.numel for s in training_specs(cfg)) * 4 / MB,
-            "activations": (terms["activations"] + terms["logits"]) / MB,
-            "activations_1": sum(MemoryModel(cfg).estimate(Layout()).terms[k] for k in ("activations", "logits")) / MB}
+            "activations": sum(model.activations(layout)) / MB, "activations_1": sum(model.activations(Layout())) / MB}
 
 
 def verdict(ok: bool) -> str:
@@ -257,12 +257,17 @@ def report(mode: str, layers: int, args, ours: dict, fsdp2: dict, theirs: dict) 
           f"(target <= 1.0x: {verdict(mem_ratio <= 1.0)})")
     print(f"{mode}: our steady peak / (share + activations) = {floor_ratio:.2f}x (target <= 1.5x: "
           f"{verdict(floor_ratio <= 1.5)})")
-    print(f"{mode}: memory model (uncalibrated) for fsdp=4: predicted {ours['predicted']:,.0f} MB, measured "
-          f"{ours['steady']:,.0f} MB: {model_ratio:.2f}x (target within 25%: {verdict(abs(model_ratio - 1) <= 0.25)})")
+    terms = ", ".join(f"{k} {v:,.0f}" for k, v in ours["terms"].items())
+    print(f"{mode}: memory model (uncalibrated) for fsdp=4: predicted {ours['predicted']:,.0f} MB at "
+          f"{ours['moment']} ({terms}), measured {ours['steady']:,.0f} MB: {model_ratio:.2f}x (target within 25%: "
+          f"{verdict(abs(model_ratio - 1) <= 0.25)})")
     print(f"{mode}: the driver while the workers export ({ours['written']:,.0f} MB written, largest tensor "
           f"{ours['largest']:,.0f} MB): peak RSS {ours['driver_peak']:,.0f} MB, "
           f"{ours['driver_peak'] - ours['driver_before']:,.0f} MB above its RSS before the export; it received "
-          f"{ours['driver_bytes']} tensor bytes", flush=True)
+          f"{ours['driver_bytes']} tensor bytes")
+    print(f"{mode}: machine load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min) after these "
+          f"runs, on {os.cpu_count()} cores: step times are only comparable on a quiet machine; RSS does not depend "
+          f"on it", flush=True)
 
 
 def main() -> None:
