@@ -9,6 +9,9 @@ minutes or lets the driver connect and then cancels its actors ("The actor never
 - unset, a new local cluster uses Ray's default (token), and an existing cluster is reached with a token when
   one is available on this machine (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, as Ray
   reads them), else without one;
+- before ``ray.init``, one GCS call with the chosen mode (``_refuse_wrong_auth``): a token cluster refuses a
+  driver without a token at once (~0.1 s), where ``ray.init`` retries that refusal 20 times, a second apart, and
+  then says only "Failed to connect";
 - ``check_work`` runs one trivial task right after connecting, with a deadline, so that a mismatch fails at
   once in one line naming ``RAY_AUTH_MODE`` and the fix, before any worker starts.
 
@@ -23,6 +26,7 @@ import sys
 
 AUTH_MODE = "RAY_AUTH_MODE"
 CHECK_S = 60.0  # the trivial task must run within this after connecting: it needs one worker process, ~1 s
+PROBE_MS = 2000  # the auth probe's own deadline; a GCS that answers at all answers it in ~0.1 s
 
 
 def _set_mode(mode: str) -> None:
@@ -58,6 +62,7 @@ def connect_ray(address: str | None = None, num_cpus: float | None = None, check
     if ray.is_initialized():
         return
     if address:
+        _refuse_wrong_auth(address)
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         except (ray.exceptions.AuthenticationError, ConnectionError) as err:
@@ -84,6 +89,24 @@ def auth_hint(address: str, why: str) -> str:
     return (f"the Ray cluster at {address} did not accept this driver with {AUTH_MODE}={mode} "
             f"({(why.splitlines() or [''])[0][:160]}); if the cluster runs with the other mode, set "
             f"{AUTH_MODE}={other} (for token auth the cluster's token must be in ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+
+
+def _refuse_wrong_auth(address: str) -> None:
+    """Raise ConnectionError naming ``RAY_AUTH_MODE`` if the GCS at ``address`` rejects this process's credentials.
+    Any other outcome (it answers; it does not answer within PROBE_MS; Ray's internal client moved) leaves the
+    verdict to ``ray.init``, as before."""
+    if address == "auto" or "://" in address:
+        return  # not a GCS address: "auto" is looked up by ray.init, ray:// is Ray Client's proxy
+    import ray
+
+    try:
+        from ray._raylet import InnerGcsClient
+
+        InnerGcsClient.standalone(address, None, PROBE_MS)
+    except ray.exceptions.AuthenticationError as err:
+        raise ConnectionError(auth_hint(address, str(err))) from None
+    except Exception:  # noqa: BLE001 (unreachable, or the internal API changed: ray.init decides)
+        return
 
 
 def check_work(address: str) -> None:
