@@ -3,6 +3,7 @@ test loss (a disjoint held-out split) reported, a plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -23,6 +24,9 @@ def test_log_grid():
 @pytest.mark.timeout(180)
 def test_sweep_runs_trials_and_picks_the_best(ray_session, tmp_path):
     cfg = tiny_config(steps=6, dtype="float32", dataset="arithmetic").replace(lora=LoraConfig(r=4, alpha=8.0))
+    # Two of the session's four CPUs per trial: one trial at a time, so one task worker runs all four in turn
+    # (each new worker process costs ~7 CPU-s to import torch; the trials' results do not depend on concurrency).
+    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, cpus_per_worker=2.0))
     results = lr_sweep(cfg, log_grid(1e-4, 3e-1, 4), eval_samples=32, progress=False)
     assert [r["lr"] for r in results] == sorted(r["lr"] for r in results) and len(results) == 4
     top = best(results)
