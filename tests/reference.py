@@ -213,6 +213,22 @@ def train_reference(cfg: Config, steps: int | None = None) -> Reference:
     return out
 
 
+_CACHE: dict[tuple[str, int | None], Reference] = {}
+
+
+def cached_reference(cfg: Config, steps: int | None = None) -> Reference:
+    """``train_reference(cfg, steps)`` computed once per test session for each (config, steps): several tests
+    compare against the same run (a copy is returned, so no test can change another's reference). Keyed on the
+    config's repr, which names every field (``Config`` holds a dict, so it does not hash). The reference's own
+    tests call ``train_reference`` itself (its determinism is one of their checks)."""
+    key = (repr(cfg), steps)
+    if key not in _CACHE:
+        _CACHE[key] = train_reference(cfg, steps)
+    ref = _CACHE[key]
+    return Reference(list(ref.losses), {k: v.clone() for k, v in ref.tensors.items()},
+                     [list(s) for s in ref.samples], [dict(m) for m in ref.metrics])
+
+
 # ---- Sampling --------------------------------------------------------------------------------------
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

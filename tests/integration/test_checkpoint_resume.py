@@ -12,7 +12,7 @@ from elastic.control.run import with_control
 from elastic.core import checkpoint as ckpt
 from elastic.core.layout import Layout
 from tests.helpers import tiny_config, worst_state_err
-from tests.reference import train_reference
+from tests.reference import cached_reference
 
 
 @pytest.mark.timeout(300)
@@ -23,7 +23,7 @@ def test_a_loss_with_no_replica_and_no_snapshot_recovers_from_the_disk_checkpoin
     from tests.helpers import assert_exactly_once
 
     cfg = tiny_config(steps=8)
-    ref = train_reference(cfg).tensors
+    ref = cached_reference(cfg).tensors
     cfg = with_control(cfg, layout="fsdp=4", snapshot_every=0, checkpoint_dir=str(tmp_path), checkpoint_every=3)
     controller = Controller(cfg, group=fresh_pool, progress=False)
     killed = []
@@ -50,7 +50,7 @@ def test_a_loss_with_no_replica_and_no_snapshot_recovers_from_the_disk_checkpoin
 def test_save_in_one_layout_resume_in_another_equals_uninterrupted(fresh_pool, tmp_path, saved, resumed, workers):
     cfg = tiny_config(steps=8)
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=workers))
-    ref = train_reference(cfg).tensors
+    ref = cached_reference(cfg).tensors
     first = Controller(with_control(cfg, layout=saved, checkpoint_dir=str(tmp_path), checkpoint_every=4),
                        group=fresh_pool, progress=False, gather_tensors=False)
     try:

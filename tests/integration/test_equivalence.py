@@ -11,7 +11,7 @@ import pytest
 from elastic.core.layout import Layout, Placement
 from elastic.driver.summary import summarize
 from tests.helpers import rel_err, tiny_config, worst_state_err, worst_update_err
-from tests.reference import train_reference
+from tests.reference import cached_reference
 
 LAYOUTS = ["dp=1", "dp=2", "fsdp=2", "tp=2", "pp=2,mb=2", "dp=2,tp=2", "fsdp=2,tp=2", "dp=2,pp=2,mb=2"]
 # float32: the AdamW second moments of the tp layouts land at 1.5e-4 to 1.8e-4 from the single-process run on
@@ -35,7 +35,7 @@ def train_on(pool, cfg, layout: Layout) -> tuple[list[float], dict]:
 @pytest.fixture(scope="module", params=["float64", "float32"])
 def reference(request):
     cfg = tiny_config(dtype=request.param, steps=STEPS)
-    ref = train_reference(cfg)
+    ref = cached_reference(cfg)
     losses, state = ref.losses, ref.tensors
     return cfg, losses, state
 
@@ -55,7 +55,7 @@ def test_layout_matches_single_process(pool, reference, layout_text):
     # The run must actually have trained (a test that cannot fail is worthless).
     assert ref_losses[-1] < ref_losses[0] - 0.3
     assert rel_err(state["model.layers.0.mlp.up_proj.weight"],
-                   train_reference(cfg, steps=0).tensors["model.layers.0.mlp.up_proj.weight"]) > 1e-3
+                   cached_reference(cfg, steps=0).tensors["model.layers.0.mlp.up_proj.weight"]) > 1e-3
 
 
 # Layouts users run that the grid above does not: tp x pp, one and four pipeline micro-batches, and gradient
@@ -66,7 +66,7 @@ MORE_LAYOUTS = ["tp=2,pp=2,mb=2", "pp=2,mb=1", "pp=2,mb=4", "fsdp=2,mb=4", "dp=2
 @pytest.fixture(scope="module")
 def reference64():
     cfg = tiny_config(dtype="float64", steps=STEPS)
-    return cfg, train_reference(cfg)
+    return cfg, cached_reference(cfg)
 
 
 @pytest.mark.slow
@@ -85,7 +85,7 @@ def test_more_layouts_match_single_process(pool, reference64, layout_text):
 def test_uneven_data_parallel_split_matches(pool):
     """Three data-parallel ranks share a batch of 8 as 3+3+2: still the same gradient."""
     cfg = tiny_config(dtype="float64", steps=4)
-    ref_state = train_reference(cfg).tensors
+    ref_state = cached_reference(cfg).tensors
     pool.cfg = cfg
     placement = Placement(Layout(fsdp=3), tuple(pool.warm()[:3]))
     pool.setup(placement)
@@ -120,7 +120,7 @@ def test_activation_checkpointing_under_every_parallelism_across_a_live_reshard(
     import dataclasses
 
     cfg = tiny_config(dtype="float64", steps=STEPS)
-    ref = train_reference(cfg)
+    ref = cached_reference(cfg)
     losses, state = across_a_live_reshard(
         pool, cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True)), STEPS)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True)) <= 1e-9
@@ -156,10 +156,10 @@ def test_mixed_precision_is_layout_invariant_across_a_live_reshard(pool):
     steps = 6
     cfg = tiny_config(dtype="float32", steps=steps)
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision="bf16"))
-    ref = train_reference(cfg)
+    ref = cached_reference(cfg)
     losses, state = across_a_live_reshard(pool, cfg, steps)
     assert {t.dtype for t in state.values()} == {torch.float32}
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses, strict=True))
     assert loss_err <= MIXED["loss"], f"loss rel err {loss_err:.2e}"
-    err, name = worst_update_err(state, ref.tensors, train_reference(cfg, steps=0).tensors)
+    err, name = worst_update_err(state, ref.tensors, cached_reference(cfg, steps=0).tensors)
     assert err <= MIXED["update"], f"{name}: update rel err {err:.2e} > {MIXED['update']}"

@@ -27,7 +27,7 @@ from elastic.recipes.grpo.workload import GRPOWorkload
 from elastic.tools.metrics import read_run
 from tests import helpers
 from tests.helpers import digit_reward, tiny_config, worst_state_err
-from tests.reference import build_model, reference_sample, train_grpo_reference, train_reference
+from tests.reference import build_model, cached_reference, reference_sample, train_grpo_reference
 
 STEPS, EVERY, HELD_OUT = 4, 2, 33  # 33 rows: uneven shares, so one slice pads its last forward
 FIRST, THEN = "fsdp=2,tp=2", "dp=2,pp=2,mb=2"
@@ -36,7 +36,7 @@ FIRST, THEN = "fsdp=2,tp=2", "dp=2,pp=2,mb=2"
 def reference_eval_loss(cfg, steps: int) -> float:
     """Mean token NLL over every held-out row, one plain forward of the reference's weights after ``steps``."""
     model = build_model(cfg)
-    model.load_state_dict({k: v for k, v in train_reference(cfg, steps=steps).tensors.items() if "::" not in k})
+    model.load_state_dict({k: v for k, v in cached_reference(cfg, steps=steps).tensors.items() if "::" not in k})
     ds = build_dataset(cfg.data, cfg.train.seed)
     x, y = ds.batch(range(ds.holdout_size()), "holdout")
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_eval_loss_every_k_steps_equals_single_process_and_leaves_training_alone
         assert abs(got - want) / want <= 1e-9, f"step {step}: {got} vs {want}"
     assert evals[1] != evals[3]  # the weights moved between the two evaluations
     # Training is the reference's, which never evaluates, and every sample was trained on once.
-    err, name = worst_state_err(result.tensors, train_reference(cfg).tensors)
+    err, name = worst_state_err(result.tensors, cached_reference(cfg).tensors)
     assert err <= 1e-9, f"{name}: {err:.2e}"
     helpers.assert_exactly_once(result.history, STEPS, cfg.train.global_batch,
                                 len(build_dataset(cfg.data, cfg.train.seed)))

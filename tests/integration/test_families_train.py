@@ -28,7 +28,7 @@ from elastic.core.config import Config, DataConfig, OptimConfig, RuntimeConfig, 
 from elastic.core.layout import Layout
 from elastic.model.hf import model_config_of, save_hf_model
 from tests.helpers import KillAfterCommit, WaitForWorkers, assert_exactly_once, worst_state_err
-from tests.reference import train_reference
+from tests.reference import cached_reference
 from tests.unit.test_families import write_folder
 
 STEPS = 8
@@ -45,7 +45,7 @@ def test_family_trains_and_reshards_like_transformers(fresh_pool, tmp_path, fami
                  train=TrainConfig(steps=STEPS, global_batch=8, dtype="float64", seed=1234, init_from=str(folder)),
                  optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
                  runtime=RuntimeConfig(workers=4, collective_timeout_s=60, store_timeout_s=60))
-    ref = train_reference(cfg)
+    ref = cached_reference(cfg)
     script = ScriptedEvents({step: [Relayout(reason="test", layout=Layout.parse(text))]
                              for step, text in SCRIPT.items()})
     cfg = with_control(cfg, layout=START, prepare_wait_steps=0)

@@ -32,7 +32,7 @@ from tests.helpers import (
     tiny_config,
     worst_state_err,
 )
-from tests.reference import train_reference
+from tests.reference import cached_reference
 
 STEPS = 8
 
@@ -49,7 +49,7 @@ def lora_references():
     def get(dropout: float):
         if dropout not in runs:
             cfg = lora_config(dropout=dropout)
-            ref = train_reference(cfg)
+            ref = cached_reference(cfg)
             runs[dropout] = cfg, ref.losses, ref.tensors
         return runs[dropout]
 
@@ -75,7 +75,7 @@ def test_lora_layout_matches_single_process(pool, lora_references, layout_text, 
     assert err <= 1e-9, f"{layout}: {name} {err:.2e}"
     # Only adapters trained: the frozen base is bit-identical to its initial value, and it has no
     # optimizer state; the adapters moved.
-    initial = train_reference(cfg, steps=0).tensors
+    initial = cached_reference(cfg, steps=0).tensors
     assert set(state) == set(initial)
     assert all(k.count("lora_") or "::" not in k for k in state)
     base = "model.layers.0.self_attn.q_proj.weight"
@@ -88,7 +88,7 @@ def test_lora_layout_matches_single_process(pool, lora_references, layout_text, 
 @pytest.mark.timeout(300)
 def test_lora_across_live_reshards(fresh_pool):
     cfg = lora_config(steps=12, ahead=True)
-    ref = train_reference(cfg).tensors
+    ref = cached_reference(cfg).tensors
     script = ScriptedEvents({3: [Drain(reason="preempted", worker=fresh_pool.warm()[0])],
                              6: [AddWorkers(reason="back", count=1)],
                              9: [Relayout(reason="operator", layout=Layout(fsdp=2, tp=2))]})
@@ -127,12 +127,12 @@ def test_lora_reshard_reads_the_frozen_base_from_its_folder(pool, tmp_path):
     from elastic.model.hf import save_hf_model
 
     plain = lora_config(steps=4)
-    start = train_reference(plain, steps=0).tensors
+    start = cached_reference(plain, steps=0).tensors
     folder = save_hf_model(tmp_path / "base", plain.model, {k: v for k, v in start.items()
                                                             if "::" not in k and "lora_" not in k})
     cfg = plain.replace(train=dataclasses.replace(plain.train, init_from=str(folder)),
                         runtime=dataclasses.replace(plain.runtime, base_from="disk"))
-    ref = train_reference(cfg).tensors
+    ref = cached_reference(cfg).tensors
     pool.cfg = cfg
     workers = tuple(pool.warm()[:4])
     pool.setup(Placement(Layout(dp=2, tp=2), workers))
