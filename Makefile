@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
-# torch==2.13.0 is installed first because its CPU build lies on this machine's disk;
-# pyproject's torch range (2.13.x) then adds nothing (any other torch pulls a multi-GB CUDA build).
+# torch==2.13.0 is named because its CPU build lies on this machine's disk (pyproject's range, 2.13.x, would let
+# a resolver pick another, and any other torch pulls a multi-GB CUDA build). scripts/install_deps.py installs with
+# uv (half pip's CPU: the set-up counts in make test's 8 minutes) under pip's own index settings, or with pip.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,8 +13,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python scripts/install_deps.py torch==2.13.0 -e ".[dev]"
 	touch $(STAMP)
 
 test: $(STAMP)
