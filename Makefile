@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/ruff check elastic launch examples bench tests
+	$(BIN)/ruff check elastic launch examples bench tests scripts
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
@@ -51,7 +51,7 @@ bench-noise: $(STAMP)
 	$(BIN)/python bench/grpo_noise.py | tee bench/out/grpo_noise.txt
 
 lint: $(STAMP)
-	$(BIN)/ruff check elastic launch examples bench tests
+	$(BIN)/ruff check elastic launch examples bench tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
