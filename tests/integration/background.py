@@ -97,9 +97,16 @@ def start_head() -> Head:
 
 
 def head(timeout_s: float = 120.0) -> Head:
-    """The head node, once `ray start` has returned (started now if it was not yet); fails with its output."""
+    """The head node, once `ray start` has returned (started now if it was not yet); fails with its output.
+    One more try if Ray gave up starting it: on a loaded machine its raylet can wait longer than Ray's fixed
+    30 s for the dashboard agent (a Python process importing its modules), and `ray start` then exits 1."""
     node = start_head()
     out, _ = node.start.communicate(timeout=timeout_s)
+    if node.start.returncode != 0 and "timed out during startup" in out:
+        stop_head()
+        _head.clear()
+        node = start_head()
+        out, _ = node.start.communicate(timeout=timeout_s)
     assert node.start.returncode == 0, f"ray start --head exited {node.start.returncode}:\n{out[-3000:]}"
     return node
 
