@@ -20,7 +20,7 @@ from elastic.driver.ray_group import RayWorkerGroup
 from elastic.driver.resharder import plan_move, reshard
 from tests import helpers
 from tests.helpers import DelayTransfers, WaitForWorkers, tiny_config, worst_state_err
-from tests.reference import train_reference
+from tests.reference import cached_reference
 
 
 def assert_exactly_once(cfg, history):
@@ -38,7 +38,7 @@ def test_drain_add_relayout_and_back_equals_single_process(fresh_pool, tmp_path)
     # events come every 3 steps, and a tiny model's step is shorter than a skeleton build
     cfg = with_control(cfg, prepare_wait_steps=1)
     assert len(build_dataset(cfg.data, cfg.train.seed)) == 45
-    ref_state = train_reference(cfg).tensors
+    ref_state = cached_reference(cfg).tensors
     script = ScriptedEvents({
         3: [Drain(reason="preemption notice", worker=fresh_pool.warm()[1])],           # 4 -> 3 workers
         6: [AddWorkers(reason="two nodes back", count=2)],          # 3 -> 5 workers
@@ -107,11 +107,13 @@ def test_round_trip_is_bit_identical(pool, pack_bytes):
 
 
 @pytest.mark.timeout(180)
-def test_too_few_workers_pauses_then_resumes(ray_session):
+def test_too_few_workers_pauses_then_resumes(fresh_pool):
+    """The pool's four workers on dp=4 with min_workers=4: a drain leaves three, the job pauses, and one
+    replacement (the only worker this test starts) resumes it. The pool is left with four workers."""
     cfg = tiny_config(steps=8)
-    cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
-    ref_state = train_reference(cfg).tensors
-    script = ScriptedEvents({2: [Drain(reason="preempted", worker=0)]})
+    ref_state = cached_reference(cfg).tensors
+    group = fresh_pool
+    script = ScriptedEvents({2: [Drain(reason="preempted", worker=group.warm()[0])]})
 
     class ReturnWhenPaused:
         """Capacity comes back only once the job has paused (as a replacement node would)."""
@@ -124,19 +126,17 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
                 return [AddWorkers(reason="replacement arrived", count=1)]
             return []
 
-    group = RayWorkerGroup(cfg)  # its own two workers: the pool's four would change the budget arithmetic
-    cfg = with_control(cfg, layout=Layout(dp=2), min_workers=2, objective="use_all")
+    cfg = with_control(cfg, layout=Layout(dp=4), min_workers=4, objective="use_all")
     controller = Controller(cfg, group=group, sources=[script, ReturnWhenPaused(), WaitForWorkers(group)],
                             progress=False)
     try:
         result = controller.run()
     finally:
         controller.shutdown()
-        group.shutdown()
     kinds = [e["kind"] for e in result.events]
     assert "pause" in kinds and kinds.index("pause") < kinds.index("reshard")
     pause = next(e for e in result.events if e["kind"] == "pause")
-    assert "needs at least 2" in pause["text"]
+    assert "needs at least 4" in pause["text"]
     assert worst_state_err(result.tensors, ref_state)[0] <= 1e-9
 
 
@@ -144,7 +144,7 @@ def test_too_few_workers_pauses_then_resumes(ray_session):
 def test_failed_reshard_keeps_old_placement(ray_session):
     """A new worker dies in the middle of the transfer: the old placement carries on, nothing lost."""
     cfg = tiny_config(steps=6)
-    ref_state = train_reference(cfg).tensors
+    ref_state = cached_reference(cfg).tensors
     cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, workers=2))
     script = ScriptedEvents({2: [AddWorkers(reason="scale out", count=1)]})
     group = RayWorkerGroup(cfg)  # its own workers 0 and 1; the newcomer is worker 2
