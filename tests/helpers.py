@@ -56,22 +56,26 @@ class WaitForWorkers:
 
 class DelayTransfers:
     """A worker task that makes every later reshard transfer of that worker pause ``seconds`` after
-    its group forms (a window in which a test can kill workers mid-transfer). Test code only: it
-    patches the worker process's ``elastic.runtime.transfer.execute``."""
+    its group forms (a window in which a test can kill workers mid-transfer). ``marker``: a file the
+    worker creates as each pause begins, so a test kills inside the window instead of guessing when it
+    opens. Test code only: it patches the worker process's ``elastic.runtime.transfer.execute``."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, marker: str | None = None) -> None:
+        self.seconds, self.marker = seconds, marker
 
     def run(self, ctx) -> bool:
         import time
+        from pathlib import Path
 
         from elastic.runtime import transfer
 
         original = getattr(transfer.execute, "undelayed", transfer.execute)
-        seconds = self.seconds
+        seconds, marker = self.seconds, self.marker
 
         def delayed(work, me, old, old_boxes, new_boxes, dtype, group, *args, **kwargs):
             if group is not None:
+                if marker:
+                    Path(marker).touch()
                 time.sleep(seconds)
             return original(work, me, old, old_boxes, new_boxes, dtype, group, *args, **kwargs)
 
@@ -82,13 +86,14 @@ class DelayTransfers:
 
 class _OneStall:
     """A worker task that wraps ``module.name`` in the worker process: the next call for which
-    ``when(*args)`` holds sleeps ``seconds`` first (once). Test code only."""
+    ``when(*args)`` holds sleeps ``seconds`` first (once). ``marker``: a file the worker creates as the
+    stall begins, so a test kills inside it instead of guessing when it starts. Test code only."""
 
     module: str
     name: str
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, marker: str | None = None) -> None:
+        self.seconds, self.marker = seconds, marker
 
     def when(self, *args) -> bool:
         return True
@@ -96,6 +101,7 @@ class _OneStall:
     def run(self, ctx) -> bool:
         import importlib
         import time
+        from pathlib import Path
 
         module = importlib.import_module(self.module)
         owner = module
@@ -108,6 +114,8 @@ class _OneStall:
         def stalled(*args, **kwargs):
             if not fired and task.when(*args):
                 fired.append(True)
+                if task.marker:
+                    Path(task.marker).touch()
                 time.sleep(task.seconds)
             return original(*args, **kwargs)
 

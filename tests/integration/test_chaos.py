@@ -22,6 +22,7 @@ import random
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,9 +30,8 @@ from elastic.control.controller import Controller
 from elastic.control.events import Relayout
 from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
-from elastic.control.states import Finishing, Launching, Resharding, Running
+from elastic.control.states import Finishing, Launching, Running
 from elastic.core.layout import Layout
-from elastic.driver.group import WorkerFailure
 from elastic.driver.ray_group import RayWorkerGroup
 from tests.helpers import (
     DelayTransfers,
@@ -62,16 +62,21 @@ def assert_no_lingering_workers(handles) -> None:
 
 class ChaosMonkey(threading.Thread):
     """Kills per a schedule of (phase, step). The controller's listener arms each phase when the run gets
-    there (installing the phase's stall on the victim, from the controller's own thread); this thread waits,
-    kills the victim inside the stall, and records the controller's state at that moment."""
+    there (installing the phase's stall on the victim, from the controller's own thread); this thread waits
+    until the victim is inside its stall (the stall's marker file), kills it there, and records the
+    controller's state at that moment."""
 
-    STALL_S = 3.0  # how long a stalled victim waits before it would carry on
+    STALL_S = 3.0  # how long a stalled victim would wait before it carries on (it is killed inside: no cost)
+    # The window each phase opens on its victim: a stall, or a pause inside every transfer after its group formed.
+    STALLS = {"collective": StallBeforeClip, "checkpoint": StallCheckpointWrite, "gather": StallFinalGather,
+              "reshard": DelayTransfers}
 
-    def __init__(self, controller: Controller, schedule: list[tuple[str, int]], seed: int) -> None:
+    def __init__(self, controller: Controller, schedule: list[tuple[str, int]], seed: int, folder: Path) -> None:
         super().__init__(daemon=True)
         self.c, self.schedule, self.rng = controller, list(schedule), random.Random(seed)
+        self.folder = folder  # where the victims' marker files appear
         self.kills: list[dict] = []
-        self.armed: tuple[str, int] | None = None  # (phase, victim)
+        self.armed: tuple[str, int, Path | None] | None = None  # (phase, victim, marker)
         self._event = threading.Event()
 
     # ---- in the controller's thread ----
@@ -92,37 +97,56 @@ class ChaosMonkey(threading.Thread):
             self._kill(phase, victim)  # before the first step, synchronously
             self.schedule.pop(0)
             return
-        stall = {"collective": StallBeforeClip, "checkpoint": StallCheckpointWrite, "gather": StallFinalGather}
-        if phase in stall:
-            c.group.run({victim: stall[phase](self.STALL_S)})
+        marker = None
+        if phase in self.STALLS:
+            marker = self.folder / f"{phase}-{victim}"
+            c.group.run({victim: self.STALLS[phase](self.STALL_S, marker=str(marker))})
         self.schedule.pop(0)
-        self.armed = (phase, victim)
+        self.armed = (phase, victim, marker)
         self._event.set()
 
     # ---- in this thread ----
     def run(self) -> None:
-        c = self.c
         while True:
             if not self._event.wait(timeout=300):
                 return
             self._event.clear()
-            phase, victim = self.armed
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # wait for the phase
-                if phase == "reshard" and isinstance(c.state, Resharding):
-                    break
-                if phase == "gather" and isinstance(c.state, Finishing):
-                    break
-                if phase == "checkpoint" and c.step % CHECKPOINT_EVERY == 0:
-                    break
-                if phase in ("step", "collective"):
-                    break
-                time.sleep(0.002)
-            time.sleep({"step": self.rng.uniform(0.0, 0.05)}.get(phase, 0.5))
+            phase, victim, marker = self.armed
+            if marker is None:  # a plain step: at a random moment of it
+                time.sleep(self.rng.uniform(0.0, 0.05))
+            else:
+                self._wait_for(marker)
+            if phase == "collective":
+                self._wait_for_peers_in_collective(victim)
             self._kill(phase, victim)
             self.armed = None
             if not self.schedule:
                 return
+
+    @staticmethod
+    def _wait_for(marker: Path, limit_s: float = 120.0) -> None:
+        """Until the victim is inside its stall (it made the marker file); a stall never reached is killed
+        outside its phase, which the test's phase checks then report."""
+        deadline = time.monotonic() + limit_s
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def _wait_for_peers_in_collective(self, victim: int, limit_s: float = 10.0) -> None:
+        """Until every peer of the stalled victim is blocked inside the all-reduce it waits for (their probes
+        say so), so the kill lands mid-collective whatever the machine's load."""
+        import ray
+
+        group = self.c.group
+        peers = [w for w in group.placement.workers if w != victim and w in group.live()]
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                looks = ray.get([group.handle(w).probe.remote() for w in peers], timeout=limit_s)
+            except ray.exceptions.RayError:  # a peer that does not answer: kill now, the test's checks judge
+                return
+            if all(look["in_collective"] for look in looks):
+                return
+            time.sleep(0.01)
 
     def _kill(self, phase: str, victim: int) -> None:
         c = self.c
@@ -153,18 +177,14 @@ def test_chaos_run_equals_the_uninterrupted_run(ray_session, tmp_path):
     cfg = with_control(cfg, layout=Layout(fsdp=2, tp=2), objective="use_all", snapshot_every=4,
                        checkpoint_dir=str(tmp_path), checkpoint_every=CHECKPOINT_EVERY)
     controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False)
-    monkey = ChaosMonkey(controller, SCHEDULE, seed=7)
+    (tmp_path / "markers").mkdir()
+    monkey = ChaosMonkey(controller, SCHEDULE, seed=7, folder=tmp_path / "markers")
     handles = {}
 
-    def delay_transfers(transition):  # test-side fault injection: a window to kill in, on every placement
-        if isinstance(transition.next, Running) and not isinstance(transition.previous, Running):
-            try:
-                controller.group.run({w: DelayTransfers(1.0) for w in controller.group.placement.workers})
-            except WorkerFailure:  # a kill landed just now: the next recovery installs it again
-                pass
+    def track(transition):  # every worker the run ever had, for the check after shutdown
         handles.update({w: controller.group.handle(w) for w in controller.group.live()})
 
-    controller.listeners += [delay_transfers, monkey.listen]
+    controller.listeners += [track, monkey.listen]
     monkey.start()
     try:
         controller.start()
