@@ -42,7 +42,12 @@ def test_a_slow_step_completes_and_a_stopped_worker_is_killed_and_recovered_from
             return
         step, group = controller.step, controller.group
         if step == SLOW_AT and "slow" not in marks:
-            group.run({w: SlowNextStep(SLOW_S) for w in group.placement.workers})
+            # Several deadline windows long however slow the machine is: the window is the larger of the floor
+            # and twice the slowest recent step, so the slow step is made longer than three of those.
+            window = max(cfg.runtime.deadline_floor_s,
+                         cfg.runtime.deadline_factor * max(h.seconds for h in controller.history))
+            marks["slow_s"] = max(SLOW_S, 3 * window)
+            group.run({w: SlowNextStep(marks["slow_s"]) for w in group.placement.workers})
             marks["slow"] = step
         elif step == STOP_AT and "stopped" not in marks:
             victim = group.placement.workers[1]
@@ -59,7 +64,7 @@ def test_a_slow_step_completes_and_a_stopped_worker_is_killed_and_recovered_from
                 os.kill(marks["pid"], signal.SIGKILL)
     slow = next(h for h in result.history if h.step == SLOW_AT)
     typical = sorted(h.seconds for h in result.history if h.step < SLOW_AT)[SLOW_AT // 2]
-    assert slow.seconds >= SLOW_S > 5 * typical  # the slow batch made it many windows long ...
+    assert slow.seconds >= marks["slow_s"]  # the slow batch made it several deadline windows long ...
     failures = [e for e in result.events if e["kind"] == "failure"]
     assert len(failures) == 1 and f"worker(s) [{marks['stopped']}]" in failures[0]["text"]  # ... and it was no hang
     assert "hung: no answer to a liveness probe" in failures[0]["text"]
