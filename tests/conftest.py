@@ -21,6 +21,11 @@ import pytest
 from elastic.driver.connect import use_token_auth
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One intra-op thread in this process and the processes it starts (the workers set theirs from
+# runtime.threads_per_worker, 1 by default): on 2 cores shared with a dozen worker processes, torch's second
+# thread spins instead of helping; the GRPO LoRA reference took 47.8 CPU-s for two steps on 2 threads and 7.6
+# on one, at load ~30. Summation order may change; every comparison's tolerance is far above it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tokenised data files are cached per session, not in the user's ~/.cache (set before Ray starts: workers inherit it).
 os.environ.setdefault("ELASTIC_CACHE_DIR", tempfile.mkdtemp(prefix="elastic-cache-"))
 use_token_auth()
@@ -100,13 +105,19 @@ def pool(ray_session):
     group.shutdown()
 
 
+def four_warm(pool) -> None:
+    """Exactly 4 warm workers: replacements a test's controller left starting are waited for, lost ones replaced,
+    any beyond four removed (a test that counts workers must not inherit a fifth)."""
+    pool.wait_warm(120)
+    missing = 4 - len(pool.warm())
+    if missing > 0:
+        pool.spawn(missing)
+    pool.remove(pool.warm()[4:])
+
+
 @pytest.fixture
 def fresh_pool(pool):
-    """The shared pool, topped back up to 4 live workers after tests that kill some."""
-    missing = 4 - len(pool.warm())
-    if missing > 0:
-        pool.spawn(missing)
+    """The shared pool with exactly 4 warm workers, before and after tests that kill or add some."""
+    four_warm(pool)
     yield pool
-    missing = 4 - len(pool.warm())
-    if missing > 0:
-        pool.spawn(missing)
+    four_warm(pool)
