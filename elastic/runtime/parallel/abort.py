@@ -27,38 +27,38 @@ import threading
 
 log = logging.getLogger(__name__)
 
-_LISTEN, _ESTABLISHED = "0A", "01"
+# tcp_info's first byte, tcpi_state (include/net/tcp_states.h).
+_ESTABLISHED, _LISTEN = 1, 10
 Endpoint = tuple[str, int]
 
 
-def _parse_endpoint(text: str) -> Endpoint:
-    addr, port = text.split(":")
-    raw = bytes.fromhex(addr)
-    if len(raw) == 4:
-        ip = ipaddress.IPv4Address(raw[::-1])
-    else:  # /proc stores IPv6 as four little-endian 32-bit words
-        words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-        ip6 = ipaddress.IPv6Address(words)
-        ip = ip6.ipv4_mapped or ip6
-    return (str(ip), int(port, 16))
+def _endpoint(address: tuple) -> Endpoint:
+    """(ip, port) of a socket address, an IPv4-mapped IPv6 address as its IPv4 one (both ends name it alike)."""
+    ip = ipaddress.ip_address(address[0].split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), int(address[1]))
 
 
-def _socket_table() -> list[tuple[Endpoint, Endpoint, str, int]]:
-    """(local, remote, state, fd) for every TCP socket this process holds."""
-    inode_fd = {}
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith("socket:["):
-                inode_fd[int(target[8:-1])] = int(fd)
+def _socket_table() -> list[tuple[Endpoint, Endpoint | None, int, int]]:
+    """(local, remote or None, TCP state, fd) for every TCP socket this process holds.
+
+    Each of our own descriptors is asked directly (a duplicate of it, closed at once). Not by reading
+    ``/proc/self/net/tcp``: that lists every TCP socket of the network namespace, which on a machine running
+    many workers (each with its gloo pairs, Ray's gRPC, sockets in TIME_WAIT) is thousands of lines, and it was
+    parsed twice per gloo group a worker formed."""
     rows = []
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as fh:
-            for line in fh.read().splitlines()[1:]:
-                parts = line.split()
-                fd = inode_fd.get(int(parts[9]))
-                if fd is not None:
-                    rows.append((_parse_endpoint(parts[1]), _parse_endpoint(parts[2]), parts[3], fd))
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:["):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    continue
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                remote = _endpoint(sock.getpeername()) if state == _ESTABLISHED else None
+                rows.append((_endpoint(sock.getsockname()), remote, state, fd))
     return rows
 
 
