@@ -90,3 +90,19 @@ def test_bad_datasets_are_named(tmp_path):
     bad.write_text('{"text": "a"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: cannot be read as json \(line 2 is not valid JSON"):
         build_dataset(DataConfig(dataset=str(bad)), 0)
+
+
+def test_the_corpus_walk_keeps_rglobs_sorted_order(tmp_path):
+    """The stdlib corpus is read by a lazy walk that stops after ``max_corpus_bytes``; it must visit the files in
+    ``sorted(rglob("*.py"))``'s order (component-wise: "a.py" < "abc/x.py" < "b.py"), so the corpus, hence every
+    sample and the reference, is what it always was. Symlinked folders are not entered, as by rglob."""
+    from elastic.core.data import _python_files
+
+    for rel in ["a.py", "abc/x.py", "abc/z/y.py", "ab.py", "b.py", "b/a.py", "B.py", "a-b.py", "note.txt",
+                "site-packages/skip.py", "pkg.py/inner.py", "_x.py", "deep/er/est.py"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "link").symlink_to(tmp_path / "abc")
+    want = [p for p in sorted(tmp_path.rglob("*.py")) if "site-packages" not in p.parts]
+    assert list(_python_files(tmp_path)) == want
+    assert tmp_path / "pkg.py" in want and tmp_path / "link" / "x.py" not in want
