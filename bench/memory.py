@@ -17,7 +17,8 @@ of weights (shaped like a parameter, or its transpose) and activations by dtype.
 
 Printed per mode: phase x (peak and end RSS above the worker's idle RSS, MB, the busiest worker and each worker's
 peak) against the worker's share of the training state (its boxes of the weights plus AdamW moments, at
-``train.dtype``'s itemsize) and an activations estimate: the planner's uncalibrated activations and logits
+``train.dtype``'s itemsize; LoRA's frozen matmul weights at bf16 under mixed precision, as the engine stores
+them) and an activations estimate: the planner's uncalibrated activations and logits
 (``plan/memory.py``: rows x seq_len x layers x (6 dim + 4 q + 3 kv + 4 ffn) x b, plus min(rows x seq_len, one
 chunk of ``model/loss.py``) x vocab x (b + 4), with rows per worker, q and kv the attention widths and b the
 compute itemsize); what autograd kept; and the memory model's predicted step peak, its moment and terms, beside
@@ -25,7 +26,7 @@ the measured one (target within 25%). Target (issue 25): peak above idle <= 1.5x
 fails.
 
 Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full] [--whole-loss]
-       [--dtype float32]
+       [--dtype float32] [--frozen-float32]
 """
 
 from __future__ import annotations
@@ -127,10 +128,15 @@ def _count_saved(engine, saved: dict) -> None:
     freed after the forward whatever autograd keeps: counted 0 here), or an activation (by dtype)."""
     import torch
 
+    from elastic.runtime.torch_compat import local_tensor
+
     module = engine.module
     shapes = {tuple(p.shape) for p in module.parameters()}  # DTensor shapes: the unsharded ones
     shapes |= {s[::-1] for s in shapes}  # a linear saves its weight transposed
     forward, seen = module.forward, set()
+
+    def own(ptr: int) -> bool:  # a parameter's storage (FSDP's unsharded one while the forward runs)
+        return any(local_tensor(p).untyped_storage().data_ptr() == ptr for p in module.parameters())
 
     def pack(t):
         storage = t.untyped_storage()
@@ -138,8 +144,9 @@ def _count_saved(engine, saved: dict) -> None:
         if key and key not in seen:
             seen.add(key)
             is_param = isinstance(t, torch.nn.Parameter) or tuple(t.shape) in shapes
-            kind = ("parameters" if t.dtype == torch.float32 else f"{t.dtype} weight copies") if is_param and \
-                t.dim() == 2 else f"activations {t.dtype}"
+            # A weight stored at the compute dtype (a frozen base under mixed precision) is saved as itself.
+            kind = ("parameters" if t.dtype == torch.float32 or own(key) else f"{t.dtype} weight copies") \
+                if is_param and t.dim() == 2 else f"activations {t.dtype}"
             nbytes = 0 if kind == "parameters" else storage.nbytes()
             saved[kind] = saved.get(kind, 0) + nbytes
         return t
@@ -170,21 +177,21 @@ class ReadPhases:
 
 
 def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4,
-            dtype: str = "float32") -> dict:
+            dtype: str = "float32", frozen_bf16: bool = True) -> dict:
     """One mode's run: idle RSS, per-worker phase samples of the second step (the first warms the allocator, as a
     steady step finds it), what autograd kept, share, and the memory model's terms (bytes)."""
     import ray
 
     from elastic.core.layout import Layout, Placement
     from elastic.driver.ray_group import RayWorkerGroup
-    from elastic.model.specs import DTYPE, param_specs, training_specs
+    from elastic.model.specs import DTYPE, param_specs, storage_itemsize, training_specs
     from elastic.plan.memory import MemoryModel
     from elastic.recipes.lora.recipe import lora_config
 
     cfg = lora_config(base, steps=100, global_batch=batch, seq_len=seq, dtype=dtype, peft=mode == "lora",
                       workers=workers)
     mixed = "bf16" if dtype == "float32" else "no"  # float32 state: mixed precision, as bench/load.py
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed),
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed, frozen_bf16=frozen_bf16),
                       data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
                       runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300))
     layout = Layout(fsdp=workers)
@@ -206,7 +213,8 @@ def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = Fals
         ray.shutdown()
     itemsize = DTYPE[cfg.train.dtype].itemsize
     trainable = sum(s.numel for s in param_specs(cfg) if s.trainable)
-    state = sum(s.numel for s in training_specs(cfg)) * itemsize  # weights + moments of the trainable ones
+    # Weights (frozen matmul weights at bf16 under mixed precision: model/specs.stored_in_bf16) + trainable moments
+    state = sum(s.numel * storage_itemsize(cfg, s) for s in training_specs(cfg))
     model = MemoryModel(cfg)
     estimate, (acts, logits) = model.estimate(layout), model.activations(layout)
     terms = {k: v for k, v in estimate.terms.items() if k != "reshard"}
@@ -265,12 +273,15 @@ def main() -> None:
                         "(as before model/loss.py chunked it)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="float32: bf16 mixed precision over float32 state (as bench/load.py); bfloat16: pure bf16")
+    parser.add_argument("--frozen-float32", action="store_true", help="store LoRA's frozen base in float32 under "
+                        "mixed precision (train.frozen_bf16=false: as before it was stored in bf16)")
     args = parser.parse_args()
     base = write_folder(args.layers)  # bench/load.py's folder, or one of --layers layers beside it
     for mode in args.modes.split(","):
         name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
-        report(name, measure(base, mode, args.batch, args.seq, args.whole_loss, dtype=args.dtype), args.batch,
-               args.seq, args.layers)
+        run = measure(base, mode, args.batch, args.seq, args.whole_loss, dtype=args.dtype,
+                      frozen_bf16=not args.frozen_float32)
+        report(name, run, args.batch, args.seq, args.layers)
 
 
 if __name__ == "__main__":

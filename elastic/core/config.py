@@ -173,6 +173,9 @@ class TrainConfig:
                       "(pure bf16: bf16 weights and AdamW moments too; see mixed_precision)")
     mixed_precision: str = knob("no", "'bf16': forward and backward in bf16 (torch.autocast) over float32 weights, "
                                 "gradients, reductions and AdamW moments (TRL's bf16: true); 'no': compute in dtype")
+    frozen_bf16: bool = knob(True, "under mixed_precision='bf16', store the frozen base's matmul weights (LoRA) in "
+                             "bf16, the rounding autocast applies before every matmul anyway: same values, half "
+                             "the bytes; false keeps them float32")
     seed: int = knob(0, "one seed for model init, data order and sampling")
     activation_checkpointing: bool = knob(False, "recompute each decoder layer's activations in backward instead "
                                           "of keeping them (less memory, one more forward; same weights)")

@@ -18,12 +18,30 @@ from elastic.model.llama import tensor_specs
 from elastic.model.lora import lora_model_specs
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
+EMBED = "model.embed_tokens.weight"
 DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def itemsize(cfg: Config) -> int:
     """Bytes per element of the run's training tensors (``train.dtype``)."""
     return DTYPE[cfg.train.dtype].itemsize
+
+
+def stored_in_bf16(cfg: Config, spec: TensorSpec) -> bool:
+    """Whether the engine stores ``spec`` in bf16 rather than ``train.dtype``: under ``train.mixed_precision =
+    "bf16"`` (float32 state), a frozen matmul weight (LoRA's base linears, an untied frozen LM head; 2-D and not
+    the embedding, whose lookup autocast does not cast, tied or not). Exact: autocast casts that weight to bf16
+    before every matmul anyway, so storing the same rounding changes no computed value (docs/design.md, item
+    40). Biases, norms, the embedding and everything trainable stay at ``train.dtype``. ``train.frozen_bf16 =
+    false`` keeps them there too (the comparison run of the tests)."""
+    train = cfg.train
+    return (train.mixed_precision == "bf16" and train.frozen_bf16 and not spec.trainable
+            and len(spec.shape) == 2 and spec.name != EMBED)
+
+
+def storage_itemsize(cfg: Config, spec: TensorSpec) -> int:
+    """Bytes per element the engine stores ``spec`` at (``stored_in_bf16``: 2; else ``train.dtype``'s)."""
+    return 2 if stored_in_bf16(cfg, spec) else itemsize(cfg)
 
 
 def param_specs(cfg: Config) -> list[TensorSpec]:

@@ -4,7 +4,8 @@ Peak bytes above a worker's idle process (torch and Ray loaded, no model), on th
 state it holds, plus what the step holds at its worst moment. The state:
 
 - **weights**, **frozen** (LoRA's base) and **moments** (two AdamW moments per trainable element): the rank's
-  boxes, at ``train.dtype``'s itemsize.
+  boxes, at ``train.dtype``'s itemsize, except LoRA's frozen matmul weights under mixed precision, which the
+  engine stores in bf16 (``model/specs.stored_in_bf16``): 2 bytes, and so gathered in bf16 too.
 
 On top of it, the largest of four moments of a step, each the sum of the terms below as they stand then (each
 term was found in, and is checked against, ``bench/memory.py``'s per-phase peaks and its count of what autograd
@@ -19,9 +20,11 @@ keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
    root) while all the forward kept for the backward is alive: **activations**, **logits**, and **casts**: under
    mixed precision, autocast's bf16 copy of every matmul weight (each layer's linears, LoRA's adapters, the LM
    head, which is the embedding when tied), made at each use (the cast cache is off, ``runtime/precision.py``)
-   and saved by autograd for the input's gradient until that weight's backward. With activation checkpointing,
-   one layer's copies at a time (its recompute) and the head's. Without mixed precision the matmuls save the
-   parameters themselves: no copies.
+   and saved by autograd for the input's gradient until that weight's backward. A weight stored in bf16 (the
+   frozen base's linears) is not copied: the cast returns the parameter, and autograd saves FSDP's unsharded
+   parameter, whose storage FSDP frees after the forward and gathers again for the backward. With activation
+   checkpointing, one layer's copies at a time (its recompute) and the head's. Without mixed precision the
+   matmuls save the parameters themselves: no copies.
 3. *backward: the head's gradient* (when the head trains). The root gathered (its buffer gone), the casts,
    activations and logits, and **grads**: the head's weight gradient in the compute dtype and again in
    ``train.dtype`` (autocast's cast backward), each the whole [vocab, dim].
@@ -61,7 +64,9 @@ one-rank shard groups; not measured). The optimizer's update runs in a later cal
 gradient shards and AdamW's temporaries. The root's own tensors are taken as mmapped (no heap term).
 
 A reshard into the layout holds the old and the new state at once plus one round's buffers
-(``runtime.reshard_round_bytes``); the layout's peak is the larger of a step's and a reshard's.
+(``runtime.reshard_round_bytes``); the layout's peak is the larger of a step's and a reshard's. It moves the
+state at ``train.dtype``: frozen weights stored in bf16 are staged in float32, and read from the old engine as
+float32 copies (``Engine.local_tensors``), so they count three times their stored bytes.
 
 Calibration (``observe``): each step's summary carries the largest peak RSS above idle that a worker of the
 placement reported. The model keeps the largest per layout and fits ``measured = static + scale *
@@ -83,7 +88,7 @@ from elastic.core.boxes import box_numel
 from elastic.core.config import Config
 from elastic.core.layout import Coord, Layout, Placement, TensorSpec
 from elastic.model.loss import chunk_positions
-from elastic.model.specs import itemsize, param_specs
+from elastic.model.specs import itemsize, param_specs, storage_itemsize
 
 GB = 1e9
 HEADROOM = 0.8  # share of a node's memory the workers placed there may use; the rest is the OS, driver, Ray
@@ -170,8 +175,13 @@ class MemoryModel:
         moment, terms = max(moments.items(), key=lambda kv: sum(kv[1][k] for k in STEP_TERMS))
         state = terms["weights"] + terms["frozen"] + terms["moments"]
         # The staged copy, and the least a reshard needs in flight: one message (``round_bound`` gives the
-        # rounds the headroom allows, up to runtime.reshard_round_bytes).
-        terms["reshard"] = state + min(self.cfg.runtime.reshard_chunk_bytes, state)
+        # rounds the headroom allows, up to runtime.reshard_round_bytes). A reshard moves the state at
+        # train.dtype: the frozen weights stored in bf16 are staged at it, and read out of the old engine as
+        # copies at it (``Engine.local_tensors``).
+        compact = self._sizes(layout, stage)["compact"]  # bytes stored at 2 bytes an element
+        widened = compact * self.itemsize // 2  # the same elements at train.dtype
+        staged = state - compact + widened
+        terms["reshard"] = staged + widened + min(self.cfg.runtime.reshard_chunk_bytes, staged)
         step = sum(terms[k] for k in STEP_TERMS)
         return MemoryEstimate(layout, terms, step, state + terms["reshard"] + terms["overhead"], moment)
 
@@ -207,7 +217,8 @@ class MemoryModel:
         }
 
     def _sizes(self, layout: Layout, stage: int) -> dict[str, int]:
-        """Bytes of the stage's rank 0. Held: ``trainable``, ``frozen``, ``grads`` (its gradient shards). Per tp
+        """Bytes of the stage's rank 0. Held: ``trainable``, ``frozen`` (of which ``compact``: stored in bf16 below
+        ``train.dtype``), ``grads`` (its gradient shards). Per tp
         rank, unsharded: ``root`` (tensors outside the decoder layers: FSDP's root unit), ``root_trainable``,
         ``layer`` (the largest layer), ``tied_fresh`` (a trained tied embedding: the lookup's dense gradient,
         added to the head's). Elements: ``head_trainable`` (the LM head's, when it trains), ``casts`` (every
@@ -216,7 +227,7 @@ class MemoryModel:
         placement = Placement(layout, tuple(range(layout.world)))
         rank = layout.rank(Coord(pp=stage, dp=0, fsdp=0, tp=0))
         last = stage == layout.pp - 1
-        z = dict.fromkeys(("trainable", "frozen", "grads", "root", "root_trainable", "tied_fresh",
+        z = dict.fromkeys(("trainable", "frozen", "compact", "grads", "root", "root_trainable", "tied_fresh",
                            "head_trainable", "head_casts", "layer_grad_shards"), 0)
         # layer -> [unsharded bytes, matmul elements, and of those under MMAP_MAX: unsharded bytes, matmul
         # elements, trainable elements]
@@ -225,14 +236,18 @@ class MemoryModel:
             box = placement.box(spec, rank, n_layers)
             if box is None:
                 continue
-            nbytes = box_numel(box) * self.itemsize
+            stored = storage_itemsize(self.cfg, spec)  # a frozen matmul weight under mixed precision: bf16
+            nbytes = box_numel(box) * stored
             z["trainable" if spec.trainable else "frozen"] += nbytes
+            z["compact"] += nbytes * (stored != self.itemsize)
             z["grads"] += nbytes * spec.trainable
             whole = nbytes * layout.fsdp  # FSDP splits dim 0 of the tp shard evenly, up to rounding
             head = last and (spec.name == "lm_head.weight" or (spec.name == EMBED and cfg.tie_embeddings))
-            matmul = len(spec.shape) == 2 and (spec.name != EMBED or head)
+            # Autocast copies a matmul weight unless it is stored at the compute dtype already (then autograd
+            # saves the parameter itself, which FSDP frees after the forward and gathers again for the backward).
+            matmul = len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
             if spec.owner == "layer":
-                small, elements = whole < MMAP_MAX, whole // self.itemsize
+                small, elements = whole < MMAP_MAX, whole // stored
                 entry = layers.setdefault(spec.layer, [0] * 5)
                 for i, v in enumerate((whole, elements * matmul, whole * small,
                                        elements * matmul * (elements * self.compute_itemsize < MMAP_MAX),
@@ -243,8 +258,8 @@ class MemoryModel:
             z["root"] += whole
             z["root_trainable"] += whole * spec.trainable
             z["tied_fresh"] += whole * (spec.trainable and spec.name == EMBED and cfg.tie_embeddings)
-            z["head_trainable"] += whole // self.itemsize * (spec.trainable and head)
-            z["head_casts"] += whole // self.itemsize * matmul
+            z["head_trainable"] += whole // stored * (spec.trainable and head)
+            z["head_casts"] += whole // stored * matmul
         largest = max(layers.values(), default=[0] * 5)
         z["layer"], z["small_layer"], z["small_layer_grads"] = largest[0], largest[2], largest[4] * self.itemsize
         kept, small = [v[1] for v in layers.values()], [v[3] for v in layers.values()]
@@ -350,7 +365,8 @@ def node_budgets(nodes: dict[int, str], node_bytes: dict[str, int], idle: dict[i
 
 
 def held_bytes(model: MemoryModel, placement: Placement | None, worker: int) -> int:
-    """Bytes of the state (weights, frozen weights, AdamW moments) ``worker`` holds in ``placement``."""
+    """Bytes of the state (weights, frozen weights, AdamW moments) ``worker`` holds in ``placement``, at
+    ``train.dtype`` (as a reshard moves and stages it, frozen weights stored in bf16 included)."""
     rank = placement.rank_of(worker) if placement is not None else None
     if rank is None:
         return 0

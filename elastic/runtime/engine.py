@@ -40,12 +40,12 @@ from elastic.model.hf import BoxReader
 from elastic.model.init import init_box
 from elastic.model.llama import LlamaStage, causal_lm_loss_sum, checkpoint_layers
 from elastic.model.lora import apply_lora, dropout_rows, init_lora_tensor, is_lora_name
-from elastic.model.specs import DTYPE, OPT_KEYS, param_specs
+from elastic.model.specs import DTYPE, OPT_KEYS, param_specs, stored_in_bf16
 from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
-from elastic.runtime.precision import apply_mixed_precision
+from elastic.runtime.precision import apply_mixed_precision, store_in_bf16
 from elastic.runtime.torch_compat import local_tensor, shared_mesh_slices
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ class Engine:
         module.to(self.dtype)
         for name, p in module.named_parameters():
             p.requires_grad_(self.specs[name].trainable)
+        # Frozen matmul weights at bf16 under mixed precision (exact: runtime/precision.py)
+        store_in_bf16(module, {n for n, s in self.specs.items() if stored_in_bf16(cfg, s)})
         with shared_mesh_slices():  # FSDP would otherwise build a sub-mesh per parameter
             if layout.tp > 1:
                 apply_tensor_parallel(module, self.mesh["tp"])
@@ -212,8 +214,9 @@ class Engine:
         return init_box(spec, box, cfg.model, cfg.train.seed, self.dtype)
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
-        """Every training tensor this rank holds, as local (box-shaped) tensors. Views, not copies."""
-        out = {name: local_tensor(p).detach() for name, p in self.named_params}
+        """Every training tensor this rank holds, as local (box-shaped) tensors at ``train.dtype``. Views, not
+        copies, except the frozen weights stored in bf16 (``stored_in_bf16``): float32 copies of them, exact."""
+        out = {name: local_tensor(p).detach().to(self.dtype) for name, p in self.named_params}
         for name, _, local in self.trainable:
             for key in OPT_KEYS:
                 out[f"{name}::{key}"] = self.optimizer.state[local][key]

@@ -18,6 +18,13 @@ that travel between stages are float32 on every stage, in the schedule's shape i
 same forward). The cast cache is off (``cache_enabled=False``): a cached bf16 copy of an FSDP-gathered
 weight would live until the forward ends, whatever ``reshard_after_forward`` frees; each weight is used once
 per forward, so nothing is cast twice. Assumes CPU tensors.
+
+Frozen matmul weights (LoRA's base) are stored in bf16 (``store_in_bf16``, chosen by
+``model/specs.stored_in_bf16``): autocast's cast of such a weight is then a no-op, returning the parameter
+itself, so FSDP gathers bf16 and autograd saves the gathered parameter (which FSDP frees after the forward
+and gathers again for the backward) instead of keeping a bf16 copy. The engine rounds them once when it
+loads them (round-to-nearest-even, as autocast's cast) and hands them out as float32 (exact), so the state
+that reshards, snapshots, checkpoints and exports move is float32 as before.
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ def autocast(mode: str):
     """The block a ``mode`` forward runs in (``train.mixed_precision``; "no": no autocast)."""
     return torch.autocast("cpu", dtype=COMPUTE_DTYPE.get(mode, torch.bfloat16), enabled=mode != "no",
                           cache_enabled=False)
+
+
+def store_in_bf16(module: nn.Module, names: set[str]) -> None:
+    """Make the parameters of ``module`` named in ``names`` bf16 Parameters (on any device, before any wrapping;
+    names it does not hold are skipped). Found by identity: a wrapper may rename what ``named_parameters`` shows."""
+    wanted = {id(p) for name, p in module.named_parameters() if name in names}
+    made: dict[int, nn.Parameter] = {}  # one new Parameter per old one, wherever it is registered
+    for sub in module.modules():
+        for attr, p in list(sub.named_parameters(recurse=False, remove_duplicate=False)):
+            if id(p) in wanted:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
+                setattr(sub, attr, made[id(p)])
 
 
 def apply_mixed_precision(module: nn.Module, mode: str) -> None:

@@ -7,7 +7,8 @@ row-parallel adapters' inputs split on their features), fsdp (the batch split) a
 into chunks) draw exactly the single-process run's masks; the reference draws them by the same rule,
 written again (``tests/reference.SeededDropout``). Across reshards, a worker is also SIGKILLed mid-step
 (inside the clip all-reduce, on a layout with no replica): the recovery still ends at the reference, with
-every sample used once.
+every sample used once. Under mixed precision the frozen base's matmul weights are stored in bf16, which is
+bit-for-bit the run that stores them in float32, across the same moves (the base from the folder and from peers).
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def test_lora_across_live_reshards(fresh_pool):
     assert_exactly_once(result.history, cfg.train.steps, cfg.train.global_batch, cfg.data.num_samples)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_lora_reshard_reads_the_frozen_base_from_its_folder(pool, tmp_path):
-    """The base's pieces come from the --base folder instead of a peer; the run still equals the reference."""
+    """The base's pieces come from the --base folder instead of a peer; the run still equals the reference.
+    Then under mixed precision: the base stored in bf16 equals the run storing it in float32 (``mixed_lora_pair``)."""
     from elastic.driver.resharder import frozen_from_disk, plan_move, reshard
     from elastic.model.hf import save_hf_model
 
@@ -148,3 +150,47 @@ def test_lora_reshard_reads_the_frozen_base_from_its_folder(pool, tmp_path):
     _, state = pool.gather_tensors()
     err, name = worst_state_err(state, ref)
     assert err <= 1e-9, f"{name}: {err:.2e}"
+    # The same moves under mixed precision, with the frozen base stored in bf16: bit for bit the float32 one's.
+    bf16 = {k: v.bfloat16() for k, v in start.items() if "::" not in k and "lora_" not in k}
+    mixed_lora_pair(pool, save_hf_model(tmp_path / "bf16", plain.model, bf16))
+
+
+def _fsdp_tp_then_dp_pp(pool, cfg, steps: int) -> tuple[list[float], dict]:
+    """``steps`` steps, half on fsdp=2 x tp=2, then a live reshard (the frozen base from the folder as
+    ``runtime.base_from`` says) to dp=2 x pp=2 on the workers reversed; the losses and the gathered state."""
+    from elastic.driver.resharder import frozen_from_disk, plan_move, reshard
+    from elastic.driver.summary import summarize
+
+    pool.cfg = cfg
+    workers = tuple(pool.warm()[:4])
+    first, second = Placement(Layout(fsdp=2, tp=2), workers), Placement(Layout(dp=2, pp=2, microbatches=2),
+                                                                       workers[::-1])
+    pool.setup(first)
+    losses = [summarize(pool.step(), first, 0.0).loss for _ in range(steps // 2)]
+    reshard(pool, plan_move(pool, second), pool.committed, "fsdp x tp -> dp x pp", frozen_from_disk(cfg))
+    losses += [summarize(pool.step(), second, 0.0).loss for _ in range(steps - steps // 2)]
+    return losses, pool.gather_tensors()[1]
+
+
+def mixed_lora_pair(pool, folder) -> None:
+    """Mixed precision over a bf16 base folder (as real bases are): the frozen base stored in bf16 (read from
+    the folder by the reshard, then moved between peers) equals the run storing it in float32, bit for bit."""
+    import torch
+
+    from elastic.model.specs import param_specs, stored_in_bf16
+
+    plain = lora_config(steps=4, dtype="float32")
+    train = dataclasses.replace(plain.train, mixed_precision="bf16", init_from=str(folder))
+    runs = {}
+    for frozen_bf16, base_from in ((True, "disk"), (True, "peer"), (False, "peer")):
+        cfg = plain.replace(train=dataclasses.replace(train, frozen_bf16=frozen_bf16),
+                            runtime=dataclasses.replace(plain.runtime, base_from=base_from))
+        assert any(stored_in_bf16(cfg, s) for s in param_specs(cfg)) == frozen_bf16
+        runs[frozen_bf16, base_from] = _fsdp_tp_then_dp_pp(pool, cfg, 4)
+    losses, state = runs[False, "peer"]
+    assert {t.dtype for t in state.values()} == {torch.float32}
+    for key, (got_losses, got) in runs.items():
+        assert got_losses == losses, f"{key}: {got_losses} != {losses}"
+        assert set(got) == set(state)
+        assert all(torch.equal(got[k], state[k]) for k in state), f"{key}: " + str(
+            [k for k in state if not torch.equal(got[k], state[k])][:3])

@@ -67,11 +67,23 @@ def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_pr
         assert e.terms[term] == pytest.approx(value, rel=1e-3), term
     assert e.step_bytes == pytest.approx(sum(expected.values()) + acts + logits, rel=1e-3)
     # LoRA's frozen base: no head gradient, so the peak is the backward's re-gather (the gathered root and its
-    # all-gather buffer) with every bf16 weight copy held; the adapters add their own small state.
-    lora = MemoryModel(cfg.replace(lora=LoraConfig(r=4))).estimate(Layout(fsdp=2))
+    # all-gather buffer) with every bf16 weight copy held. The frozen layers' linears are stored in bf16
+    # (train.frozen_bf16): 2 bytes each, and autocast copies none of them; the copies are the adapters' (every
+    # linear, r x (in + out)) and the tied head's (the embedding stays float32). Stored in float32, the
+    # frozen linears are 4 bytes each and copied too.
+    r = 4
+    adapters = r * (2 * c.dim + 2 * q + 2 * (c.dim + kv) + 3 * (c.dim + c.ffn_dim))  # one layer's A and B
+    lora = MemoryModel(cfg.replace(lora=LoraConfig(r=r))).estimate(Layout(fsdp=2))
     assert lora.moment == "backward begins: the root's gather" and lora.terms["grads"] == 0
     assert lora.terms["gather"] == pytest.approx(2 * 4 * root, rel=1e-3)
-    assert lora.terms["casts"] > e.terms["casts"]  # the adapters' matmuls too
+    frozen = (2 * c.n_layers * matmul + 4 * (c.n_layers * 2 * c.dim + root)) / 2
+    assert lora.terms["frozen"] == pytest.approx(frozen, rel=1e-3)
+    assert lora.terms["casts"] == pytest.approx(2 * (c.n_layers * adapters + head), rel=1e-3)
+    kept = MemoryModel(_mixed(cfg, frozen_bf16=False).replace(lora=LoraConfig(r=r))).estimate(Layout(fsdp=2))
+    assert kept.terms["frozen"] == pytest.approx(frozen + c.n_layers * matmul, rel=1e-3)
+    assert kept.terms["casts"] == pytest.approx(lora.terms["casts"] + 2 * c.n_layers * matmul, rel=1e-3)
+    # A reshard moves float32: it stages what the float32 run holds, and reads the bf16 ones out as float32 copies.
+    assert lora.terms["reshard"] == pytest.approx(kept.terms["reshard"] + 4 * c.n_layers * matmul / 2, rel=1e-3)
     # No mixed precision: matmuls read the parameters themselves, no copies; checkpointing: one layer's at a time.
     assert MemoryModel(_mixed(cfg, on=False)).estimate(Layout(fsdp=2)).terms["casts"] == 0
     ckpt = MemoryModel(_mixed(cfg, activation_checkpointing=True)).estimate(Layout(fsdp=2))

@@ -16,6 +16,7 @@ import torch
 
 from elastic.core.config import LoraConfig, TrainConfig
 from elastic.core.layout import Layout, Placement
+from elastic.model.specs import param_specs, stored_in_bf16
 from elastic.runtime.engine import Engine
 from tests.helpers import tiny_config, worst_update_err
 from tests.reference import train_reference
@@ -83,6 +84,12 @@ def test_the_engine_computes_in_bf16_and_keeps_float32_state_as_the_autocast_ref
     assert {t.dtype for t in state.values()} == {torch.float32}
     ref = train_reference(mixed(cfg))
     start = train_reference(cfg, steps=0).tensors
+    # LoRA's frozen matmul weights are kept at their bf16 rounding (what autocast multiplies by anyway, see
+    # test_frozen_base_stored_in_bf16_changes_no_value): that is their whole change; the rest is compared below.
+    frozen = {s.name for s in param_specs(mixed(cfg)) if stored_in_bf16(mixed(cfg), s)}
+    assert bool(frozen) == (lora is not None)
+    assert all(torch.equal(state[k], start[k].bfloat16().float()) for k in frozen)
+    ref = dataclasses.replace(ref, tensors={k: v for k, v in ref.tensors.items() if k not in frozen})
     err, name = worst_update_err(state, ref.tensors, start)
     far, far_name = worst_update_err(state, train_reference(cfg).tensors, start)
     # One process and one batch, as the reference: only float32 roundings differ (the engine's float64 clipping
@@ -114,3 +121,49 @@ def test_checkpointed_layers_recompute_under_autocast_bit_for_bit():
     plain = run_engine(cfg)
     ckpt = run_engine(cfg.replace(train=dataclasses.replace(cfg.train, activation_checkpointing=True)))
     assert plain[0] == ckpt[0] and all(torch.equal(plain[1][k], ckpt[1][k]) for k in plain[1])
+
+
+def test_frozen_base_stored_in_bf16_changes_no_value():
+    """LoRA's frozen matmul weights stored in bf16 (``train.frozen_bf16``, the default) against the same run
+    storing them in float32: autocast rounds a float32 weight to bf16 (to nearest even) before every matmul, the
+    engine rounds it the same way once at load, so every loss, adapter and AdamW moment is bit-for-bit the same,
+    and the frozen weights are the float32 run's rounded. The embedding (a lookup; the LM head too when tied),
+    norms and adapters stay float32; the state handed out (reshards, snapshots, exports) is float32."""
+    cfg = mixed(tiny_config(dtype="float32", steps=3).replace(lora=LoraConfig(r=4, alpha=8.0, dropout=0.3)))
+    keep = cfg.replace(train=dataclasses.replace(cfg.train, frozen_bf16=False))
+    frozen = {s.name for s in param_specs(cfg) if stored_in_bf16(cfg, s)}
+    n_layers = cfg.model.n_layers
+    assert len(frozen) == 7 * n_layers + (not cfg.model.tie_embeddings) and "model.embed_tokens.weight" not in frozen
+    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
+    dtypes = {name: p.dtype for name, p in engine.named_params}
+    assert {dtypes[k] for k in frozen} == {torch.bfloat16}
+    assert {v for k, v in dtypes.items() if k not in frozen} == {torch.float32}
+    losses, state, _ = run_engine(cfg)
+    kept_losses, kept, _ = run_engine(keep)
+    assert losses == kept_losses and set(state) == set(kept)
+    assert all(torch.equal(state[k], kept[k].bfloat16().float() if k in frozen else kept[k]) for k in kept)
+    assert any(not torch.equal(state[k], kept[k]) for k in frozen), "the float32 run's weights were bf16 already"
+    tied = dataclasses.replace(cfg.model, tie_embeddings=True)
+    assert not any(stored_in_bf16(cfg.replace(model=tied), s) for s in param_specs(cfg.replace(model=tied))
+                   if "embed" in s.name)
+
+
+def test_a_dcp_checkpoint_of_a_bf16_frozen_base_loads_either_way(tmp_path):
+    """DCP saves the parameters as the engine stores them (the frozen base in bf16); it loads into an engine
+    that stores them in bf16 or in float32 (torch converts on load), both exactly the saved state."""
+    from elastic.runtime.dcp import DcpLoad, DcpSave
+    from elastic.runtime.tasks import TaskContext
+
+    cfg = mixed(tiny_config(dtype="float32", steps=2).replace(lora=LoraConfig(r=4, alpha=8.0)))
+    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
+    for _ in range(2):
+        engine.compute()
+        engine.apply()
+    saved = engine.local_tensors()
+    assert DcpSave(str(tmp_path)).run(TaskContext(0, engine)) == 2
+    for frozen_bf16 in (True, False):
+        again = cfg.replace(train=dataclasses.replace(cfg.train, frozen_bf16=frozen_bf16))
+        loaded = Engine(again, Placement(Layout(), (0,)), 0, step=2, empty=True)
+        assert DcpLoad(str(tmp_path)).run(TaskContext(0, loaded)) == 2
+        state = loaded.local_tensors()
+        assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved), frozen_bf16

@@ -123,7 +123,9 @@ def rollout(engine: Engine, prompts: list[tuple[int, list[int]]], grpo, grpo_ste
                          "the controller relayouts for the rollout phase")
     if not prompts:
         return {"prompts": [], "tokens": torch.empty(0, grpo.max_new_tokens, dtype=torch.long)}
-    params = {name: local_tensor(p) for name, p in engine.named_params}
+    # At train.dtype: the plain model samples outside autocast, and frozen weights may be stored in bf16 (exact
+    # float32 copies of them; model/specs.stored_in_bf16).
+    params = {name: local_tensor(p).to(engine.dtype) for name, p in engine.named_params}
     scratch = {} if scratch is None else scratch
     policy = _Functional(_plain_model(engine, scratch), params)
     batch, prompt_mask, generators = rollout_batch(prompts, grpo.num_generations, engine.cfg.train.seed, grpo_step)
