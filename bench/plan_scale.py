@@ -17,7 +17,9 @@ Layouts (tp = 8 inside a node of 8 workers; global batch 4,096 sequences, checke
 Per (model, workers, transition): planner wall time and peak memory (tracemalloc, second run),
 remote messages (64 MiB chunks) and flows (sender -> receiver streams), total bytes moved, the
 busiest worker's bytes (its busier direction; links are full duplex), the bytes a checkpoint-restart
-reads (the full state), and two modelled stalls at --bandwidth-gbps per worker: the link floor
+reads (the full state), whether the plan delivers every byte exactly once (what each new worker
+receives plus keeps against its share from the layout's box grids; this was a unit test, moved here
+to keep ``make test`` short), and two modelled stalls at --bandwidth-gbps per worker: the link floor
 (busiest bytes / bandwidth) and the round schedule of ``rounds.py`` with --streams concurrent
 streams per worker and direction. Published figures for GPU clusters (DynaTrain: 70B dense in about
 2 s, 235B MoE in 4.36 s) are printed beside the closest model sizes, for reference only.
@@ -36,11 +38,13 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from elastic.core.boxes import box_numel
 from elastic.core.config import ModelConfig
-from elastic.core.layout import Layout, Placement, TensorSpec
+from elastic.core.layout import Layout, Placement, TensorSpec, box_grid, grid_index, stage_table
 from elastic.model.llama import tensor_specs
 from elastic.model.specs import OPT_KEYS
 from elastic.plan.planner import ItemSizes, make_plan
@@ -136,6 +140,36 @@ def transitions(job: Job, workers: int) -> list[tuple[str, Placement, Placement,
     ]
 
 
+def expected_bytes(placement: Placement, specs, sizes, n_layers: int) -> dict[int, int]:
+    """Bytes every worker of ``placement`` must end up holding, from the layout's box grids (not the planner's
+    pieces): the check that a plan delivers every byte exactly once, at sizes no unit test reaches."""
+    layout, out = placement.layout, np.zeros(placement.layout.world, dtype=np.int64)
+    stages, grids = stage_table(layout, n_layers), {}
+    coords = [layout.coord(r) for r in range(layout.world)]
+    for spec in specs:
+        key = (spec.shape, spec.tp_dim)
+        if key not in grids:
+            grids[key] = [box_numel(b) for b in box_grid(layout, *key)]
+        stage = stages[spec.layer] if spec.owner == "layer" else layout.stage_of(spec, n_layers)
+        for r, c in enumerate(coords):
+            if c.pp == stage:
+                out[r] += grids[key][grid_index(layout, c, spec.tp_dim)] * sizes(spec)
+    return dict(zip(placement.workers, out.tolist(), strict=True))
+
+
+def exactly_once(plan, old: Placement, new: Placement, specs, sizes, n_layers: int) -> str:
+    """"yes" when what each new worker receives plus what it keeps is its new share, the bytes sent equal the bytes
+    received and no worker outside the old placement sends; else what failed."""
+    sent, received = plan.load_arrays()
+    have = dict(zip(plan.worker_ids.tolist(), (received + plan.copied_array()).tolist(), strict=True))
+    want = expected_bytes(new, specs, sizes, n_layers)
+    wrong = [w for w in new.workers if have.get(w) != want[w]]
+    strangers = [w for w, n in zip(plan.worker_ids.tolist(), sent.tolist(), strict=True) if n and w not in old.workers]
+    if wrong or strangers or sent.sum() != received.sum():
+        return f"NO: workers {wrong[:3]} hold the wrong bytes, {strangers[:3]} send without holding"
+    return "yes"
+
+
 def gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:,.1f}" if nbytes >= 1e8 else f"{nbytes / 1e9:,.3f}"
 
@@ -150,6 +184,7 @@ def measure(job: Job, name: str, old: Placement, new: Placement, moments: bool, 
     busiest = int(max(sent.max(), received.max()))
     messages, _ = plan.counts()
     moved = plan.bytes_moved()
+    exact = exactly_once(plan, old, new, specs, sizes, job.model.n_layers)
     src, dst, nbytes = plan.flows()
     del plan
     full_state = sum(s.numel * sizes(s) for s in specs)
@@ -169,7 +204,7 @@ def measure(job: Job, name: str, old: Placement, new: Placement, moments: bool, 
         del plan
     return [job.name, f"{old.layout.world}->{new.layout.world}", name + ("" if moments else " (weights)"),
             f"{old.layout} -> {new.layout}", f"{plan_s:.2f}", peak, f"{messages:,}", f"{len(src):,}", gb(moved),
-            gb(busiest), gb(full_state), f"{stall_link:.3f}", f"{stall_rounds:.3f}", f"{n_rounds}/{bound}",
+            gb(busiest), gb(full_state), f"{stall_link:.3f}", f"{stall_rounds:.3f}", f"{n_rounds}/{bound}", exact,
             PUBLISHED.get(job.name, "")]
 
 
@@ -194,7 +229,8 @@ def main() -> None:
         cases.append((JOBS["70B"], 1024))
     table = Table(title="Reshard plans at cluster scale (simulated; no tensors, no processes)")
     columns = ["model", "workers", "transition", "layouts", "plan s", "peak MB", "messages", "flows",
-               "moved GB", "busiest GB", "restart GB", "stall link s", "stall rounds s", "rounds/LB", "published"]
+               "moved GB", "busiest GB", "restart GB", "stall link s", "stall rounds s", "rounds/LB", "every byte once",
+               "published"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "transition", "layouts", "published") else "right")
     rows = []

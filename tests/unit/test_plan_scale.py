@@ -18,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic.core.boxes import box_numel, intersect
-from elastic.core.config import ModelConfig
 from elastic.core.layout import Layout, Placement, box_grid, grid_index, stage_table
 from elastic.model.llama import tensor_specs
 from elastic.plan.planner import ItemSizes, MissingShards, Transfer, cached_plan, make_plan, water_fill
@@ -185,46 +184,3 @@ def test_plan_rounds_deliver_every_byte_exactly_once(old, new, streams, chunk):
 def test_transfer_is_still_the_message_type():
     t = Transfer("w", 1, 1, ((0, 2),), 8)
     assert t.local and not Transfer("w", 1, 2, ((0, 2),), 8).local
-
-
-LLAMA_70B = ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256)
-
-
-def expected_bytes(placement, specs, sizes, n_layers):
-    """Bytes every worker of ``placement`` must end up holding, from the box grids."""
-    layout, out = placement.layout, np.zeros(placement.layout.world, dtype=np.int64)
-    stages, grids = stage_table(layout, n_layers), {}
-    coords = [layout.coord(r) for r in range(layout.world)]
-    for spec in specs:
-        key = (spec.shape, spec.tp_dim)
-        if key not in grids:
-            grids[key] = [box_numel(b) for b in box_grid(layout, *key)]
-        stage = stages[spec.layer] if spec.owner == "layer" else layout.stage_of(spec, n_layers)
-        for r, c in enumerate(coords):
-            if c.pp == stage:
-                out[r] += grids[key][grid_index(layout, c, spec.tp_dim)] * sizes(spec)
-    return dict(zip(placement.workers, out.tolist(), strict=True))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_70b_on_1024_workers_plans_every_byte_once():
-    """A 70B plan at 1,024 workers is complete and exact (how long it takes: bench/plan_scale.py prints it)."""
-    params = tensor_specs(LLAMA_70B)
-    specs = tuple(params + [p.renamed(f"{p.name}::{k}") for p in params for k in ("exp_avg", "exp_avg_sq")])
-    ids = tuple(range(1024))
-    old = Placement(Layout(dp=2, fsdp=16, tp=8, pp=4, microbatches=8), ids)
-    lost_node = frozenset(ids[512:520])
-    new = Placement(Layout(fsdp=127, tp=8), tuple(w for w in ids if w not in lost_node))
-    plan = make_plan(old, new, specs, LLAMA_70B.n_layers, SIZES, alive=frozenset(ids) - lost_node)
-    sent, received = plan.load_arrays()
-    # Every byte arrives exactly once: what each worker receives plus what it keeps is its new share.
-    have = dict(zip(plan.worker_ids.tolist(), (received + plan.copied_array()).tolist(), strict=True))
-    assert {w: have[w] for w in new.workers} == expected_bytes(new, specs, SIZES, LLAMA_70B.n_layers)
-    assert sent.sum() == received.sum() and not any(sent[np.isin(plan.worker_ids, list(lost_node))])
-    src, dst, nbytes = plan.flows()
-    rounds = schedule(src, dst, nbytes, 2)
-    assert rounds.max() + 1 <= 2 * lower_bound(src, dst, 2)
-    with pytest.raises(MissingShards):  # without replicas the lost node's shards are gone
-        single = Placement(Layout(fsdp=32, tp=8, pp=4, microbatches=8), ids)
-        make_plan(single, new, specs, LLAMA_70B.n_layers, SIZES, alive=frozenset(ids) - lost_node)
