@@ -13,7 +13,7 @@ from elastic.control.controller import Controller
 from elastic.control.events import AddWorkers, Drain, Relayout
 from elastic.control.run import with_control
 from elastic.control.sources import ScriptedEvents
-from elastic.control.states import Launching, Paused, Resharding, Running
+from elastic.control.states import Launching, Paused, Running
 from elastic.core.data import build_dataset
 from elastic.core.layout import Layout, Placement
 from elastic.driver.ray_group import RayWorkerGroup
@@ -142,7 +142,7 @@ def test_too_few_workers_pauses_then_resumes(fresh_pool):
 
 
 @pytest.mark.timeout(180)
-def test_failed_reshard_keeps_old_placement(ray_session):
+def test_failed_reshard_keeps_old_placement(ray_session, tmp_path):
     """A new worker dies in the middle of the transfer: the old placement carries on, nothing lost."""
     cfg = tiny_config(steps=6)
     ref_state = cached_reference(cfg).tensors
@@ -151,19 +151,22 @@ def test_failed_reshard_keeps_old_placement(ray_session):
     group = RayWorkerGroup(cfg)  # its own workers 0 and 1; the newcomer is worker 2
     cfg = with_control(cfg, layout=Layout(dp=2), objective="use_all")
     controller = Controller(cfg, group=group, sources=[script, WaitForWorkers(group)], progress=False)
+    markers = [tmp_path / f"transfer-{w}" for w in (0, 1)]
 
     def kill_newcomer():
-        deadline = time.monotonic() + 60
+        """Once an old worker pauses inside its transfer, whose group (the newcomer in it) has formed: a kill
+        there, not while the group forms, whatever the machine's load."""
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if isinstance(controller.state, Resharding) and 2 in controller.group.live():
-                time.sleep(1.0)
+            if any(m.exists() for m in markers) and 2 in controller.group.live():
                 controller.group.kill(2)
                 return
-            time.sleep(0.02)
+            time.sleep(0.01)
 
     def delay_transfers(transition):  # test-side fault injection, once the first placement runs
         if isinstance(transition.previous, Launching):
-            controller.group.run({w: DelayTransfers(3.0) for w in controller.group.placement.workers})
+            controller.group.run({w: DelayTransfers(3.0, marker=str(markers[i]))
+                                  for i, w in enumerate(controller.group.placement.workers)})
 
     controller.listeners.append(delay_transfers)
     killer = threading.Thread(target=kill_newcomer, daemon=True)
