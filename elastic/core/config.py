@@ -226,8 +226,13 @@ class RuntimeConfig:
         0.0, "policy: skip layouts whose predicted peak per worker above its idle process (state, gradients, "
         "FSDP gathers, activations, logits, a reshard's staged copy; plan/memory.py) exceeds this many GB; "
         "0: four fifths of the memory Ray found on the worker's node, shared by the job's workers there")
+    malloc_mmap_threshold: int = knob(1 << 20, "a worker's glibc mmap threshold in bytes (mallopt, fixed when it "
+                                      "builds an engine): larger allocations go back to the OS when freed instead "
+                                      "of staying in glibc's heap (runtime/heap.py); 0: glibc's dynamic default")
 
     def __post_init__(self) -> None:
+        _require(self.malloc_mmap_threshold >= 0,
+                 f"runtime.malloc_mmap_threshold={self.malloc_mmap_threshold} must be >= 0 (0: glibc's default)")
         _require(self.workers >= 1, f"runtime.workers={self.workers} must be >= 1")
         _require(self.cpus_per_worker > 0, f"runtime.cpus_per_worker={self.cpus_per_worker} must be > 0")
         _require(self.threads_per_worker >= 1, f"runtime.threads_per_worker={self.threads_per_worker} must be >= 1")

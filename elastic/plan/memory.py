@@ -41,7 +41,8 @@ stage): micro-batch rows x seq_len positions, at most one chunk of ``model/loss.
 at a time), x vocab x (itemsize + 4 bytes): the logits and the float32 log-softmax cross-entropy keeps (the LM
 head stays whole under tp). Activations, logits and casts are at the compute dtype's itemsize (bf16 under
 ``train.mixed_precision``), the rest at ``train.dtype``'s. **heap**: glibc serves allocations under its mmap
-threshold (at most ``MMAP_MAX``, 32 MiB) from a heap that keeps freed memory for the next step, so a worker's
+threshold (``runtime.malloc_mmap_threshold``, 1 MiB by default, fixed by ``runtime/heap.py``; with 0, glibc's
+dynamic one, at most ``MMAP_MAX``, 32 MiB) from a heap that keeps freed memory for the next step, so a worker's
 RSS never falls below the heap's high-water mark: the layers' copies, two layers' unsharded parameters (the
 one running and the one prefetched) and one layer's gradients before and after the cast, each counted when
 its tensors are under the threshold; at each moment, less what is live in the heap then (the copies, or the
@@ -144,6 +145,8 @@ class MemoryModel:
         # default, so this model does not depend on which sections a config carries).
         bf16 = getattr(self.cfg.train, "mixed_precision", "no") == "bf16"
         self.compute_itemsize = 2 if bf16 else self.itemsize
+        # What glibc's heap may serve (and keep): under the workers' fixed threshold, else its dynamic one's cap.
+        self.mmap_threshold = getattr(self.cfg.runtime, "malloc_mmap_threshold", 0) or MMAP_MAX
         self._cache: dict[tuple, MemoryEstimate] = {}
 
     # ---- prediction ------------------------------------------------------------------
@@ -201,7 +204,8 @@ class MemoryModel:
         head_grads = z["head_trainable"] * (self.itemsize + mixed * self.compute_itemsize)
         root = z["root"] if sharded else 0
         # glibc's heap keeps its high-water mark: the layers' copies, two layers' unsharded parameters (the one
-        # running and the one prefetched) and one layer's gradients before and after the cast, when under MMAP_MAX.
+        # running and the one prefetched) and one layer's gradients before and after the cast, when under the mmap
+        # threshold.
         heap = (z["small_casts"] * self.compute_itemsize * mixed + 2 * z["small_layer"] * sharded
                 + z["small_layer_grads"] * (1 + mixed * self.compute_itemsize / self.itemsize))
         live_casts = z["small_casts"] * self.compute_itemsize * mixed
@@ -229,7 +233,7 @@ class MemoryModel:
         last = stage == layout.pp - 1
         z = dict.fromkeys(("trainable", "frozen", "compact", "grads", "root", "root_trainable", "tied_fresh",
                            "head_trainable", "head_casts", "layer_grad_shards"), 0)
-        # layer -> [unsharded bytes, matmul elements, and of those under MMAP_MAX: unsharded bytes, matmul
+        # layer -> [unsharded bytes, matmul elements, and of those under the mmap threshold: unsharded bytes, matmul
         # elements, trainable elements]
         layers: dict[int, list[int]] = {}
         for spec in self.specs:
@@ -247,10 +251,10 @@ class MemoryModel:
             # saves the parameter itself, which FSDP frees after the forward and gathers again for the backward).
             matmul = len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
             if spec.owner == "layer":
-                small, elements = whole < MMAP_MAX, whole // stored
+                small, elements, heap = whole < self.mmap_threshold, whole // stored, self.mmap_threshold
                 entry = layers.setdefault(spec.layer, [0] * 5)
                 for i, v in enumerate((whole, elements * matmul, whole * small,
-                                       elements * matmul * (elements * self.compute_itemsize < MMAP_MAX),
+                                       elements * matmul * (elements * self.compute_itemsize < heap),
                                        elements * small * spec.trainable)):
                     entry[i] += v
                 z["layer_grad_shards"] += nbytes * spec.trainable

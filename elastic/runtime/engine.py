@@ -41,6 +41,7 @@ from elastic.model.init import init_box
 from elastic.model.llama import LlamaStage, causal_lm_loss_sum, checkpoint_layers
 from elastic.model.lora import apply_lora, dropout_rows, init_lora_tensor, is_lora_name
 from elastic.model.specs import DTYPE, OPT_KEYS, param_specs, stored_in_bf16
+from elastic.runtime.heap import bound_heap
 from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
@@ -76,6 +77,7 @@ class Engine:
         parameters unfilled, for a caller that loads them next (a DCP checkpoint). ``skeleton``: build the
         structure only and hold no storage until ``bind``."""
         self.cfg, self.placement, self.rank, self.mesh = cfg, placement, rank, mesh
+        bound_heap(cfg.runtime.malloc_mmap_threshold)  # freed tensors go back to the OS (runtime/heap.py)
         self.layout = layout = placement.layout
         self.coord = layout.coord(rank)
         self.dtype = DTYPE[cfg.train.dtype]

@@ -173,3 +173,22 @@ def test_node_memory_is_what_ray_reports_for_the_workers_nodes_asked_once(monkey
     members.actors, members.info = {0: None, 1: None}, {0: {"node_id": "a", "idle_rss": 5e8}, 1: {"node_id": "a"}}
     assert members.node_memory() == {"a": 8_000_000_000} and members.idle_bytes() == {0: 5e8}
     assert members.node_memory() == {"a": 8_000_000_000} and len(asked) == 1  # a node's size is asked once
+
+
+def test_workers_fix_glibcs_mmap_threshold_and_the_heap_term_follows_it():
+    """``runtime.malloc_mmap_threshold`` (1 MiB): a worker's engine fixes glibc's threshold (runtime/heap.py;
+    this machine runs glibc), and the memory model's heap holds only tensors under it; 0 leaves glibc's dynamic
+    threshold, whose cap the model then uses."""
+    from elastic.plan.memory import MMAP_MAX
+    from elastic.runtime.heap import bound_heap
+
+    cfg = tiny_config()
+    assert cfg.runtime.malloc_mmap_threshold == 1 << 20 and MemoryModel(cfg).mmap_threshold == 1 << 20
+    assert bound_heap(1 << 20) and bound_heap(1 << 20) and not bound_heap(0)
+    off = cfg.replace(runtime=dataclasses.replace(cfg.runtime, malloc_mmap_threshold=0))
+    assert MemoryModel(off).mmap_threshold == MMAP_MAX
+    # A layer of 2 MiB tensors: in the heap under glibc's dynamic threshold, mmapped (no heap term) under 1 MiB.
+    wide = _mixed(tiny_config(dim=512, ffn_dim=1024, n_heads=8, n_kv_heads=8, n_layers=2))
+    fixed, dynamic = (MemoryModel(c).estimate(Layout(fsdp=2)) for c in
+                      (wide, wide.replace(runtime=dataclasses.replace(wide.runtime, malloc_mmap_threshold=0))))
+    assert fixed.terms["heap"] < dynamic.terms["heap"]
