@@ -17,12 +17,20 @@ import torch.distributed as dist
 
 from elastic.runtime.parallel.abort import GlooSockets
 from elastic.runtime.parallel.store import AbortableStore
+from elastic.runtime.torch_compat import set_collective_timeout
 from elastic.runtime.torch_compat import set_default_group as _set_default
 
 log = logging.getLogger(__name__)
 
 _STORES: dict[tuple[str, int], dist.TCPStore] = {}
 SOCKETS = GlooSockets()
+# How long gloo may take to connect a group once every member has published its address (arriving is the
+# store's wait, abortable and as long as the rendezvous timeout). Every listener then exists, so connecting is
+# a TCP handshake and a read by the peer's loop thread: milliseconds, seconds on a machine at load 60. A member
+# that died after publishing cannot be called off (gloo's connect does not watch the store, and shutting its
+# listener terminates the process), so this bounds how long the others wait for it: gloo retries, measured at
+# about five times this value (10 s for 2, 25 s for 5; the collective timeout of 3,600 s before).
+CONNECT_TIMEOUT_S = 10.0
 
 
 def store_client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -43,7 +51,9 @@ def standalone_group(store: dist.Store, name: str, rank: int, world: int, timeou
     """A gloo group outside the default-group registry, tracked under ``name`` (reshard transfers)."""
     prefixed = AbortableStore(dist.PrefixStore(name, store), timeout_s)
     with SOCKETS.track(prefixed, name, rank, world, timeout_s):
-        return dist.ProcessGroupGloo(prefixed, rank, world, datetime.timedelta(seconds=timeout_s))
+        pg = dist.ProcessGroupGloo(prefixed, rank, world, datetime.timedelta(seconds=CONNECT_TIMEOUT_S))
+    set_collective_timeout(pg, datetime.timedelta(seconds=timeout_s))
+    return pg
 
 
 def close_standalone(name: str) -> None:

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from elastic.core.layout import DIMS, Layout
 from elastic.runtime.parallel.abort import GlooSockets
+from elastic.runtime.parallel.connections import CONNECT_TIMEOUT_S
 from elastic.runtime.parallel.store import AbortableStore
 from elastic.runtime.torch_compat import (
     default_group_on_this_thread,
@@ -32,6 +33,7 @@ from elastic.runtime.torch_compat import (
     mesh_over_groups,
     meshes_differ_by_group,
     new_gloo_group,
+    set_collective_timeout,
     set_default_group,
 )
 
@@ -69,8 +71,11 @@ class LayoutGroups:
         self.mesh: DeviceMesh = mesh_over_groups(self.dims, grid, DIMS, rank)
 
     def _group(self, store, label: str, ranks: list[int], timeout: datetime.timedelta):
-        pg = new_gloo_group(store, ranks.index(self.rank), len(ranks), f"{self.name}/{label}", ranks, timeout)
+        """Connected within ``CONNECT_TIMEOUT_S`` of every member's arrival, then given the collective timeout."""
+        connect = datetime.timedelta(seconds=CONNECT_TIMEOUT_S)
+        pg = new_gloo_group(store, ranks.index(self.rank), len(ranks), f"{self.name}/{label}", ranks, connect)
         self._groups.append(pg)
+        set_collective_timeout(pg, timeout)
         return pg
 
     def activate(self) -> None:

@@ -51,7 +51,11 @@ class AbortableStore(dist.Store):
         return self.inner.get(key)
 
     def wait(self, keys, timeout=None):
-        wait_keys(self.inner, list(keys), self.timeout_s if timeout is None else timeout.total_seconds())
+        # Gloo passes its own timeout, which is the short connect timeout while a group forms
+        # (``connections.CONNECT_TIMEOUT_S``): waiting for peers to arrive is the rendezvous's business, so it
+        # never waits less than this store's timeout, and the ``abort`` key still ends it at once.
+        given = 0.0 if timeout is None else timeout.total_seconds()
+        wait_keys(self.inner, list(keys), max(self.timeout_s, given))
 
     def check(self, keys):
         return self.inner.check(keys)
