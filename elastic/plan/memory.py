@@ -56,7 +56,10 @@ copies plus the 272 MB bf16 head (saved transposed); the step peaks when the bac
 (1,874 MB above idle; predicted 1,826); between steps the worker keeps 530 MB, 271 MB of which
 ``malloc_trim`` returns (full: 961 MB, 287 returned): the heap's high-water mark above the state. At 24 layers
 (LoRA) the heap kept 1,259 MB between steps, ~500 MB above this term's high-water mark (fragmentation the term
-does not model): the prediction was 0.79-0.85x the measured peak there.
+does not model): the prediction was 0.79-0.85x the measured peak there. Those runs stored LoRA's frozen base in
+float32 under glibc's dynamic threshold. With the base in bf16 and the threshold fixed at 1 MiB (LoRA): 24
+layers, 1,829 MB measured, 1,763 predicted (0.96x), autograd keeping 296 MB of copies (the tied head's and the
+adapters') and the worker 453 MB between steps; 4 layers, 1,587 and 1,559 (0.98x).
 
 Not counted, each at most one layer's worth: a layer's gather during the backward, its weight gradients before
 the cast and reduce-scatter, FSDP2's reduce-scatter buffer; LoRA's first layer's q/k/v copies are counted though

@@ -179,14 +179,14 @@ def mixed_lora_pair(pool, folder) -> None:
 
     from elastic.model.specs import param_specs, stored_in_bf16
 
-    plain = lora_config(steps=4, dtype="float32")
+    plain = lora_config(steps=2, dtype="float32")
     train = dataclasses.replace(plain.train, mixed_precision="bf16", init_from=str(folder))
     runs = {}
     for frozen_bf16, base_from in ((True, "disk"), (True, "peer"), (False, "peer")):
         cfg = plain.replace(train=dataclasses.replace(train, frozen_bf16=frozen_bf16),
                             runtime=dataclasses.replace(plain.runtime, base_from=base_from))
         assert any(stored_in_bf16(cfg, s) for s in param_specs(cfg)) == frozen_bf16
-        runs[frozen_bf16, base_from] = _fsdp_tp_then_dp_pp(pool, cfg, 4)
+        runs[frozen_bf16, base_from] = _fsdp_tp_then_dp_pp(pool, cfg, 2)
     losses, state = runs[False, "peer"]
     assert {t.dtype for t in state.values()} == {torch.float32}
     for key, (got_losses, got) in runs.items():
