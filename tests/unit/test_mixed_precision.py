@@ -167,3 +167,18 @@ def test_a_dcp_checkpoint_of_a_bf16_frozen_base_loads_either_way(tmp_path):
         assert DcpLoad(str(tmp_path)).run(TaskContext(0, loaded)) == 2
         state = loaded.local_tensors()
         assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved), frozen_bf16
+
+
+def test_a_grpo_rollout_reads_a_bf16_frozen_base_as_float32():
+    """GRPO's rollouts sample with the plain model outside autocast, from the engine's parameters: a frozen
+    base stored in bf16 is read widened to float32 (it would otherwise meet float32 activations in a matmul)."""
+    from elastic.recipes.grpo.config import GRPOConfig
+    from elastic.recipes.grpo.worker import rollout
+
+    cfg = mixed(tiny_config(dtype="float32").replace(lora=LoraConfig(r=4, alpha=8.0)))
+    engine = Engine(cfg, Placement(Layout(), (0,)), 0)
+    assert any(p.dtype == torch.bfloat16 for _, p in engine.named_params)
+    grpo = dataclasses.replace(GRPOConfig(), num_generations=2, max_new_tokens=3, beta=0.1, num_iterations=2)
+    out = rollout(engine, [(0, [5, 6, 7], None), (1, [8, 9, 10], None)], grpo, 0)
+    assert out["tokens"].shape == (4, 3) and out["old"].dtype == torch.float32
+    assert torch.isfinite(out["old"]).all() and torch.isfinite(out["ref"]).all()
