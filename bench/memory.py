@@ -26,7 +26,7 @@ the measured one (target within 25%). Target (issue 25): peak above idle <= 1.5x
 fails.
 
 Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full] [--whole-loss]
-       [--dtype float32] [--frozen-float32]
+       [--dtype float32] [--frozen-float32] [--mmap-threshold BYTES]
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class ReadPhases:
 
 
 def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4,
-            dtype: str = "float32", frozen_bf16: bool = True) -> dict:
+            dtype: str = "float32", frozen_bf16: bool = True, mmap_threshold: int = 1 << 20) -> dict:
     """One mode's run: idle RSS, per-worker phase samples of the second step (the first warms the allocator, as a
     steady step finds it), what autograd kept, share, and the memory model's terms (bytes)."""
     import ray
@@ -193,7 +193,8 @@ def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = Fals
     mixed = "bf16" if dtype == "float32" else "no"  # float32 state: mixed precision, as bench/load.py
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed, frozen_bf16=frozen_bf16),
                       data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
-                      runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300))
+                      runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300,
+                                                  malloc_mmap_threshold=mmap_threshold))
     layout = Layout(fsdp=workers)
     ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     group = RayWorkerGroup(cfg)
@@ -221,7 +222,8 @@ def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = Fals
     return {"idle": idle, "phases": phases, "share": state / workers, "grads": trainable * itemsize / workers,
             "activations": acts + logits, "logits": logits, "moment": estimate.moment,
             "saved": read[ids[0]]["saved"], "terms": terms, "predicted": estimate.step_bytes,
-            "reported": [max(r.peak_bytes for r in step.values()) for step in (first, second)]}
+            "reported": [max(r.peak_bytes for r in step.values()) for step in (first, second)],
+            "seconds": [max(r.seconds for r in step.values()) for step in (first, second)]}
 
 
 def report(mode: str, r: dict, batch: int, seq: int, layers: int) -> float:
@@ -260,6 +262,8 @@ def report(mode: str, r: dict, batch: int, seq: int, layers: int) -> float:
           f"the steps "
           f"reported {steps} MB (first, second), the phases {top:,.0f} MB: {r['predicted'] / MB / top:.2f}x "
           f"(target within 25%: {'met' if abs(r['predicted'] / MB / top - 1) <= 0.25 else 'NOT met'})", flush=True)
+    print(f"{mode}: step compute seconds (first, second; slowest worker, the phase probes included): "
+          f"{r['seconds'][0]:.2f}, {r['seconds'][1]:.2f}", flush=True)
     return ratio
 
 
@@ -275,12 +279,14 @@ def main() -> None:
                         help="float32: bf16 mixed precision over float32 state (as bench/load.py); bfloat16: pure bf16")
     parser.add_argument("--frozen-float32", action="store_true", help="store LoRA's frozen base in float32 under "
                         "mixed precision (train.frozen_bf16=false: as before it was stored in bf16)")
+    parser.add_argument("--mmap-threshold", type=int, default=1 << 20, help="runtime.malloc_mmap_threshold "
+                        "(bytes; 0: glibc's dynamic threshold, as before runtime/heap.py)")
     args = parser.parse_args()
     base = write_folder(args.layers)  # bench/load.py's folder, or one of --layers layers beside it
     for mode in args.modes.split(","):
         name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
         run = measure(base, mode, args.batch, args.seq, args.whole_loss, dtype=args.dtype,
-                      frozen_bf16=not args.frozen_float32)
+                      frozen_bf16=not args.frozen_float32, mmap_threshold=args.mmap_threshold)
         report(name, run, args.batch, args.seq, args.layers)
 
 

@@ -10,7 +10,8 @@ autocast's copies, gradients) come from the heap and stay there. Measured on 24 
 between steps (``malloc_trim`` returned 2,049) and the step peaked at 3,740 MB above idle; with the threshold
 fixed at 1 MiB, 455 MB between steps and a 3,740 -> 1,825 MB peak. ``mallopt(M_MMAP_THRESHOLD)`` fixes it (and
 turns the dynamic adjustment off) for every later allocation of the process. The cost: each large allocation
-is a fresh mapping whose pages the kernel zeroes on first touch, every step (not measured here).
+is a fresh mapping whose pages the kernel zeroes on first touch, every step; one pair of 4-layer runs saw no
+slowdown (73 s against 89 s for the second step, a noisy shared machine; ``bench/out/memory.txt``).
 
 Linux with glibc only; elsewhere (or when libc has no ``mallopt``) a no-op. Pure Python, no torch.
 """
