@@ -154,20 +154,6 @@ def new_gloo_group(store, rank: int, size: int, name: str, global_ranks: list[in
     return pg
 
 
-def set_collective_timeout(pg, timeout: datetime.timedelta) -> None:
-    """Make ``timeout`` the timeout of ``pg``'s later operations (a ProcessGroup, or a bare ProcessGroupGloo).
-
-    Why: gloo takes one timeout at construction for both connecting the group and its collectives; a group is
-    formed with a short connect timeout (a peer that died between publishing its address and connecting would
-    otherwise hold the others in gloo's connect for about five times the collective timeout), then given the
-    collective one here. ``ProcessGroup.set_timeout`` is public; a bare backend has only ``_set_default_timeout``.
-    """
-    if hasattr(pg, "set_timeout"):
-        pg.set_timeout(timeout)
-    else:
-        pg._set_default_timeout(timeout)
-
-
 def set_default_group(pg) -> None:
     """Make ``pg`` (a world group from ``new_gloo_group``, or None) the process's default group.
 

@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from elastic.runtime.parallel.abort import GlooSockets
 from elastic.runtime.parallel.store import AbortableStore
-from elastic.runtime.torch_compat import set_collective_timeout
 from elastic.runtime.torch_compat import set_default_group as _set_default
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def standalone_group(store: dist.Store, name: str, rank: int, world: int, timeou
     prefixed = AbortableStore(dist.PrefixStore(name, store), timeout_s)
     with SOCKETS.track(prefixed, name, rank, world, timeout_s):
         pg = dist.ProcessGroupGloo(prefixed, rank, world, datetime.timedelta(seconds=CONNECT_TIMEOUT_S))
-    set_collective_timeout(pg, datetime.timedelta(seconds=timeout_s))
+    pg.set_timeout(datetime.timedelta(seconds=timeout_s))  # the collectives' timeout, once connected
     return pg
 
 

@@ -33,7 +33,6 @@ from elastic.runtime.torch_compat import (
     mesh_over_groups,
     meshes_differ_by_group,
     new_gloo_group,
-    set_collective_timeout,
     set_default_group,
 )
 
@@ -75,7 +74,7 @@ class LayoutGroups:
         connect = datetime.timedelta(seconds=CONNECT_TIMEOUT_S)
         pg = new_gloo_group(store, ranks.index(self.rank), len(ranks), f"{self.name}/{label}", ranks, connect)
         self._groups.append(pg)
-        set_collective_timeout(pg, timeout)
+        pg.set_timeout(timeout)
         return pg
 
     def activate(self) -> None:
