@@ -92,13 +92,12 @@ from elastic.core.boxes import box_numel
 from elastic.core.config import Config
 from elastic.core.layout import Coord, Layout, Placement, TensorSpec
 from elastic.model.loss import chunk_positions
-from elastic.model.specs import itemsize, param_specs, storage_itemsize
+from elastic.model.specs import EMBED, itemsize, param_specs, storage_itemsize
 
 GB = 1e9
 HEADROOM = 0.8  # share of a node's memory the workers placed there may use; the rest is the OS, driver, Ray
 SCALE_BOUNDS = (0.25, 8.0)  # the fitted activation factor stays in these bounds (a bad fit cannot zero it)
 STEP_TERMS = ("weights", "frozen", "moments", "grads", "gather", "casts", "activations", "logits", "heap", "overhead")
-EMBED = "model.embed_tokens.weight"
 MMAP_MAX = 32 * 2**20  # glibc's largest mmap threshold (64-bit): smaller allocations may come from its heap
 
 
@@ -254,10 +253,10 @@ class MemoryModel:
             # saves the parameter itself, which FSDP frees after the forward and gathers again for the backward).
             matmul = len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
             if spec.owner == "layer":
-                small, elements, heap = whole < self.mmap_threshold, whole // stored, self.mmap_threshold
+                small, elements = whole < self.mmap_threshold, whole // stored
                 entry = layers.setdefault(spec.layer, [0] * 5)
                 for i, v in enumerate((whole, elements * matmul, whole * small,
-                                       elements * matmul * (elements * self.compute_itemsize < heap),
+                                       elements * matmul * (elements * self.compute_itemsize < self.mmap_threshold),
                                        elements * small * spec.trainable)):
                     entry[i] += v
                 z["layer_grad_shards"] += nbytes * spec.trainable
