@@ -176,6 +176,9 @@ class TrainConfig:
     frozen_bf16: bool = knob(True, "under mixed_precision='bf16', store the frozen base's matmul weights (LoRA) in "
                              "bf16, the rounding autocast applies before every matmul anyway: same values, half "
                              "the bytes; false keeps them float32")
+    vocab_parallel: bool = knob(True, "under fsdp, keep the embedding and LM head in their shards of vocabulary rows "
+                                "and compute the lookup, logits and loss there (Megatron's vocab parallelism) instead "
+                                "of gathering them whole on every worker; false: FSDP gathers them")
     seed: int = knob(0, "one seed for model init, data order and sampling")
     activation_checkpointing: bool = knob(False, "recompute each decoder layer's activations in backward instead "
                                           "of keeping them (less memory, one more forward; same weights)")

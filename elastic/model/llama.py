@@ -288,26 +288,41 @@ class LlamaStage(nn.Module):
             raise ValueError("tied embeddings need the embedding and the LM head in one pipeline stage (pp=1)")
         # Tied: the head is the embedding matrix itself, one Parameter (HF's tie_word_embeddings).
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
+        # The vocabulary-sized weights held in shards of their rows, and the ops that use them so (lookup, logits,
+        # loss); set by ``runtime/parallel/vocab.py`` under fsdp. None: the weights are whole here.
+        self.vocab = None
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 pad: Padding | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (last stage) or hidden states; ``pad``: left-padded rows (``Padding``), else every row is real.
         ``labels`` (last stage): the summed loss instead of the logits, computed inside the forward (so FSDP has
         the head gathered) in chunks over a large vocabulary (``model/loss.py``)."""
-        h = self.model.embed_tokens(x) if self.first else x
+        h = self._embed(x) if self.first else x
         for layer in self.model.layers.values():
             h = layer(h, start, cache, pad)
         if not self.last:
             return h
         h = self.model.norm(h)
+        if labels is not None and self.vocab is not None and self.vocab.head:
+            return self.vocab.loss_sum(h, self._head_weight(), labels)
         if labels is not None:
             return lm_loss_sum(h, self._head, self.cfg.vocab_size, labels)
         return self._head(h)
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vocab is not None:
+            return self.vocab.embed(x, self.model.embed_tokens.weight)
+        return self.model.embed_tokens(x)
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.vocab is not None and self.vocab.head:
+            return self.vocab.logits(h, self._head_weight())
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)
-        return self.lm_head(h)
+        return self.lm_head(h)  # perhaps a LoRALinear (a targeted untied head)
 
 
 def checkpoint_layers(stage: nn.Module, on: bool = True) -> None:

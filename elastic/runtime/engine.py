@@ -46,6 +46,7 @@ from elastic.runtime.optim import build_adamw, lr_at
 from elastic.runtime.parallel.clip import clip_grad_norm_
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
+from elastic.runtime.parallel.vocab import shard_vocabulary
 from elastic.runtime.precision import apply_mixed_precision, store_in_bf16
 from elastic.runtime.torch_compat import local_tensor, shared_mesh_slices
 
@@ -135,7 +136,10 @@ class Engine:
             if layout.tp > 1:
                 apply_tensor_parallel(module, self.mesh["tp"])
             if self.fsdp:
-                apply_fsdp(module, data_mesh(self.mesh))
+                mesh = data_mesh(self.mesh)
+                # Under fsdp the vocabulary-sized weights stay in their row shards (runtime/parallel/vocab.py).
+                vocab = shard_vocabulary(module, mesh) if layout.fsdp > 1 and cfg.train.vocab_parallel else set()
+                apply_fsdp(module, mesh, ignored=vocab)
         apply_mixed_precision(module, cfg.train.mixed_precision)  # autocast on every layout: runtime/precision.py
         module.to_empty(device="cpu")
         return module

@@ -23,13 +23,16 @@ def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["fsdp"] if dp == 1 else mesh["dp", "fsdp"]
 
 
-def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True,
+               ignored: set[nn.Parameter] | None = None) -> None:
+    """Wrap each decoder layer, then the stage (the root: the tensors outside the layers), except ``ignored``:
+    parameters placed by the caller (the vocabulary-sharded embedding and head, ``parallel/vocab.py``)."""
     for layer in stage.model.layers.values():
         fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     # Passed explicitly, also to the root: left to its default (None), FSDP2 keeps the root's parameters gathered
-    # from the forward to the end of the backward, and the root holds the (tied) embedding and LM head, the
-    # largest tensor of a real model (272 MB of Qwen2.5-0.5B's bf16 weights on every worker; bench/memory.py).
-    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    # from the forward to the end of the backward, and the root may hold the (tied) embedding and LM head, the
+    # largest tensor of a real model (545 MB of Qwen2.5-0.5B's float32 weights on every worker; bench/memory.py).
+    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
     for module in stage.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

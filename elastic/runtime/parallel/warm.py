@@ -21,6 +21,7 @@ from elastic.runtime.parallel.connections import set_default_group
 from elastic.runtime.parallel.fsdp import apply_fsdp, data_mesh
 from elastic.runtime.parallel.groups import LayoutGroups
 from elastic.runtime.parallel.tensor import apply_tensor_parallel
+from elastic.runtime.parallel.vocab import shard_vocabulary
 
 TINY = ModelConfig(vocab_size=259, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=16)
 
@@ -36,10 +37,11 @@ def warm_up(cfg: Config) -> None:
     try:
         model = LlamaStage(dataclasses.replace(TINY)).to(torch.float32)
         apply_tensor_parallel(model, groups.mesh["tp"])
-        apply_fsdp(model, data_mesh(groups.mesh))
+        mesh = data_mesh(groups.mesh)
+        apply_fsdp(model, mesh, ignored=shard_vocabulary(model, mesh))  # as an fsdp engine builds (one rank here)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 256, (1, 8))
-        causal_lm_loss_sum(model(x), x).backward()
+        (model(x, labels=x) + causal_lm_loss_sum(model(x), x)).backward()  # the loss path and the logits path
         opt.step()
     finally:
         set_default_group(None)

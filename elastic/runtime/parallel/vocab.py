@@ -1,0 +1,220 @@
+"""The embedding and the LM head kept in their fsdp shards: vocabulary-parallel lookup, head and cross-entropy.
+
+FSDP2 gathers a unit's parameters whole around its use. The tensors outside the decoder layers are FSDP's root
+unit, and the root's gather spans the whole forward, and again the whole backward: a real model's largest tensor,
+the embedding (also the LM head when tied; Qwen2.5-0.5B's is 152k x 896, 545 MB in float32), sat whole on every
+worker beside its bf16 copy, and a trained one's gradient too (``bench/memory.py``). Here the embedding and an
+untied LM head are left out of FSDP (``ignored_params``) and held as DTensors with FSDP's own placement (a
+contiguous range of vocabulary rows per fsdp rank, replicated over dp), so that reshards, checkpoints and exports
+see the boxes they always saw. The computation goes to the rows instead (Megatron's vocab-parallel embedding and
+cross-entropy, over the fsdp ranks, which unlike tp ranks hold different rows of the batch):
+
+- **lookup**: the ranks all-gather their token ids; each looks up those in its range (zeros elsewhere), and a
+  reduce-scatter hands every rank its own rows: exact, each element is one rank's row plus zeros. Backward: the
+  output gradients are all-gathered and each rank adds those of its tokens into its shard's gradient.
+- **head + loss** (a training forward with labels): the ranks all-gather their final hidden states and labels;
+  each computes its vocabulary range's logits for every gathered position, in chunks of positions checkpointed as
+  in ``model/loss.py``; per position, the softmax's max is all-reduced, then its sum of exponentials and the
+  target's logit, so every rank knows every position's cross-entropy and returns the sum of its own. Backward:
+  each rank's loss gradient is summed over the ranks position by position (each knows its own), the logits'
+  gradient is softmax minus one-hot on the rank's range, and the hidden states' gradients are reduce-scattered
+  back to their rank.
+- **logits** (evaluation, GRPO's log-probs, a pipeline's last stage, whose schedule asks for logits): the weight
+  is all-gathered for the call (DTensor's redistribute, whose backward reduce-scatters the gradient), as FSDP did.
+
+Equal to the single-process computation up to the order of float additions. A shard's gradient is a sum over the
+fsdp ranks' rows already; over dp replicas it is left Partial, and ``Engine._settle_grads`` sums it once per step.
+Under autocast the head's matmul runs in bf16 as in one process (``F.linear``), and the cross-entropy in float32.
+
+Assumes every rank of the fsdp group runs the same calls in the same order (as FSDP's own collectives do), with
+any number of rows each, and CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from elastic.model.loss import chunk_positions
+
+
+class VocabShard:
+    """One rank's vocabulary range of a stage over the fsdp group of ``mesh`` (FSDP's data mesh), and the ops
+    ``LlamaStage`` calls with the vocabulary-sharded weight (``LlamaStage.vocab``)."""
+
+    def __init__(self, mesh: DeviceMesh, vocab: int, head: bool) -> None:
+        self.mesh, self.head = mesh, head  # head: the stage's LM head is one of the sharded weights
+        self.placements = tuple(Shard(0) if name == "fsdp" else Replicate() for name in mesh.mesh_dim_names)
+        # The gradient of the local shard is complete over fsdp and a partial sum over dp replicas.
+        self.grad_placements = tuple(Partial() if p.is_replicate() else p for p in self.placements)
+        self.group = mesh.get_group("fsdp")
+        self.size, self.index = dist.get_world_size(self.group), mesh.get_local_rank("fsdp")
+        self.rows = -(-vocab // self.size)  # torch.chunk's split: FSDP2's and DTensor's Shard(0)
+        self.lo = min(vocab, self.index * self.rows)
+
+    # ---- the stage's ops -------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, weight: DTensor) -> torch.Tensor:
+        return _Lookup.apply(self._local(weight), tokens, self)
+
+    def logits(self, hidden: torch.Tensor, weight: DTensor) -> torch.Tensor:
+        whole = [Replicate()] * weight.device_mesh.ndim
+        full = weight.redistribute(weight.device_mesh, whole).to_local(grad_placements=[Partial()] * len(whole))
+        return F.linear(hidden, full)
+
+    def loss_sum(self, hidden: torch.Tensor, weight: DTensor, labels: torch.Tensor,
+                 chunk_bytes: int | None = None) -> torch.Tensor:
+        """``causal_lm_loss_sum(logits, labels)`` of this rank's rows (``model/loss.py``), the logits never whole."""
+        w = self._local(weight)
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        sizes = self.sizes(len(targets))
+        every = _GatherRows.apply(flat, self, sizes)
+        targets = self.gather(targets, sizes)
+        own = torch.zeros(len(targets), dtype=torch.bool)
+        start = sum(sizes[:self.index])
+        own[start:start + sizes[self.index]] = True
+        chunk = chunk_positions(self.rows, chunk_bytes)  # the same on every rank: the collectives line up
+        if len(targets) <= chunk:
+            return self._chunk_loss(every, w, targets, own)
+        total = None
+        for at in range(0, len(targets), chunk):
+            part = slice(at, at + chunk)
+            piece = torch.utils.checkpoint.checkpoint(self._chunk_loss, every[part], w, targets[part], own[part],
+                                                      use_reentrant=False)
+            total = piece if total is None else total + piece
+        return total
+
+    def _chunk_loss(self, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                    own: torch.Tensor) -> torch.Tensor:
+        return _CrossEntropy.apply(F.linear(hidden, w), targets, own, self)
+
+    def _local(self, weight: DTensor) -> torch.Tensor:
+        return weight.to_local(grad_placements=self.grad_placements)
+
+    # ---- collectives of rows of any count per rank -------------------------------------------
+    def sizes(self, n: int) -> list[int]:
+        out = torch.empty(self.size, dtype=torch.long)
+        dist.all_gather_single(out, torch.tensor([n]), group=self.group)
+        return out.tolist()
+
+    def gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's ``x`` (``sizes[r]`` rows on rank r), concatenated in rank order."""
+        most = max(sizes)
+        padded = x.new_zeros((most, *x.shape[1:]))
+        padded[:len(x)] = x
+        out = x.new_empty((self.size * most, *x.shape[1:]))
+        dist.all_gather_single(out, padded, group=self.group)
+        return torch.cat([out[r * most: r * most + n] for r, n in enumerate(sizes)])
+
+    def scatter_sum(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """This rank's rows of ``x`` (laid out as ``gather`` returns them), summed over the ranks."""
+        most = max(sizes)
+        padded = x.new_zeros((self.size * most, *x.shape[1:]))
+        at = 0
+        for r, n in enumerate(sizes):
+            padded[r * most: r * most + n] = x[at:at + n]
+            at += n
+        out = x.new_empty((most, *x.shape[1:]))
+        dist.reduce_scatter_single(out, padded, group=self.group)
+        return out[:sizes[self.index]]
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shard: VocabShard, sizes: list[int]):
+        ctx.shard, ctx.sizes = shard, sizes
+        return shard.gather(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.shard.scatter_sum(grad.contiguous(), ctx.sizes), None, None
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, tokens, shard: VocabShard):
+        flat = tokens.reshape(-1)
+        sizes = shard.sizes(len(flat))
+        ids = shard.gather(flat, sizes) - shard.lo
+        inside = (ids >= 0) & (ids < weight.shape[0])
+        rows = weight.new_zeros(len(ids), weight.shape[1])
+        rows[inside] = weight[ids[inside]]
+        ctx.save_for_backward(ids, inside)
+        ctx.shard, ctx.sizes, ctx.shape = shard, sizes, weight.shape
+        return shard.scatter_sum(rows, sizes).view(*tokens.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, inside = ctx.saved_tensors
+        grads = ctx.shard.gather(grad.reshape(-1, grad.shape[-1]).contiguous(), ctx.sizes)
+        out = grads.new_zeros(ctx.shape)
+        out.index_add_(0, ids[inside], grads[inside])
+        return out, None, None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Sum of the cross-entropies of the ``own`` positions, from this rank's vocabulary range of every position's
+    logits; -100 labels count nothing (``F.cross_entropy``'s ignore_index)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, own, shard: VocabShard):
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        most = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:1], float("-inf"))
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=shard.group)
+        ids = targets - shard.lo
+        inside = (targets != -100) & (ids >= 0) & (ids < x.shape[-1])
+        target = torch.zeros_like(most)
+        target[inside] = x[inside, ids[inside]]
+        exp = (x - most[:, None]).exp_()  # one [positions, rows] float32 buffer beside x, which goes now
+        del x
+        sums = torch.stack([exp.sum(-1), target])
+        dist.all_reduce(sums, group=shard.group)
+        valid = targets != -100
+        losses = torch.where(valid, torch.log(sums[0]) + most - sums[1], 0.0)
+        ctx.save_for_backward(exp, sums[0], ids, inside, valid & own)
+        ctx.shard, ctx.dtype = shard, logits.dtype
+        return losses[own].sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        exp, total, ids, inside, counted = ctx.saved_tensors
+        per = torch.where(counted, grad.to(exp.dtype), 0.0)  # this rank's positions carry its loss's gradient
+        dist.all_reduce(per, group=ctx.shard.group)
+        out = exp / total[:, None] * per[:, None]
+        out[inside, ids[inside]] -= per[inside]
+        return out.to(ctx.dtype), None, None, None
+
+
+def vocab_weights(stage: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of the stage's vocabulary-sized weights: the embedding, and an untied LM head unless
+    LoRA adapts it (its adapter's forward needs the whole weight: FSDP keeps gathering that one)."""
+    found = []
+    if stage.model.embed_tokens is not None:
+        found.append((stage.model.embed_tokens, "weight"))
+    if type(stage.lm_head) is nn.Linear:
+        found.append((stage.lm_head, "weight"))
+    return found
+
+
+def shard_vocabulary(stage: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
+    """Place the stage's vocabulary-sized weights as FSDP would (Shard(0) over fsdp, replicated over dp) and give
+    the stage the ops that use them so (``stage.vocab``); returns them, for ``fully_shard(ignored_params=...)``.
+    Call before FSDP wraps the stage, on its meta parameters."""
+    held = vocab_weights(stage)
+    if not held:
+        return set()
+    head = stage.last and (stage.lm_head is None or type(stage.lm_head) is nn.Linear)
+    shard = VocabShard(mesh, stage.cfg.vocab_size, head)
+    placed = set()
+    for module, attr in held:
+        param = getattr(module, attr)
+        new = nn.Parameter(distribute_tensor(param, mesh, shard.placements, src_data_rank=None),
+                           requires_grad=param.requires_grad)
+        setattr(module, attr, new)
+        placed.add(new)
+    stage.vocab = shard
+    return placed
