@@ -23,11 +23,22 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+GROUP_BYTES = 64 * 2**20  # parameters per foreach group, at most (a larger tensor is a group of its own)
+
+
 def build_adamw(named_params: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over (name, tensor) pairs; norm weights and other 1-D tensors get no weight decay."""
-    groups: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    """AdamW over (name, tensor) pairs; norm weights and other 1-D tensors get no weight decay.
+
+    The parameters are cut into groups of at most ``GROUP_BYTES``: a foreach step allocates temporaries the size
+    of its whole group (``sqrt`` of the second moments, the update), which over one group of every parameter
+    raised a worker's peak by the size of its share (``bench/memory.py``, full fine-tuning). AdamW is
+    elementwise, so the grouping changes no value."""
+    groups: dict[bool, list[list[torch.Tensor]]] = {True: [[]], False: [[]]}
     for name, param in named_params:
-        groups[param.ndim >= 2 and not name.endswith("norm.weight")].append(param)
+        buckets = groups[param.ndim >= 2 and not name.endswith("norm.weight")]
+        if buckets[-1] and sum(p.nbytes for p in buckets[-1]) + param.nbytes > GROUP_BYTES:
+            buckets.append([])
+        buckets[-1].append(param)
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
-                    for decay, ps in groups.items() if ps]
+                    for decay, buckets in groups.items() for ps in buckets if ps]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)

@@ -27,6 +27,19 @@ def _sharded_dims(grad: torch.Tensor) -> tuple[tuple[str, ...], object]:
     return dims, mesh
 
 
+SQUARE_CHUNK = 1 << 20  # elements squared at a time in float64: 8 MB
+
+
+def _square_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s squares in float64, a chunk at a time: a float64 copy of the whole tensor and its square
+    would be four times its float32 bytes (545 MB for a worker's quarter of Qwen2.5-0.5B's embedding gradient,
+    ``bench/memory.py``)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for chunk in t.detach().reshape(-1).split(SQUARE_CHUNK):
+        total += chunk.double().square().sum()
+    return total
+
+
 @torch.no_grad()
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float,
                     pp_group: dist.ProcessGroup | None = None) -> float:
@@ -37,7 +50,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float,
     for g in grads:
         dims, mesh = _sharded_dims(g)
         local = g.to_local() if isinstance(g, DTensor) else g
-        buckets[dims].append(local.detach().double().pow(2).sum())
+        buckets[dims].append(_square_sum(local))
         meshes.setdefault(dims, mesh)
     total = torch.zeros((), dtype=torch.float64)
     for dims, parts in buckets.items():
