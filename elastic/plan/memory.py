@@ -17,7 +17,8 @@ keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
    implicit prefetch), so **gather** = 2 x the root (the tensors outside the decoder layers: embedding, final
    norm, LM head) + 2 x the largest layer.
 2. *backward begins: the root's gather*. The root was resharded after the forward and is gathered again (2 x the
-   root) while all the forward kept for the backward is alive: **activations**, **logits**, and **casts**: under
+   root), and so is the last layer (2 x the largest layer), while all the forward kept for the backward is alive:
+   **activations**, **logits**, and **casts**: under
    mixed precision, autocast's bf16 copy of every matmul weight (each layer's linears, LoRA's adapters, the LM
    head, which is the embedding when tied), made at each use (the cast cache is off, ``runtime/precision.py``)
    and saved by autograd for the input's gradient until that weight's backward. A weight stored in bf16 (the
@@ -31,6 +32,12 @@ keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
 4. *backward ends*. **grads**: the rank's gradient shards (whole under dp), and with fsdp > 1 the root's
    unsharded gradients and parameters until its reduce-scatter; a trained tied embedding adds the lookup's dense
    gradient, summed into the head's.
+
+Vocabulary-parallel (``train.vocab_parallel``, fsdp > 1; ``runtime/parallel/vocab.py``): the embedding and an untied
+LM head are not in the root; they stay in the rank's rows, so autocast's copy of the head, its gradient and a
+trained tied embedding's lookup gradient are the rank's rows too, and **logits** are every fsdp rank's positions
+over this rank's rows (one chunk at most) plus the gathered final hidden states and their gradient. Under a
+pipeline the head is gathered for its logits (counted as the root's).
 
 The other terms: **activations** for the micro-batch: rows in flight x seq_len x layers of the stage x bytes a
 decoder layer keeps per token (what its backward reads: the residual and normed inputs, q/k/v before and after
@@ -49,21 +56,11 @@ its tensors are under the threshold; at each moment, less what is live in the he
 layers' gradient shards). Larger tensors (a 152k x 896 embedding) are mmapped and returned when freed.
 **overhead**: a constant learned from the workers' reports (0 until one arrives).
 
-What the bench measured at 4 layers of the 494M shape, fsdp=4, mixed precision (LoRA; full fine-tuning the same
-way): the forward's first gather raises the peak by 1,089 MB, the float32 root twice (545 MB each), and layer 0
-adds 122 MB (its 60 MB twice) while the root's buffer is alive; autograd keeps 120 MB of bf16 layer weight
-copies plus the 272 MB bf16 head (saved transposed); the step peaks when the backward gathers the root again
-(1,874 MB above idle; predicted 1,826); between steps the worker keeps 530 MB, 271 MB of which
-``malloc_trim`` returns (full: 961 MB, 287 returned): the heap's high-water mark above the state. At 24 layers
-(LoRA) the heap kept 1,259 MB between steps, ~500 MB above this term's high-water mark (fragmentation the term
-does not model): the prediction was 0.79-0.85x the measured peak there. Those runs stored LoRA's frozen base in
-float32 under glibc's dynamic threshold. With the base in bf16 and the threshold fixed at 1 MiB (LoRA): 24
-layers, 1,829 MB measured, 1,763 predicted (0.96x), autograd keeping 296 MB of copies (the tied head's and the
-adapters') and the worker 453 MB between steps; 4 layers, 1,587 and 1,559 (0.98x).
+The measurements behind each term, before and after each change, are in docs/design.md (items 12, 41, 42).
 
-Not counted, each at most one layer's worth: a layer's gather during the backward, its weight gradients before
-the cast and reduce-scatter, FSDP2's reduce-scatter buffer; LoRA's first layer's q/k/v copies are counted though
-their input (the frozen embedding's output) needs no gradient. Layouts with fsdp = 1 gather nothing (FSDP2 over
+Not counted, each at most one layer's worth: a layer's weight gradients before the cast and reduce-scatter,
+FSDP2's reduce-scatter buffer; LoRA's first layer's q/k/v copies are counted though their input (the frozen
+embedding's output) needs no gradient. Layouts with fsdp = 1 gather nothing (FSDP2 over
 one-rank shard groups; not measured). The optimizer's update runs in a later call (the commit), with the
 gradient shards and AdamW's temporaries. The root's own tensors are taken as mmapped (no heap term).
 
@@ -214,8 +211,10 @@ class MemoryModel:
         return {
             "forward: the root's gather": at(gather=2 * root + 2 * z["layer"] * sharded,
                                              heap=heap - z["small_layer"] * sharded),
-            "backward begins: the root's gather": at(gather=2 * root, casts=casts, transient=True,
-                                                     heap=heap - live_casts),
+            # The backward gathers the last layer (buffer and copy) as it begins, beside the root.
+            "backward begins: the root's gather": at(gather=2 * root + 2 * z["layer"] * sharded, casts=casts,
+                                                     transient=True,
+                                                     heap=heap - live_casts - z["small_layer"] * sharded),
             "backward: the head's gradient": at(grads=head_grads, gather=root, casts=casts, transient=True,
                                                 heap=heap - live_casts),
             "backward ends": at(grads=z["grads"] + sharded * z["root_trainable"] + z["tied_fresh"], gather=root,
@@ -233,6 +232,7 @@ class MemoryModel:
         placement = Placement(layout, tuple(range(layout.world)))
         rank = layout.rank(Coord(pp=stage, dp=0, fsdp=0, tp=0))
         last = stage == layout.pp - 1
+        vocab_sharded = self._vocab_sharded(layout)
         z = dict.fromkeys(("trainable", "frozen", "compact", "grads", "root", "root_trainable", "tied_fresh",
                            "head_trainable", "head_casts", "layer_grad_shards"), 0)
         # layer -> [unsharded bytes, matmul elements, and of those under the mmap threshold: unsharded bytes, matmul
@@ -261,11 +261,15 @@ class MemoryModel:
                     entry[i] += v
                 z["layer_grad_shards"] += nbytes * spec.trainable
                 continue
-            z["root"] += whole
-            z["root_trainable"] += whole * spec.trainable
-            z["tied_fresh"] += whole * (spec.trainable and spec.name == EMBED and cfg.tie_embeddings)
-            z["head_trainable"] += whole // stored * (spec.trainable and head)
-            z["head_casts"] += whole // stored * matmul
+            # A vocabulary-sharded weight (runtime/parallel/vocab.py) is never whole: its lookup's gradient, its
+            # gradient as the head and autocast's copy of it are the rank's rows.
+            sharded_rows = spec.name in vocab_sharded
+            z["root"] += 0 if sharded_rows else whole
+            z["root_trainable"] += 0 if sharded_rows else whole * spec.trainable
+            unsharded = nbytes if sharded_rows else whole
+            z["tied_fresh"] += unsharded * (spec.trainable and spec.name == EMBED and cfg.tie_embeddings)
+            z["head_trainable"] += unsharded // stored * (spec.trainable and head)
+            z["head_casts"] += unsharded // stored * matmul
         largest = max(layers.values(), default=[0] * 5)
         z["layer"], z["small_layer"], z["small_layer_grads"] = largest[0], largest[2], largest[4] * self.itemsize
         kept, small = [v[1] for v in layers.values()], [v[3] for v in layers.values()]
@@ -273,6 +277,15 @@ class MemoryModel:
             kept, small = [max(kept, default=0)], [max(small, default=0)]
         z["casts"], z["small_casts"] = sum(kept) + z.pop("head_casts"), sum(small)
         return z
+
+    def _vocab_sharded(self, layout: Layout) -> set[str]:
+        """The tensors the engine keeps in their fsdp shards of vocabulary rows (``runtime/parallel/vocab.py``): the
+        embedding, and an untied LM head that LoRA does not adapt, unless a pipeline's schedule needs its logits
+        (then the head is gathered for its matmul, counted here as the root's gather)."""
+        if layout.fsdp == 1 or not getattr(self.cfg.train, "vocab_parallel", False):
+            return set()
+        adapted = any(s.name.startswith("lm_head.lora_") for s in self.specs)
+        return {EMBED} | (set() if layout.pp > 1 or adapted else {"lm_head.weight"})
 
     def _activations(self, layout: Layout, stage: int) -> tuple[int, int]:
         """(activation bytes, logit bytes) of the stage's busiest moment, before calibration."""
@@ -290,9 +303,16 @@ class MemoryModel:
             acts = in_flight * seq * m.dim * n_layers + micro * seq * per_token
         else:
             acts = in_flight * seq * per_token * n_layers
+        if stage != layout.pp - 1:
+            return acts * self.compute_itemsize, 0
         # The loss holds one chunk of positions' logits at a time once the whole would pass model/loss's bound.
-        positions = min(micro * seq, chunk_positions(m.vocab_size))
-        logits = positions * m.vocab_size * (self.compute_itemsize + 4) if stage == layout.pp - 1 else 0
+        positions, vocab, gathered = micro * seq, m.vocab_size, 0
+        if layout.pp == 1 and self._vocab_sharded(layout):
+            # Vocabulary-parallel: every fsdp rank's positions over this rank's rows, plus the gathered final
+            # hidden states and their gradient (runtime/parallel/vocab.py).
+            positions, vocab = positions * layout.fsdp, math.ceil(vocab / layout.fsdp)
+            gathered = 2 * positions * m.dim * self.itemsize
+        logits = min(positions, chunk_positions(vocab)) * vocab * (self.compute_itemsize + 4) + gathered
         return acts * self.compute_itemsize, logits
 
     # ---- calibration -----------------------------------------------------------------

@@ -48,8 +48,10 @@ def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_pr
     """fsdp=2, full training, bf16 autocast over float32, tied embedding: the peak is the head's backward, with
     the root (embedding + final norm) gathered, a bf16 copy of every matmul weight kept from the forward (the
     layers' and the head's), and the head's gradient in bf16 and again in float32. Bytes from the model's
-    dimensions alone, not from the specs."""
-    cfg = _mixed(tiny_config(global_batch=16, seq_len=16, n_layers=4, vocab_size=4096, tie_embeddings=True))
+    dimensions alone, not from the specs. First with FSDP gathering the embedding (``train.vocab_parallel =
+    false``), then as the engine runs by default, the embedding kept in its vocabulary rows."""
+    cfg = _mixed(tiny_config(global_batch=16, seq_len=16, n_layers=4, vocab_size=4096, tie_embeddings=True),
+                 vocab_parallel=False)
     c = cfg.model
     q, kv = c.n_heads * (c.dim // c.n_heads), c.n_kv_heads * (c.dim // c.n_heads)
     matmul = c.dim * q + 2 * c.dim * kv + q * c.dim + 3 * c.dim * c.ffn_dim  # one layer's linear weights
@@ -75,7 +77,10 @@ def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_pr
     adapters = r * (2 * c.dim + 2 * q + 2 * (c.dim + kv) + 3 * (c.dim + c.ffn_dim))  # one layer's A and B
     lora = MemoryModel(cfg.replace(lora=LoraConfig(r=r))).estimate(Layout(fsdp=2))
     assert lora.moment == "backward begins: the root's gather" and lora.terms["grads"] == 0
-    assert lora.terms["gather"] == pytest.approx(2 * 4 * root, rel=1e-3)
+    # Gathered as the backward begins: the root and the last layer (its linears in bf16, its norms and
+    # adapters in float32), each as all-gather buffer and copy.
+    lora_layer = 2 * matmul + 4 * (2 * c.dim + adapters)
+    assert lora.terms["gather"] == pytest.approx(2 * 4 * root + 2 * lora_layer, rel=1e-3)
     frozen = (2 * c.n_layers * matmul + 4 * (c.n_layers * 2 * c.dim + root)) / 2
     assert lora.terms["frozen"] == pytest.approx(frozen, rel=1e-3)
     assert lora.terms["casts"] == pytest.approx(2 * (c.n_layers * adapters + head), rel=1e-3)
@@ -91,6 +96,18 @@ def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_pr
     # Replicated (dp=2): nothing is gathered; the whole gradients at the end of the backward can be the peak.
     dp = MemoryModel(cfg).estimate(Layout(dp=2))
     assert dp.terms["gather"] == 0 and dp.step_bytes < e.step_bytes + 4 * total
+    # Vocabulary-parallel (the default): only the final norm is gathered; the head's copy and gradients are the
+    # rank's half of the rows; the loss sees both ranks' 8 x 16 positions over 2,048 rows, plus the gathered
+    # final hidden states and their gradient.
+    vp = MemoryModel(_mixed(cfg, vocab_parallel=True))
+    sharded = vp.estimate(Layout(fsdp=2))
+    assert sharded.moment == "backward: the head's gradient"
+    for term, value in {**expected, "gather": 4 * c.dim, "casts": 2 * (c.n_layers * matmul + head / 2),
+                        "grads": (2 + 4) * head / 2}.items():
+        assert sharded.terms[term] == pytest.approx(value, rel=1e-3), term
+    positions = 2 * 8 * 16
+    assert vp.activations(Layout(fsdp=2))[1] == positions * 2048 * (2 + 4) + 2 * positions * c.dim * 4
+    assert vp.estimate(Layout(dp=2)).terms == dp.terms  # nothing is sharded without fsdp
 
 
 def test_calibration_fits_a_constant_then_a_factor_on_activations():
