@@ -26,7 +26,7 @@ the measured one (target within 25%). Target (issue 25): peak above idle <= 1.5x
 fails.
 
 Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full] [--whole-loss]
-       [--dtype float32] [--frozen-float32] [--mmap-threshold BYTES]
+       [--dtype float32] [--frozen-float32] [--mmap-threshold BYTES] [--gathered-vocab]
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ class ReadPhases:
 
 
 def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4,
-            dtype: str = "float32", frozen_bf16: bool = True, mmap_threshold: int = 1 << 20) -> dict:
+            dtype: str = "float32", frozen_bf16: bool = True, mmap_threshold: int = 1 << 20,
+            vocab_parallel: bool = True) -> dict:
     """One mode's run: idle RSS, per-worker phase samples of the second step (the first warms the allocator, as a
     steady step finds it), what autograd kept, share, and the memory model's terms (bytes)."""
     import ray
@@ -191,7 +192,8 @@ def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = Fals
     cfg = lora_config(base, steps=100, global_batch=batch, seq_len=seq, dtype=dtype, peft=mode == "lora",
                       workers=workers)
     mixed = "bf16" if dtype == "float32" else "no"  # float32 state: mixed precision, as bench/load.py
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed, frozen_bf16=frozen_bf16),
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed, frozen_bf16=frozen_bf16,
+                                                vocab_parallel=vocab_parallel),
                       data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
                       runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300,
                                                   malloc_mmap_threshold=mmap_threshold))
@@ -281,12 +283,16 @@ def main() -> None:
                         "mixed precision (train.frozen_bf16=false: as before it was stored in bf16)")
     parser.add_argument("--mmap-threshold", type=int, default=1 << 20, help="runtime.malloc_mmap_threshold "
                         "(bytes; 0: glibc's dynamic threshold, as before runtime/heap.py)")
+    parser.add_argument("--gathered-vocab", action="store_true", help="train.vocab_parallel=false: FSDP gathers the "
+                        "embedding and LM head whole (as before runtime/parallel/vocab.py)")
     args = parser.parse_args()
     base = write_folder(args.layers)  # bench/load.py's folder, or one of --layers layers beside it
     for mode in args.modes.split(","):
         name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
+        name += ", embedding gathered by FSDP" if args.gathered_vocab else ""
         run = measure(base, mode, args.batch, args.seq, args.whole_loss, dtype=args.dtype,
-                      frozen_bf16=not args.frozen_float32, mmap_threshold=args.mmap_threshold)
+                      frozen_bf16=not args.frozen_float32, mmap_threshold=args.mmap_threshold,
+                      vocab_parallel=not args.gathered_vocab)
         report(name, run, args.batch, args.seq, args.layers)
 
 
