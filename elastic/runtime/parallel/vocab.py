@@ -90,7 +90,8 @@ class VocabShard:
 
     def _chunk_loss(self, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
                     own: torch.Tensor) -> torch.Tensor:
-        return _CrossEntropy.apply(F.linear(hidden, w), targets, own, self)
+        compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
+        return _CrossEntropy.apply(_Head.apply(hidden, w, compute), targets, own, self)
 
     def _local(self, weight: DTensor) -> torch.Tensor:
         return weight.to_local(grad_placements=self.grad_placements)
@@ -154,6 +155,47 @@ class _Lookup(torch.autograd.Function):
         out = grads.new_zeros(ctx.shape)
         out.index_add_(0, ids[inside], grads[inside])
         return out, None, None
+
+
+class _Head(torch.autograd.Function):
+    """``F.linear(hidden, weight)`` under autocast, without keeping autocast's copy of the weight: the rows are cast
+    to the compute dtype a block at a time, in the forward and again in the backward. ``F.linear`` would save the
+    whole copy for the backward (a worker's quarter of Qwen2.5-0.5B's embedding: 68 MB of bf16, most of what
+    stood between a LoRA step and issue 25's floor at 24 layers, ``bench/memory.py``). The logits are the same
+    (each is one dot product of bf16 operands); the hidden states' gradient is accumulated in float32 over the
+    blocks without rounding it to bf16 in between, where ``F.linear``'s rounds the sum once."""
+
+    BLOCK_BYTES = 8 * 2**20  # rows cast at a time
+
+    @staticmethod
+    def forward(ctx, hidden, weight, compute: torch.dtype):
+        ctx.save_for_backward(hidden, weight)
+        ctx.compute = compute
+        h = hidden.to(compute)
+        return torch.cat([h @ block.to(compute).T for block in _Head.blocks(weight, compute)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        compute = ctx.compute
+        wide = torch.float32 if compute in (torch.float16, torch.bfloat16) else compute
+        grad_hidden = torch.zeros(hidden.shape, dtype=wide) if ctx.needs_input_grad[0] else None
+        grad_weight = [] if ctx.needs_input_grad[1] else None
+        h, at = hidden.to(compute), 0
+        for block in _Head.blocks(weight, compute):
+            g = grad[:, at:at + len(block)].to(compute)
+            at += len(block)
+            if grad_hidden is not None:
+                grad_hidden += g.to(wide) @ block.to(compute).to(wide)
+            if grad_weight is not None:
+                grad_weight.append((g.T @ h).to(weight.dtype))
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else torch.cat(grad_weight), None)
+
+    @staticmethod
+    def blocks(weight: torch.Tensor, compute: torch.dtype) -> list[torch.Tensor]:
+        rows = max(1, _Head.BLOCK_BYTES // max(1, weight.shape[1] * compute.itemsize))
+        return list(weight.split(rows)) or [weight]
 
 
 class _CrossEntropy(torch.autograd.Function):
