@@ -200,7 +200,9 @@ class MemoryModel:
 
         mixed = self.compute_itemsize != self.itemsize
         casts = z["casts"] * self.compute_itemsize if mixed else 0
-        head_grads = z["head_trainable"] * (self.itemsize + mixed * self.compute_itemsize)
+        # The head's weight gradient at the compute dtype and again at train.dtype (autocast's cast backward);
+        # vocabulary-parallel, written a block of rows at a time into one train.dtype tensor.
+        head_grads = z["head_trainable"] * (self.itemsize + mixed * self.compute_itemsize * (not z["head_rows"]))
         root = z["root"] if sharded else 0
         # glibc's heap keeps its high-water mark: the layers' copies, two layers' unsharded parameters (the one
         # running and the one prefetched) and one layer's gradients before and after the cast, when under the mmap
@@ -234,7 +236,7 @@ class MemoryModel:
         last = stage == layout.pp - 1
         vocab_sharded = self._vocab_sharded(layout)
         z = dict.fromkeys(("trainable", "frozen", "compact", "grads", "root", "root_trainable", "tied_fresh",
-                           "head_trainable", "head_casts", "layer_grad_shards"), 0)
+                           "head_rows", "head_trainable", "head_casts", "layer_grad_shards"), 0)
         # layer -> [unsharded bytes, matmul elements, and of those under the mmap threshold: unsharded bytes, matmul
         # elements, trainable elements]
         layers: dict[int, list[int]] = {}
@@ -269,7 +271,8 @@ class MemoryModel:
             unsharded = nbytes if sharded_rows else whole
             z["tied_fresh"] += unsharded * (spec.trainable and spec.name == EMBED and cfg.tie_embeddings)
             z["head_trainable"] += unsharded // stored * (spec.trainable and head)
-            z["head_casts"] += unsharded // stored * matmul
+            z["head_rows"] |= head and sharded_rows  # its matmul casts a block of rows at a time, keeps none
+            z["head_casts"] += 0 if sharded_rows else whole // stored * matmul
         largest = max(layers.values(), default=[0] * 5)
         z["layer"], z["small_layer"], z["small_layer_grads"] = largest[0], largest[2], largest[4] * self.itemsize
         kept, small = [v[1] for v in layers.values()], [v[3] for v in layers.values()]

@@ -180,17 +180,17 @@ class _Head(torch.autograd.Function):
         compute = ctx.compute
         wide = torch.float32 if compute in (torch.float16, torch.bfloat16) else compute
         grad_hidden = torch.zeros(hidden.shape, dtype=wide) if ctx.needs_input_grad[0] else None
-        grad_weight = [] if ctx.needs_input_grad[1] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         h, at = hidden.to(compute), 0
         for block in _Head.blocks(weight, compute):
-            g = grad[:, at:at + len(block)].to(compute)
+            rows = slice(at, at + len(block))
+            g = grad[:, rows].to(compute)
             at += len(block)
             if grad_hidden is not None:
                 grad_hidden += g.to(wide) @ block.to(compute).to(wide)
             if grad_weight is not None:
-                grad_weight.append((g.T @ h).to(weight.dtype))
-        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-                None if grad_weight is None else torch.cat(grad_weight), None)
+                grad_weight[rows] = g.T @ h
+        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, None
 
     @staticmethod
     def blocks(weight: torch.Tensor, compute: torch.dtype) -> list[torch.Tensor]:
