@@ -9,17 +9,11 @@ question: ``bench/abort_release.py`` prints it.
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 
 import pytest
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.dist.ranks import run_ranks
 
 
 def _rank_main(rank: int, world: int, port: int, queue) -> None:
@@ -53,18 +47,7 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
 @pytest.mark.timeout(60)
 def test_cutting_sockets_releases_blocked_peers():
     world = 3
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    events = {}
-    for _ in range(world):
-        rank, what, detail, seconds = queue.get(timeout=45)
-        events[rank] = (what, detail, seconds)
-    for p in procs:
-        p.join(timeout=10)
+    events = {rank: (what, detail, seconds) for rank, what, detail, seconds in run_ranks(_rank_main, world, 45)}
     assert events[0][0] == "cut" and events[0][1] >= 2  # it held a connection to each peer
     for rank in range(1, world):
         what, detail, _ = events[rank]

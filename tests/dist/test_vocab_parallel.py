@@ -12,18 +12,12 @@ shard's gradient.
 from __future__ import annotations
 
 import datetime
-import socket
 
 import pytest
-import torch.multiprocessing as mp
+
+from tests.dist.ranks import run_ranks
 
 DIM, SEQ = 5, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(data_rank: int, vocab: int):
@@ -112,19 +106,7 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
 @pytest.mark.timeout(90)
 def test_vocab_parallel_equals_whole_weight_ops():
     world = 4
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=80) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    results = dict(run_ranks(_rank_main, world, timeout=80))
     assert sorted(results) == list(range(world))
     errors = [e for r in sorted(results) for e in results[r]]
     assert not errors, "\n".join(errors)
