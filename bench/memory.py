@@ -27,6 +27,7 @@ fails.
 
 Usage: nice -n 10 python bench/memory.py [--layers 4] [--batch 4] [--seq 16] [--modes lora,full] [--whole-loss]
        [--dtype float32] [--frozen-float32] [--mmap-threshold BYTES] [--gathered-vocab]
+       [--activation-checkpointing]
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class ReadPhases:
 
 def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = False, workers: int = 4,
             dtype: str = "float32", frozen_bf16: bool = True, mmap_threshold: int = 1 << 20,
-            vocab_parallel: bool = True) -> dict:
+            vocab_parallel: bool = True, checkpointing: bool = False) -> dict:
     """One mode's run: idle RSS, per-worker phase samples of the second step (the first warms the allocator, as a
     steady step finds it), what autograd kept, share, and the memory model's terms (bytes)."""
     import ray
@@ -193,7 +194,8 @@ def measure(base: Path, mode: str, batch: int, seq: int, whole_loss: bool = Fals
                       workers=workers)
     mixed = "bf16" if dtype == "float32" else "no"  # float32 state: mixed precision, as bench/load.py
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision=mixed, frozen_bf16=frozen_bf16,
-                                                vocab_parallel=vocab_parallel),
+                                                vocab_parallel=vocab_parallel,
+                                                activation_checkpointing=checkpointing),
                       data=dataclasses.replace(cfg.data, dataset="stdlib", tokenizer="", max_corpus_bytes=1_000_000),
                       runtime=dataclasses.replace(cfg.runtime, collective_timeout_s=900, store_timeout_s=300,
                                                   malloc_mmap_threshold=mmap_threshold))
@@ -285,14 +287,17 @@ def main() -> None:
                         "(bytes; 0: glibc's dynamic threshold, as before runtime/heap.py)")
     parser.add_argument("--gathered-vocab", action="store_true", help="train.vocab_parallel=false: FSDP gathers the "
                         "embedding and LM head whole (as before runtime/parallel/vocab.py)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing: "
+                        "each layer's activations (and autocast's weight copies) recomputed in backward")
     args = parser.parse_args()
     base = write_folder(args.layers)  # bench/load.py's folder, or one of --layers layers beside it
     for mode in args.modes.split(","):
         name = f"{mode}, whole-vocabulary loss" if args.whole_loss else mode
         name += ", embedding gathered by FSDP" if args.gathered_vocab else ""
+        name += ", activation checkpointing" if args.activation_checkpointing else ""
         run = measure(base, mode, args.batch, args.seq, args.whole_loss, dtype=args.dtype,
                       frozen_bf16=not args.frozen_float32, mmap_threshold=args.mmap_threshold,
-                      vocab_parallel=not args.gathered_vocab)
+                      vocab_parallel=not args.gathered_vocab, checkpointing=args.activation_checkpointing)
         report(name, run, args.batch, args.seq, args.layers)
 
 
