@@ -17,7 +17,9 @@ can be re-indexed so that rows with the same past share one prefill (``model/gen
 The attention code infers head counts from tensor shapes, so a tensor-parallel shard that holds
 ``n_heads / tp`` heads runs the same code. No distributed code lives here: where tensor
 parallelism needs a gradient summed over its ranks (the per-head q/k norms, whose weight every head
-shares), ``RMSNorm.weight_hook`` lets ``runtime/parallel/tensor.py`` wrap the weight.
+shares), ``RMSNorm.weight_hook`` lets ``runtime/parallel/tensor.py`` wrap the weight; where the embedding and
+LM head are held in shards of vocabulary rows, ``LlamaStage.vocab`` (set by ``runtime/parallel/vocab.py``) does
+their lookup, logits and loss.
 """
 
 from __future__ import annotations
@@ -296,7 +298,8 @@ class LlamaStage(nn.Module):
                 pad: Padding | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (last stage) or hidden states; ``pad``: left-padded rows (``Padding``), else every row is real.
         ``labels`` (last stage): the summed loss instead of the logits, computed inside the forward (so FSDP has
-        the head gathered) in chunks over a large vocabulary (``model/loss.py``)."""
+        the head gathered) in chunks over a large vocabulary (``model/loss.py``), or by ``self.vocab`` on the
+        rank's vocabulary rows when the head is held in shards."""
         h = self._embed(x) if self.first else x
         for layer in self.model.layers.values():
             h = layer(h, start, cache, pad)
