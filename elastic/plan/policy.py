@@ -31,7 +31,8 @@ from elastic.model.specs import training_specs
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Decision, Move, Pause, Refuse, Stay
 from elastic.plan.domains import spread_replicas
-from elastic.plan.memory import GB, MemoryEstimate, MemoryModel, round_bound, size
+from elastic.plan.memory import GB, MemoryEstimate, MemoryModel, size
+from elastic.plan.memory_budgets import round_bound
 from elastic.plan.planner import MissingShards, Plan, cached_plan
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import pytest
 
 from elastic.core.layout import Layout
 from elastic.core.records import RecordKind
-from elastic.plan.memory import HEADROOM
+from elastic.plan.memory_budgets import HEADROOM
 from tests.controller.test_transitions import CapacityDrop, assert_exactly_once, finish, make, tick_until
 
 pytestmark = pytest.mark.timeout(20)

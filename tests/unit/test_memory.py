@@ -11,7 +11,8 @@ from elastic.core.layout import Layout, Placement
 from elastic.model.loss import chunk_positions
 from elastic.plan.costmodel import CostModel
 from elastic.plan.decisions import Move, Pause, Stay
-from elastic.plan.memory import MemoryModel, held_bytes, node_budgets, round_bound
+from elastic.plan.memory import MemoryModel
+from elastic.plan.memory_budgets import held_bytes, node_budgets, round_bound
 from elastic.plan.policy import Policy
 from tests.helpers import tiny_config
 
