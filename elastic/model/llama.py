@@ -37,6 +37,7 @@ from torch import nn
 
 from elastic.core.config import ModelConfig
 from elastic.core.layout import TensorSpec
+from elastic.model.cast_linear import CastLinear, cast_linear
 from elastic.model.loss import causal_lm_loss_sum as causal_lm_loss_sum  # re-exported: its callers import it here
 from elastic.model.loss import lm_loss_sum
 
@@ -186,10 +187,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.head_dim, self.rope = layer, cfg.head_dim, rope_key(cfg)
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.q_proj = CastLinear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = CastLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = CastLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = CastLinear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         # Qwen3: one RMSNorm over head_dim, shared by every head, before RoPE.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -230,9 +231,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_proj = CastLinear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = CastLinear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = CastLinear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -289,7 +290,7 @@ class LlamaStage(nn.Module):
         if cfg.tie_embeddings and last and not first:
             raise ValueError("tied embeddings need the embedding and the LM head in one pipeline stage (pp=1)")
         # Tied: the head is the embedding matrix itself, one Parameter (HF's tie_word_embeddings).
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
+        self.lm_head = CastLinear(cfg.dim, cfg.vocab_size, bias=False) if last and not cfg.tie_embeddings else None
         # The vocabulary-sized weights held in shards of their rows, and the ops that use them so (lookup, logits,
         # loss); set by ``runtime/parallel/vocab.py`` under fsdp. None: the weights are whole here.
         self.vocab = None
@@ -324,7 +325,7 @@ class LlamaStage(nn.Module):
         if self.vocab is not None and self.vocab.head:
             return self.vocab.logits(h, self._head_weight())
         if self.lm_head is None:
-            return F.linear(h, self.model.embed_tokens.weight)
+            return cast_linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)  # perhaps a LoRALinear (a targeted untied head)
 
 

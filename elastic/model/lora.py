@@ -23,8 +23,8 @@ nor has one in eval mode. Under tensor parallelism the adapter's input may be sp
 (row-parallel base): the full mask is drawn and ``mask_hook`` (set by ``runtime/parallel/tensor.py``)
 places it like the input, so each rank keeps exactly its slice.
 
-No distributed code: the forward uses ``F.linear`` and module calls only, so it runs unchanged
-when the weights are DTensors placed by the parallel layer.
+No distributed code: the forward uses ``cast_linear`` (``F.linear`` without autocast's kept weight copy) and
+module calls only, so it runs unchanged when the weights are DTensors placed by the parallel layer.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elastic.core.config import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS  # noqa: F401 (re-exported)
 from elastic.core.config import LoraConfig, ModelConfig  # noqa: F401 (LoraConfig re-exported)
 from elastic.core.layout import TensorSpec
 from elastic.core.seeds import stable_seed
+from elastic.model.cast_linear import CastLinear, cast_linear
 from elastic.model.llama import TP_DIM, TP_PLAN, tensor_specs
 
 
@@ -91,8 +91,8 @@ def dropout_rows(seed: int, step: int, samples: Sequence[int]) -> Iterator[None]
         _ROWS.reset(token)
 
 
-class _Linear(nn.Linear):
-    """``nn.Linear`` that skips its random init on the meta device, where there are no values to fill
+class _Linear(CastLinear):
+    """``CastLinear`` that skips its random init on the meta device, where there are no values to fill
     (engines are built on meta, once per reshard; the init's Python is a tenth of a LoRA rebuild)."""
 
     def reset_parameters(self) -> None:
@@ -152,7 +152,7 @@ class LoRALinear(_Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = cast_linear(x, self.weight, self.bias)
         if self.merged:
             return out
         return out + self.scaling * self.lora_B(self.lora_A(self._dropout(x)))

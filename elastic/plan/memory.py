@@ -19,13 +19,13 @@ keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
 2. *backward begins: the root's gather*. The root was resharded after the forward and is gathered again (2 x the
    root), and so is the last layer (2 x the largest layer), while all the forward kept for the backward is alive:
    **activations**, **logits**, and **casts**: under
-   mixed precision, autocast's bf16 copy of every matmul weight (each layer's linears, LoRA's adapters, the LM
-   head, which is the embedding when tied), made at each use (the cast cache is off, ``runtime/precision.py``)
-   and saved by autograd for the input's gradient until that weight's backward. A weight stored in bf16 (the
-   frozen base's linears) is not copied: the cast returns the parameter, and autograd saves FSDP's unsharded
-   parameter, whose storage FSDP frees after the forward and gathers again for the backward. With activation
-   checkpointing, one layer's copies at a time (its recompute) and the head's. Without mixed precision the
-   matmuls save the parameters themselves: no copies.
+   mixed precision, the bf16 copies of matmul weights that autograd keeps until each weight's backward. The
+   model's linears (``model/cast_linear.py``) keep none: they save the float32 parameter, whose storage FSDP
+   frees after the forward and gathers again for the backward, and cast it again there. Copies are kept where
+   they fall back to autocast's ``F.linear``: tensor-parallel (DTensor) layer weights, and the head a pipeline's
+   last stage gathers for its logits. A weight stored in bf16 (the frozen base's linears) is never copied. With
+   activation checkpointing, one layer's copies at a time (its recompute) and the head's. Without mixed
+   precision the matmuls save the parameters themselves: no copies.
 3. *backward: the head's gradient* (when the head trains). The root gathered (its buffer gone), the casts,
    activations and logits, and **grads**: the head's weight gradient in the compute dtype and again in
    ``train.dtype`` (autocast's cast backward), each the whole [vocab, dim].
@@ -250,9 +250,13 @@ class MemoryModel:
             z["grads"] += nbytes * spec.trainable
             whole = nbytes * layout.fsdp  # FSDP splits dim 0 of the tp shard evenly, up to rounding
             head = last and (spec.name == "lm_head.weight" or (spec.name == EMBED and cfg.tie_embeddings))
-            # Autocast copies a matmul weight unless it is stored at the compute dtype already (then autograd
-            # saves the parameter itself, which FSDP frees after the forward and gathers again for the backward).
-            matmul = len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
+            # A matmul weight's bf16 copy is kept only where ``model/cast_linear`` falls back to autocast's
+            # ``F.linear``: a tensor-parallel (DTensor) layer weight, and the head a pipeline's last stage gathers
+            # for its logits (``VocabShard.logits``); and not if it is stored at the compute dtype already. Elsewhere
+            # autograd saves the parameter itself, which FSDP frees after the forward and gathers again.
+            copied = layout.tp > 1 if spec.owner == "layer" else (head and layout.pp > 1 and bool(vocab_sharded))
+            matmul = (len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
+                      and copied)
             if spec.owner == "layer":
                 small, elements = whole < self.mmap_threshold, whole // stored
                 entry = layers.setdefault(spec.layer, [0] * 5)

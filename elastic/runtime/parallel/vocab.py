@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
+from elastic.model.cast_linear import CastLinear
 from elastic.model.loss import chunk_positions
 
 
@@ -237,7 +238,7 @@ def vocab_weights(stage: nn.Module) -> list[tuple[nn.Module, str]]:
     found = []
     if stage.model.embed_tokens is not None:
         found.append((stage.model.embed_tokens, "weight"))
-    if type(stage.lm_head) is nn.Linear:
+    if type(stage.lm_head) is CastLinear:
         found.append((stage.lm_head, "weight"))
     return found
 
@@ -249,7 +250,7 @@ def shard_vocabulary(stage: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
     held = vocab_weights(stage)
     if not held:
         return set()
-    head = stage.last and (stage.lm_head is None or type(stage.lm_head) is nn.Linear)
+    head = stage.last and (stage.lm_head is None or type(stage.lm_head) is CastLinear)
     shard = VocabShard(mesh, stage.cfg.vocab_size, head)
     placed = set()
     for module, attr in held:
