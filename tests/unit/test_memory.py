@@ -48,9 +48,10 @@ def _mixed(cfg, on: bool = True, **train):
 def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_principles():
     """fsdp=2, full training, bf16 autocast over float32, tied embedding: the peak is the head's backward, with
     the root (embedding + final norm) gathered, and the head's gradient in bf16 and again in float32; the
-    linears keep no bf16 copy of their weights (``model/cast_linear.py``), except under tp (DTensor weights). Bytes from the model's
-    dimensions alone, not from the specs. First with FSDP gathering the embedding (``train.vocab_parallel =
-    false``), then as the engine runs by default, the embedding kept in its vocabulary rows."""
+    linears keep no bf16 copy of their weights (``model/cast_linear.py``), except under tp (DTensor weights).
+    Bytes from the model's dimensions alone, not from the specs. First with FSDP gathering the embedding
+    (``train.vocab_parallel = false``), then as the engine runs by default, the embedding kept in its vocabulary
+    rows."""
     cfg = _mixed(tiny_config(global_batch=16, seq_len=16, n_layers=4, vocab_size=4096, tie_embeddings=True),
                  vocab_parallel=False)
     c = cfg.model
