@@ -17,7 +17,9 @@ Under a pipeline the stage's output is the float32 residual stream, so the activ
 that travel between stages are float32 on every stage, in the schedule's shape inference too (it calls the
 same forward). The cast cache is off (``cache_enabled=False``): a cached bf16 copy of an FSDP-gathered
 weight would live until the forward ends, whatever ``reshard_after_forward`` frees; each weight is used once
-per forward, so nothing is cast twice. Assumes CPU tensors.
+per forward, so nothing is cast twice. Nor does autograd keep the copies until the backward: the model's linears
+are ``model/cast_linear.py``'s, which save the float32 weight (freed by FSDP after the forward, gathered again for
+the backward) and cast it again there, with the same values as autocast's ``F.linear``. Assumes CPU tensors.
 
 Frozen matmul weights (LoRA's base) are stored in bf16 (``store_in_bf16``, chosen by
 ``model/specs.stored_in_bf16``): autocast's cast of such a weight is then a no-op, returning the parameter
