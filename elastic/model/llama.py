@@ -39,7 +39,7 @@ from elastic.core.config import ModelConfig
 from elastic.core.layout import TensorSpec
 from elastic.model.cast_linear import CastLinear, cast_linear
 from elastic.model.loss import causal_lm_loss_sum as causal_lm_loss_sum  # re-exported: its callers import it here
-from elastic.model.loss import lm_loss_sum
+from elastic.model.loss import lm_loss_sum, lm_token_logps
 
 # How tensor parallelism splits each linear (Megatron style): column-parallel layers split their
 # output features, row-parallel ones their input features. Embedding, norms and the LM head are
@@ -296,22 +296,35 @@ class LlamaStage(nn.Module):
         self.vocab = None
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                pad: Padding | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                pad: Padding | None = None, labels: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                with_entropy: bool = False):
         """Logits (last stage) or hidden states; ``pad``: left-padded rows (``Padding``), else every row is real.
         ``labels`` (last stage): the summed loss instead of the logits, computed inside the forward (so FSDP has
         the head gathered) in chunks over a large vocabulary (``model/loss.py``), or by ``self.vocab`` on the
-        rank's vocabulary rows when the head is held in shards."""
+        rank's vocabulary rows when the head is held in shards. ``targets`` [B, C] (last stage): the sequences'
+        last C tokens; returns (their log-probs [B, C], each one's position's entropy [B, C] detached if
+        ``with_entropy``, else None) given the tokens before them, the logits never whole (``lm_token_logps``,
+        or ``self.vocab.token_logps`` on the rank's rows)."""
         h = self._embed(x) if self.first else x
         for layer in self.model.layers.values():
             h = layer(h, start, cache, pad)
         if not self.last:
             return h
         h = self.model.norm(h)
+        if targets is not None:
+            return self._token_logps(h[:, -targets.shape[1] - 1:-1], targets, with_entropy)
         if labels is not None and self.vocab is not None and self.vocab.head:
             return self.vocab.loss_sum(h, self._head_weight(), labels)
         if labels is not None:
             return lm_loss_sum(h, self._head, self.cfg.vocab_size, labels)
         return self._head(h)
+
+    def _token_logps(self, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+        if h.shape[1] != targets.shape[1]:
+            raise ValueError(f"{targets.shape[1]} targets need at least {targets.shape[1] + 1} positions")
+        if self.vocab is not None and self.vocab.head:
+            return self.vocab.token_logps(h, self._head_weight(), targets, with_entropy)
+        return lm_token_logps(h, self._head, self.cfg.vocab_size, targets, with_entropy)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.vocab is not None:

@@ -9,7 +9,9 @@ chunk, and the backward recomputes one chunk's logits at a time. A 152k vocabula
 matmul once more in backward (about one layer's worth per 14 of Qwen2.5-0.5B). Below the threshold the loss is
 computed whole, exactly as ``causal_lm_loss_sum`` of the logits. Chunked, the loss is the sum of the chunks'
 sums, and the head's gradient the sum of the chunks' contributions: equal to the whole computation up to the
-order of float additions. No distributed code: FSDP gathers the head's weight around the stage's forward and
+order of float additions. ``lm_token_logps`` does the same for per-token log-probs and entropies (GRPO's policy
+step, its old and reference log-probs): the same chunks, each checkpointed, with ``token_logps_of``'s float32
+log-softmax and gather per chunk. No distributed code: FSDP gathers the head's weight around the stage's forward and
 backward, and the checkpoint's recompute runs inside that backward.
 """
 
@@ -59,3 +61,41 @@ def lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
                                                   use_reentrant=False)
         total = piece if total is None else total + piece
     return total
+
+
+def token_logps_of(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+    """(Log-probs of ``targets`` under the float32 log-softmax of ``logits``, each position's entropy or None).
+
+    The entropy, -sum p log p, is detached (TRL's ``entropy_from_logits``): a statistic, never a loss term here."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    every = F.log_softmax(logits, dim=-1)
+    logps = torch.gather(every, -1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logps, None
+    # After the gather: a checkpoint's recompute stops once it has what the backward saved (early stop), so the
+    # entropy, which saves nothing, is not taken again in backward.
+    with torch.no_grad():
+        return logps, -(every.exp() * every).sum(-1)
+
+
+def lm_token_logps(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], vocab: int,
+                   targets: torch.Tensor, with_entropy: bool = False, chunk_bytes: int | None = None):
+    """``token_logps_of(head(hidden), targets, with_entropy)``, in chunks of positions as ``lm_loss_sum``: the
+    whole micro-batch's logits never exist at once. ``hidden``: [..., dim], ``targets``: its leading shape;
+    returns log-probs and entropies (or None) of that shape. Checkpointed when gradients are on, so the backward
+    too holds one chunk's logits at a time."""
+    chunk = chunk_positions(vocab, chunk_bytes)
+    flat, ids = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if len(ids) <= chunk:
+        return token_logps_of(head(hidden), targets, with_entropy)
+
+    def part(h: torch.Tensor, y: torch.Tensor):
+        return token_logps_of(head(h), y, with_entropy)
+
+    pieces = []
+    for start in range(0, len(ids), chunk):
+        args = (flat[start:start + chunk], ids[start:start + chunk])
+        pieces.append(torch.utils.checkpoint.checkpoint(part, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else part(*args))
+    logps = torch.cat([p[0] for p in pieces]).view(targets.shape)
+    return logps, torch.cat([p[1] for p in pieces]).view(targets.shape) if with_entropy else None

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from elastic.core.seeds import stable_seed
@@ -48,8 +47,8 @@ class _Functional:
     def __init__(self, model: LlamaStage, params: dict[str, torch.Tensor]) -> None:
         self.model, self.params = model, params
 
-    def __call__(self, x, start=0, cache=None, pad=None):
-        return functional_call(self.model, self.params, (x, start, cache, pad))
+    def __call__(self, x, start=0, cache=None, pad=None, **kwargs):
+        return functional_call(self.model, self.params, (x, start, cache, pad), kwargs)
 
 
 def _plain_model(engine: Engine, scratch: dict) -> LlamaStage:
@@ -77,17 +76,12 @@ def padding(prompt_mask: torch.Tensor | None, total: int) -> Padding | None:
 def token_logps(model, input_ids: torch.Tensor, prompt_len: int, prompt_mask: torch.Tensor | None = None,
                 with_entropy: bool = False):
     """Per-token log-probs [B, C] of the completion tokens input_ids[:, prompt_len:] (and, ``with_entropy``,
-    each position's entropy [B, C], detached)."""
+    each position's entropy [B, C], detached). The model's forward computes them (``targets=``) in chunks of
+    positions, or on its rank's vocabulary rows under fsdp: no [B, C, vocabulary] logits (``model/loss.py``,
+    ``runtime/parallel/vocab_logps.py``)."""
     pad = padding(prompt_mask, input_ids.shape[1])
-    logits = (model(input_ids) if pad is None else model(input_ids, 0, None, pad))[:, prompt_len - 1 : -1]
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    targets = input_ids[:, prompt_len:]
-    every = F.log_softmax(logits, dim=-1)
-    logps = torch.gather(every, -1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logps
-    with torch.no_grad():  # ``token_entropy`` from the log-softmax already taken (the same numbers, one pass less)
-        return logps, -(every.exp() * every).sum(-1)
+    logps, entropies = model(input_ids, 0, None, pad, targets=input_ids[:, prompt_len:], with_entropy=with_entropy)
+    return (logps, entropies) if with_entropy else logps
 
 
 def batch_entropies(engine: Engine, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

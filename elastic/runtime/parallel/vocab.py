@@ -97,6 +97,14 @@ class VocabShard:
     def _local(self, weight: DTensor) -> torch.Tensor:
         return weight.to_local(grad_placements=self.grad_placements)
 
+    def token_logps(self, hidden: torch.Tensor, weight: DTensor, targets: torch.Tensor, with_entropy: bool = False,
+                    chunk_bytes: int | None = None):
+        """(Log-probs of ``targets``, entropies or None) of this rank's rows, the weight never gathered."""
+        from elastic.runtime.parallel.vocab_logps import token_logps  # GRPO's policy step alone needs it
+
+        return token_logps(self, hidden, self._local(weight), targets, with_entropy, chunk_bytes, _GatherRows.apply,
+                           _Head.apply)
+
     # ---- collectives of rows of any count per rank -------------------------------------------
     def sizes(self, n: int) -> list[int]:
         out = torch.empty(self.size, dtype=torch.long)
