@@ -7,9 +7,11 @@ A first step warms glibc's heap and FSDP's lazy state, as a steady step finds th
 worker samples its own resident memory (Linux's VmRSS, and VmHWM reset at every phase boundary, so each phase's
 own peak is read) at: after load; before the step; in the forward, before the first layer (the root's gather and
 the embedding), after the last layer (hooked before FSDP's reshard) and after the head and loss; in the
-backward, when the gradient reaches the last layer's output (the root's re-gather and the head's backward), when
-it reaches the first layer's input (full fine-tuning: the layers' backward), and where the engine clips (the
-rest: the embedding and the root's reduce-scatter); after the optimizer step (AdamW's hooks); after the step
+backward, when the gradient reaches the last layer's output (the root's re-gather and the head's backward), around
+FSDP's post-backward of the first layer (the layers' backward; then its reduce-scatter and reshard), when the
+gradient reaches the embedding's output, around the vocabulary-parallel lookup's backward, after the embedding's
+gradient is accumulated (a tied one's: the lookup's added to the head's), and where the engine clips (the rest:
+the root's reduce-scatter); after the optimizer step (AdamW's hooks); after the step
 (``gc.collect``) and after ``malloc_trim``. The probes are worker tasks (``bench/probes.py``'s style) that hook
 the engine the worker built; the step itself is the group's ordinary ``step``. The forward also runs under
 ``saved_tensors_hooks`` that count, once per storage, what autograd keeps for the backward: compute-dtype copies
@@ -101,7 +103,7 @@ class WatchPhases:
         def before_layers(_module, args):  # prepended: before FSDP gathers the first layer
             _sample(phases, "fwd: root gather, embedding")
             if args[0].requires_grad:
-                args[0].register_hook(lambda g: _sample(phases, "bwd: layers"))
+                args[0].register_hook(lambda g: _sample(phases, "bwd: to the embedding"))
 
         def after_layers(_module, _args, out):
             _sample(phases, "fwd: layers")
@@ -109,6 +111,7 @@ class WatchPhases:
 
         first.register_forward_pre_hook(before_layers, prepend=True)
         last.register_forward_hook(after_layers, prepend=True)
+        _watch_backward_tail(engine, first, phases)
         engine.module.register_forward_hook(lambda *_: _sample(phases, "fwd: norm, head, loss"), always_call=True)
         clip = engine_module.clip_grad_norm_
 
@@ -121,6 +124,37 @@ class WatchPhases:
         engine.optimizer.register_step_post_hook(lambda *_: _sample(phases, "optimizer step"))
         _count_saved(engine, ctx.scratch.setdefault("saved", {}))
         return True
+
+
+def _watch_backward_tail(engine, first, phases: list) -> None:
+    """Finer samples at the end of the backward (full fine-tuning's peak): around FSDP's post-backward of the
+    first layer (its reduce-scatter and reshard), around the vocabulary-parallel lookup's backward, and after the
+    embedding's gradient is accumulated (a tied one: the lookup's summed into the head's)."""
+    from elastic.runtime.parallel import vocab
+
+    group = first._get_fsdp_state()._fsdp_param_group
+    if group is not None:
+        post = group.post_backward
+
+        def sampled_post(*args, **kwargs):
+            _sample(phases, "bwd: layers, to layer 0's post-backward")
+            out = post(*args, **kwargs)
+            _sample(phases, "bwd: layer 0's post-backward (reduce-scatter)")
+            return out
+
+        group.post_backward = sampled_post
+    lookup = vocab._Lookup.backward
+
+    def sampled_lookup(ctx, grad):
+        _sample(phases, "bwd: to the lookup's backward")
+        out = lookup(ctx, grad)
+        _sample(phases, "bwd: the lookup's backward")
+        return out
+
+    vocab._Lookup.backward = staticmethod(sampled_lookup)
+    embed = engine.module.model.embed_tokens
+    if embed is not None and embed.weight.requires_grad:
+        embed.weight.register_post_accumulate_grad_hook(lambda _p: _sample(phases, "bwd: embedding grad accumulated"))
 
 
 def _count_saved(engine, saved: dict) -> None:
