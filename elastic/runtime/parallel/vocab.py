@@ -22,6 +22,12 @@ cross-entropy, over the fsdp ranks, which unlike tp ranks hold different rows of
 - **logits** (evaluation, GRPO's log-probs, a pipeline's last stage, whose schedule asks for logits): the weight
   is all-gathered for the call (DTensor's redistribute, whose backward reduce-scatters the gradient), as FSDP did.
 
+A tied embedding's shard gets one gradient buffer per forward (``_TiedGrad``): the head's backward writes its
+gradient there (returning none to autograd) and the lookup's adds its tokens' rows into it and returns it, where
+autograd would hold the head's gradient, the lookup's dense one and their sum at once (three shards; 408 MB a
+worker at the 494M shape, fsdp=4: the peak of a full fine-tuning step, ``bench/memory.py``). Both use the one
+local tensor of the shard that the lookup took in this forward.
+
 Equal to the single-process computation up to the order of float additions. A shard's gradient is a sum over the
 fsdp ranks' rows already; over dp replicas it is left Partial, and ``Engine._settle_grads`` sums it once per step.
 Under autocast the head's matmul runs in bf16 as in one process (``F.linear``), and the cross-entropy in float32.
@@ -57,12 +63,18 @@ class VocabShard:
         self.size, self.index = dist.get_world_size(self.group), mesh.get_local_rank("fsdp")
         self.rows = -(-vocab // self.size)  # torch.chunk's split: FSDP2's and DTensor's Shard(0)
         self.lo = min(vocab, self.index * self.rows)
+        self._tied = None  # (weight, its local rows, _TiedGrad) of the lookup of the forward running, for its head
 
     # ---- the stage's ops -------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, weight: DTensor) -> torch.Tensor:
-        return _Lookup.apply(self._local(weight), tokens, self)
+        local, tied = self._local(weight), None
+        if self.head and torch.is_grad_enabled() and local.requires_grad:  # the head may be this weight: tied
+            tied = _TiedGrad()
+        self._tied = (weight, local, tied) if tied is not None else None
+        return _Lookup.apply(local, tokens, self, tied)
 
     def logits(self, hidden: torch.Tensor, weight: DTensor) -> torch.Tensor:
+        self._tied = None
         whole = [Replicate()] * weight.device_mesh.ndim
         full = weight.redistribute(weight.device_mesh, whole).to_local(grad_placements=[Partial()] * len(whole))
         return F.linear(hidden, full)
@@ -70,7 +82,7 @@ class VocabShard:
     def loss_sum(self, hidden: torch.Tensor, weight: DTensor, labels: torch.Tensor,
                  chunk_bytes: int | None = None) -> torch.Tensor:
         """``causal_lm_loss_sum(logits, labels)`` of this rank's rows (``model/loss.py``), the logits never whole."""
-        w = self._local(weight)
+        w, tied = self._head_local(weight)
         flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         sizes = self.sizes(len(targets))
         every = _GatherRows.apply(flat, self, sizes)
@@ -80,19 +92,27 @@ class VocabShard:
         own[start:start + sizes[self.index]] = True
         chunk = chunk_positions(self.rows, chunk_bytes)  # the same on every rank: the collectives line up
         if len(targets) <= chunk:
-            return self._chunk_loss(every, w, targets, own)
+            return self._chunk_loss(every, w, targets, own, tied)
         total = None
         for at in range(0, len(targets), chunk):
             part = slice(at, at + chunk)
             piece = torch.utils.checkpoint.checkpoint(self._chunk_loss, every[part], w, targets[part], own[part],
-                                                      use_reentrant=False)
+                                                      tied, use_reentrant=False)
             total = piece if total is None else total + piece
         return total
 
-    def _chunk_loss(self, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                    own: torch.Tensor) -> torch.Tensor:
+    def _chunk_loss(self, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, own: torch.Tensor,
+                    tied: _TiedGrad | None = None) -> torch.Tensor:
         compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
-        return _CrossEntropy.apply(_Head.apply(hidden, w, compute), targets, own, self)
+        return _CrossEntropy.apply(_Head.apply(hidden, w, compute, tied), targets, own, self)
+
+    def _head_local(self, weight: DTensor) -> tuple[torch.Tensor, _TiedGrad | None]:
+        """The head's local rows and, when it is the embedding this forward looked up in, the lookup's own tensor
+        and their shared gradient buffer (once: one head per lookup)."""
+        tied, self._tied = self._tied, None
+        if tied is not None and tied[0] is weight and torch.is_grad_enabled():
+            return tied[1], tied[2]
+        return self._local(weight), None
 
     def _local(self, weight: DTensor) -> torch.Tensor:
         return weight.to_local(grad_placements=self.grad_placements)
@@ -102,8 +122,9 @@ class VocabShard:
         """(Log-probs of ``targets``, entropies or None) of this rank's rows, the weight never gathered."""
         from elastic.runtime.parallel.vocab_logps import token_logps  # GRPO's policy step alone needs it
 
-        return token_logps(self, hidden, self._local(weight), targets, with_entropy, chunk_bytes, _GatherRows.apply,
-                           _Head.apply)
+        w, tied = self._head_local(weight)
+        return token_logps(self, hidden, w, targets, with_entropy, chunk_bytes, _GatherRows.apply,
+                           lambda h, w, compute: _Head.apply(h, w, compute, tied))
 
     # ---- collectives of rows of any count per rank -------------------------------------------
     def sizes(self, n: int) -> list[int]:
@@ -144,9 +165,19 @@ class _GatherRows(torch.autograd.Function):
         return ctx.shard.scatter_sum(grad.contiguous(), ctx.sizes), None, None
 
 
+class _TiedGrad:
+    """A tied embedding shard's gradient of one forward: the head's backward writes (then adds) its gradient here,
+    and the lookup's backward, which comes after every head's, adds its rows and hands the buffer to autograd."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: torch.Tensor | None = None
+
+
 class _Lookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, tokens, shard: VocabShard):
+    def forward(ctx, weight, tokens, shard: VocabShard, tied: _TiedGrad | None = None):
         flat = tokens.reshape(-1)
         sizes = shard.sizes(len(flat))
         ids = shard.gather(flat, sizes) - shard.lo
@@ -154,16 +185,19 @@ class _Lookup(torch.autograd.Function):
         rows = weight.new_zeros(len(ids), weight.shape[1])
         rows[inside] = weight[ids[inside]]
         ctx.save_for_backward(ids, inside)
-        ctx.shard, ctx.sizes, ctx.shape = shard, sizes, weight.shape
+        ctx.shard, ctx.sizes, ctx.shape, ctx.tied = shard, sizes, weight.shape, tied
         return shard.scatter_sum(rows, sizes).view(*tokens.shape, weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
         ids, inside = ctx.saved_tensors
         grads = ctx.shard.gather(grad.reshape(-1, grad.shape[-1]).contiguous(), ctx.sizes)
-        out = grads.new_zeros(ctx.shape)
+        tied = ctx.tied
+        out = tied.grad if tied is not None and tied.grad is not None else grads.new_zeros(ctx.shape)
+        if tied is not None:
+            tied.grad = None  # autograd owns it now
         out.index_add_(0, ids[inside], grads[inside])
-        return out, None, None
+        return out, None, None, None
 
 
 class _Head(torch.autograd.Function):
@@ -177,9 +211,9 @@ class _Head(torch.autograd.Function):
     BLOCK_BYTES = 8 * 2**20  # rows cast at a time
 
     @staticmethod
-    def forward(ctx, hidden, weight, compute: torch.dtype):
+    def forward(ctx, hidden, weight, compute: torch.dtype, tied: _TiedGrad | None = None):
         ctx.save_for_backward(hidden, weight)
-        ctx.compute = compute
+        ctx.compute, ctx.tied = compute, tied
         h = hidden.to(compute)
         return torch.cat([h @ block.to(compute).T for block in _Head.blocks(weight, compute)], dim=-1)
 
@@ -189,7 +223,9 @@ class _Head(torch.autograd.Function):
         compute = ctx.compute
         wide = torch.float32 if compute in (torch.float16, torch.bfloat16) else compute
         grad_hidden = torch.zeros(hidden.shape, dtype=wide) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        tied = ctx.tied if ctx.needs_input_grad[1] else None
+        fresh = tied is None or tied.grad is None  # else add into the gradient of the forward's other heads
+        grad_weight = (torch.empty_like(weight) if fresh else tied.grad) if ctx.needs_input_grad[1] else None
         h, at = hidden.to(compute), 0
         for block in _Head.blocks(weight, compute):
             rows = slice(at, at + len(block))
@@ -197,9 +233,13 @@ class _Head(torch.autograd.Function):
             at += len(block)
             if grad_hidden is not None:
                 grad_hidden += g.to(wide) @ block.to(compute).to(wide)
-            if grad_weight is not None:
+            if grad_weight is not None and fresh:
                 grad_weight[rows] = g.T @ h
-        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, None
+            elif grad_weight is not None:
+                grad_weight[rows] += g.T @ h
+        if tied is not None:  # the lookup's backward returns it, with its own rows added
+            tied.grad, grad_weight = grad_weight, None
+        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, None, None
 
     @staticmethod
     def blocks(weight: torch.Tensor, compute: torch.dtype) -> list[torch.Tensor]:
