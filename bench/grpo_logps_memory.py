@@ -1,5 +1,5 @@
 """Peak memory of GRPO's per-token log-probs, forward and backward, at a real vocabulary: whole logits against
-the stage's ``targets=`` forward (``model/loss.lm_token_logps``, design.md item 43).
+the stage's ``targets=`` forward (``model/loss.lm_token_logps``, design.md item 44).
 
 One process per measurement (spawned, one torch thread, glibc's heap bounded at 1 MiB as a worker's,
 ``runtime/heap.py``) holds the last stage of a Qwen2.5-0.5B-shaped model, the final norm and an untied LM head
