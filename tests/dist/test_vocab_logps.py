@@ -6,7 +6,8 @@ Four gloo processes (no Ray) run two meshes, as ``test_vocab_parallel.py``: dp=2
 sequences, the log-probs run whole and in chunks of a few positions (fewer than the positions), with and without
 entropies, with gradients on and off. Each process computes the same objective for all ranks' sequences in one
 process with ``F.linear`` on the whole weight and ``F.log_softmax`` (the independent definition), and compares
-its own log-probs and entropies, its hidden states' gradient and its weight shard's gradient.
+its own log-probs and entropies, its hidden states' gradient and its weight shard's gradient; and once under bf16
+autocast, at bf16's tolerance.
 """
 
 from __future__ import annotations
@@ -72,11 +73,44 @@ def _check(mesh, vocab: int, data_rank: int, world: int, chunk_bytes: int | None
     errors = [] if none is None and not entropy.requires_grad else [f"rank {data_rank}: entropy not detached"]
     for what, got, wanted in (("log-probs", logps.detach(), want), ("entropies", entropy, want_entropy),
                               ("log-probs without gradients", quiet, want),
-                              ("hidden grad", hidden.grad, want_hidden), ("weight grad", grad, want_weight[lo:lo + rows])):
+                              ("hidden grad", hidden.grad, want_hidden),
+                              ("weight grad", grad, want_weight[lo:lo + rows])):
         err = (got - wanted).abs().max().item() if got.numel() else 0.0
         if not err <= 1e-12 or got.shape != wanted.shape:
             errors.append(f"rank {data_rank}, vocab {vocab}, chunks {chunk_bytes}: {what} off by {err}")
     return errors
+
+
+def _check_autocast(mesh, data_rank: int) -> list[str]:
+    """Under bf16 autocast over float32 weights (``train.mixed_precision``): the float32 log-softmax of the same
+    bf16 logits, up to float32 summation order; the hidden states' gradient up to bf16 rounding (``_Head`` sums it
+    in float32 where ``F.linear`` rounds it to bf16)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.tensor import distribute_tensor
+
+    from elastic.runtime.parallel.vocab import VocabShard
+
+    vocab, dim = 37, 16
+    full = torch.randn(vocab, dim, generator=torch.Generator().manual_seed(7))
+    shard = VocabShard(mesh, vocab, head=True)
+    weight = distribute_tensor(full.clone(), mesh, shard.placements, src_data_rank=None)
+    g = torch.Generator().manual_seed(data_rank)
+    hidden = torch.randn(data_rank + 1, SEQ, dim, generator=g).requires_grad_()
+    targets = torch.randint(0, vocab, hidden.shape[:2], generator=g)
+    whole = hidden.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, entropy = shard.token_logps(hidden, weight, targets, True)
+        every = F.log_softmax(F.linear(whole, full).float(), dim=-1)
+    want = every.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logps.sum().backward()
+    want.sum().backward()
+    errors = [f"rank {data_rank}, autocast: {what} off by {err}" for what, err, bound in (
+        ("log-probs", (logps - want).abs().max().item(), 1e-5),
+        ("entropies", (entropy - -(every.exp() * every).sum(-1)).abs().max().item(), 1e-5),
+        ("hidden grad", ((hidden.grad - whole.grad).abs().max() / whole.grad.abs().max()).item(), 1e-2))
+        if not err <= bound]
+    return errors + ([] if logps.dtype == torch.float32 else [f"rank {data_rank}: log-probs in {logps.dtype}"])
 
 
 def _rank_main(rank: int, world: int, port: int, queue) -> None:
@@ -92,6 +126,7 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
         for chunk_bytes in (None, 4 * 2 * 6):  # whole; two positions of a 6-row shard per chunk
             errors += _check(hsdp, 11, rank, world, chunk_bytes)
             errors += _check(flat, 9, rank, world, chunk_bytes)
+        errors += _check_autocast(flat, rank)
     except Exception as err:  # reported, not swallowed: the test fails with it
         errors.append(f"rank {rank}: {type(err).__name__}: {err}")
     finally:
