@@ -7,7 +7,7 @@ state it holds, plus what the step holds at its worst moment. The state:
   boxes, at ``train.dtype``'s itemsize, except LoRA's frozen matmul weights under mixed precision, which the
   engine stores in bf16 (``model/specs.stored_in_bf16``): 2 bytes, and so gathered in bf16 too.
 
-On top of it, the largest of four moments of a step, each the sum of the terms below as they stand then (each
+On top of it, the largest of five moments of a step, each the sum of the terms below as they stand then (each
 term was found in, and is checked against, ``bench/memory.py``'s per-phase peaks and its count of what autograd
 keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
 
@@ -29,9 +29,13 @@ keeps, on the 494M Qwen2 shape; ``bench/out/memory.txt``):
 3. *backward: the head's gradient* (when the head trains). The root gathered (its buffer gone), the casts,
    activations and logits, and **grads**: the head's weight gradient in the compute dtype and again in
    ``train.dtype`` (autocast's cast backward), each the whole [vocab, dim].
-4. *backward ends*. **grads**: the rank's gradient shards (whole under dp), and with fsdp > 1 the root's
+4. *backward: the layers'*, at the first layer (full fine-tuning's peak under vocab-parallel). **grads**: every
+   gradient shard (the head's since its backward) and, with fsdp > 1, the running layer's unsharded gradients
+   before their reduce-scatter; **gather**: its unsharded parameters and the next layer's prefetched all-gather
+   buffer. (FSDP2 would keep each reduce-scatter's input until the next one's; ``parallel/fsdp.py`` frees it.)
+5. *backward ends*. **grads**: the rank's gradient shards (whole under dp), and with fsdp > 1 the root's
    unsharded gradients and parameters until its reduce-scatter; a trained tied embedding adds the lookup's dense
-   gradient, summed into the head's.
+   gradient, summed into the head's (not vocabulary-parallel, where both write one buffer).
 
 Vocabulary-parallel (``train.vocab_parallel``, fsdp > 1; ``runtime/parallel/vocab.py``): the embedding and an untied
 LM head are not in the root; they stay in the rank's rows, so autocast's copy of the head, its gradient and a
@@ -58,11 +62,11 @@ layers' gradient shards). Larger tensors (a 152k x 896 embedding) are mmapped an
 
 The measurements behind each term, before and after each change, are in docs/design.md (items 12, 41, 42).
 
-Not counted, each at most one layer's worth: a layer's weight gradients before the cast and reduce-scatter,
-FSDP2's reduce-scatter buffer; LoRA's first layer's q/k/v copies are counted though their input (the frozen
-embedding's output) needs no gradient. Layouts with fsdp = 1 gather nothing (FSDP2 over
-one-rank shard groups; not measured). The optimizer's update runs in a later call (the commit), with the
-gradient shards and AdamW's temporaries. The root's own tensors are taken as mmapped (no heap term).
+Not counted, each at most one layer's worth: a layer's bf16 weight gradients before their cast; LoRA's first
+layer's q/k/v copies are counted though their input (the frozen embedding's output) needs no gradient. Layouts
+with fsdp = 1 gather nothing (FSDP2 over one-rank shard groups; not measured). The optimizer's update runs in a
+later call (the commit), with the gradient shards and AdamW's temporaries. The root's own tensors are taken as
+mmapped (no heap term).
 
 A reshard into the layout holds the old and the new state at once plus one round's buffers
 (``runtime.reshard_round_bytes``); the layout's peak is the larger of a step's and a reshard's. It moves the
@@ -218,17 +222,21 @@ class MemoryModel:
                                                      heap=heap - live_casts - z["small_layer"] * sharded),
             "backward: the head's gradient": at(grads=head_grads, gather=root, casts=casts, transient=True,
                                                 heap=heap - live_casts),
+            # The layers' backward, at the first: every gradient shard, the layer's unsharded gradients and
+            # parameters, and the next layer's prefetched all-gather buffer.
+            "backward: the layers'": at(grads=z["grads"] + sharded * z["layer_grads"], gather=2 * z["layer"] * sharded,
+                                        heap=heap - z["small_layer"] * sharded - z["layer_grad_shards"]),
             "backward ends": at(grads=z["grads"] + sharded * z["root_trainable"] + z["tied_fresh"], gather=root,
                                 heap=heap - z["layer_grad_shards"]),
         }
 
     def _sizes(self, layout: Layout, stage: int) -> dict[str, int]:
         """Bytes of the stage's rank 0. Held: ``trainable``, ``frozen`` (of which ``compact``: stored in bf16 below
-        ``train.dtype``), ``grads`` (its gradient shards). Per tp
-        rank, unsharded: ``root`` (tensors outside the decoder layers: FSDP's root unit), ``root_trainable``,
-        ``layer`` (the largest layer), ``tied_fresh`` (a trained tied embedding: the lookup's dense gradient,
-        added to the head's). Elements: ``head_trainable`` (the LM head's, when it trains), ``casts`` (every
-        matmul weight of the stage, layers and head; with checkpointing, one layer's and the head's)."""
+        ``train.dtype``), ``grads`` (its gradient shards). Per tp rank, unsharded: ``root`` (tensors outside the
+        decoder layers: FSDP's root unit), ``root_trainable``, ``layer`` (the largest layer), ``layer_grads`` (its
+        trainable part), ``tied_fresh`` (a trained tied embedding that FSDP gathers: the lookup's dense gradient,
+        added to the head's). Elements: ``head_trainable`` (the LM head's, when it trains), ``casts`` (every matmul
+        weight of the stage, layers and head; with checkpointing, one layer's and the head's)."""
         n_layers, cfg = self.cfg.model.n_layers, self.cfg.model
         placement = Placement(layout, tuple(range(layout.world)))
         rank = layout.rank(Coord(pp=stage, dp=0, fsdp=0, tp=0))
@@ -237,7 +245,7 @@ class MemoryModel:
         z = dict.fromkeys(("trainable", "frozen", "compact", "grads", "root", "root_trainable", "tied_fresh",
                            "head_rows", "head_trainable", "head_casts", "layer_grad_shards"), 0)
         # layer -> [unsharded bytes, matmul elements, and of those under the mmap threshold: unsharded bytes, matmul
-        # elements, trainable elements]
+        # elements, trainable elements; unsharded trainable bytes]
         layers: dict[int, list[int]] = {}
         for spec in self.specs:
             box = placement.box(spec, rank, n_layers)
@@ -259,10 +267,10 @@ class MemoryModel:
                       and copied)
             if spec.owner == "layer":
                 small, elements = whole < self.mmap_threshold, whole // stored
-                entry = layers.setdefault(spec.layer, [0] * 5)
+                entry = layers.setdefault(spec.layer, [0] * 6)
                 for i, v in enumerate((whole, elements * matmul, whole * small,
                                        elements * matmul * (elements * self.compute_itemsize < self.mmap_threshold),
-                                       elements * small * spec.trainable)):
+                                       elements * small * spec.trainable, whole * spec.trainable)):
                     entry[i] += v
                 z["layer_grad_shards"] += nbytes * spec.trainable
                 continue
@@ -272,12 +280,15 @@ class MemoryModel:
             z["root"] += 0 if sharded_rows else whole
             z["root_trainable"] += 0 if sharded_rows else whole * spec.trainable
             unsharded = nbytes if sharded_rows else whole
-            z["tied_fresh"] += unsharded * (spec.trainable and spec.name == EMBED and cfg.tie_embeddings)
+            # Vocabulary-parallel, the head's and the lookup's gradients of a tied embedding share one buffer.
+            tied = spec.trainable and spec.name == EMBED and cfg.tie_embeddings
+            z["tied_fresh"] += whole * (tied and not sharded_rows)
             z["head_trainable"] += unsharded // stored * (spec.trainable and head)
             z["head_rows"] |= head and sharded_rows  # its matmul casts a block of rows at a time, keeps none
             z["head_casts"] += 0 if sharded_rows else whole // stored * matmul
-        largest = max(layers.values(), default=[0] * 5)
+        largest = max(layers.values(), default=[0] * 6)
         z["layer"], z["small_layer"], z["small_layer_grads"] = largest[0], largest[2], largest[4] * self.itemsize
+        z["layer_grads"] = largest[5]  # the layer's unsharded gradients (at train.dtype, as its parameters)
         kept, small = [v[1] for v in layers.values()], [v[3] for v in layers.values()]
         if self.cfg.train.activation_checkpointing:  # the recompute casts one layer at a time, in backward
             kept, small = [max(kept, default=0)], [max(small, default=0)]

@@ -119,6 +119,38 @@ def test_a_sharded_mixed_precision_step_peaks_at_the_head_backward_from_first_pr
     assert vp.estimate(Layout(dp=2)).terms == dp.terms  # nothing is sharded without fsdp
 
 
+def test_full_fine_tuning_of_a_deep_model_peaks_in_the_layers_backward_from_first_principles():
+    """fsdp=2, full training, bf16 autocast over float32, a tied embedding kept in its vocabulary rows, many layers
+    and a small vocabulary, a short batch: the peak is the end of the layers' backward, with every gradient shard,
+    the first layer's unsharded float32 gradients and parameters, and the next layer's all-gather buffer (freed only
+    when it is used; FSDP's reduce-scatter input is freed at once, ``parallel/fsdp.py``). At the end of the backward
+    the tied embedding's gradient is one buffer of its rows (``parallel/vocab.py``), where FSDP's gathered embedding
+    adds the lookup's whole dense gradient. Bytes from the model's dimensions alone, not from the specs."""
+    cfg = _mixed(tiny_config(global_batch=2, seq_len=8, n_layers=16, vocab_size=512, tie_embeddings=True),
+                 vocab_parallel=True)
+    c = cfg.model
+    q, kv = c.n_heads * (c.dim // c.n_heads), c.n_kv_heads * (c.dim // c.n_heads)
+    layer = c.dim * q + 2 * c.dim * kv + q * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.dim  # one layer's elements
+    head = c.vocab_size * c.dim
+    total = c.n_layers * layer + head + c.dim  # the tied embedding once, and the final norm
+    m = MemoryModel(cfg)
+    e = m.estimate(Layout(fsdp=2))
+    assert e.moment == "backward: the layers'"
+    # The heap's high-water mark (two layers' parameters, one layer's gradients in bf16 and float32) is all live
+    # then: the gradient shards of the 16 layers alone are more.
+    expected = {"weights": 4 * total / 2, "moments": 8 * total / 2, "grads": 4 * total / 2 + 4 * layer,
+                "gather": 2 * 4 * layer, "casts": 0, "heap": 0, "activations": 0, "logits": 0}
+    for term, value in expected.items():
+        assert e.terms[term] == pytest.approx(value, rel=1e-3), term
+    assert e.step_bytes == pytest.approx(sum(expected.values()), rel=1e-3)
+    # The end of the backward: the gradient shards and the gathered final norm's gradient; FSDP gathering the
+    # embedding (vocab_parallel=false) adds the whole root's gradient and the lookup's whole dense gradient.
+    ends = m._moments(Layout(fsdp=2), 0)["backward ends"]
+    assert ends["grads"] == pytest.approx(4 * total / 2 + 4 * c.dim, rel=1e-3)
+    gathered = MemoryModel(_mixed(cfg, vocab_parallel=False))._moments(Layout(fsdp=2), 0)["backward ends"]
+    assert gathered["grads"] == pytest.approx(4 * total / 2 + 4 * (head + c.dim) + 4 * head, rel=1e-3)
+
+
 def test_calibration_fits_a_constant_then_a_factor_on_activations():
     """A made-up worker whose true peak is the static terms + 2 x the predicted activations + 5 MB: one layout
     cannot tell the two apart (the gap becomes the constant, and that layout is then predicted exactly);
