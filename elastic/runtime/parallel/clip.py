@@ -30,13 +30,17 @@ def _sharded_dims(grad: torch.Tensor) -> tuple[tuple[str, ...], object]:
 SQUARE_CHUNK = 1 << 20  # elements squared at a time in float64: 8 MB
 
 
-def _square_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t``'s squares in float64, a chunk at a time: a float64 copy of the whole tensor and its square
-    would be four times its float32 bytes (545 MB for a worker's quarter of Qwen2.5-0.5B's embedding gradient,
-    ``bench/memory.py``)."""
+def _square_sum(t: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s squares in float64, a chunk at a time through ``buffer`` (``SQUARE_CHUNK`` float64s, reused
+    for every chunk of every gradient). A float64 copy of the whole tensor and its square would be four times its
+    float32 bytes (545 MB for a worker's quarter of Qwen2.5-0.5B's embedding gradient, ``bench/memory.py``); fresh
+    8 MB temporaries per chunk are each a new mmap under the worker's 1 MiB mmap threshold (``runtime/heap.py``),
+    zero-filled page by page: 11% of a full fine-tuning step of that model at fsdp=4 went to their page faults."""
     total = torch.zeros((), dtype=torch.float64)
     for chunk in t.detach().reshape(-1).split(SQUARE_CHUNK):
-        total += chunk.double().square().sum()
+        if chunk.dtype != torch.float64:
+            chunk = buffer[:len(chunk)].copy_(chunk)
+        total += torch.dot(chunk, chunk)
     return total
 
 
@@ -47,10 +51,11 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float,
     grads = [p.grad for p in params if p.grad is not None]
     buckets: dict[tuple[str, ...], list] = defaultdict(list)
     meshes = {}
+    buffer = torch.empty(SQUARE_CHUNK, dtype=torch.float64)
     for g in grads:
         dims, mesh = _sharded_dims(g)
         local = g.to_local() if isinstance(g, DTensor) else g
-        buckets[dims].append(_square_sum(local))
+        buckets[dims].append(_square_sum(local, buffer))
         meshes.setdefault(dims, mesh)
     total = torch.zeros((), dtype=torch.float64)
     for dims, parts in buckets.items():
