@@ -19,8 +19,10 @@ cross-entropy, over the fsdp ranks, which unlike tp ranks hold different rows of
   each rank's loss gradient is summed over the ranks position by position (each knows its own), the logits'
   gradient is softmax minus one-hot on the rank's range, and the hidden states' gradients are reduce-scattered
   back to their rank.
-- **logits** (evaluation, GRPO's log-probs, a pipeline's last stage, whose schedule asks for logits): the weight
-  is all-gathered for the call (DTensor's redistribute, whose backward reduce-scatters the gradient), as FSDP did.
+- **token log-probs** (GRPO's policy step, its old and reference log-probs): as head + loss, the log-probs of given
+  tokens and each position's entropy on the rank's range (``vocab_logps.py``).
+- **logits** (evaluation, a pipeline's last stage, whose schedule asks for logits): the weight is all-gathered
+  for the call (DTensor's redistribute, whose backward reduce-scatters the gradient), as FSDP did.
 
 A tied embedding's shard gets one gradient buffer per forward (``_TiedGrad``): the head's backward writes its
 gradient there (returning none to autograd) and the lookup's adds its tokens' rows into it and returns it, where
