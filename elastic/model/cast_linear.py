@@ -29,6 +29,21 @@ def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _CastLinear.apply(x, weight, bias, compute)
 
 
+def cast_frozen(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` as autocast's matmuls would cast it, made once for the several matmuls of one forward (a chunked
+    loss's or log-probs' head, ``model/loss.py``), or None where that does not apply: no autocast, a weight that is
+    not a plain float32 tensor, or one that trains (its gradient must reach the float32 parameter: ``cast_linear``
+    casts per call instead). ``F.linear(x, cast)`` under autocast then computes what ``cast_linear(x, weight)``
+    does, bit for bit, without casting the weight again."""
+    if weight.requires_grad or not torch.is_autocast_enabled("cpu") or type(weight) not in (torch.Tensor,
+                                                                                              nn.Parameter):
+        return None
+    compute = torch.get_autocast_dtype("cpu")
+    if weight.dtype != torch.float32 or compute == torch.float32:
+        return None
+    return weight.detach().to(compute)
+
+
 class CastLinear(nn.Linear):
     """``nn.Linear`` whose forward is ``cast_linear``: state-dict names and tensor-parallel styles are nn.Linear's."""
 

@@ -37,9 +37,9 @@ from torch import nn
 
 from elastic.core.config import ModelConfig
 from elastic.core.layout import TensorSpec
-from elastic.model.cast_linear import CastLinear, cast_linear
+from elastic.model.cast_linear import CastLinear, cast_frozen, cast_linear
 from elastic.model.loss import causal_lm_loss_sum as causal_lm_loss_sum  # re-exported: its callers import it here
-from elastic.model.loss import lm_loss_sum, lm_token_logps
+from elastic.model.loss import chunk_positions, lm_loss_sum, lm_token_logps
 
 # How tensor parallelism splits each linear (Megatron style): column-parallel layers split their
 # output features, row-parallel ones their input features. Embedding, norms and the LM head are
@@ -316,7 +316,7 @@ class LlamaStage(nn.Module):
         if labels is not None and self.vocab is not None and self.vocab.head:
             return self.vocab.loss_sum(h, self._head_weight(), labels)
         if labels is not None:
-            return lm_loss_sum(h, self._head, self.cfg.vocab_size, labels)
+            return lm_loss_sum(h, self._chunked_head(labels.numel()), self.cfg.vocab_size, labels)
         return self._head(h)
 
     def _token_logps(self, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
@@ -324,7 +324,18 @@ class LlamaStage(nn.Module):
             raise ValueError(f"{targets.shape[1]} targets need at least {targets.shape[1] + 1} positions")
         if self.vocab is not None and self.vocab.head:
             return self.vocab.token_logps(h, self._head_weight(), targets, with_entropy)
-        return lm_token_logps(h, self._head, self.cfg.vocab_size, targets, with_entropy)
+        return lm_token_logps(h, self._chunked_head(targets.numel()), self.cfg.vocab_size, targets, with_entropy)
+
+    def _chunked_head(self, positions: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The head for a loss or log-probs over ``positions``. Where ``model/loss.py`` cuts them into chunks, a
+        frozen float32 head under autocast (LoRA's tied embedding) is cast once for all of them (``cast_frozen``),
+        not once per chunk, forward, recompute and backward: 57 casts of a 151,936 x 896 head for GRPO's 2,048
+        positions took 2.6x the whole-logits time (``bench/grpo_logps_memory.py``). The copy (272 MB there) lives
+        until the backward's recomputes are done, beside one chunk's logits."""
+        if positions <= chunk_positions(self.cfg.vocab_size) or type(self.lm_head) not in (type(None), CastLinear):
+            return self._head
+        cast = cast_frozen(self._head_weight())
+        return self._head if cast is None else (lambda h: F.linear(h, cast))
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.vocab is not None:

@@ -50,3 +50,44 @@ def test_cast_linear_is_f_linear_where_autocast_casts_no_weight():
         for mine, theirs in zip(ours[:3], want[:3], strict=True):
             assert (mine is None) == (theirs is None)
             assert mine is None or torch.equal(mine, theirs)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_frozen_head_is_cast_once_for_every_chunk_with_the_same_results(monkeypatch, tied):
+    """Under autocast a chunked loss and chunked log-probs use one bf16 copy of a frozen float32 head
+    (``cast_frozen``) instead of casting it in every chunk: the same values and input gradients as unchunked,
+    where the head goes through ``cast_linear``; a trained head is still cast per call."""
+    from elastic.model import cast_linear as module
+    from elastic.model import loss
+    from elastic.model.llama import LlamaStage
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(tie_embeddings=tied).model
+    torch.manual_seed(0)
+    stage = LlamaStage(cfg)
+    head = stage.model.embed_tokens.weight if tied else stage.lm_head.weight
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    made = []
+    real = module.cast_frozen
+    monkeypatch.setattr("elastic.model.llama.cast_frozen", lambda w: made.append(real(w)) or made[-1])
+
+    def run(chunk_bytes, trained):
+        head.requires_grad_(trained)
+        monkeypatch.setattr(loss, "CHUNK_LOGIT_BYTES", chunk_bytes)
+        stage.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            logps, entropy = stage(ids, targets=ids[:, 4:], with_entropy=True)
+            total = stage(ids, labels=ids)
+        (logps.sum() + total).backward()
+        return logps, entropy, total, stage.model.layers["0"].mlp.down_proj.weight.grad.clone()
+
+    whole = run(1 << 30, trained=False)
+    assert made == []  # one chunk: cast_linear per call, nothing cast ahead
+    chunked = run(4 * cfg.vocab_size * 3, trained=False)  # three positions per chunk
+    assert len(made) == 2 and all(c is not None and c.dtype == torch.bfloat16 for c in made)
+    for ours, want in zip(chunked, whole, strict=True):
+        assert torch.allclose(ours, want, rtol=1e-5, atol=1e-6)  # chunk sums in another order, nothing else
+    made.clear()
+    run(4 * cfg.vocab_size * 3, trained=True)
+    assert made == [None, None]  # a trained head's gradient must reach the float32 parameter
