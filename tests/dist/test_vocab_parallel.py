@@ -13,11 +13,9 @@ states' gradients and its weight shards' gradients.
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 
-from tests.dist.ranks import run_ranks
+from tests.dist.ranks import run_mesh_checks
 
 DIM, SEQ = 5, 3
 
@@ -106,35 +104,20 @@ def _check(mesh, vocab: int, data_rank: int, world: int, chunk_bytes: int | None
     return errors
 
 
-def _rank_main(rank: int, world: int, port: int, queue) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def _checks(hsdp, flat, rank: int, world: int) -> list[str]:
     errors = []
-    try:
-        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "fsdp"))
-        flat = init_device_mesh("cpu", (4,), mesh_dim_names=("fsdp",))
-        for chunk_bytes in (None, 4 * 2 * 6):  # whole; two positions of a 6-row shard per chunk
-            errors += _check(hsdp, 11, rank, world, chunk_bytes)
-            errors += _check(flat, 9, rank, world, chunk_bytes)
-        errors += _check(hsdp, 11, rank, world, 4 * 2 * 6, micros=2)  # tied, two micro-batches accumulated
-        errors += _check(flat, 9, rank, world, 4 * 2 * 6, micros=2)
-        errors += _check(hsdp, 11, rank, world, 4 * 2 * 6, micros=2, tied=False)
-        errors += _check(flat, 9, rank, world, None, tied=False)
-        errors += _check(hsdp, 11, rank, world, 4 * 2 * 6, micros=2, logps=True)  # GRPO's, tied
-    except Exception as err:  # reported, not swallowed: the test fails with it
-        errors.append(f"rank {rank}: {type(err).__name__}: {err}")
-    finally:
-        queue.put((rank, errors))
-        dist.destroy_process_group()
+    for chunk_bytes in (None, 4 * 2 * 6):  # whole; two positions of a 6-row shard per chunk
+        errors += _check(hsdp, 11, rank, world, chunk_bytes)
+        errors += _check(flat, 9, rank, world, chunk_bytes)
+    errors += _check(hsdp, 11, rank, world, 4 * 2 * 6, micros=2)  # tied, two micro-batches accumulated
+    errors += _check(flat, 9, rank, world, 4 * 2 * 6, micros=2)
+    errors += _check(hsdp, 11, rank, world, 4 * 2 * 6, micros=2, tied=False)
+    errors += _check(flat, 9, rank, world, None, tied=False)
+    errors += _check(hsdp, 11, rank, world, 4 * 2 * 6, micros=2, logps=True)  # GRPO's, tied
+    return errors
 
 
 @pytest.mark.timeout(180)
 def test_vocab_parallel_equals_whole_weight_ops():
-    world = 4
-    results = dict(run_ranks(_rank_main, world, timeout=170))
-    assert sorted(results) == list(range(world))
-    errors = [e for r in sorted(results) for e in results[r]]
+    errors = run_mesh_checks(_checks, timeout=170)
     assert not errors, "\n".join(errors)
