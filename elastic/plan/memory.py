@@ -258,13 +258,7 @@ class MemoryModel:
             z["grads"] += nbytes * spec.trainable
             whole = nbytes * layout.fsdp  # FSDP splits dim 0 of the tp shard evenly, up to rounding
             head = last and (spec.name == "lm_head.weight" or (spec.name == EMBED and cfg.tie_embeddings))
-            # A matmul weight's bf16 copy is kept only where ``model/cast_linear`` falls back to autocast's
-            # ``F.linear``: a tensor-parallel (DTensor) layer weight, and the head a pipeline's last stage gathers
-            # for its logits (``VocabShard.logits``); and not if it is stored at the compute dtype already. Elsewhere
-            # autograd saves the parameter itself, which FSDP frees after the forward and gathers again.
-            copied = layout.tp > 1 if spec.owner == "layer" else (head and layout.pp > 1 and bool(vocab_sharded))
-            matmul = (len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
-                      and copied)
+            matmul = self._copied_in_autocast(spec, layout, head, stored, bool(vocab_sharded))
             if spec.owner == "layer":
                 small, elements = whole < self.mmap_threshold, whole // stored
                 entry = layers.setdefault(spec.layer, [0] * 6)
@@ -294,6 +288,16 @@ class MemoryModel:
             kept, small = [max(kept, default=0)], [max(small, default=0)]
         z["casts"], z["small_casts"] = sum(kept) + z.pop("head_casts"), sum(small)
         return z
+
+    def _copied_in_autocast(self, spec, layout: Layout, head: bool, stored: int, vocab_sharded: bool) -> bool:
+        """Whether autograd keeps a compute-dtype copy of this matmul weight from the forward to its backward: only
+        where ``model/cast_linear`` falls back to autocast's ``F.linear`` (a tensor-parallel DTensor layer weight,
+        and the head a pipeline's last stage gathers for its logits), and not if it is stored at the compute dtype
+        already. Elsewhere autograd saves the parameter itself, which FSDP frees after the forward and gathers
+        again."""
+        copied = layout.tp > 1 if spec.owner == "layer" else (head and layout.pp > 1 and vocab_sharded)
+        return (len(spec.shape) == 2 and (spec.name != EMBED or head) and stored != self.compute_itemsize
+                and copied)
 
     def _vocab_sharded(self, layout: Layout) -> set[str]:
         """The tensors the engine keeps in their fsdp shards of vocabulary rows (``runtime/parallel/vocab.py``): the
