@@ -19,12 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast's matmuls would cast ``weight`` to, or None where they cast nothing of it (no autocast, a
+    weight not float32) or where DTensor dispatches its ops (tensor-parallel weights)."""
+    if not torch.is_autocast_enabled("cpu") or type(weight) not in (torch.Tensor, nn.Parameter):
+        return None
+    compute = torch.get_autocast_dtype("cpu")
+    return compute if weight.dtype == torch.float32 and compute != torch.float32 else None
+
+
 def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, without autograd keeping autocast's copy of ``weight``."""
-    if not torch.is_autocast_enabled("cpu") or type(weight) not in (torch.Tensor, nn.Parameter):
-        return F.linear(x, weight, bias)
-    compute = torch.get_autocast_dtype("cpu")
-    if weight.dtype != torch.float32 or compute == torch.float32:
+    compute = _autocast_dtype(weight)
+    if compute is None:
         return F.linear(x, weight, bias)
     return _CastLinear.apply(x, weight, bias, compute)
 
@@ -35,13 +42,8 @@ def cast_frozen(weight: torch.Tensor) -> torch.Tensor | None:
     not a plain float32 tensor, or one that trains (its gradient must reach the float32 parameter: ``cast_linear``
     casts per call instead). ``F.linear(x, cast)`` under autocast then computes what ``cast_linear(x, weight)``
     does, bit for bit, without casting the weight again."""
-    if weight.requires_grad or not torch.is_autocast_enabled("cpu") or type(weight) not in (torch.Tensor,
-                                                                                              nn.Parameter):
-        return None
-    compute = torch.get_autocast_dtype("cpu")
-    if weight.dtype != torch.float32 or compute == torch.float32:
-        return None
-    return weight.detach().to(compute)
+    compute = None if weight.requires_grad else _autocast_dtype(weight)
+    return None if compute is None else weight.detach().to(compute)
 
 
 class CastLinear(nn.Linear):

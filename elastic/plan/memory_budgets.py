@@ -16,6 +16,7 @@ from elastic.plan.memory import MemoryModel
 
 HEADROOM = 0.8  # share of a node's memory the workers placed there may use; the rest is the OS, driver, Ray
 
+
 def node_budgets(nodes: dict[int, str], node_bytes: dict[str, int], idle: dict[int, int],
                  headroom: float = HEADROOM) -> dict[int, int]:
     """worker -> bytes above its idle process it may use: ``headroom`` of its node's memory, less the idle RSS
