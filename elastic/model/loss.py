@@ -17,7 +17,9 @@ backward, and the checkpoint's recompute runs inside that backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import operator
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +57,19 @@ def lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
     def part(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss_sum(head(h), y)
 
-    total = None
-    for start in range(0, len(targets), chunk):
-        piece = torch.utils.checkpoint.checkpoint(part, flat[start:start + chunk], targets[start:start + chunk],
-                                                  use_reentrant=False)
-        total = piece if total is None else total + piece
-    return total
+    return functools.reduce(operator.add, in_chunks(part, (flat, targets), chunk))
+
+
+def in_chunks(fn: Callable, per_position: Sequence[torch.Tensor], chunk: int, *shared) -> list:
+    """``fn(*(t[at:at + chunk] for t in per_position), *shared)`` for each chunk of ``chunk`` positions, in order;
+    each checkpointed while gradients are on (non-reentrant), so that the backward too recomputes and holds one
+    chunk's logits at a time. The chunked losses and log-probs here and in ``runtime/parallel/vocab*.py``."""
+    pieces = []
+    for at in range(0, len(per_position[0]), chunk):
+        args = (*(t[at:at + chunk] for t in per_position), *shared)
+        pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+                      if torch.is_grad_enabled() else fn(*args))
+    return pieces
 
 
 def token_logps_of(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
@@ -92,10 +101,6 @@ def lm_token_logps(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Te
     def part(h: torch.Tensor, y: torch.Tensor):
         return token_logps_of(head(h), y, with_entropy)
 
-    pieces = []
-    for start in range(0, len(ids), chunk):
-        args = (flat[start:start + chunk], ids[start:start + chunk])
-        pieces.append(torch.utils.checkpoint.checkpoint(part, *args, use_reentrant=False)
-                      if torch.is_grad_enabled() else part(*args))
+    pieces = in_chunks(part, (flat, ids), chunk)
     logps = torch.cat([p[0] for p in pieces]).view(targets.shape)
     return logps, torch.cat([p[1] for p in pieces]).view(targets.shape) if with_entropy else None

@@ -40,16 +40,18 @@ any number of rows each, and CPU tensors.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from elastic.model.cast_linear import CastLinear
-from elastic.model.loss import chunk_positions
+from elastic.model.loss import chunk_positions, in_chunks
 
 
 class VocabShard:
@@ -94,16 +96,10 @@ class VocabShard:
         own[start:start + sizes[self.index]] = True
         chunk = chunk_positions(self.rows, chunk_bytes)  # the same on every rank: the collectives line up
         if len(targets) <= chunk:
-            return self._chunk_loss(every, w, targets, own, tied)
-        total = None
-        for at in range(0, len(targets), chunk):
-            part = slice(at, at + chunk)
-            piece = torch.utils.checkpoint.checkpoint(self._chunk_loss, every[part], w, targets[part], own[part],
-                                                      tied, use_reentrant=False)
-            total = piece if total is None else total + piece
-        return total
+            return self._chunk_loss(every, targets, own, w, tied)
+        return functools.reduce(operator.add, in_chunks(self._chunk_loss, (every, targets, own), chunk, w, tied))
 
-    def _chunk_loss(self, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, own: torch.Tensor,
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor, own: torch.Tensor, w: torch.Tensor,
                     tied: _TiedGrad | None = None) -> torch.Tensor:
         compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
         return _CrossEntropy.apply(_Head.apply(hidden, w, compute, tied), targets, own, self)

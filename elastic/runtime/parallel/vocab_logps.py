@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 
-from elastic.model.loss import chunk_positions
+from elastic.model.loss import chunk_positions, in_chunks
 
 
 def token_logps(shard, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, with_entropy: bool,
@@ -38,11 +37,7 @@ def token_logps(shard, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Ten
     start = sum(sizes[:shard.index])
     own = slice(start, start + sizes[shard.index])
     chunk = chunk_positions(shard.rows, chunk_bytes)  # the same on every rank: the collectives line up
-    pieces = []
-    for at in range(0, len(ids), chunk):
-        args = (every[at:at + chunk], w, ids[at:at + chunk], shard, with_entropy, head)
-        pieces.append(torch.utils.checkpoint.checkpoint(_chunk, *args, use_reentrant=False)
-                      if torch.is_grad_enabled() else _chunk(*args))
+    pieces = in_chunks(_chunk, (every, ids), chunk, w, shard, with_entropy, head)
     if not pieces:  # no rank has a position
         empty = flat.new_zeros(targets.shape, dtype=torch.promote_types(flat.dtype, torch.float32))
         return empty, empty if with_entropy else None
@@ -50,7 +45,7 @@ def token_logps(shard, hidden: torch.Tensor, w: torch.Tensor, targets: torch.Ten
     return logps, torch.cat([p[1] for p in pieces])[own].view(targets.shape) if with_entropy else None
 
 
-def _chunk(hidden: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, shard, with_entropy: bool, head):
+def _chunk(hidden: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, shard, with_entropy: bool, head):
     compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w.dtype
     return _TokenLogps.apply(head(hidden, w, compute), targets, shard, with_entropy)
 
