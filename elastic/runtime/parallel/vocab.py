@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 from elastic.model.cast_linear import CastLinear
 from elastic.model.loss import chunk_positions, in_chunks
+from elastic.runtime.parallel import vocab_logps
 
 
 class VocabShard:
@@ -118,11 +119,9 @@ class VocabShard:
     def token_logps(self, hidden: torch.Tensor, weight: DTensor, targets: torch.Tensor, with_entropy: bool = False,
                     chunk_bytes: int | None = None):
         """(Log-probs of ``targets``, entropies or None) of this rank's rows, the weight never gathered."""
-        from elastic.runtime.parallel.vocab_logps import token_logps  # GRPO's policy step alone needs it
-
         w, tied = self._head_local(weight)
-        return token_logps(self, hidden, w, targets, with_entropy, chunk_bytes, _GatherRows.apply,
-                           lambda h, w, compute: _Head.apply(h, w, compute, tied))
+        return vocab_logps.token_logps(self, hidden, w, targets, with_entropy, chunk_bytes, _GatherRows.apply,
+                                       lambda h, w, compute: _Head.apply(h, w, compute, tied))
 
     # ---- collectives of rows of any count per rank -------------------------------------------
     def sizes(self, n: int) -> list[int]:
@@ -251,9 +250,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, own, shard: VocabShard):
-        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        most = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:1], float("-inf"))
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=shard.group)
+        x, most = vocab_logps.global_max(logits, shard.group)
         ids = targets - shard.lo
         inside = (targets != -100) & (ids >= 0) & (ids < x.shape[-1])
         target = torch.zeros_like(most)

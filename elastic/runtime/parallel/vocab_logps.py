@@ -50,14 +50,22 @@ def _chunk(hidden: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, shard, 
     return _TokenLogps.apply(head(hidden, w, compute), targets, shard, with_entropy)
 
 
+def global_max(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``logits`` upcast to float32 from a half dtype, each position's max over every rank's vocabulary range of
+    ``group``): the softmax's shift, for this file's log-probs and ``vocab._CrossEntropy``. A rank with no rows
+    (an empty shard) contributes -inf."""
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    most = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:1], float("-inf"))
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    return x, most
+
+
 class _TokenLogps(torch.autograd.Function):
     """Every gathered position's (log-prob of its target, entropy or None) from this rank's range of its logits."""
 
     @staticmethod
     def forward(ctx, logits, targets, shard, with_entropy: bool):
-        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        most = x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:1], float("-inf"))
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=shard.group)
+        x, most = global_max(logits, shard.group)
         ids = targets - shard.lo
         inside = (ids >= 0) & (ids < x.shape[-1])
         target = torch.zeros_like(most)
